@@ -1,0 +1,133 @@
+"""Numpy reference implementation of a ModelSpec: the oracle every test compares against."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from xpuc.compiler.spec import ArchConfig, ModelSpec
+
+
+def rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
+    x = x.astype(np.float32)
+    return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * w
+
+
+def rope(x: np.ndarray, positions: np.ndarray, theta: float) -> np.ndarray:
+    """Rotate-half RoPE on (seq, heads, head_dim)."""
+    hd = x.shape[-1]
+    inv = 1.0 / (theta ** (np.arange(0, hd, 2, dtype=np.float64) / hd))
+    ang = positions[:, None].astype(np.float64) * inv[None, :]
+    cos = np.cos(np.concatenate([ang, ang], -1)).astype(np.float32)[:, None, :]
+    sin = np.sin(np.concatenate([ang, ang], -1)).astype(np.float32)[:, None, :]
+    half = hd // 2
+    rot = np.concatenate([-x[..., half:], x[..., :half]], -1)
+    return x * cos + rot * sin
+
+
+def silu(x: np.ndarray) -> np.ndarray:
+    return x / (1.0 + np.exp(-x))
+
+
+def ffn(x: np.ndarray, gate: np.ndarray, up: np.ndarray, down: np.ndarray, kind: str) -> np.ndarray:
+    """Gated FFN of the given kind (weights in (out, in) layout)."""
+    g = x @ gate.T
+    u = x @ up.T
+    if kind == "swiglu":
+        h = silu(g) * u
+    elif kind == "reglu":
+        h = np.maximum(g, 0) * u
+    elif kind == "drelu":
+        h = np.maximum(g, 0) * np.maximum(u, 0)
+    else:
+        raise ValueError(kind)
+    return h @ down.T
+
+
+def causal_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_offset: int) -> np.ndarray:
+    """q: (s, nq, hd); k, v: (t, nkv, hd) with t = q_offset + s. Returns (s, nq, hd)."""
+    s, nq, hd = q.shape
+    t, nkv, _ = k.shape
+    rep = nq // nkv
+    k = np.repeat(k, rep, axis=1)
+    v = np.repeat(v, rep, axis=1)
+    scores = np.einsum("shd,thd->hst", q, k) / np.sqrt(hd)
+    mask = np.arange(t)[None, :] > (q_offset + np.arange(s))[:, None]
+    scores = np.where(mask[None], -np.inf, scores)
+    scores = scores - scores.max(-1, keepdims=True)
+    p = np.exp(scores)
+    p /= p.sum(-1, keepdims=True)
+    return np.einsum("hst,thd->shd", p, v).astype(np.float32)
+
+
+class ReferenceModel:
+    """Float32 numpy forward pass with a KV cache.
+
+    Parameters
+    ----------
+    spec:
+        The model.
+    weight_dtype:
+        ``"float16"`` rounds every weight through fp16 first, the storage the compiled model uses, so
+        the two differ only by arithmetic order.
+    """
+
+    def __init__(self, spec: ModelSpec, weight_dtype: str = "float32") -> None:
+        self.config: ArchConfig = spec.config
+        self.w: dict[str, np.ndarray] = {}
+        for name in spec.config.weight_shapes():
+            arr = spec.weights[name]
+            if weight_dtype != "float32":
+                arr = arr.astype(weight_dtype)
+            self.w[name] = arr.astype(np.float32)
+        self.reset()
+
+    def reset(self) -> None:
+        c = self.config
+        self.k_cache = [np.zeros((0, c.num_kv_heads, c.head_dim), np.float32) for _ in range(c.num_layers)]
+        self.v_cache = [np.zeros((0, c.num_kv_heads, c.head_dim), np.float32) for _ in range(c.num_layers)]
+
+    @property
+    def position(self) -> int:
+        return self.k_cache[0].shape[0]
+
+    def layer(self, i: int, h: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        c, w, p = self.config, self.w, f"layers.{i}."
+        x = rms_norm(h, w[p + "attn_norm"], c.rms_norm_eps)
+        q, k, v = x @ w[p + "q_proj"].T, x @ w[p + "k_proj"].T, x @ w[p + "v_proj"].T
+        if c.qkv_bias:
+            q, k, v = q + w[p + "q_bias"], k + w[p + "k_bias"], v + w[p + "v_bias"]
+        s = h.shape[0]
+        q = rope(q.reshape(s, c.num_heads, c.head_dim), positions, c.rope_theta)
+        k = rope(k.reshape(s, c.num_kv_heads, c.head_dim), positions, c.rope_theta)
+        v = v.reshape(s, c.num_kv_heads, c.head_dim)
+        offset = self.k_cache[i].shape[0]
+        self.k_cache[i] = np.concatenate([self.k_cache[i], k])
+        self.v_cache[i] = np.concatenate([self.v_cache[i], v])
+        a = causal_attention(q, self.k_cache[i], self.v_cache[i], offset).reshape(s, -1)
+        h = h + a @ w[p + "o_proj"].T
+        x = rms_norm(h, w[p + "ffn_norm"], c.rms_norm_eps)
+        return h + ffn(x, w[p + "gate_proj"], w[p + "up_proj"], w[p + "down_proj"], c.ffn_kind)
+
+    def forward(self, ids: list[int] | np.ndarray) -> np.ndarray:
+        """Run ``ids`` after what is already cached; returns logits (len(ids), vocab)."""
+        c = self.config
+        ids = np.asarray(ids, dtype=np.int64)
+        positions = self.position + np.arange(len(ids))
+        h = self.w["embed_tokens"][ids]
+        for i in range(c.num_layers):
+            h = self.layer(i, h, positions)
+        h = rms_norm(h, self.w["final_norm"], c.rms_norm_eps)
+        head = self.w["embed_tokens"] if c.tie_embeddings else self.w["lm_head"]
+        return (h @ head.T).astype(np.float32)
+
+    def generate_greedy(self, ids: list[int], max_new_tokens: int, eos_ids: list[int] = ()) -> list[int]:
+        self.reset()
+        logits = self.forward(ids)[-1]
+        out: list[int] = []
+        for _ in range(max_new_tokens):
+            t = int(np.argmax(logits))
+            out.append(t)
+            if t in eos_ids:
+                break
+            logits = self.forward([t])[-1]
+        return out

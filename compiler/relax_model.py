@@ -1,0 +1,194 @@
+"""The Relax model built with ``tvm.relax.frontend.nn`` from an ArchConfig.
+
+Functions exported:
+
+* ``prefill(input_ids[1, seq_len], kv_cache, params) -> (logits[1, 1, vocab], kv_cache)``
+* ``decode(input_ids[1, 1], kv_cache, params) -> (logits[1, 1, vocab], kv_cache)``
+* ``create_paged_kv_cache(max_batch, max_total_seq_len, prefill_chunk, page_size, sliding_window)``
+
+Weights are fp16 parameters; activations are fp32. Every projection is a call to the scheduled TIR
+kernel of :mod:`xpuc.schedules.linear`; Q/K/V and gate/up are fused into one matrix each so that a
+layer makes four weight passes. Attention and RoPE run in TVM's paged KV cache.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from tvm import relax
+from tvm.relax.frontend import nn
+from tvm.relax.frontend.nn import op
+from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedKVCache
+from tvm.script import tirx as T
+
+from xpuc.compiler.spec import ArchConfig, ModelSpec
+from xpuc.schedules.linear import linear_fp16
+
+WEIGHT_DTYPE = "float16"
+ACT_DTYPE = "float32"
+
+
+def _linear(x: nn.Tensor, weight: nn.Tensor, bias: nn.Tensor | None = None) -> nn.Tensor:
+    out_f, in_f = (int(d) for d in weight.shape)
+    func = linear_fp16(in_f, out_f, bias is not None)
+    args = [x, weight] + ([bias] if bias is not None else [])
+    return op.tensor_ir_op(func, f"linear_{in_f}x{out_f}" + ("_bias" if bias is not None else ""),
+                           args=args, out=nn.Tensor.placeholder([1, x.shape[1], out_f], ACT_DTYPE))
+
+
+def _last_token_func(d: int):
+    @T.prim_func(private=True, s_tir=True)
+    def last_token(var_x: T.handle, y: T.Buffer((1, 1, d), "float32")):
+        T.func_attr({"tir.noalias": True})
+        n = T.int64()
+        x = T.match_buffer(var_x, (1, n, d), "float32")
+        with T.sblock("root"):
+            for j in T.vectorized(d):
+                y[0, 0, j] = x[0, n - 1, j]
+
+    return last_token
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, d: int, eps: float) -> None:
+        self.weight = nn.Parameter((d,), WEIGHT_DTYPE)
+        self.eps = eps
+
+    def forward(self, x: nn.Tensor) -> nn.Tensor:
+        return op.rms_norm(x, self.weight.astype(ACT_DTYPE), axes=-1, epsilon=self.eps)
+
+
+class Attention(nn.Module):
+    def __init__(self, c: ArchConfig) -> None:
+        self.c = c
+        rows = (c.num_heads + 2 * c.num_kv_heads) * c.head_dim
+        self.qkv_weight = nn.Parameter((rows, c.hidden_size), WEIGHT_DTYPE)
+        self.qkv_bias = nn.Parameter((rows,), WEIGHT_DTYPE) if c.qkv_bias else None
+        self.o_weight = nn.Parameter((c.hidden_size, c.num_heads * c.head_dim), WEIGHT_DTYPE)
+
+    def forward(self, x: nn.Tensor, kv: PagedKVCache, layer_id: int) -> nn.Tensor:
+        c = self.c
+        s = x.shape[1]
+        qkv = _linear(x, self.qkv_weight, self.qkv_bias)
+        qkv = op.reshape(qkv, (1, s, c.num_heads + 2 * c.num_kv_heads, c.head_dim))
+        o = kv.attention_with_fused_qkv(layer_id, qkv, c.num_heads, sm_scale=c.head_dim ** -0.5)
+        return _linear(op.reshape(o, (1, s, c.num_heads * c.head_dim)), self.o_weight)
+
+
+class FFN(nn.Module):
+    def __init__(self, c: ArchConfig) -> None:
+        self.kind = c.ffn_kind
+        self.gate_up_weight = nn.Parameter((2 * c.intermediate_size, c.hidden_size), WEIGHT_DTYPE)
+        self.down_weight = nn.Parameter((c.hidden_size, c.intermediate_size), WEIGHT_DTYPE)
+
+    def forward(self, x: nn.Tensor) -> nn.Tensor:
+        g, u = op.split(_linear(x, self.gate_up_weight), 2, axis=-1)
+        if self.kind == "swiglu":
+            h = op.silu(g) * u
+        elif self.kind == "reglu":
+            h = op.relu(g) * u
+        else:  # drelu
+            h = op.relu(g) * op.relu(u)
+        return _linear(h, self.down_weight)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, c: ArchConfig) -> None:
+        self.attn_norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.attn = Attention(c)
+        self.ffn_norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.ffn = FFN(c)
+
+    def forward(self, h: nn.Tensor, kv: PagedKVCache, layer_id: int) -> nn.Tensor:
+        h = h + self.attn(self.attn_norm(h), kv, layer_id)
+        return h + self.ffn(self.ffn_norm(h))
+
+
+class DecoderModel(nn.Module):
+    """A llama/mistral/qwen2 decoder with fp16 weights and a paged KV cache."""
+
+    def __init__(self, c: ArchConfig, target) -> None:
+        self.c = c
+        self.target = target
+        self.embed = nn.Parameter((c.vocab_size, c.hidden_size), WEIGHT_DTYPE)
+        self.layers = nn.ModuleList([DecoderLayer(c) for _ in range(c.num_layers)])
+        self.final_norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.lm_head = None if c.tie_embeddings else nn.Parameter((c.vocab_size, c.hidden_size), WEIGHT_DTYPE)
+
+    def _body(self, input_ids: nn.Tensor, kv: PagedKVCache) -> nn.Tensor:
+        s = input_ids.shape[1]
+        h = op.take(self.embed, op.reshape(input_ids, (s,)), axis=0).astype(ACT_DTYPE)
+        h = op.reshape(h, (1, s, self.c.hidden_size))
+        for i, layer in enumerate(self.layers):
+            h = layer(h, kv, i)
+        return h
+
+    def _logits(self, h: nn.Tensor) -> nn.Tensor:
+        h = self.final_norm(h)
+        return _linear(h, self.embed if self.lm_head is None else self.lm_head)
+
+    def prefill(self, input_ids: nn.Tensor, paged_kv_cache: PagedKVCache):
+        h = self._body(input_ids, paged_kv_cache)
+        last = op.tensor_ir_op(_last_token_func(self.c.hidden_size), "last_token", args=[h],
+                               out=nn.Tensor.placeholder([1, 1, self.c.hidden_size], ACT_DTYPE))
+        return self._logits(last), paged_kv_cache
+
+    def decode(self, input_ids: nn.Tensor, paged_kv_cache: PagedKVCache):
+        return self._logits(self._body(input_ids, paged_kv_cache)), paged_kv_cache
+
+    def create_paged_kv_cache(self, max_batch_size: int, max_total_seq_len: int,
+                              prefill_chunk_size: int, page_size: int,
+                              support_sliding_window: int) -> PagedKVCache:
+        c = self.c
+        return TIRPagedKVCache(
+            attn_kind="mha", max_batch_size=max_batch_size, max_total_seq_len=max_total_seq_len,
+            prefill_chunk_size=prefill_chunk_size, page_size=page_size,
+            support_sliding_window=support_sliding_window,
+            layer_partition=relax.ShapeExpr([0, c.num_layers]), num_hidden_layers=c.num_layers,
+            num_attention_heads=c.num_heads, num_key_value_heads=c.num_kv_heads,
+            qk_head_dim=c.head_dim, v_head_dim=c.head_dim, mla_original_qk_head_dim=0,
+            mla_original_v_head_dim=0, rope_mode=RopeMode.NORMAL, rope_scale=1, rope_theta=c.rope_theta,
+            rope_scaling={}, rope_ext_factors=relax.prim_value(0), rotary_dim=c.head_dim,
+            enable_disaggregation=False, dtype=ACT_DTYPE, target=self.target)
+
+    def export_spec(self) -> dict:
+        kv = nn.spec.Object(object_type=PagedKVCache)
+        packed = {"param_mode": "packed", "effect_mode": "none"}
+        return {
+            "prefill": {"input_ids": nn.spec.Tensor([1, "seq_len"], "int32"), "paged_kv_cache": kv,
+                        "$": packed},
+            "decode": {"input_ids": nn.spec.Tensor([1, 1], "int32"), "paged_kv_cache": kv, "$": packed},
+            "create_paged_kv_cache": {
+                "max_batch_size": int, "max_total_seq_len": int, "prefill_chunk_size": int,
+                "page_size": int, "support_sliding_window": int,
+                "$": {"param_mode": "none", "effect_mode": "none"}},
+        }
+
+
+def export_model(config: ArchConfig, target) -> tuple[object, list[tuple[str, tuple, str]]]:
+    """Build the Relax IRModule; returns (module, [(param name, shape, dtype)] in packing order)."""
+    model = DecoderModel(config, target)
+    mod, named_params = model.export_tvm(spec=model.export_spec())
+    params = [(name, tuple(int(d) for d in p.shape), p.dtype) for name, p in named_params]
+    return mod, params
+
+
+def param_arrays(spec: ModelSpec) -> dict[str, np.ndarray]:
+    """Relax parameter name -> fp16 array, built from the ModelSpec's canonical weights (one layer at a time)."""
+    c, w = spec.config, spec.weights
+    out: dict[str, np.ndarray] = {"embed": w["embed_tokens"].astype(WEIGHT_DTYPE),
+                                  "final_norm.weight": w["final_norm"].astype(WEIGHT_DTYPE)}
+    if not c.tie_embeddings:
+        out["lm_head"] = w["lm_head"].astype(WEIGHT_DTYPE)
+    for i in range(c.num_layers):
+        p, q = f"layers.{i}.", f"layers.{i}."
+        out[q + "attn_norm.weight"] = w[p + "attn_norm"].astype(WEIGHT_DTYPE)
+        out[q + "ffn_norm.weight"] = w[p + "ffn_norm"].astype(WEIGHT_DTYPE)
+        out[q + "attn.qkv_weight"] = np.concatenate(
+            [w[p + "q_proj"], w[p + "k_proj"], w[p + "v_proj"]]).astype(WEIGHT_DTYPE)
+        if c.qkv_bias:
+            out[q + "attn.qkv_bias"] = np.concatenate(
+                [w[p + "q_bias"], w[p + "k_bias"], w[p + "v_bias"]]).astype(WEIGHT_DTYPE)
+        out[q + "attn.o_weight"] = w[p + "o_proj"].astype(WEIGHT_DTYPE)
+        out[q + "ffn.gate_up_weight"] = np.concatenate([w[p + "gate_proj"], w[p + "up_proj"]]).astype(WEIGHT_DTYPE)
+        out[q + "ffn.down_weight"] = w[p + "down_proj"].astype(WEIGHT_DTYPE)
+    return out

@@ -1,0 +1,137 @@
+"""ModelSpec: the single description of a model that every lowering, the reference and the runtime share.
+
+Weights use canonical names and (out_features, in_features) layout, dequantized to float32 on access:
+
+``embed_tokens``            (vocab, d)
+``layers.{i}.attn_norm``    (d,)
+``layers.{i}.q_proj``       (n_heads*head_dim, d)   ``q_bias`` / ``k_bias`` / ``v_bias`` when ``qkv_bias``
+``layers.{i}.k_proj``       (n_kv_heads*head_dim, d)
+``layers.{i}.v_proj``       (n_kv_heads*head_dim, d)
+``layers.{i}.o_proj``       (d, n_heads*head_dim)
+``layers.{i}.ffn_norm``     (d,)
+``layers.{i}.gate_proj``    (d_ff, d)
+``layers.{i}.up_proj``      (d_ff, d)
+``layers.{i}.down_proj``    (d, d_ff)
+``final_norm``              (d,)
+``lm_head``                 (vocab, d), absent when embeddings are tied
+
+Q and K rows follow the Hugging Face "rotate half" RoPE convention.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
+FFN_KINDS = ("swiglu", "reglu", "drelu")
+
+
+@dataclass(frozen=True)
+class ArchConfig:
+    """Architecture hyper-parameters of a decoder-only transformer."""
+
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-5
+    ffn_kind: str = "swiglu"
+    tie_embeddings: bool = False
+    qkv_bias: bool = False
+    context_length: int = 2048
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> ArchConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def weight_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Canonical weight names and shapes this configuration needs."""
+        d, f, hd = self.hidden_size, self.intermediate_size, self.head_dim
+        shapes: dict[str, tuple[int, ...]] = {"embed_tokens": (self.vocab_size, d), "final_norm": (d,)}
+        if not self.tie_embeddings:
+            shapes["lm_head"] = (self.vocab_size, d)
+        for i in range(self.num_layers):
+            p = f"layers.{i}."
+            shapes.update({
+                p + "attn_norm": (d,),
+                p + "q_proj": (self.num_heads * hd, d),
+                p + "k_proj": (self.num_kv_heads * hd, d),
+                p + "v_proj": (self.num_kv_heads * hd, d),
+                p + "o_proj": (d, self.num_heads * hd),
+                p + "ffn_norm": (d,),
+                p + "gate_proj": (f, d),
+                p + "up_proj": (f, d),
+                p + "down_proj": (d, f),
+            })
+            if self.qkv_bias:
+                shapes.update({p + "q_bias": (self.num_heads * hd,), p + "k_bias": (self.num_kv_heads * hd,),
+                               p + "v_bias": (self.num_kv_heads * hd,)})
+        return shapes
+
+    def num_parameters(self) -> int:
+        return int(sum(int(np.prod(s)) for s in self.weight_shapes().values()))
+
+
+class LazyWeights(Mapping):
+    """Name -> float32 array, each produced (dequantized) only when asked for, never cached."""
+
+    def __init__(self, loaders: dict[str, Callable[[], np.ndarray]],
+                 meta: dict[str, tuple[tuple[int, ...], str]] | None = None) -> None:
+        self._loaders = loaders
+        self.meta = meta or {}  # name -> (shape, stored dtype / quantization name)
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return np.ascontiguousarray(self._loaders[name](), dtype=np.float32)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._loaders)
+
+    def __len__(self) -> int:
+        return len(self._loaders)
+
+
+@dataclass
+class TokenizerSource:
+    """Everything needed to rebuild the tokenizer: a tokenizer.json string and the chat template."""
+
+    tokenizer_json: str
+    chat_template: str | None = None
+    bos_token_id: int | None = None
+    eos_token_ids: list[int] = field(default_factory=list)
+    add_bos: bool = False
+
+
+@dataclass
+class ModelSpec:
+    """Architecture config + named weights + tokenizer of one model."""
+
+    config: ArchConfig
+    weights: Mapping[str, np.ndarray]
+    tokenizer: TokenizerSource | None
+    source: str
+    source_format: str
+
+    def check_complete(self) -> None:
+        """Raise XpucError naming the first missing or mis-shaped weight."""
+        from xpuc.compiler.errors import XpucError
+
+        meta = getattr(self.weights, "meta", {})
+        for name, shape in self.config.weight_shapes().items():
+            if name not in self.weights:
+                raise XpucError(f"{self.source}: weight '{name}' is missing")
+            got = meta[name][0] if name in meta else self.weights[name].shape
+            if tuple(got) != tuple(shape):
+                raise XpucError(f"{self.source}: weight '{name}' has shape {tuple(got)}, expected {shape}")

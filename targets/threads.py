@@ -1,0 +1,30 @@
+"""Thread-pool settings for TVM's CPU runtime, applied before the first parallel kernel runs.
+
+TVM's default pool uses fewer threads than there are cores on some machines, and its spinning
+workers steal time from the caller on small core counts (measured: a 1536x576 GEMV took 3.7 ms
+with spinning workers on 2 vCPUs and 0.2 ms without). xpuc therefore sets, unless the user already did:
+
+* ``TVM_NUM_THREADS`` = number of usable cores,
+* ``TVM_THREAD_POOL_SPIN_COUNT`` = 0.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (affinity mask, not the machine's total)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover - non-Linux
+        return os.cpu_count() or 1
+
+
+def configure_tvm_threads(num_threads: int | None = None) -> int:
+    """Set TVM's thread-pool environment; returns the thread count in force."""
+    if num_threads is not None:
+        os.environ["TVM_NUM_THREADS"] = str(num_threads)
+    os.environ.setdefault("TVM_NUM_THREADS", str(usable_cores()))
+    os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "0")
+    return int(os.environ["TVM_NUM_THREADS"])
