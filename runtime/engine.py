@@ -1,0 +1,125 @@
+"""Load an artifact and generate text with it."""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from xpuc.compiler.errors import XpucError
+from xpuc.compiler.spec import ArchConfig
+from xpuc.runtime.artifact import read_manifest, verify
+from xpuc.runtime.sampler import Sampler, SamplingParams
+from xpuc.runtime.session import DecoderSession
+from xpuc.runtime.tokenizer import XpucTokenizer
+
+
+def _host_can_run(mtriple: str) -> bool:
+    arch = mtriple.split("-")[0]
+    return arch == platform.machine() and "android" not in mtriple
+
+
+@dataclass
+class GenerationResult:
+    prompt_tokens: list[int]
+    tokens: list[int]
+    text: str
+    prefill_s: float
+    decode_s: float
+    stop_reason: str
+    first_logits: np.ndarray | None = field(default=None, repr=False)
+
+    @property
+    def prefill_tok_s(self) -> float:
+        return len(self.prompt_tokens) / self.prefill_s if self.prefill_s > 0 else 0.0
+
+    @property
+    def decode_tok_s(self) -> float:
+        n = max(len(self.tokens) - 1, 0)  # the first token comes from prefill's logits
+        return n / self.decode_s if self.decode_s > 0 and n else 0.0
+
+
+class Engine:
+    """A compiled model ready to generate: modules loaded, weights resident, tokenizer built.
+
+    Parameters
+    ----------
+    artifact:
+        Directory written by ``xpuc compile``.
+    max_context:
+        KV-cache capacity in tokens.
+    verify_files:
+        Check every file's SHA-256 against the manifest (on by default).
+    """
+
+    def __init__(self, artifact: str | os.PathLike, max_context: int = 2048, verify_files: bool = True) -> None:
+        import tvm
+        from safetensors import safe_open
+
+        self.path = Path(artifact)
+        self.manifest = read_manifest(self.path)
+        if verify_files:
+            verify(self.path, self.manifest, check_versions=True)
+        self.config = ArchConfig.from_dict(self.manifest.config)
+        module = self.manifest.modules[0]
+        if not _host_can_run(module.mtriple):
+            raise XpucError(f"{self.path}: compiled for {module.mtriple}; this machine is {platform.machine()} "
+                            "(copy the artifact to the device, or compile with --device host)")
+        lib = tvm.runtime.load_module(str(self.path / module.file))
+        params = []
+        with safe_open(str(self.path / self.manifest.weights_file), framework="numpy") as f:
+            for p in self.manifest.params:
+                arr = f.get_tensor(p["name"])
+                if list(arr.shape) != list(p["shape"]) or str(arr.dtype) != p["dtype"]:
+                    raise XpucError(f"{self.path}: weight '{p['name']}' does not match the manifest")
+                params.append(tvm.runtime.tensor(arr, tvm.cpu()))
+        self.weight_bytes = int(sum(int(np.prod(p["shape"])) * np.dtype(p["dtype"]).itemsize
+                                    for p in self.manifest.params))
+        self.session = DecoderSession(lib, params, max_context=max_context)
+        tok_file = self.path / "tokenizer.json"
+        self.tokenizer = XpucTokenizer.from_artifact_dir(self.path) if tok_file.is_file() else None
+
+    def encode_prompt(self, prompt: str, chat: bool = False, system: str | None = None) -> list[int]:
+        if self.tokenizer is None:
+            raise XpucError(f"{self.path}: artifact has no tokenizer; pass token ids instead of text")
+        text = self.tokenizer.apply_chat_template(prompt, system) if chat else prompt
+        return self.tokenizer.encode(text)
+
+    def generate_ids(self, prompt_ids: list[int], max_tokens: int, sampling: SamplingParams | None = None,
+                     stop_ids: list[int] | None = None,
+                     on_token: Callable[[int], None] | None = None) -> GenerationResult:
+        """Prefill ``prompt_ids`` and decode up to ``max_tokens`` tokens."""
+        if max_tokens < 1:
+            raise XpucError("--max-tokens must be at least 1")
+        for t in prompt_ids:
+            if not 0 <= t < self.config.vocab_size:
+                raise XpucError(f"token id {t} is outside the vocabulary (0..{self.config.vocab_size - 1})")
+        if stop_ids is None:
+            stop_ids = self.tokenizer.eos_token_ids if self.tokenizer else []
+        sampler = Sampler(sampling or SamplingParams())
+        self.session.reset()
+        t0 = time.perf_counter()
+        logits = self.session.prefill(prompt_ids)
+        t1 = time.perf_counter()
+        first = logits.copy()
+        tokens: list[int] = []
+        reason = "length"
+        while True:
+            tok = sampler(logits)
+            tokens.append(tok)
+            if on_token:
+                on_token(tok)
+            if tok in stop_ids:
+                reason = "eos"
+                break
+            if len(tokens) >= max_tokens:
+                break
+            logits = self.session.decode(tok)
+        t2 = time.perf_counter()
+        text = self.tokenizer.decode(tokens) if self.tokenizer else ""
+        return GenerationResult(list(prompt_ids), tokens, text, t1 - t0, t2 - t1, reason, first)
