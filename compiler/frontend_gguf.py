@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +54,11 @@ def _field(reader, key: str, default=None):
     return f.contents()
 
 
+def _f32(x) -> float:
+    """GGUF stores floats as f32: print them back as the decimal that was written (1e-05, not 9.99e-06)."""
+    return float(f"{float(x):.7g}")
+
+
 def _unpermute_rope(w: np.ndarray, n_head: int) -> np.ndarray:
     """Undo llama.cpp's Q/K row permutation (interleaved pairs -> Hugging Face rotate-half order)."""
     rows = w.shape[0]
@@ -74,10 +80,28 @@ def _open_reader(path: Path):
     return reader
 
 
+@lru_cache(maxsize=None)
+def dequantizable(qtype) -> bool:
+    """Whether the gguf package can dequantize ``qtype`` (tried once on a zero block)."""
+    import gguf
+
+    if qtype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+        return True
+    try:
+        block, size = gguf.GGML_QUANT_SIZES[qtype]
+        gguf.quants.dequantize(np.zeros((1, size), dtype=np.uint8), qtype)
+        return True
+    except (KeyError, NotImplementedError, ValueError):
+        return False
+
+
 def _dequantizer(path: Path, tensor, fix_rope_heads: int | None):
     import gguf
 
     qtype = tensor.tensor_type
+    if not dequantizable(qtype):
+        raise XpucError(f"{path}: tensor '{tensor.name}' uses quantization type {qtype.name}, "
+                        "which the gguf package cannot dequantize")
     shape = tuple(int(x) for x in reversed(tensor.shape.tolist()))
     name = tensor.name
 
@@ -169,8 +193,8 @@ def load_gguf(path: str | os.PathLike, with_tokenizer: bool = True) -> ModelSpec
         num_heads=n_heads,
         num_kv_heads=n_kv,
         head_dim=int(key("attention.key_length", hidden // n_heads)),
-        rope_theta=float(key("rope.freq_base", 10000.0)),
-        rms_norm_eps=float(key("attention.layer_norm_rms_epsilon", 1e-5)),
+        rope_theta=_f32(key("rope.freq_base", 10000.0)),
+        rms_norm_eps=_f32(key("attention.layer_norm_rms_epsilon", 1e-5)),
         ffn_kind=ffn_kind,
         tie_embeddings="output.weight" not in tensors,
         qkv_bias="blk.0.attn_q.bias" in tensors,
