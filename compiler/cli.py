@@ -213,9 +213,12 @@ def main(argv: list[str] | None = None) -> int:
     from xpuc.targets.threads import configure_tvm_threads
 
     configure_tvm_threads(args.threads)
+    from xpuc.compiler.progress import end_open_line
+
     try:
         return args.fn(args)
     except XpucError as e:
+        end_open_line()
         print(f"xpuc: error: {e}", file=sys.stderr)
         return e.exit_code
     except ValueError as e:  # sampling parameters and similar argument values

@@ -6,6 +6,17 @@ import sys
 import time
 
 
+_open_line = False
+
+
+def end_open_line() -> None:
+    """Finish a progress line left open by an error, so the error starts on its own line."""
+    global _open_line
+    if _open_line:
+        print(file=sys.stderr, flush=True)
+        _open_line = False
+
+
 class Steps:
     """Prints ``[i/n] label ... 1.2 s`` lines; silent when ``quiet``."""
 
@@ -14,12 +25,16 @@ class Steps:
         self._t0 = 0.0
 
     def start(self, label: str) -> None:
+        global _open_line
         self.i += 1
         self._t0 = time.perf_counter()
         if not self.quiet:
             print(f"[{self.i}/{self.total}] {label} ...", end="", file=sys.stderr, flush=True)
+            _open_line = True
 
     def done(self, note: str = "") -> None:
+        global _open_line
+        _open_line = False
         if not self.quiet:
             dt = time.perf_counter() - self._t0
             print(f" {dt:.1f} s{(' (' + note + ')') if note else ''}", file=sys.stderr, flush=True)
