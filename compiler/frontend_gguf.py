@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import os
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import numpy as np
-
 from xpuc.compiler.errors import XpucError
 from xpuc.compiler.spec import (
     FFN_KINDS,
@@ -80,7 +79,7 @@ def _open_reader(path: Path):
     return reader
 
 
-@lru_cache(maxsize=None)
+@cache
 def dequantizable(qtype) -> bool:
     """Whether the gguf package can dequantize ``qtype`` (tried once on a zero block)."""
     import gguf

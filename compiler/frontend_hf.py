@@ -7,7 +7,6 @@ import os
 from pathlib import Path
 
 import numpy as np
-
 from xpuc.compiler.errors import XpucError
 from xpuc.compiler.spec import (
     FFN_KINDS,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import sys
 import time
 
-
 _open_line = False
 
 

@@ -45,7 +45,7 @@ def tokenizer_json_from_gguf_vocab(tokens: list[str], merges: list[str], token_t
     tok.pre_tokenizer = _pre_tokenizer(pre)
     tok.decoder = decoders.ByteLevel()
     specials = [AddedToken(t, special=True, normalized=False)
-                for t, ty in zip(tokens, token_types) if ty in (_CONTROL, _USER_DEFINED)]
+                for t, ty in zip(tokens, token_types, strict=False) if ty in (_CONTROL, _USER_DEFINED)]
     tok.add_special_tokens(specials)
     return tok.to_str()
 

@@ -14,7 +14,7 @@ Schedule (chosen by measurement on AVX-512 and NEON-shaped loops):
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 
 from tvm import tirx
 from tvm.script import tirx as T
@@ -28,7 +28,7 @@ def largest_divisor(value: int, preferred: int) -> int:
     return d
 
 
-@lru_cache(maxsize=None)
+@cache
 def linear_fp16(in_features: int, out_features: int, has_bias: bool = False,
                 lanes: int = 16, rows: int = 8) -> tirx.PrimFunc:
     """Return the TIR PrimFunc of ``y = x @ w.T (+ b)`` with ``w`` fp16 of shape (out, in).

@@ -28,7 +28,6 @@ def assert_clean_error(r: subprocess.CompletedProcess, pattern: str) -> None:
 @pytest.fixture(scope="module")
 def artifact(tmp_path_factory) -> Path:
     from conftest import random_weights, tiny_config, tiny_tokenizer
-
     from xpuc.compiler.model_writer import write_gguf
 
     d = tmp_path_factory.mktemp("cli")
@@ -107,7 +106,6 @@ def test_unknown_quantization_type(tmp_path):
     import gguf
     import numpy as np
     from conftest import random_weights, tiny_config, tiny_tokenizer
-
     from xpuc.compiler.model_writer import gguf_name
 
     cfg = tiny_config()
@@ -137,7 +135,6 @@ def test_unknown_quantization_type(tmp_path):
 
 def test_unsupported_architecture(tmp_path):
     from conftest import random_weights, tiny_config, tiny_tokenizer
-
     from xpuc.compiler.model_writer import write_gguf
 
     cfg = tiny_config()
@@ -151,7 +148,6 @@ def test_unsupported_architecture(tmp_path):
 
 def test_missing_tokenizer(tmp_path):
     from conftest import random_weights, tiny_config
-
     from xpuc.compiler.model_writer import write_gguf
 
     cfg = tiny_config(vocab=300)
@@ -183,7 +179,8 @@ def artifact_copy(artifact, tmp_path) -> Path:
 
 def test_artifact_missing_file(artifact_copy):
     (artifact_copy / "model.so").unlink()
-    assert_clean_error(xpuc("run", str(artifact_copy), "--prompt", "hi"), "'model.so' listed in the manifest is missing")
+    r = xpuc("run", str(artifact_copy), "--prompt", "hi")
+    assert_clean_error(r, "'model.so' listed in the manifest is missing")
 
 
 def test_artifact_altered_file(artifact_copy):

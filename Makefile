@@ -1,0 +1,32 @@
+# Two entry points for a fresh machine:
+#   make demo   install xpuc into .venv, fetch the bundled model, compile it for this host, generate text
+#   make test   install xpuc with test extras into .venv, lint, run the test suite
+PYTHON ?= python3
+VENV   ?= .venv
+BIN     = $(VENV)/bin
+export XPUC_CACHE ?= $(CURDIR)/.cache/xpuc
+PROMPT ?= Explain in two sentences why phones need small language models.
+
+.PHONY: demo test lint bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --disable-pip-version-check --upgrade pip
+	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[test]'
+	touch $@
+
+demo: $(VENV)/.installed
+	$(BIN)/xpuc compile smollm2-135m -o artifacts/smollm2-135m --device host --force
+	$(BIN)/xpuc run artifacts/smollm2-135m --chat --prompt "$(PROMPT)" --max-tokens 64
+
+lint: $(VENV)/.installed
+	$(BIN)/ruff check compiler runtime schedules targets tests benchmarks
+
+test: $(VENV)/.installed lint
+	$(BIN)/python -m pytest -q -ra
+
+bench: $(VENV)/.installed
+	$(BIN)/python benchmarks/decode_dense.py
+
+clean:
+	rm -rf artifacts .pytest_cache .ruff_cache
