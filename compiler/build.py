@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+
 from xpuc.compiler.errors import XpucError
 from xpuc.compiler.frontends import load_model
 from xpuc.compiler.progress import Steps
@@ -24,6 +25,7 @@ def compile_model(model: str | os.PathLike, output: str | os.PathLike, device: s
     """
     import tvm
     from safetensors.numpy import save_file
+
     from xpuc.compiler.relax_model import export_model, param_arrays
     from xpuc.compiler.zoo import sha256_file
     from xpuc.runtime.tokenizer import XpucTokenizer

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
+
 from xpuc.compiler.spec import ArchConfig
 
 _GGUF_LAYER = {
@@ -108,6 +109,7 @@ def write_hf_dir(path: str | os.PathLike, config: ArchConfig, weights: Mapping[s
                  tokenizer_config: dict | None = None) -> Path:
     """Write config.json + safetensors shards (+ index) + tokenizer files."""
     from safetensors.numpy import save_file
+
     from xpuc.compiler.frontend_hf import hf_name
 
     path = Path(path)

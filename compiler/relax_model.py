@@ -19,6 +19,7 @@ from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import op
 from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedKVCache
 from tvm.script import tirx as T
+
 from xpuc.compiler.spec import ArchConfig, ModelSpec
 from xpuc.schedules.linear import linear_fp16
 

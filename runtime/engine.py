@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
 from xpuc.compiler.errors import XpucError
 from xpuc.compiler.spec import ArchConfig
 from xpuc.runtime.artifact import read_manifest, verify

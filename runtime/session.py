@@ -8,6 +8,7 @@ import numpy as np
 import tvm
 from tvm import relax
 from tvm.runtime import ShapeTuple
+
 from xpuc.compiler.errors import XpucError
 
 PAGE_SIZE = 16  # the CPU paged-KV kernels require 16

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from xpuc.compiler.spec import ArchConfig, LazyWeights, ModelSpec
 
 CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -72,3 +73,13 @@ def smollm2_path() -> Path:
         if os.environ.get("CI"):
             raise
         pytest.skip(f"bundled model unavailable: {e}")
+
+
+@pytest.fixture(scope="session")
+def smollm2_engine(smollm2_path, tmp_path_factory):
+    """SmolLM2 compiled for the host once per test session."""
+    from xpuc.compiler.build import compile_model
+    from xpuc.runtime.engine import Engine
+
+    out = compile_model(smollm2_path, tmp_path_factory.mktemp("smol") / "art", quiet=True)
+    return Engine(out, max_context=512)

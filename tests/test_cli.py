@@ -28,6 +28,7 @@ def assert_clean_error(r: subprocess.CompletedProcess, pattern: str) -> None:
 @pytest.fixture(scope="module")
 def artifact(tmp_path_factory) -> Path:
     from conftest import random_weights, tiny_config, tiny_tokenizer
+
     from xpuc.compiler.model_writer import write_gguf
 
     d = tmp_path_factory.mktemp("cli")
@@ -106,6 +107,7 @@ def test_unknown_quantization_type(tmp_path):
     import gguf
     import numpy as np
     from conftest import random_weights, tiny_config, tiny_tokenizer
+
     from xpuc.compiler.model_writer import gguf_name
 
     cfg = tiny_config()
@@ -135,6 +137,7 @@ def test_unknown_quantization_type(tmp_path):
 
 def test_unsupported_architecture(tmp_path):
     from conftest import random_weights, tiny_config, tiny_tokenizer
+
     from xpuc.compiler.model_writer import write_gguf
 
     cfg = tiny_config()
@@ -148,6 +151,7 @@ def test_unsupported_architecture(tmp_path):
 
 def test_missing_tokenizer(tmp_path):
     from conftest import random_weights, tiny_config
+
     from xpuc.compiler.model_writer import write_gguf
 
     cfg = tiny_config(vocab=300)

@@ -6,6 +6,7 @@ import gguf
 import numpy as np
 import pytest
 from conftest import random_weights, tiny_config, tiny_tokenizer
+
 from xpuc.compiler.errors import XpucError
 from xpuc.compiler.frontend_gguf import load_gguf
 from xpuc.compiler.model_writer import write_gguf

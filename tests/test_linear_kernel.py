@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tvm
+
 from xpuc.schedules.linear import largest_divisor, linear_fp16
 from xpuc.targets.profile import load_profile
 

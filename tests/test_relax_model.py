@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import tvm
 from conftest import random_weights, spec_from, tiny_config
+
 from xpuc.compiler.reference import ReferenceModel, causal_attention, ffn, rms_norm, rope
 from xpuc.compiler.relax_model import export_model, param_arrays
 from xpuc.runtime.session import DecoderSession

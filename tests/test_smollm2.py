@@ -13,12 +13,8 @@ PROMPT = ("The history of computing is a story of machines that grew smaller and
 
 
 @pytest.fixture(scope="module")
-def compiled(smollm2_path, tmp_path_factory):
-    from xpuc.compiler.build import compile_model
-    from xpuc.runtime.engine import Engine
-
-    out = compile_model(smollm2_path, tmp_path_factory.mktemp("smol") / "art", quiet=True)
-    return Engine(out, max_context=256)
+def compiled(smollm2_engine):
+    return smollm2_engine
 
 
 @pytest.fixture(scope="module")
