@@ -6,9 +6,11 @@ Functions exported:
 * ``decode(input_ids[1, 1], kv_cache, params) -> (logits[1, 1, vocab], kv_cache)``
 * ``create_paged_kv_cache(max_batch, max_total_seq_len, prefill_chunk, page_size, sliding_window)``
 
-Weights are fp16 parameters; activations are fp32. Every projection is a call to the scheduled TIR
-kernel of :mod:`xpuc.schedules.linear`; Q/K/V and gate/up are fused into one matrix each so that a
-layer makes four weight passes. Attention and RoPE run in TVM's paged KV cache.
+Weights are fp16 parameters (matrices row-block packed, see :func:`xpuc.schedules.linear.pack_rows`);
+activations are fp32. Every projection is a call to the scheduled TIR kernel of
+:mod:`xpuc.schedules.linear`, the embedding a gather from the same packed table; Q/K/V and
+gate/up are fused into one matrix each so that a layer makes four weight passes. Attention and
+RoPE run in TVM's paged KV cache.
 """
 
 from __future__ import annotations
@@ -21,14 +23,21 @@ from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedK
 from tvm.script import tirx as T
 
 from xpuc.compiler.spec import ArchConfig, ModelSpec
-from xpuc.schedules.linear import linear_fp16
+from xpuc.schedules.linear import embedding_fp16, linear_fp16, pack_rows, packed_shape
 
 WEIGHT_DTYPE = "float16"
 ACT_DTYPE = "float32"
 
 
-def _linear(x: nn.Tensor, weight: nn.Tensor, bias: nn.Tensor | None = None) -> nn.Tensor:
-    out_f, in_f = (int(d) for d in weight.shape)
+def _packed_param(out_f: int, in_f: int) -> nn.Parameter:
+    """An (out, in) fp16 matrix stored row-block packed for :func:`linear_fp16`."""
+    p = nn.Parameter(packed_shape(in_f, out_f), WEIGHT_DTYPE)
+    p.logical_shape = (out_f, in_f)
+    return p
+
+
+def _linear(x: nn.Tensor, weight: nn.Parameter, bias: nn.Tensor | None = None) -> nn.Tensor:
+    out_f, in_f = weight.logical_shape
     func = linear_fp16(in_f, out_f, bias is not None)
     args = [x, weight] + ([bias] if bias is not None else [])
     return op.tensor_ir_op(func, f"linear_{in_f}x{out_f}" + ("_bias" if bias is not None else ""),
@@ -61,9 +70,9 @@ class Attention(nn.Module):
     def __init__(self, c: ArchConfig) -> None:
         self.c = c
         rows = (c.num_heads + 2 * c.num_kv_heads) * c.head_dim
-        self.qkv_weight = nn.Parameter((rows, c.hidden_size), WEIGHT_DTYPE)
+        self.qkv_weight = _packed_param(rows, c.hidden_size)
         self.qkv_bias = nn.Parameter((rows,), WEIGHT_DTYPE) if c.qkv_bias else None
-        self.o_weight = nn.Parameter((c.hidden_size, c.num_heads * c.head_dim), WEIGHT_DTYPE)
+        self.o_weight = _packed_param(c.hidden_size, c.num_heads * c.head_dim)
 
     def forward(self, x: nn.Tensor, kv: PagedKVCache, layer_id: int) -> nn.Tensor:
         c = self.c
@@ -77,8 +86,8 @@ class Attention(nn.Module):
 class FFN(nn.Module):
     def __init__(self, c: ArchConfig) -> None:
         self.kind = c.ffn_kind
-        self.gate_up_weight = nn.Parameter((2 * c.intermediate_size, c.hidden_size), WEIGHT_DTYPE)
-        self.down_weight = nn.Parameter((c.hidden_size, c.intermediate_size), WEIGHT_DTYPE)
+        self.gate_up_weight = _packed_param(2 * c.intermediate_size, c.hidden_size)
+        self.down_weight = _packed_param(c.hidden_size, c.intermediate_size)
 
     def forward(self, x: nn.Tensor) -> nn.Tensor:
         g, u = op.split(_linear(x, self.gate_up_weight), 2, axis=-1)
@@ -109,15 +118,16 @@ class DecoderModel(nn.Module):
     def __init__(self, c: ArchConfig, target) -> None:
         self.c = c
         self.target = target
-        self.embed = nn.Parameter((c.vocab_size, c.hidden_size), WEIGHT_DTYPE)
+        self.embed = _packed_param(c.vocab_size, c.hidden_size)
         self.layers = nn.ModuleList([DecoderLayer(c) for _ in range(c.num_layers)])
         self.final_norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
-        self.lm_head = None if c.tie_embeddings else nn.Parameter((c.vocab_size, c.hidden_size), WEIGHT_DTYPE)
+        self.lm_head = None if c.tie_embeddings else _packed_param(c.vocab_size, c.hidden_size)
 
     def _body(self, input_ids: nn.Tensor, kv: PagedKVCache) -> nn.Tensor:
         s = input_ids.shape[1]
-        h = op.take(self.embed, op.reshape(input_ids, (s,)), axis=0).astype(ACT_DTYPE)
-        h = op.reshape(h, (1, s, self.c.hidden_size))
+        h = op.tensor_ir_op(embedding_fp16(self.c.vocab_size, self.c.hidden_size), "embedding",
+                            args=[input_ids, self.embed],
+                            out=nn.Tensor.placeholder([1, s, self.c.hidden_size], ACT_DTYPE))
         for i, layer in enumerate(self.layers):
             h = layer(h, kv, i)
         return h
@@ -172,23 +182,26 @@ def export_model(config: ArchConfig, target) -> tuple[object, list[tuple[str, tu
     return mod, params
 
 
+def _packed(w: np.ndarray) -> np.ndarray:
+    return pack_rows(w.astype(WEIGHT_DTYPE))
+
+
 def param_arrays(spec: ModelSpec) -> dict[str, np.ndarray]:
-    """Relax parameter name -> fp16 array, built from the ModelSpec's canonical weights (one layer at a time)."""
+    """Relax parameter name -> fp16 array (matrices row-block packed), from the ModelSpec's weights."""
     c, w = spec.config, spec.weights
-    out: dict[str, np.ndarray] = {"embed": w["embed_tokens"].astype(WEIGHT_DTYPE),
+    out: dict[str, np.ndarray] = {"embed": _packed(w["embed_tokens"]),
                                   "final_norm.weight": w["final_norm"].astype(WEIGHT_DTYPE)}
     if not c.tie_embeddings:
-        out["lm_head"] = w["lm_head"].astype(WEIGHT_DTYPE)
+        out["lm_head"] = _packed(w["lm_head"])
     for i in range(c.num_layers):
         p, q = f"layers.{i}.", f"layers.{i}."
         out[q + "attn_norm.weight"] = w[p + "attn_norm"].astype(WEIGHT_DTYPE)
         out[q + "ffn_norm.weight"] = w[p + "ffn_norm"].astype(WEIGHT_DTYPE)
-        out[q + "attn.qkv_weight"] = np.concatenate(
-            [w[p + "q_proj"], w[p + "k_proj"], w[p + "v_proj"]]).astype(WEIGHT_DTYPE)
+        out[q + "attn.qkv_weight"] = _packed(np.concatenate([w[p + "q_proj"], w[p + "k_proj"], w[p + "v_proj"]]))
         if c.qkv_bias:
             out[q + "attn.qkv_bias"] = np.concatenate(
                 [w[p + "q_bias"], w[p + "k_bias"], w[p + "v_bias"]]).astype(WEIGHT_DTYPE)
-        out[q + "attn.o_weight"] = w[p + "o_proj"].astype(WEIGHT_DTYPE)
-        out[q + "ffn.gate_up_weight"] = np.concatenate([w[p + "gate_proj"], w[p + "up_proj"]]).astype(WEIGHT_DTYPE)
-        out[q + "ffn.down_weight"] = w[p + "down_proj"].astype(WEIGHT_DTYPE)
+        out[q + "attn.o_weight"] = _packed(w[p + "o_proj"])
+        out[q + "ffn.gate_up_weight"] = _packed(np.concatenate([w[p + "gate_proj"], w[p + "up_proj"]]))
+        out[q + "ffn.down_weight"] = _packed(w[p + "down_proj"])
     return out
