@@ -104,10 +104,24 @@ def linear_fp16(in_features: int, out_features: int, has_bias: bool = False,
                             for r in T.unroll(R):
                                 for l in T.vectorized(L):
                                     acc[r, l] = acc[r, l] + x[0, 0, kb * L + l] * T.Cast("float32", w[ib, kb, r, l])
+                        if L > 8:
+                            for r in T.unroll(R):
+                                for l in T.vectorized(8):
+                                    acc[r, l] = acc[r, l] + acc[r, l + 8]
+                        if L > 4:
+                            for r in T.unroll(R):
+                                for l in T.vectorized(4):
+                                    acc[r, l] = acc[r, l] + acc[r, l + 4]
+                        if L > 2:
+                            for r in T.unroll(R):
+                                for l in T.vectorized(2):
+                                    acc[r, l] = acc[r, l] + acc[r, l + 2]
+                        if L > 1:
+                            for r in T.unroll(R):
+                                for l in T.vectorized(1):
+                                    acc[r, l] = acc[r, l] + acc[r, l + 1]
                         for r in T.unroll(R):
-                            y[0, 0, ib * R + r] = T.Cast("float32", b[ib * R + r])
-                            for l in range(L):
-                                y[0, 0, ib * R + r] = y[0, 0, ib * R + r] + acc[r, l]
+                            y[0, 0, ib * R + r] = T.Cast("float32", b[ib * R + r]) + acc[r, 0]
                     else:
                         wblk = T.alloc_buffer((R, K), "float32", scope="global")
                         for kb in range(KB):
@@ -146,10 +160,24 @@ def linear_fp16(in_features: int, out_features: int, has_bias: bool = False,
                         for r in T.unroll(R):
                             for l in T.vectorized(L):
                                 acc[r, l] = acc[r, l] + x[0, 0, kb * L + l] * T.Cast("float32", w[ib, kb, r, l])
+                    if L > 8:
+                        for r in T.unroll(R):
+                            for l in T.vectorized(8):
+                                acc[r, l] = acc[r, l] + acc[r, l + 8]
+                    if L > 4:
+                        for r in T.unroll(R):
+                            for l in T.vectorized(4):
+                                acc[r, l] = acc[r, l] + acc[r, l + 4]
+                    if L > 2:
+                        for r in T.unroll(R):
+                            for l in T.vectorized(2):
+                                acc[r, l] = acc[r, l] + acc[r, l + 2]
+                    if L > 1:
+                        for r in T.unroll(R):
+                            for l in T.vectorized(1):
+                                acc[r, l] = acc[r, l] + acc[r, l + 1]
                     for r in T.unroll(R):
-                        y[0, 0, ib * R + r] = T.float32(0)
-                        for l in range(L):
-                            y[0, 0, ib * R + r] = y[0, 0, ib * R + r] + acc[r, l]
+                        y[0, 0, ib * R + r] = acc[r, 0]
                 else:
                     wblk = T.alloc_buffer((R, K), "float32", scope="global")
                     for kb in range(KB):

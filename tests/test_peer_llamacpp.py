@@ -11,24 +11,11 @@ from __future__ import annotations
 
 import pytest
 
+from xpuc.runtime.prompts import PEER_AGREE, PEER_ALL
+
 pytestmark = pytest.mark.peer
 
-AGREE = [
-    "What is the boiling point of water at sea level?",
-    "Give me a recipe for pancakes.",
-    "What does a CPU do?",
-    "Translate 'good morning' into Spanish.",
-    "What are the three states of matter?",
-]
-ALL = AGREE + [
-    "What is the capital of France?",
-    "Write a haiku about the sea.",
-    "Explain what a compiler does in one paragraph.",
-    "List three uses of a hash table.",
-    "Why is the sky blue?",
-    "Describe the water cycle.",
-    "Who wrote Romeo and Juliet?",
-]
+AGREE, ALL = PEER_AGREE, PEER_ALL
 NEAR_TIE = 0.5  # logits
 
 
