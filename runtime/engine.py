@@ -17,6 +17,7 @@ from xpuc.runtime.artifact import read_manifest, verify
 from xpuc.runtime.sampler import Sampler, SamplingParams
 from xpuc.runtime.session import DecoderSession
 from xpuc.runtime.tokenizer import XpucTokenizer
+from xpuc.runtime.weights import iter_tensors
 
 
 def _host_can_run(mtriple: str) -> bool:
@@ -59,7 +60,6 @@ class Engine:
 
     def __init__(self, artifact: str | os.PathLike, max_context: int = 2048, verify_files: bool = True) -> None:
         import tvm
-        from safetensors import safe_open
 
         self.path = Path(artifact)
         self.manifest = read_manifest(self.path)
@@ -72,12 +72,13 @@ class Engine:
                             "(copy the artifact to the device, or compile with --device host)")
         lib = tvm.runtime.load_module(str(self.path / module.file))
         params = []
-        with safe_open(str(self.path / self.manifest.weights_file), framework="numpy") as f:
-            for p in self.manifest.params:
-                arr = f.get_tensor(p["name"])
-                if list(arr.shape) != list(p["shape"]) or str(arr.dtype) != p["dtype"]:
-                    raise XpucError(f"{self.path}: weight '{p['name']}' does not match the manifest")
-                params.append(tvm.runtime.tensor(arr, tvm.cpu()))
+        names = [p["name"] for p in self.manifest.params]
+        for p, (_, arr) in zip(self.manifest.params, iter_tensors(self.path / self.manifest.weights_file, names),
+                               strict=True):
+            if list(arr.shape) != list(p["shape"]) or str(arr.dtype) != p["dtype"]:
+                raise XpucError(f"{self.path}: weight '{p['name']}' does not match the manifest")
+            params.append(tvm.runtime.tensor(arr, tvm.cpu()))
+            del arr
         self.weight_bytes = int(sum(int(np.prod(p["shape"])) * np.dtype(p["dtype"]).itemsize
                                     for p in self.manifest.params))
         self.session = DecoderSession(lib, params, max_context=max_context)

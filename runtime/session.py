@@ -6,8 +6,8 @@ from collections.abc import Sequence
 
 import numpy as np
 import tvm
-from tvm import relax
 from tvm.runtime import ShapeTuple
+from tvm.runtime.vm import VirtualMachine
 
 from xpuc.compiler.errors import XpucError
 
@@ -32,7 +32,7 @@ class DecoderSession:
 
     def __init__(self, executable, params: Sequence, max_context: int = 2048, prefill_chunk: int = 256) -> None:
         self.dev = tvm.cpu()
-        self.vm = relax.VirtualMachine(executable, self.dev)
+        self.vm = VirtualMachine(executable, self.dev)
         self.params = list(params)
         self.max_context = max_context
         self.prefill_chunk = prefill_chunk
