@@ -1,0 +1,154 @@
+"""The bundled neuron layout of an FFN and its int4 quantization (numpy side of the sparse kernels).
+
+For neuron ``i`` of an FFN with ``d_ff`` neurons and model width ``d``, its *record* holds, side by side,
+
+* gated kinds (``reglu``, ``swiglu``, ``drelu``): ``[gate row i, up row i, down column i]``  (3 x d)
+* ``relu`` (not gated, ``down(relu(up x))``):      ``[up row i, down column i]``           (2 x d)
+
+The down projection is stored transposed (its column ``i`` as a row), so that computing it for the
+active neurons only is an AXPY per neuron. Records are grouped in clusters of ``C`` neurons; cluster
+``j`` holds neurons ``j*C .. j*C+C-1``. The same records are what the flash layout stores.
+
+Weight formats (arrays indexed ``[cluster, neuron in cluster, row, ...]``):
+
+* ``float32`` / ``float16``: ``w[NCL, C, R, d]``
+* ``q4_0``: blocks of 32 with an fp16 scale, value ``(q - 8) * s``: ``qs[NCL, C, R, d/2]`` (uint8, the
+  low nibbles hold the block's first 16 values and the high nibbles the next 16, as in GGML) and
+  ``sc[NCL, C, R, d/32]`` (fp16)
+* ``q4_1``: blocks of 32 with an fp16 scale and minimum, value ``q * s + m``: ``qs``, ``sc`` and
+  ``mn[NCL, C, R, d/32]`` (fp16)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+FFN_KINDS = ("relu", "reglu", "swiglu", "drelu")
+WEIGHT_DTYPES = ("float32", "float16", "q4_0", "q4_1")
+QBLOCK = 32
+
+
+@dataclass(frozen=True)
+class BundleLayout:
+    """Shape parameters of a bundled FFN."""
+
+    kind: str
+    d_model: int
+    d_ff: int
+    cluster: int
+    dtype: str
+
+    def __post_init__(self) -> None:
+        if self.kind not in FFN_KINDS:
+            raise ValueError(f"unknown FFN kind '{self.kind}' (known: {', '.join(FFN_KINDS)})")
+        if self.dtype not in WEIGHT_DTYPES:
+            raise ValueError(f"unknown weight dtype '{self.dtype}' (known: {', '.join(WEIGHT_DTYPES)})")
+        if self.d_ff % self.cluster:
+            raise ValueError(f"d_ff={self.d_ff} is not a multiple of the cluster size {self.cluster}")
+        if self.d_model % QBLOCK:
+            raise ValueError(f"d_model={self.d_model} is not a multiple of {QBLOCK}")
+
+    @property
+    def rows(self) -> int:
+        return 2 if self.kind == "relu" else 3
+
+    @property
+    def n_clusters(self) -> int:
+        return self.d_ff // self.cluster
+
+    @property
+    def gated(self) -> bool:
+        return self.kind != "relu"
+
+    def arrays(self) -> dict[str, tuple[tuple[int, ...], str]]:
+        """Name -> (shape, numpy dtype) of the arrays that hold the bundle."""
+        n, c, r, d = self.n_clusters, self.cluster, self.rows, self.d_model
+        if self.dtype in ("float32", "float16"):
+            return {"w": ((n, c, r, d), self.dtype)}
+        out = {"qs": ((n, c, r, d // 2), "uint8"), "sc": ((n, c, r, d // QBLOCK), "float16")}
+        if self.dtype == "q4_1":
+            out["mn"] = ((n, c, r, d // QBLOCK), "float16")
+        return out
+
+    def record_bytes(self) -> int:
+        """Bytes of one neuron's record (all rows)."""
+        return sum(int(np.prod(s[2:])) * np.dtype(t).itemsize for s, t in self.arrays().values())
+
+
+def quantize_q4(rows: np.ndarray, with_min: bool) -> tuple[np.ndarray, ...]:
+    """Quantize (..., d) float rows into GGML-style 4-bit blocks of 32: (qs, sc[, mn])."""
+    x = rows.astype(np.float32).reshape(*rows.shape[:-1], -1, QBLOCK)
+    if with_min:
+        lo, hi = x.min(-1), x.max(-1)
+        s = (hi - lo) / 15.0
+        inv = np.where(s > 0, 1.0 / np.where(s > 0, s, 1), 0.0)
+        q = np.clip(np.round((x - lo[..., None]) * inv[..., None]), 0, 15).astype(np.uint8)
+        extra = (lo.astype(np.float16),)
+    else:
+        idx = np.abs(x).argmax(-1)
+        amax = np.take_along_axis(x, idx[..., None], -1)[..., 0]
+        s = amax / -8.0
+        inv = np.where(s != 0, 1.0 / np.where(s != 0, s, 1), 0.0)
+        q = np.clip(np.round(x * inv[..., None] + 8.0), 0, 15).astype(np.uint8)
+        extra = ()
+    qs = (q[..., :16] | (q[..., 16:] << 4)).astype(np.uint8).reshape(*rows.shape[:-1], -1)
+    return (qs, s.astype(np.float16), *extra)
+
+
+def dequantize_q4(qs: np.ndarray, sc: np.ndarray, mn: np.ndarray | None = None) -> np.ndarray:
+    """Inverse of :func:`quantize_q4` (float32)."""
+    b = qs.reshape(*qs.shape[:-1], -1, 16)
+    q = np.concatenate([b & 15, b >> 4], -1).astype(np.float32)
+    s = sc.astype(np.float32)[..., None]
+    v = q * s + mn.astype(np.float32)[..., None] if mn is not None else (q - 8.0) * s
+    return v.reshape(*qs.shape[:-1], -1)
+
+
+def bundle_ffn(layout: BundleLayout, up: np.ndarray, down: np.ndarray,
+               gate: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Bundle FFN weights given in (out, in) layout: gate/up (d_ff, d), down (d, d_ff)."""
+    if layout.gated and gate is None:
+        raise ValueError(f"FFN kind '{layout.kind}' needs a gate matrix")
+    rows = ([gate] if layout.gated else []) + [up, down.T]
+    stacked = np.stack([np.asarray(r, np.float32) for r in rows], axis=1)  # (d_ff, R, d)
+    stacked = stacked.reshape(layout.n_clusters, layout.cluster, layout.rows, layout.d_model)
+    if layout.dtype in ("float32", "float16"):
+        return {"w": np.ascontiguousarray(stacked.astype(layout.dtype))}
+    parts = quantize_q4(stacked, with_min=layout.dtype == "q4_1")
+    names = ("qs", "sc", "mn")
+    return {n: np.ascontiguousarray(a) for n, a in zip(names, parts, strict=False)}
+
+
+def dequantize_bundle(layout: BundleLayout, arrays: dict[str, np.ndarray]) -> np.ndarray:
+    """(NCL, C, R, d) float32 view of a bundle, as the kernels see it."""
+    if layout.dtype in ("float32", "float16"):
+        return arrays["w"].astype(np.float32)
+    return dequantize_q4(arrays["qs"], arrays["sc"], arrays.get("mn"))
+
+
+def activation(kind: str, g: np.ndarray, u: np.ndarray | None, threshold: float = 0.0) -> np.ndarray:
+    """Neuron outputs h of an FFN kind given gate and up pre-activations (``relu``: ``g`` is up)."""
+    if kind == "relu":
+        return np.maximum(g, 0)
+    if kind == "reglu":
+        return np.maximum(g, 0) * u
+    if kind == "drelu":
+        return np.maximum(g, 0) * np.maximum(u, 0)
+    s = g / (1.0 + np.exp(-g))
+    return np.where(np.abs(s) > threshold, s, 0.0) * u
+
+
+def sparse_ffn_reference(layout: BundleLayout, arrays: dict[str, np.ndarray], x: np.ndarray,
+                         clusters: np.ndarray | None, threshold: float = 0.0) -> np.ndarray:
+    """FFN output over the given active clusters (all clusters when None), float64 numpy."""
+    w = dequantize_bundle(layout, arrays).astype(np.float64)
+    if clusters is not None:
+        w = w[np.asarray(clusters, np.int64)]
+    w = w.reshape(-1, layout.rows, layout.d_model)
+    x = np.asarray(x, np.float64)
+    g = w[:, 0] @ x
+    u = w[:, 1] @ x if layout.gated else None
+    h = activation(layout.kind, g, u, threshold)
+    return (h[:, None] * w[:, layout.rows - 1]).sum(0)

@@ -1,0 +1,293 @@
+"""Neuron-cluster FFN kernels in TIR: sparse (over a symbolic list of active clusters) and dense.
+
+Generated per (FFN kind, d_model, d_ff, cluster size C, weight dtype, threads) over the bundled
+neuron layout of :mod:`xpuc.schedules.neuron_bundle`. For each active cluster ``c = idx[j]`` and each
+of its ``C`` neurons ``i`` the kernel computes the gate dot product, skips the neuron when its
+activation is zero (below the threshold for ``swiglu``), otherwise computes the up dot product and
+adds ``h * down_column`` into a per-thread partial sum; the partial sums are reduced at the end.
+
+Modes (``mode=``):
+
+* ``"fused"``: one kernel ``(x, idx, thr, *weights, y)``.
+* ``"gate"`` + ``"updown"``: the paper's two steps. ``gate`` computes the gate pre-activations of the
+  active clusters (the real activation mask) into ``g[k, C]``; ``updown`` reads ``g`` and touches the
+  up/down rows of firing neurons only — the split that lets a flash reader fetch up/down records only
+  for neurons whose gate fired.
+* ``"dense"``: every cluster, no skipping: ``(x, thr, *weights, y)``; the baseline and the oracle.
+
+Schedule: ``threads`` parallel tasks each own a contiguous share of the active clusters and a
+private partial output; dot products and AXPYs run 16 fp32 lanes wide over blocks of 32 weights
+(int4 blocks are unpacked from nibbles in registers, low nibbles then high nibbles), the two halves
+of a block unrolled; lanes are folded with vector adds. LLVM maps the 16-lane vectors onto
+AVX-512/AVX2 on x86 and onto four 128-bit NEON registers on ARM.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+
+from tvm import tirx
+from tvm.script import tirx as T
+
+from xpuc.schedules.neuron_bundle import QBLOCK, BundleLayout
+
+MODES = ("fused", "gate", "updown", "dense")
+LANES = 16
+
+
+def _element_getter(dtype: str):
+    """Python-level builder of the fp32 weight value at (cluster c, neuron i, row r, block b, half, lane l)."""
+    if dtype in ("float32", "float16"):
+
+        def elem(W, c, i, r, b, half, l):
+            return T.Cast("float32", W[0][c, i, r, b * QBLOCK + half * 16 + l])
+
+        return elem
+
+    def nibble(W, c, i, r, b, half, l):
+        byte = W[0][c, i, r, b * 16 + l]
+        return T.Cast("float32", T.shift_right(byte, T.Cast("uint8", half * 4)) & T.uint8(15))
+
+    if dtype == "q4_0":
+
+        def elem(W, c, i, r, b, half, l):
+            return (nibble(W, c, i, r, b, half, l) - T.float32(8)) * T.Cast("float32", W[1][c, i, r, b])
+
+        return elem
+
+    def elem(W, c, i, r, b, half, l):
+        return (nibble(W, c, i, r, b, half, l) * T.Cast("float32", W[1][c, i, r, b])
+                + T.Cast("float32", W[2][c, i, r, b]))
+
+    return elem
+
+
+def _activation_exprs(kind: str):
+    """(fires(g, thr) -> bool, combine(g, u, thr) -> h) for an FFN kind.
+
+    ``combine`` applies the whole activation, so it is exact whether or not ``fires`` was checked
+    (the dense kernels do not check); ``fires`` is the cheap test that lets sparse kernels skip the
+    up row and the down AXPY. For ``relu`` (not gated) ``g`` is the up projection.
+    """
+
+    def silu(g):
+        return g * T.sigmoid(g)
+
+    zero = T.float32(0)
+    if kind == "swiglu":
+        return ((lambda g, thr: T.fabs(silu(g)) > thr),
+                (lambda g, u, thr: T.Select(T.fabs(silu(g)) > thr, silu(g), zero) * u))
+    if kind == "drelu":
+        return (lambda g, thr: g > zero), (lambda g, u, thr: T.max(g, zero) * T.max(u, zero))
+    if kind == "reglu":
+        return (lambda g, thr: g > zero), (lambda g, u, thr: T.max(g, zero) * u)
+    return (lambda g, thr: g > zero), (lambda g, u, thr: T.max(g, zero))
+
+
+@cache
+def sparse_ffn_kernel(layout: BundleLayout, mode: str = "fused", threads: int = 2) -> tirx.PrimFunc:
+    """Generate the TIR PrimFunc for ``layout`` in ``mode`` with ``threads`` parallel tasks.
+
+    Parameters
+    ----------
+    layout:
+        FFN kind, sizes, cluster size and weight dtype.
+    mode:
+        ``fused`` | ``gate`` | ``updown`` | ``dense`` (see the module docstring).
+    threads:
+        Number of parallel tasks (each with a private partial output of ``d_model`` floats).
+
+    Returns
+    -------
+    func : tirx.PrimFunc
+        Arguments in order: ``x (d,) f32``, ``idx (k,) i32`` (not for ``dense``), ``g (k, C) f32``
+        (``gate`` output / ``updown`` input), ``thr (1,) f32``, the bundle arrays in the order of
+        ``layout.arrays()``, ``y (d,) f32`` (not for ``gate``).
+    """
+    if mode not in MODES:
+        raise ValueError(f"unknown mode '{mode}' (known: {', '.join(MODES)})")
+    if mode in ("gate", "updown") and not layout.gated:
+        raise ValueError("the two-step kernels need a gated FFN kind")
+    D, C, R, NCL, P = layout.d_model, layout.cluster, layout.rows, layout.n_clusters, threads
+    NB = D // QBLOCK
+    DOWN = R - 1
+    elem = _element_getter(layout.dtype)
+    fires, combine = _activation_exprs(layout.kind)
+    arrays = layout.arrays()
+    names = list(arrays)
+    shapes = [arrays[n][0] for n in names]
+    dts = [arrays[n][1] for n in names]
+
+    @T.macro
+    def dot(x, acc, s, W, c, i, r, out_slot):
+        for l in T.vectorized(LANES):
+            acc[l] = T.float32(0)
+        for b in range(NB):
+            for half in T.unroll(2):
+                for l in T.vectorized(LANES):
+                    acc[l] = acc[l] + x[b * QBLOCK + half * 16 + l] * elem(W, c, i, r, b, half, l)
+        for l in T.vectorized(8):
+            acc[l] = acc[l] + acc[l + 8]
+        for l in T.vectorized(4):
+            acc[l] = acc[l] + acc[l + 4]
+        for l in T.vectorized(2):
+            acc[l] = acc[l] + acc[l + 2]
+        s[out_slot] = acc[0] + acc[1]
+
+    @T.macro
+    def axpy(part, W, c, i, p, h):
+        for b in range(NB):
+            for half in T.unroll(2):
+                for l in T.vectorized(LANES):
+                    part[p, b * QBLOCK + half * 16 + l] = part[p, b * QBLOCK + half * 16 + l] + h * elem(
+                        W, c, i, DOWN, b, half, l)
+
+    @T.macro
+    def neuron(x, acc, s, part, thr, W, c, i, p, always):
+        dot(x, acc, s, W, c, i, 0, 0)
+        if always or fires(s[0], thr[0]):
+            if R == 3:
+                dot(x, acc, s, W, c, i, 1, 1)
+            else:
+                s[1] = T.float32(0)
+            s[2] = combine(s[0], s[1], thr[0])
+            if always or s[2] != T.float32(0):
+                axpy(part, W, c, i, p, s[2])
+
+    @T.macro
+    def clear_partial(part, p):
+        for e in range(D // LANES):
+            for l in T.vectorized(LANES):
+                part[p, e * LANES + l] = T.float32(0)
+
+    @T.macro
+    def reduce_partials(part, y):
+        for e in range(D // LANES):
+            for l in T.vectorized(LANES):
+                y[e * LANES + l] = part[0, e * LANES + l]
+            for p in range(1, P):
+                for l in T.vectorized(LANES):
+                    y[e * LANES + l] = y[e * LANES + l] + part[p, e * LANES + l]
+
+    # One template per number of weight arrays (float: 1, q4_0: 2, q4_1: 3) and per mode.
+
+    if mode == "dense":
+        if len(names) == 1:
+
+            @T.prim_func(private=True, s_tir=True)
+            def dense1(x: T.Buffer((D,), "float32"), thr: T.Buffer((1,), "float32"),
+                       w0: T.Buffer(shapes[0], dts[0]), y: T.Buffer((D,), "float32")):
+                T.func_attr({"tir.noalias": True})
+                with T.sblock("root"):
+                    part = T.alloc_buffer((P, D), "float32", scope="global")
+                    for p in T.parallel(P):
+                        acc = T.alloc_buffer((LANES,), "float32", scope="global")
+                        s = T.alloc_buffer((3,), "float32", scope="global")
+                        clear_partial(part, p)
+                        for c in range(NCL * p // P, NCL * (p + 1) // P):
+                            for i in range(C):
+                                neuron(x, acc, s, part, thr, (w0,), c, i, p, True)
+                    reduce_partials(part, y)
+
+            return dense1
+        if len(names) == 2:
+
+            @T.prim_func(private=True, s_tir=True)
+            def dense2(x: T.Buffer((D,), "float32"), thr: T.Buffer((1,), "float32"),
+                       w0: T.Buffer(shapes[0], dts[0]), w1: T.Buffer(shapes[1], dts[1]),
+                       y: T.Buffer((D,), "float32")):
+                T.func_attr({"tir.noalias": True})
+                with T.sblock("root"):
+                    part = T.alloc_buffer((P, D), "float32", scope="global")
+                    for p in T.parallel(P):
+                        acc = T.alloc_buffer((LANES,), "float32", scope="global")
+                        s = T.alloc_buffer((3,), "float32", scope="global")
+                        clear_partial(part, p)
+                        for c in range(NCL * p // P, NCL * (p + 1) // P):
+                            for i in range(C):
+                                neuron(x, acc, s, part, thr, (w0, w1), c, i, p, True)
+                    reduce_partials(part, y)
+
+            return dense2
+
+        @T.prim_func(private=True, s_tir=True)
+        def dense3(x: T.Buffer((D,), "float32"), thr: T.Buffer((1,), "float32"),
+                   w0: T.Buffer(shapes[0], dts[0]), w1: T.Buffer(shapes[1], dts[1]),
+                   w2: T.Buffer(shapes[2], dts[2]), y: T.Buffer((D,), "float32")):
+            T.func_attr({"tir.noalias": True})
+            with T.sblock("root"):
+                part = T.alloc_buffer((P, D), "float32", scope="global")
+                for p in T.parallel(P):
+                    acc = T.alloc_buffer((LANES,), "float32", scope="global")
+                    s = T.alloc_buffer((3,), "float32", scope="global")
+                    clear_partial(part, p)
+                    for c in range(NCL * p // P, NCL * (p + 1) // P):
+                        for i in range(C):
+                            neuron(x, acc, s, part, thr, (w0, w1, w2), c, i, p, True)
+                reduce_partials(part, y)
+
+        return dense3
+
+    if mode == "fused":
+        if len(names) == 1:
+
+            @T.prim_func(private=True, s_tir=True)
+            def fused1(x: T.Buffer((D,), "float32"), var_idx: T.handle, thr: T.Buffer((1,), "float32"),
+                       w0: T.Buffer(shapes[0], dts[0]), y: T.Buffer((D,), "float32")):
+                T.func_attr({"tir.noalias": True})
+                k = T.int32()
+                idx = T.match_buffer(var_idx, (k,), "int32")
+                with T.sblock("root"):
+                    part = T.alloc_buffer((P, D), "float32", scope="global")
+                    for p in T.parallel(P):
+                        acc = T.alloc_buffer((LANES,), "float32", scope="global")
+                        s = T.alloc_buffer((3,), "float32", scope="global")
+                        clear_partial(part, p)
+                        for j in range(k * p // P, k * (p + 1) // P):
+                            for i in range(C):
+                                neuron(x, acc, s, part, thr, (w0,), idx[j], i, p, False)
+                    reduce_partials(part, y)
+
+            return fused1
+        if len(names) == 2:
+
+            @T.prim_func(private=True, s_tir=True)
+            def fused2(x: T.Buffer((D,), "float32"), var_idx: T.handle, thr: T.Buffer((1,), "float32"),
+                       w0: T.Buffer(shapes[0], dts[0]), w1: T.Buffer(shapes[1], dts[1]),
+                       y: T.Buffer((D,), "float32")):
+                T.func_attr({"tir.noalias": True})
+                k = T.int32()
+                idx = T.match_buffer(var_idx, (k,), "int32")
+                with T.sblock("root"):
+                    part = T.alloc_buffer((P, D), "float32", scope="global")
+                    for p in T.parallel(P):
+                        acc = T.alloc_buffer((LANES,), "float32", scope="global")
+                        s = T.alloc_buffer((3,), "float32", scope="global")
+                        clear_partial(part, p)
+                        for j in range(k * p // P, k * (p + 1) // P):
+                            for i in range(C):
+                                neuron(x, acc, s, part, thr, (w0, w1), idx[j], i, p, False)
+                    reduce_partials(part, y)
+
+            return fused2
+
+        @T.prim_func(private=True, s_tir=True)
+        def fused3(x: T.Buffer((D,), "float32"), var_idx: T.handle, thr: T.Buffer((1,), "float32"),
+                   w0: T.Buffer(shapes[0], dts[0]), w1: T.Buffer(shapes[1], dts[1]),
+                   w2: T.Buffer(shapes[2], dts[2]), y: T.Buffer((D,), "float32")):
+            T.func_attr({"tir.noalias": True})
+            k = T.int32()
+            idx = T.match_buffer(var_idx, (k,), "int32")
+            with T.sblock("root"):
+                part = T.alloc_buffer((P, D), "float32", scope="global")
+                for p in T.parallel(P):
+                    acc = T.alloc_buffer((LANES,), "float32", scope="global")
+                    s = T.alloc_buffer((3,), "float32", scope="global")
+                    clear_partial(part, p)
+                    for j in range(k * p // P, k * (p + 1) // P):
+                        for i in range(C):
+                            neuron(x, acc, s, part, thr, (w0, w1, w2), idx[j], i, p, False)
+                reduce_partials(part, y)
+
+        return fused3
+    raise NotImplementedError(mode)
