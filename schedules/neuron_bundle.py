@@ -9,14 +9,14 @@ The down projection is stored transposed (its column ``i`` as a row), so that co
 active neurons only is an AXPY per neuron. Records are grouped in clusters of ``C`` neurons; cluster
 ``j`` holds neurons ``j*C .. j*C+C-1``. The same records are what the flash layout stores.
 
-Weight formats (arrays indexed ``[cluster, neuron in cluster, row, ...]``):
+Weight formats: one array ``w[NCL, C, R, row]`` indexed ``[cluster, neuron in cluster, row, ...]``:
 
-* ``float32`` / ``float16``: ``w[NCL, C, R, d]``
-* ``q4_0``: blocks of 32 with an fp16 scale, value ``(q - 8) * s``: ``qs[NCL, C, R, d/2]`` (uint8, the
-  low nibbles hold the block's first 16 values and the high nibbles the next 16, as in GGML) and
-  ``sc[NCL, C, R, d/32]`` (fp16)
-* ``q4_1``: blocks of 32 with an fp16 scale and minimum, value ``q * s + m``: ``qs``, ``sc`` and
-  ``mn[NCL, C, R, d/32]`` (fp16)
+* ``float32`` / ``float16``: ``row`` = d elements.
+* ``q4_0``: ``row`` = d/32 blocks of 18 bytes (uint8), byte-identical to GGML's ``block_q4_0``: an fp16
+  scale ``s``, then 16 bytes whose low nibbles are the block's first 16 values and whose high nibbles
+  are the next 16; value ``(q - 8) * s``.
+* ``q4_1``: d/32 blocks of 20 bytes, GGML's ``block_q4_1``: fp16 scale ``s``, fp16 minimum ``m``, 16
+  bytes of nibbles; value ``q * s + m``.
 """
 
 from __future__ import annotations
@@ -62,70 +62,86 @@ class BundleLayout:
     def gated(self) -> bool:
         return self.kind != "relu"
 
-    def arrays(self) -> dict[str, tuple[tuple[int, ...], str]]:
-        """Name -> (shape, numpy dtype) of the arrays that hold the bundle."""
-        n, c, r, d = self.n_clusters, self.cluster, self.rows, self.d_model
+    @property
+    def block_bytes(self) -> int:
+        """Bytes of one 32-value block (quantized dtypes)."""
+        return {"q4_0": 18, "q4_1": 20}[self.dtype]
+
+    @property
+    def storage_dtype(self) -> str:
+        return self.dtype if self.dtype in ("float32", "float16") else "uint8"
+
+    @property
+    def row_length(self) -> int:
+        """Elements of the storage dtype per row."""
         if self.dtype in ("float32", "float16"):
-            return {"w": ((n, c, r, d), self.dtype)}
-        out = {"qs": ((n, c, r, d // 2), "uint8"), "sc": ((n, c, r, d // QBLOCK), "float16")}
-        if self.dtype == "q4_1":
-            out["mn"] = ((n, c, r, d // QBLOCK), "float16")
-        return out
+            return self.d_model
+        return self.d_model // QBLOCK * self.block_bytes
+
+    def shape(self) -> tuple[int, int, int, int]:
+        return (self.n_clusters, self.cluster, self.rows, self.row_length)
 
     def record_bytes(self) -> int:
         """Bytes of one neuron's record (all rows)."""
-        return sum(int(np.prod(s[2:])) * np.dtype(t).itemsize for s, t in self.arrays().values())
+        return self.rows * self.row_length * np.dtype(self.storage_dtype).itemsize
 
 
-def quantize_q4(rows: np.ndarray, with_min: bool) -> tuple[np.ndarray, ...]:
-    """Quantize (..., d) float rows into GGML-style 4-bit blocks of 32: (qs, sc[, mn])."""
+def quantize_q4(rows: np.ndarray, with_min: bool) -> np.ndarray:
+    """Quantize (..., d) float rows into GGML ``block_q4_0`` / ``block_q4_1`` bytes: (..., d/32*18|20)."""
     x = rows.astype(np.float32).reshape(*rows.shape[:-1], -1, QBLOCK)
     if with_min:
         lo, hi = x.min(-1), x.max(-1)
-        s = (hi - lo) / 15.0
-        inv = np.where(s > 0, 1.0 / np.where(s > 0, s, 1), 0.0)
+        s = ((hi - lo) / 15.0).astype(np.float16)
+        s32 = s.astype(np.float32)
+        inv = np.where(s32 > 0, 1.0 / np.where(s32 > 0, s32, 1), 0.0)
         q = np.clip(np.round((x - lo[..., None]) * inv[..., None]), 0, 15).astype(np.uint8)
-        extra = (lo.astype(np.float16),)
+        head = [s.view(np.uint8).reshape(*s.shape, 2), lo.astype(np.float16).view(np.uint8).reshape(*s.shape, 2)]
     else:
         idx = np.abs(x).argmax(-1)
         amax = np.take_along_axis(x, idx[..., None], -1)[..., 0]
-        s = amax / -8.0
-        inv = np.where(s != 0, 1.0 / np.where(s != 0, s, 1), 0.0)
+        s = (amax / -8.0).astype(np.float16)
+        s32 = s.astype(np.float32)
+        inv = np.where(s32 != 0, 1.0 / np.where(s32 != 0, s32, 1), 0.0)
         q = np.clip(np.round(x * inv[..., None] + 8.0), 0, 15).astype(np.uint8)
-        extra = ()
-    qs = (q[..., :16] | (q[..., 16:] << 4)).astype(np.uint8).reshape(*rows.shape[:-1], -1)
-    return (qs, s.astype(np.float16), *extra)
+        head = [s.view(np.uint8).reshape(*s.shape, 2)]
+    nib = (q[..., :16] | (q[..., 16:] << 4)).astype(np.uint8)
+    blocks = np.concatenate(head + [nib], axis=-1)
+    return np.ascontiguousarray(blocks.reshape(*rows.shape[:-1], -1))
 
 
-def dequantize_q4(qs: np.ndarray, sc: np.ndarray, mn: np.ndarray | None = None) -> np.ndarray:
+def dequantize_q4(data: np.ndarray, with_min: bool) -> np.ndarray:
     """Inverse of :func:`quantize_q4` (float32)."""
-    b = qs.reshape(*qs.shape[:-1], -1, 16)
-    q = np.concatenate([b & 15, b >> 4], -1).astype(np.float32)
-    s = sc.astype(np.float32)[..., None]
-    v = q * s + mn.astype(np.float32)[..., None] if mn is not None else (q - 8.0) * s
-    return v.reshape(*qs.shape[:-1], -1)
+    bb = 20 if with_min else 18
+    b = data.reshape(*data.shape[:-1], -1, bb)
+    s = np.ascontiguousarray(b[..., 0:2]).view(np.float16)[..., 0].astype(np.float32)[..., None]
+    nib = b[..., bb - 16:]
+    q = np.concatenate([nib & 15, nib >> 4], -1).astype(np.float32)
+    if with_min:
+        m = np.ascontiguousarray(b[..., 2:4]).view(np.float16)[..., 0].astype(np.float32)[..., None]
+        v = q * s + m
+    else:
+        v = (q - 8.0) * s
+    return v.reshape(*data.shape[:-1], -1)
 
 
 def bundle_ffn(layout: BundleLayout, up: np.ndarray, down: np.ndarray,
-               gate: np.ndarray | None = None) -> dict[str, np.ndarray]:
-    """Bundle FFN weights given in (out, in) layout: gate/up (d_ff, d), down (d, d_ff)."""
+               gate: np.ndarray | None = None) -> np.ndarray:
+    """Bundle FFN weights given in (out, in) layout: gate/up (d_ff, d), down (d, d_ff) -> ``w``."""
     if layout.gated and gate is None:
         raise ValueError(f"FFN kind '{layout.kind}' needs a gate matrix")
     rows = ([gate] if layout.gated else []) + [up, down.T]
     stacked = np.stack([np.asarray(r, np.float32) for r in rows], axis=1)  # (d_ff, R, d)
     stacked = stacked.reshape(layout.n_clusters, layout.cluster, layout.rows, layout.d_model)
     if layout.dtype in ("float32", "float16"):
-        return {"w": np.ascontiguousarray(stacked.astype(layout.dtype))}
-    parts = quantize_q4(stacked, with_min=layout.dtype == "q4_1")
-    names = ("qs", "sc", "mn")
-    return {n: np.ascontiguousarray(a) for n, a in zip(names, parts, strict=False)}
+        return np.ascontiguousarray(stacked.astype(layout.dtype))
+    return quantize_q4(stacked, with_min=layout.dtype == "q4_1")
 
 
-def dequantize_bundle(layout: BundleLayout, arrays: dict[str, np.ndarray]) -> np.ndarray:
+def dequantize_bundle(layout: BundleLayout, w: np.ndarray) -> np.ndarray:
     """(NCL, C, R, d) float32 view of a bundle, as the kernels see it."""
     if layout.dtype in ("float32", "float16"):
-        return arrays["w"].astype(np.float32)
-    return dequantize_q4(arrays["qs"], arrays["sc"], arrays.get("mn"))
+        return w.astype(np.float32)
+    return dequantize_q4(w, with_min=layout.dtype == "q4_1")
 
 
 def activation(kind: str, g: np.ndarray, u: np.ndarray | None, threshold: float = 0.0) -> np.ndarray:
@@ -140,10 +156,10 @@ def activation(kind: str, g: np.ndarray, u: np.ndarray | None, threshold: float 
     return np.where(np.abs(s) > threshold, s, 0.0) * u
 
 
-def sparse_ffn_reference(layout: BundleLayout, arrays: dict[str, np.ndarray], x: np.ndarray,
+def sparse_ffn_reference(layout: BundleLayout, bundle: np.ndarray, x: np.ndarray,
                          clusters: np.ndarray | None, threshold: float = 0.0) -> np.ndarray:
     """FFN output over the given active clusters (all clusters when None), float64 numpy."""
-    w = dequantize_bundle(layout, arrays).astype(np.float64)
+    w = dequantize_bundle(layout, bundle).astype(np.float64)
     if clusters is not None:
         w = w[np.asarray(clusters, np.int64)]
     w = w.reshape(-1, layout.rows, layout.d_model)

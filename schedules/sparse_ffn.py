@@ -35,29 +35,34 @@ MODES = ("fused", "gate", "updown", "dense")
 LANES = 16
 
 
-def _element_getter(dtype: str):
+def _element_getter(layout: BundleLayout):
     """Python-level builder of the fp32 weight value at (cluster c, neuron i, row r, block b, half, lane l)."""
-    if dtype in ("float32", "float16"):
+    if layout.dtype in ("float32", "float16"):
 
-        def elem(W, c, i, r, b, half, l):
-            return T.Cast("float32", W[0][c, i, r, b * QBLOCK + half * 16 + l])
+        def elem(w, c, i, r, b, half, l):
+            return T.Cast("float32", w[c, i, r, b * QBLOCK + half * 16 + l])
 
         return elem
+    bb = layout.block_bytes
 
-    def nibble(W, c, i, r, b, half, l):
-        byte = W[0][c, i, r, b * 16 + l]
+    def half_float(w, c, i, r, at):
+        bits = T.Cast("uint16", w[c, i, r, at]) | T.shift_left(T.Cast("uint16", w[c, i, r, at + 1]), T.uint16(8))
+        return T.Cast("float32", T.reinterpret("float16", bits))
+
+    def nibble(w, c, i, r, b, half, l):
+        byte = w[c, i, r, b * bb + (bb - 16) + l]
         return T.Cast("float32", T.shift_right(byte, T.Cast("uint8", half * 4)) & T.uint8(15))
 
-    if dtype == "q4_0":
+    if layout.dtype == "q4_0":
 
-        def elem(W, c, i, r, b, half, l):
-            return (nibble(W, c, i, r, b, half, l) - T.float32(8)) * T.Cast("float32", W[1][c, i, r, b])
+        def elem(w, c, i, r, b, half, l):
+            return (nibble(w, c, i, r, b, half, l) - T.float32(8)) * half_float(w, c, i, r, b * bb)
 
         return elem
 
-    def elem(W, c, i, r, b, half, l):
-        return (nibble(W, c, i, r, b, half, l) * T.Cast("float32", W[1][c, i, r, b])
-                + T.Cast("float32", W[2][c, i, r, b]))
+    def elem(w, c, i, r, b, half, l):
+        return (nibble(w, c, i, r, b, half, l) * half_float(w, c, i, r, b * bb)
+                + half_float(w, c, i, r, b * bb + 2))
 
     return elem
 
@@ -100,9 +105,10 @@ def sparse_ffn_kernel(layout: BundleLayout, mode: str = "fused", threads: int = 
     Returns
     -------
     func : tirx.PrimFunc
-        Arguments in order: ``x (d,) f32``, ``idx (k,) i32`` (not for ``dense``), ``g (k, C) f32``
-        (``gate`` output / ``updown`` input), ``thr (1,) f32``, the bundle arrays in the order of
-        ``layout.arrays()``, ``y (d,) f32`` (not for ``gate``).
+        ``fused(x, idx, thr, w, y)``, ``dense(x, thr, w, y)``, ``gate(x, idx, w, g)``,
+        ``updown(x, idx, g, thr, w, y)`` with ``x, y (d,) f32``, ``idx (k,) i32`` sorted active
+        clusters, ``g (k, C) f32`` gate pre-activations, ``thr (1,) f32`` (SiLU threshold; unused by
+        the ReLU kinds) and ``w = layout.shape()`` the bundle.
     """
     if mode not in MODES:
         raise ValueError(f"unknown mode '{mode}' (known: {', '.join(MODES)})")
@@ -111,21 +117,18 @@ def sparse_ffn_kernel(layout: BundleLayout, mode: str = "fused", threads: int = 
     D, C, R, NCL, P = layout.d_model, layout.cluster, layout.rows, layout.n_clusters, threads
     NB = D // QBLOCK
     DOWN = R - 1
-    elem = _element_getter(layout.dtype)
+    WSHAPE, WDT = layout.shape(), layout.storage_dtype
+    elem = _element_getter(layout)
     fires, combine = _activation_exprs(layout.kind)
-    arrays = layout.arrays()
-    names = list(arrays)
-    shapes = [arrays[n][0] for n in names]
-    dts = [arrays[n][1] for n in names]
 
     @T.macro
-    def dot(x, acc, s, W, c, i, r, out_slot):
+    def dot(x, acc, s, w, c, i, r, out_slot):
         for l in T.vectorized(LANES):
             acc[l] = T.float32(0)
         for b in range(NB):
             for half in T.unroll(2):
                 for l in T.vectorized(LANES):
-                    acc[l] = acc[l] + x[b * QBLOCK + half * 16 + l] * elem(W, c, i, r, b, half, l)
+                    acc[l] = acc[l] + x[b * QBLOCK + half * 16 + l] * elem(w, c, i, r, b, half, l)
         for l in T.vectorized(8):
             acc[l] = acc[l] + acc[l + 8]
         for l in T.vectorized(4):
@@ -135,24 +138,24 @@ def sparse_ffn_kernel(layout: BundleLayout, mode: str = "fused", threads: int = 
         s[out_slot] = acc[0] + acc[1]
 
     @T.macro
-    def axpy(part, W, c, i, p, h):
+    def axpy(part, w, c, i, p, h):
         for b in range(NB):
             for half in T.unroll(2):
                 for l in T.vectorized(LANES):
                     part[p, b * QBLOCK + half * 16 + l] = part[p, b * QBLOCK + half * 16 + l] + h * elem(
-                        W, c, i, DOWN, b, half, l)
+                        w, c, i, DOWN, b, half, l)
 
     @T.macro
-    def neuron(x, acc, s, part, thr, W, c, i, p, always):
-        dot(x, acc, s, W, c, i, 0, 0)
+    def up_down(x, acc, s, part, thr, w, c, i, p, always):
+        """With the gate (or, for relu, the up) pre-activation in s[0]: finish the neuron."""
         if always or fires(s[0], thr[0]):
             if R == 3:
-                dot(x, acc, s, W, c, i, 1, 1)
+                dot(x, acc, s, w, c, i, 1, 1)
             else:
                 s[1] = T.float32(0)
             s[2] = combine(s[0], s[1], thr[0])
             if always or s[2] != T.float32(0):
-                axpy(part, W, c, i, p, s[2])
+                axpy(part, w, c, i, p, s[2])
 
     @T.macro
     def clear_partial(part, p):
@@ -169,51 +172,11 @@ def sparse_ffn_kernel(layout: BundleLayout, mode: str = "fused", threads: int = 
                 for l in T.vectorized(LANES):
                     y[e * LANES + l] = y[e * LANES + l] + part[p, e * LANES + l]
 
-    # One template per number of weight arrays (float: 1, q4_0: 2, q4_1: 3) and per mode.
-
     if mode == "dense":
-        if len(names) == 1:
-
-            @T.prim_func(private=True, s_tir=True)
-            def dense1(x: T.Buffer((D,), "float32"), thr: T.Buffer((1,), "float32"),
-                       w0: T.Buffer(shapes[0], dts[0]), y: T.Buffer((D,), "float32")):
-                T.func_attr({"tir.noalias": True})
-                with T.sblock("root"):
-                    part = T.alloc_buffer((P, D), "float32", scope="global")
-                    for p in T.parallel(P):
-                        acc = T.alloc_buffer((LANES,), "float32", scope="global")
-                        s = T.alloc_buffer((3,), "float32", scope="global")
-                        clear_partial(part, p)
-                        for c in range(NCL * p // P, NCL * (p + 1) // P):
-                            for i in range(C):
-                                neuron(x, acc, s, part, thr, (w0,), c, i, p, True)
-                    reduce_partials(part, y)
-
-            return dense1
-        if len(names) == 2:
-
-            @T.prim_func(private=True, s_tir=True)
-            def dense2(x: T.Buffer((D,), "float32"), thr: T.Buffer((1,), "float32"),
-                       w0: T.Buffer(shapes[0], dts[0]), w1: T.Buffer(shapes[1], dts[1]),
-                       y: T.Buffer((D,), "float32")):
-                T.func_attr({"tir.noalias": True})
-                with T.sblock("root"):
-                    part = T.alloc_buffer((P, D), "float32", scope="global")
-                    for p in T.parallel(P):
-                        acc = T.alloc_buffer((LANES,), "float32", scope="global")
-                        s = T.alloc_buffer((3,), "float32", scope="global")
-                        clear_partial(part, p)
-                        for c in range(NCL * p // P, NCL * (p + 1) // P):
-                            for i in range(C):
-                                neuron(x, acc, s, part, thr, (w0, w1), c, i, p, True)
-                    reduce_partials(part, y)
-
-            return dense2
 
         @T.prim_func(private=True, s_tir=True)
-        def dense3(x: T.Buffer((D,), "float32"), thr: T.Buffer((1,), "float32"),
-                   w0: T.Buffer(shapes[0], dts[0]), w1: T.Buffer(shapes[1], dts[1]),
-                   w2: T.Buffer(shapes[2], dts[2]), y: T.Buffer((D,), "float32")):
+        def dense(x: T.Buffer((D,), "float32"), thr: T.Buffer((1,), "float32"), w: T.Buffer(WSHAPE, WDT),
+                  y: T.Buffer((D,), "float32")):
             T.func_attr({"tir.noalias": True})
             with T.sblock("root"):
                 part = T.alloc_buffer((P, D), "float32", scope="global")
@@ -223,58 +186,17 @@ def sparse_ffn_kernel(layout: BundleLayout, mode: str = "fused", threads: int = 
                     clear_partial(part, p)
                     for c in range(NCL * p // P, NCL * (p + 1) // P):
                         for i in range(C):
-                            neuron(x, acc, s, part, thr, (w0, w1, w2), c, i, p, True)
+                            dot(x, acc, s, w, c, i, 0, 0)
+                            up_down(x, acc, s, part, thr, w, c, i, p, True)
                 reduce_partials(part, y)
 
-        return dense3
+        return dense
 
     if mode == "fused":
-        if len(names) == 1:
-
-            @T.prim_func(private=True, s_tir=True)
-            def fused1(x: T.Buffer((D,), "float32"), var_idx: T.handle, thr: T.Buffer((1,), "float32"),
-                       w0: T.Buffer(shapes[0], dts[0]), y: T.Buffer((D,), "float32")):
-                T.func_attr({"tir.noalias": True})
-                k = T.int32()
-                idx = T.match_buffer(var_idx, (k,), "int32")
-                with T.sblock("root"):
-                    part = T.alloc_buffer((P, D), "float32", scope="global")
-                    for p in T.parallel(P):
-                        acc = T.alloc_buffer((LANES,), "float32", scope="global")
-                        s = T.alloc_buffer((3,), "float32", scope="global")
-                        clear_partial(part, p)
-                        for j in range(k * p // P, k * (p + 1) // P):
-                            for i in range(C):
-                                neuron(x, acc, s, part, thr, (w0,), idx[j], i, p, False)
-                    reduce_partials(part, y)
-
-            return fused1
-        if len(names) == 2:
-
-            @T.prim_func(private=True, s_tir=True)
-            def fused2(x: T.Buffer((D,), "float32"), var_idx: T.handle, thr: T.Buffer((1,), "float32"),
-                       w0: T.Buffer(shapes[0], dts[0]), w1: T.Buffer(shapes[1], dts[1]),
-                       y: T.Buffer((D,), "float32")):
-                T.func_attr({"tir.noalias": True})
-                k = T.int32()
-                idx = T.match_buffer(var_idx, (k,), "int32")
-                with T.sblock("root"):
-                    part = T.alloc_buffer((P, D), "float32", scope="global")
-                    for p in T.parallel(P):
-                        acc = T.alloc_buffer((LANES,), "float32", scope="global")
-                        s = T.alloc_buffer((3,), "float32", scope="global")
-                        clear_partial(part, p)
-                        for j in range(k * p // P, k * (p + 1) // P):
-                            for i in range(C):
-                                neuron(x, acc, s, part, thr, (w0, w1), idx[j], i, p, False)
-                    reduce_partials(part, y)
-
-            return fused2
 
         @T.prim_func(private=True, s_tir=True)
-        def fused3(x: T.Buffer((D,), "float32"), var_idx: T.handle, thr: T.Buffer((1,), "float32"),
-                   w0: T.Buffer(shapes[0], dts[0]), w1: T.Buffer(shapes[1], dts[1]),
-                   w2: T.Buffer(shapes[2], dts[2]), y: T.Buffer((D,), "float32")):
+        def fused(x: T.Buffer((D,), "float32"), var_idx: T.handle, thr: T.Buffer((1,), "float32"),
+                  w: T.Buffer(WSHAPE, WDT), y: T.Buffer((D,), "float32")):
             T.func_attr({"tir.noalias": True})
             k = T.int32()
             idx = T.match_buffer(var_idx, (k,), "int32")
@@ -286,8 +208,48 @@ def sparse_ffn_kernel(layout: BundleLayout, mode: str = "fused", threads: int = 
                     clear_partial(part, p)
                     for j in range(k * p // P, k * (p + 1) // P):
                         for i in range(C):
-                            neuron(x, acc, s, part, thr, (w0, w1, w2), idx[j], i, p, False)
+                            dot(x, acc, s, w, idx[j], i, 0, 0)
+                            up_down(x, acc, s, part, thr, w, idx[j], i, p, False)
                 reduce_partials(part, y)
 
-        return fused3
-    raise NotImplementedError(mode)
+        return fused
+
+    if mode == "gate":
+
+        @T.prim_func(private=True, s_tir=True)
+        def gate(x: T.Buffer((D,), "float32"), var_idx: T.handle, w: T.Buffer(WSHAPE, WDT), var_g: T.handle):
+            T.func_attr({"tir.noalias": True})
+            k = T.int32()
+            idx = T.match_buffer(var_idx, (k,), "int32")
+            g = T.match_buffer(var_g, (k, C), "float32")
+            with T.sblock("root"):
+                for p in T.parallel(P):
+                    acc = T.alloc_buffer((LANES,), "float32", scope="global")
+                    s = T.alloc_buffer((3,), "float32", scope="global")
+                    for j in range(k * p // P, k * (p + 1) // P):
+                        for i in range(C):
+                            dot(x, acc, s, w, idx[j], i, 0, 0)
+                            g[j, i] = s[0]
+
+        return gate
+
+    @T.prim_func(private=True, s_tir=True)
+    def updown(x: T.Buffer((D,), "float32"), var_idx: T.handle, var_g: T.handle, thr: T.Buffer((1,), "float32"),
+               w: T.Buffer(WSHAPE, WDT), y: T.Buffer((D,), "float32")):
+        T.func_attr({"tir.noalias": True})
+        k = T.int32()
+        idx = T.match_buffer(var_idx, (k,), "int32")
+        g = T.match_buffer(var_g, (k, C), "float32")
+        with T.sblock("root"):
+            part = T.alloc_buffer((P, D), "float32", scope="global")
+            for p in T.parallel(P):
+                acc = T.alloc_buffer((LANES,), "float32", scope="global")
+                s = T.alloc_buffer((3,), "float32", scope="global")
+                clear_partial(part, p)
+                for j in range(k * p // P, k * (p + 1) // P):
+                    for i in range(C):
+                        s[0] = g[j, i]
+                        up_down(x, acc, s, part, thr, w, idx[j], i, p, False)
+            reduce_partials(part, y)
+
+    return updown
