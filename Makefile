@@ -23,6 +23,7 @@ lint: $(VENV)/.installed
 	$(BIN)/ruff check compiler runtime schedules targets tests benchmarks
 
 test: $(VENV)/.installed lint
+	bash .ci/system-deps
 	$(BIN)/python -m pytest -q -ra
 
 bench: $(VENV)/.installed
