@@ -117,6 +117,17 @@ class SparseFFNKernel:
                               tvm.runtime.tensor(g, self._dev), self._thr, self._w, self._y)
         return self._y.numpy()
 
+    def bind(self, x: np.ndarray, clusters: np.ndarray | None):
+        """Validate once and return a no-argument callable running the kernel on device-resident inputs
+        (``clusters=None``: the dense kernel). Used to time the kernel without per-call conversions."""
+        import tvm
+
+        xt = tvm.runtime.tensor(self._check_x(x), self._dev)
+        if clusters is None:
+            return lambda: self.module["dense"](xt, self._thr, self._w, self._y)
+        it = tvm.runtime.tensor(self.check_clusters(clusters), self._dev)
+        return lambda: self.module["fused"](xt, it, self._thr, self._w, self._y)
+
     def active_clusters(self, x: np.ndarray) -> np.ndarray:
         """Oracle: the clusters with at least one firing neuron for ``x`` (computed densely in numpy)."""
         from xpuc.schedules.neuron_bundle import activation, dequantize_bundle
