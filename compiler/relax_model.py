@@ -16,11 +16,10 @@ RoPE run in TVM's paged KV cache.
 from __future__ import annotations
 
 import numpy as np
-from tvm import relax
+from tvm import relax, te
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import op
 from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedKVCache
-from tvm.script import tirx as T
 
 from xpuc.compiler.spec import ArchConfig, ModelSpec
 from xpuc.schedules.linear import embedding_fp16, linear_fp16, pack_rows, packed_shape
@@ -29,32 +28,30 @@ WEIGHT_DTYPE = "float16"
 ACT_DTYPE = "float32"
 
 
+# Kernel flavours: "cpu" = the hand-scheduled TIR kernels over row-block packed weights (decode on
+# CPUs); "generic" = standard Relax operators over plain (out, in) weights, scheduled per target by
+# dlight (GPU prefill) or left to the default pipeline.
+KERNELS = ("cpu", "generic")
+_FLAVOUR = {"value": "cpu"}
+
+
 def _packed_param(out_f: int, in_f: int) -> nn.Parameter:
-    """An (out, in) fp16 matrix stored row-block packed for :func:`linear_fp16`."""
-    p = nn.Parameter(packed_shape(in_f, out_f), WEIGHT_DTYPE)
+    """An (out, in) fp16 matrix: row-block packed for :func:`linear_fp16` (cpu) or plain (generic)."""
+    shape = packed_shape(in_f, out_f) if _FLAVOUR["value"] == "cpu" else (out_f, in_f)
+    p = nn.Parameter(shape, WEIGHT_DTYPE)
     p.logical_shape = (out_f, in_f)
     return p
 
 
 def _linear(x: nn.Tensor, weight: nn.Parameter, bias: nn.Tensor | None = None) -> nn.Tensor:
     out_f, in_f = weight.logical_shape
+    if len(weight.shape) == 2:  # generic flavour
+        y = op.matmul(x, op.permute_dims(weight.astype(ACT_DTYPE)))
+        return y + bias.astype(ACT_DTYPE) if bias is not None else y
     func = linear_fp16(in_f, out_f, bias is not None)
     args = [x, weight] + ([bias] if bias is not None else [])
     return op.tensor_ir_op(func, f"linear_{in_f}x{out_f}" + ("_bias" if bias is not None else ""),
                            args=args, out=nn.Tensor.placeholder([1, x.shape[1], out_f], ACT_DTYPE))
-
-
-def _last_token_func(d: int):
-    @T.prim_func(private=True, s_tir=True)
-    def last_token(var_x: T.handle, y: T.Buffer((1, 1, d), "float32")):
-        T.func_attr({"tir.noalias": True})
-        n = T.int64()
-        x = T.match_buffer(var_x, (1, n, d), "float32")
-        with T.sblock("root"):
-            for j in T.vectorized(d):
-                y[0, 0, j] = x[0, n - 1, j]
-
-    return last_token
 
 
 class RMSNorm(nn.Module):
@@ -125,9 +122,13 @@ class DecoderModel(nn.Module):
 
     def _body(self, input_ids: nn.Tensor, kv: PagedKVCache) -> nn.Tensor:
         s = input_ids.shape[1]
-        h = op.tensor_ir_op(embedding_fp16(self.c.vocab_size, self.c.hidden_size), "embedding",
-                            args=[input_ids, self.embed],
-                            out=nn.Tensor.placeholder([1, s, self.c.hidden_size], ACT_DTYPE))
+        if len(self.embed.shape) == 2:  # generic flavour
+            h = op.take(self.embed, op.reshape(input_ids, (s,)), axis=0).astype(ACT_DTYPE)
+            h = op.reshape(h, (1, s, self.c.hidden_size))
+        else:
+            h = op.tensor_ir_op(embedding_fp16(self.c.vocab_size, self.c.hidden_size), "embedding",
+                                args=[input_ids, self.embed],
+                                out=nn.Tensor.placeholder([1, s, self.c.hidden_size], ACT_DTYPE))
         for i, layer in enumerate(self.layers):
             h = layer(h, kv, i)
         return h
@@ -138,8 +139,9 @@ class DecoderModel(nn.Module):
 
     def prefill(self, input_ids: nn.Tensor, paged_kv_cache: PagedKVCache):
         h = self._body(input_ids, paged_kv_cache)
-        last = op.tensor_ir_op(_last_token_func(self.c.hidden_size), "last_token", args=[h],
-                               out=nn.Tensor.placeholder([1, 1, self.c.hidden_size], ACT_DTYPE))
+        last = op.tensor_expr_op(
+            lambda x: te.compute((1, 1, self.c.hidden_size), lambda b, t, j: x[b, x.shape[1] - 1, j],
+                                 name="last_token"), "last_token", [h])
         return self._logits(last), paged_kv_cache
 
     def decode(self, input_ids: nn.Tensor, paged_kv_cache: PagedKVCache):
@@ -174,21 +176,34 @@ class DecoderModel(nn.Module):
         }
 
 
-def export_model(config: ArchConfig, target) -> tuple[object, list[tuple[str, tuple, str]]]:
-    """Build the Relax IRModule; returns (module, [(param name, shape, dtype)] in packing order)."""
-    model = DecoderModel(config, target)
-    mod, named_params = model.export_tvm(spec=model.export_spec())
+def export_model(config: ArchConfig, target, kernels: str = "cpu",
+                 functions: tuple[str, ...] = ("prefill", "decode", "create_paged_kv_cache"),
+                 ) -> tuple[object, list[tuple[str, tuple, str]]]:
+    """Build the Relax IRModule; returns (module, [(param name, shape, dtype)] in packing order).
+
+    ``kernels`` picks the flavour (see ``KERNELS``); ``functions`` the exported functions.
+    """
+    if kernels not in KERNELS:
+        raise ValueError(f"kernels must be one of {KERNELS}")
+    _FLAVOUR["value"] = kernels
+    try:
+        model = DecoderModel(config, target)
+    finally:
+        _FLAVOUR["value"] = "cpu"
+    spec = {k: v for k, v in model.export_spec().items() if k in functions}
+    mod, named_params = model.export_tvm(spec=spec)
     params = [(name, tuple(int(d) for d in p.shape), p.dtype) for name, p in named_params]
     return mod, params
 
 
-def _packed(w: np.ndarray) -> np.ndarray:
-    return pack_rows(w.astype(WEIGHT_DTYPE))
-
-
-def param_arrays(spec: ModelSpec) -> dict[str, np.ndarray]:
-    """Relax parameter name -> fp16 array (matrices row-block packed), from the ModelSpec's weights."""
+def param_arrays(spec: ModelSpec, kernels: str = "cpu") -> dict[str, np.ndarray]:
+    """Relax parameter name -> fp16 array (matrices row-block packed for ``cpu``), from the ModelSpec."""
     c, w = spec.config, spec.weights
+
+    def _packed(m: np.ndarray) -> np.ndarray:
+        m = m.astype(WEIGHT_DTYPE)
+        return pack_rows(m) if kernels == "cpu" else np.ascontiguousarray(m)
+
     out: dict[str, np.ndarray] = {"embed": _packed(w["embed_tokens"]),
                                   "final_norm.weight": w["final_norm"].astype(WEIGHT_DTYPE)}
     if not c.tie_embeddings:
