@@ -15,13 +15,58 @@ from xpuc.targets.profile import load_profile
 
 LIB_FILE = "model.so"
 WEIGHTS_FILE = "params.safetensors"
+GPU_LIB_FILE = "prefill_gpu.so"
+GPU_WEIGHTS_FILE = "params_gpu.safetensors"
+
+
+PREFILL_CHOICES = ("auto", "cpu", "gpu")
+
+
+def resolve_prefill(profile, prefill_on: str) -> str:
+    """Which processor runs prefill: ``auto`` = the profile's GPU when it has one (never on ``host``)."""
+    if prefill_on not in PREFILL_CHOICES:
+        raise XpucError(f"--prefill-on must be one of {', '.join(PREFILL_CHOICES)} (npu: not available yet)")
+    if prefill_on == "auto":
+        return "gpu" if profile.gpu and not profile.is_host else "cpu"
+    if prefill_on == "gpu" and not profile.gpu:
+        raise XpucError(f"device '{profile.name}' has no GPU in its profile; use --prefill-on cpu")
+    return prefill_on
+
+
+def _gpu_prefill_module(spec, profile, toolchain, tmp: Path, debug_dump: Path | None) -> ModuleEntry:
+    """Prefill (and its KV cache) lowered for the profile's GPU, host code for its CPU, one .so."""
+    import re
+
+    from safetensors.numpy import save_file
+
+    from xpuc.compiler.pipeline import build
+    from xpuc.compiler.relax_model import export_model, param_arrays
+
+    target = profile.gpu_target()
+    mod, params = export_model(spec.config, target, kernels="generic",
+                               functions=("prefill", "create_paged_kv_cache"))
+    ex = build(mod, target, debug_dump, "prefill_gpu")
+    ex.export_library(str(tmp / GPU_LIB_FILE), fcompile=toolchain.fcompile())
+    arrays = param_arrays(spec, kernels="generic")
+    save_file({n: arrays[n] for n, _, _ in params}, str(tmp / GPU_WEIGHTS_FILE))
+    source = ex.mod.imports[0].imports[0].inspect_source() if ex.mod.imports else ""
+    kernels = sorted(set(re.findall(r"__kernel\s+void\s+(\w+)", source)))
+    return ModuleEntry(name="prefill_gpu", file=GPU_LIB_FILE, role="prefill", target=str(target),
+                       mtriple=profile.mtriple, toolchain=toolchain.name, kernels=kernels,
+                       weights=GPU_WEIGHTS_FILE,
+                       info={"device_kernels": len(kernels), "device_source_bytes": len(source),
+                             "params": [{"name": n, "shape": list(s), "dtype": str(d)} for n, s, d in params]})
 
 
 def compile_model(model: str | os.PathLike, output: str | os.PathLike, device: str = "host",
-                  force: bool = False, quiet: bool = False) -> Path:
+                  force: bool = False, quiet: bool = False, prefill_on: str = "auto",
+                  debug_dump: str | os.PathLike | None = None) -> Path:
     """Compile ``model`` (GGUF file or HF directory) for ``device`` into the artifact directory ``output``.
 
-    The artifact is written to a temporary directory beside ``output`` and renamed when complete.
+    Decode (and a CPU prefill) is always built for the device's CPU; with ``prefill_on="gpu"`` (the
+    default where the profile has a GPU) a second module runs prefill on the GPU. ``debug_dump``
+    writes the IR after each lowering phase. The artifact is written to a temporary directory beside
+    ``output`` and renamed when complete.
     """
     import tvm
     from safetensors.numpy import save_file
@@ -30,9 +75,11 @@ def compile_model(model: str | os.PathLike, output: str | os.PathLike, device: s
     from xpuc.compiler.zoo import sha256_file
     from xpuc.runtime.tokenizer import XpucTokenizer
 
-    steps = Steps(6, quiet)
     output = Path(output)
     profile = load_profile(device)
+    prefill = resolve_prefill(profile, prefill_on)
+    steps = Steps(7 if prefill == "gpu" else 6, quiet)
+    dump = Path(debug_dump) if debug_dump else None
     toolchain = profile.toolchain()
     if not toolchain.available():
         raise XpucError(f"toolchain '{toolchain.name}' for {toolchain.mtriple} not found "
@@ -49,8 +96,9 @@ def compile_model(model: str | os.PathLike, output: str | os.PathLike, device: s
         steps.done(f"{len(params)} parameters")
 
         steps.start(f"compiling for {target.attrs.get('mtriple', 'host')} ({target.attrs.get('mcpu', '')})")
-        with target:
-            ex = tvm.compile(mod, target=target)
+        from xpuc.compiler.pipeline import build
+
+        ex = build(mod, target, dump, "cpu")
         ex.export_library(str(tmp / LIB_FILE), fcompile=toolchain.fcompile())
         kernels = sorted(gv.name_hint for gv, f in mod.functions.items()
                          if isinstance(f, tvm.tirx.PrimFunc))
@@ -69,8 +117,18 @@ def compile_model(model: str | os.PathLike, output: str | os.PathLike, device: s
         del arrays
         steps.done(f"{size / 2**20:.0f} MiB")
 
-        steps.start("writing tokenizer and manifest")
+        modules = [ModuleEntry(name="model", file=LIB_FILE,
+                               role="decode" if prefill == "gpu" else "prefill+decode",
+                               target=str(target), mtriple=str(target.attrs.get("mtriple", "")),
+                               toolchain=toolchain.name, kernels=kernels)]
         files = [LIB_FILE, WEIGHTS_FILE]
+        if prefill == "gpu":
+            steps.start(f"compiling prefill for the GPU ({profile.gpu.get('name', profile.gpu['kind'])})")
+            modules.append(_gpu_prefill_module(spec, profile, toolchain, tmp, dump))
+            files += [GPU_LIB_FILE, GPU_WEIGHTS_FILE]
+            steps.done(f"{modules[-1].info['device_kernels']} kernels")
+
+        steps.start("writing tokenizer and manifest")
         if spec.tokenizer is not None:
             files += XpucTokenizer.from_source(spec.tokenizer).save(tmp)
         src = Path(spec.source)
@@ -80,9 +138,7 @@ def compile_model(model: str | os.PathLike, output: str | os.PathLike, device: s
             config=spec.config.to_dict(),
             source={"path": str(src.resolve()), "format": spec.source_format,
                     "sha256": sha256_file(src) if src.is_file() else None},
-            modules=[ModuleEntry(name="model", file=LIB_FILE, role="prefill+decode",
-                                 target=str(target), mtriple=str(target.attrs.get("mtriple", "")),
-                                 toolchain=toolchain.name, kernels=kernels)],
+            modules=modules,
             params=[{"name": n, "shape": list(s), "dtype": str(d)} for n, s, d in params],
             weights_file=WEIGHTS_FILE,
             files={f: sha256_file(tmp / f) for f in files},

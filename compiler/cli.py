@@ -50,7 +50,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     from xpuc.compiler.zoo import resolve_model
 
     out = compile_model(resolve_model(args.model), args.output, device=args.device, force=args.force,
-                        quiet=args.quiet)
+                        quiet=args.quiet, prefill_on=args.prefill_on, debug_dump=args.debug_dump)
     print(out)
     return 0
 
@@ -121,8 +121,11 @@ def _inspect_artifact(path: Path, as_json: bool) -> int:
           f"{c['head_dim']}, vocab {c['vocab_size']}, rope base {c['rope_theta']:g}")
     for mod in m.modules:
         size = (path / mod.file).stat().st_size if (path / mod.file).exists() else 0
-        print(f"module     {mod.file}: {mod.role} on {mod.mtriple} via {mod.toolchain}, "
-              f"{size / 2**20:.1f} MiB, {len(mod.kernels)} kernels")
+        kind = mod.target.split('"kind":"')[1].split('"')[0] if '"kind":"' in mod.target else "?"
+        extra = (f", {mod.info['device_kernels']} device kernels / {mod.info['device_source_bytes'] / 1024:.0f} KiB "
+                 "of source") if "device_kernels" in mod.info else ""
+        print(f"module     {mod.file}: {mod.role} on {kind} ({mod.mtriple}) via {mod.toolchain}, "
+              f"{size / 2**20:.1f} MiB, {len(mod.kernels)} kernels{extra}")
         for k in mod.kernels:
             print(f"             {k}")
     total = sum(int(__import__('numpy').prod(p['shape'])) * (2 if p['dtype'] == 'float16' else 4) for p in m.params)
@@ -185,6 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="host", help="device profile (see `xpuc targets`; default: host)")
     p.add_argument("--force", action="store_true", help="replace an existing artifact")
     p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.add_argument("--prefill-on", default="auto", choices=["auto", "cpu", "gpu"],
+                   help="processor for prefill (auto: the device's GPU when it has one)")
+    p.add_argument("--debug-dump", metavar="DIR", default=None, help="write the IR after each lowering phase")
     p.set_defaults(fn=cmd_compile)
 
     p = sub.add_parser("run", help="generate text with a compiled artifact")

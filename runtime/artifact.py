@@ -40,6 +40,8 @@ class ModuleEntry:
     mtriple: str
     toolchain: str
     kernels: list[str] = field(default_factory=list)
+    weights: str = ""  # weights file of this module ("" = the manifest's weights_file)
+    info: dict = field(default_factory=dict)  # e.g. device kernel count and source size
 
 
 @dataclass
