@@ -148,3 +148,50 @@ def compile_model(model: str | os.PathLike, output: str | os.PathLike, device: s
         steps.start(f"finishing {output}")
     steps.done()
     return output
+
+
+GRAPH_LIB_FILE = "graph.so"
+
+
+def compile_onnx(model: str | os.PathLike, output: str | os.PathLike, device: str = "host", force: bool = False,
+                 quiet: bool = False, prefill_on: str = "auto", debug_dump: str | os.PathLike | None = None) -> Path:
+    """Compile an ONNX graph (weights embedded) for the device's CPU or GPU into an artifact directory."""
+    from xpuc.compiler.frontend_onnx import import_onnx, read_onnx
+    from xpuc.compiler.pipeline import build
+    from xpuc.compiler.zoo import sha256_file
+
+    output = Path(output)
+    profile = load_profile(device)
+    where = resolve_prefill(profile, prefill_on)
+    toolchain = profile.toolchain()
+    if not toolchain.available():
+        raise XpucError(f"toolchain '{toolchain.name}' for {toolchain.mtriple} not found ({toolchain.compiler})")
+    steps = Steps(3, quiet)
+    steps.start(f"importing {model}")
+    proto = read_onnx(model)
+    mod = import_onnx(proto, str(model))
+    inputs = [{"name": i.name, "dtype": int(i.type.tensor_type.elem_type),
+               "shape": [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim]}
+              for i in proto.graph.input if i.name not in {t.name for t in proto.graph.initializer}]
+    outputs = [{"name": o.name, "shape": [d.dim_param or d.dim_value for d in o.type.tensor_type.shape.dim]}
+               for o in proto.graph.output]
+    steps.done(f"{len(proto.graph.node)} nodes")
+    with staged_directory(output, force) as tmp:
+        target = profile.gpu_target() if where == "gpu" else profile.cpu_target()
+        steps.start(f"compiling for {target.kind.name} ({profile.mtriple})")
+        ex = build(mod, target, Path(debug_dump) if debug_dump else None, "graph")
+        ex.export_library(str(tmp / GRAPH_LIB_FILE), fcompile=toolchain.fcompile())
+        kernels = sorted(gv.name_hint for gv, f in mod.functions.items() if type(f).__name__ == "PrimFunc")
+        steps.done(toolchain.name)
+        steps.start("writing manifest")
+        src = Path(model)
+        manifest = Manifest(
+            versions=versions(), device=profile.summary(), config={},
+            source={"path": str(src.resolve()), "format": "onnx", "sha256": sha256_file(src)},
+            modules=[ModuleEntry(name="graph", file=GRAPH_LIB_FILE, role="graph", target=str(target),
+                                 mtriple=profile.mtriple, toolchain=toolchain.name, kernels=kernels)],
+            params=[], weights_file="", files={GRAPH_LIB_FILE: sha256_file(tmp / GRAPH_LIB_FILE)},
+            kind="graph", io={"inputs": inputs, "outputs": outputs})
+        (tmp / MANIFEST).write_text(manifest.to_json())
+        steps.done()
+    return output

@@ -46,19 +46,50 @@ def cmd_fetch(args: argparse.Namespace) -> int:
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
-    from xpuc.compiler.build import compile_model
+    from xpuc.compiler.build import compile_model, compile_onnx
     from xpuc.compiler.zoo import resolve_model
 
+    if str(args.model).endswith(".onnx"):
+        print(compile_onnx(args.model, args.output, device=args.device, force=args.force, quiet=args.quiet,
+                           prefill_on=args.prefill_on, debug_dump=args.debug_dump))
+        return 0
     out = compile_model(resolve_model(args.model), args.output, device=args.device, force=args.force,
                         quiet=args.quiet, prefill_on=args.prefill_on, debug_dump=args.debug_dump)
     print(out)
     return 0
 
 
+def _run_graph(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from xpuc.runtime.graph import GraphRunner
+
+    runner = GraphRunner(args.artifact)
+    if not args.inputs:
+        raise XpucError(f"this artifact is an ONNX graph: pass --inputs FILE.npz with arrays {runner.inputs}")
+    try:
+        data = np.load(args.inputs)
+    except (OSError, ValueError) as e:
+        raise XpucError(f"{args.inputs}: not a readable .npz file ({e})") from None
+    missing = [n for n in runner.inputs if n not in data]
+    if missing:
+        raise XpucError(f"{args.inputs}: missing inputs {missing}")
+    outs = runner(*[data[n] for n in runner.inputs])
+    names = [o["name"] for o in runner.manifest.io.get("outputs", [])] or [f"output{i}" for i in range(len(outs))]
+    if args.output:
+        np.savez(args.output, **dict(zip(names, outs, strict=False)))
+    for n, o in zip(names, outs, strict=False):
+        print(f"{n}: shape {list(o.shape)} {o.dtype}")
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
+    from xpuc.runtime.artifact import read_manifest
     from xpuc.runtime.engine import Engine
     from xpuc.runtime.sampler import SamplingParams
 
+    if read_manifest(Path(args.artifact)).kind == "graph":
+        return _run_graph(args)
     engine = Engine(args.artifact, max_context=args.max_context)
     if args.prompt is None:
         raise XpucError("--prompt is required")
@@ -109,6 +140,14 @@ def _inspect_artifact(path: Path, as_json: bool) -> int:
     m = read_manifest(path)
     if as_json:
         print((path / "manifest.json").read_text())
+        return 0
+    if m.kind == "graph":
+        print(f"artifact   {path} (ONNX graph from {m.source.get('path')})")
+        for io in ("inputs", "outputs"):
+            for t in m.io.get(io, []):
+                print(f"{io[:-1]:10s} {t['name']} {t['shape']}")
+        for mod in m.modules:
+            print(f"module     {mod.file}: on {mod.mtriple} via {mod.toolchain}, {len(mod.kernels)} kernels")
         return 0
     c = m.config
     print(f"artifact   {path}")
@@ -205,6 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-context", type=int, default=2048, help="KV-cache capacity in tokens")
     p.add_argument("--no-stream", action="store_true", help="print the text only when done")
     p.add_argument("--json", action="store_true", help="print text, tokens and metrics as JSON")
+    p.add_argument("--inputs", help="ONNX graph artifacts: .npz with one array per graph input")
+    p.add_argument("--output", help="ONNX graph artifacts: write the outputs to this .npz")
     p.set_defaults(fn=cmd_run)
 
     p = sub.add_parser("inspect", help="describe a model file or an artifact")

@@ -58,6 +58,8 @@ class Manifest:
     files: dict[str, str]
     format: str = ARTIFACT_FORMAT
     schema: int = MANIFEST_SCHEMA
+    kind: str = "llm"  # "llm" (decoder with tokenizer) or "graph" (an imported ONNX graph)
+    io: dict = field(default_factory=dict)  # graph artifacts: {"inputs": [...], "outputs": [...]}
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)

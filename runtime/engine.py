@@ -63,6 +63,8 @@ class Engine:
 
         self.path = Path(artifact)
         self.manifest = read_manifest(self.path)
+        if self.manifest.kind != "llm":
+            raise XpucError(f"{self.path}: an ONNX graph artifact, not a language model (use `xpuc run --inputs`)")
         if verify_files:
             verify(self.path, self.manifest, check_versions=True)
         self.config = ArchConfig.from_dict(self.manifest.config)
