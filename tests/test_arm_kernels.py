@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -115,3 +116,47 @@ def test_android_shared_object(tmp_path):
     assert rep.neon_fp_ops > 50  # vectorized: NEON fmla/fmul/fadd/ld1 on v registers
     libc_like = {"memset", "memcpy", "expf", "__aeabi_memset"}
     assert all(s.startswith("TVM") or s in libc_like for s in rep.undefined), rep.undefined
+
+
+def test_whole_decoder_on_emulated_arm_matches_host(tmp_path):
+    """The same prefill+decode module built for aarch64 (linux twin) gives the host's logits under QEMU."""
+    _require("qemu-aarch64-static", "aarch64-linux-gnu-gcc")
+    import tvm
+    from conftest import random_weights, spec_from, tiny_config
+
+    from xpuc.compiler.relax_model import export_model, param_arrays
+    from xpuc.runtime.session import DecoderSession
+    from xpuc.targets.arm_build import linux_twin_target
+    from xpuc.targets.profile import load_profile, toolchain_for
+    from xpuc.targets.qemu import run_aarch64
+
+    cfg = tiny_config("qwen2", "swiglu", tie=False, bias=True)
+    spec = spec_from(cfg, random_weights(cfg, 9))
+    arrays = param_arrays(spec)
+    ids = np.array([3, 17, 99, 150, 7, 42, 250, 1, 64, 88, 200, 5], np.int32)
+    # host
+    host_t = load_profile("host").cpu_target()
+    mod, params = export_model(cfg, host_t)
+    with host_t:
+        host = DecoderSession(tvm.compile(mod, target=host_t), [tvm.runtime.tensor(arrays[n]) for n, _, _ in params],
+                              256, 64)
+    want = [host.prefill(ids)]
+    for _ in range(4):
+        want.append(host.decode(int(np.argmax(want[-1]))))
+    # aarch64 twin under QEMU
+    arm_t = linux_twin_target()
+    mod, params = export_model(cfg, arm_t)
+    with arm_t:
+        ex = tvm.compile(mod, target=arm_t)
+    ex.export_library(str(tmp_path / "model.so"), fcompile=toolchain_for("aarch64-linux-gnu").fcompile())
+    np.savez(tmp_path / "params.npz", **{f"p{i:04d}": arrays[n] for i, (n, _, _) in enumerate(params)})
+    np.save(tmp_path / "ids.npy", ids)
+    import xpuc.targets
+
+    runner = Path(xpuc.targets.__file__).with_name("arm_model_runner.py")
+    r = run_aarch64(str(runner), [str(tmp_path / "model.so"), str(tmp_path / "params.npz"),
+                                  str(tmp_path / "ids.npy"), "4", str(tmp_path / "out.npz")])
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = np.load(tmp_path / "out.npz")
+    assert str(out["machine"]) == "aarch64"
+    np.testing.assert_allclose(out["logits"], np.stack(want), rtol=1e-4, atol=1e-4 * np.abs(want[0]).max())
