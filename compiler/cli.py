@@ -45,6 +45,17 @@ def cmd_fetch(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_synth(args: argparse.Namespace) -> int:
+    from xpuc.compiler.synth import synthesize
+
+    r = synthesize(args.shape, args.sparsity, args.seed, args.output, alpha=args.alpha, quiet=args.quiet)
+    print(f"wrote {args.output}: {args.shape}, {r.parameters / 1e6:.1f} M parameters, dReLU FFNs")
+    print("measured sparsity per layer (held-out tokens): " + " ".join(f"{x:.3f}" for x in r.measured_sparsity))
+    print("consecutive-token overlap of active sets:      " + " ".join(f"{x:.2f}" for x in r.consecutive_overlap))
+    print("share of activations in the hottest 10 %:      " + " ".join(f"{x:.2f}" for x in r.hot_share))
+    return 0
+
+
 def cmd_compile(args: argparse.Namespace) -> int:
     from xpuc.compiler.build import compile_model, compile_onnx
     from xpuc.compiler.zoo import resolve_model
@@ -231,6 +242,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="processor for prefill (auto: the device's GPU when it has one)")
     p.add_argument("--debug-dump", metavar="DIR", default=None, help="write the IR after each lowering phase")
     p.set_defaults(fn=cmd_compile)
+
+    p = sub.add_parser("synth", help="generate a sparse-activation (dReLU) model as a Hugging Face directory")
+    p.add_argument("--shape", default="tiny", help="tiny | small | turbosparse-mistral-7b")
+    p.add_argument("--sparsity", type=float, default=0.9, help="target share of inactive FFN neurons")
+    p.add_argument("--alpha", type=float, default=1.0, help="power-law exponent of neuron firing rates")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(fn=cmd_synth)
 
     p = sub.add_parser("run", help="generate text with a compiled artifact")
     p.add_argument("artifact")

@@ -1,0 +1,189 @@
+"""Generate sparse-activation (dReLU) decoder models in Hugging Face format, deterministically.
+
+No ReLU-family model (TurboSparse, ProSparse, Bamboo) can be downloaded here, so xpuc makes its own with the
+shapes of the paper's models and a controlled activation structure:
+
+* **Bias channel.** Hidden dimension 0 of every embedding holds a constant ``B = sqrt(d)``; no attention or
+  FFN output writes to it (row 0 of ``o_proj`` and ``down_proj`` is zero), so after every RMSNorm it is a
+  nearly constant input. Its weight in a gate row acts as that neuron's bias.
+* **Power-law hot set.** Neuron ``i`` (in a random order per layer) gets a target firing probability
+  ``p_i ∝ rank^-alpha``, scaled so that the layer's mean is ``1 - sparsity``: a few hot neurons fire for
+  most tokens, most fire rarely.
+* **Calibration.** Layer by layer, the FFN input of calibration tokens is computed with the numpy reference
+  (earlier layers already final); the gate bias of neuron ``i`` is set to the ``1 - p_i`` quantile of its
+  pre-activation, and the up rows get a positive bias so that ``relu(up x)`` is rarely what silences a neuron.
+* **Token correlation.** Embeddings share a low-rank component, so consecutive tokens' hidden states, and
+  hence their active sets, overlap.
+
+Measured sparsity (on tokens not used for calibration) and the overlap of consecutive tokens' active sets are
+reported. The reference runs in float32 numpy, so shapes up to a few hundred million parameters are measured;
+larger shapes are calibrated on fewer tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from xpuc.compiler.errors import XpucError
+from xpuc.compiler.spec import ArchConfig
+
+SHAPES: dict[str, ArchConfig] = {
+    "tiny": ArchConfig("mistral", 512, 128, 512, 2, 4, 2, 32, 1e4, 1e-5, "drelu", False, False, 1024),
+    "small": ArchConfig("mistral", 2048, 512, 2048, 4, 8, 4, 64, 1e4, 1e-5, "drelu", False, False, 2048),
+    "turbosparse-mistral-7b": ArchConfig("mistral", 32000, 4096, 14336, 32, 32, 8, 128, 1e6, 1e-5, "drelu",
+                                         False, False, 4096),
+}
+
+
+@dataclass
+class SynthReport:
+    shape: str
+    seed: int
+    target_sparsity: float
+    measured_sparsity: list[float]  # per layer, on held-out tokens
+    consecutive_overlap: list[float]  # per layer: |A_t ∩ A_t+1| / |A_t ∪ A_t+1|
+    hot_share: list[float]  # per layer: share of activations taken by the 10 % most active neurons
+    parameters: int
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=1)
+
+
+def _power_law(n: int, mean: float, alpha: float, rng: np.random.Generator) -> np.ndarray:
+    rank = rng.permutation(n) + 1.0
+    p = rank ** -alpha
+    for _ in range(60):  # scale so the clipped mean hits the target
+        scale = mean / np.clip(p, 0, 1).mean()
+        p = np.clip(p * scale, 0, 1)
+        if abs(p.mean() - mean) < 1e-4:
+            break
+    return np.clip(p, 1e-4, 0.999)
+
+
+def synthesize(shape: str, sparsity: float, seed: int, out: str | os.PathLike, alpha: float = 1.0,
+               calib_tokens: int | None = None, quiet: bool = True) -> SynthReport:
+    """Write a dReLU model of ``shape`` to ``out`` (HF directory) and return its measured statistics."""
+    from xpuc.compiler.model_writer import write_hf_dir
+    from xpuc.compiler.reference import ReferenceModel
+    from xpuc.compiler.spec import LazyWeights, ModelSpec
+
+    if shape not in SHAPES:
+        raise XpucError(f"unknown shape '{shape}' (known: {', '.join(SHAPES)})")
+    if not 0.0 < sparsity < 1.0:
+        raise XpucError("--sparsity must be between 0 and 1 (exclusive)")
+    c = SHAPES[shape]
+    if c.num_parameters() > 2e9:
+        raise XpucError(f"shape '{shape}' has {c.num_parameters() / 1e9:.1f} B parameters: generating it needs the "
+                        "streaming writer, which is not built yet (use tiny or small)")
+    rng = np.random.default_rng(seed)
+    d, f = c.hidden_size, c.intermediate_size
+    calib = calib_tokens or (256 if c.num_parameters() < 5e7 else 64)
+    w: dict[str, np.ndarray] = {}
+    base = rng.standard_normal((16, d)).astype(np.float32)  # shared low-rank component of the embeddings
+    emb = (rng.standard_normal((c.vocab_size, d)) * 0.6 + rng.standard_normal((c.vocab_size, 16)) @ base * 0.2)
+    emb[:, 0] = np.sqrt(d)
+    w["embed_tokens"] = emb.astype(np.float32)
+    w["lm_head"] = (rng.standard_normal((c.vocab_size, d)) / np.sqrt(d)).astype(np.float32)
+    w["final_norm"] = np.ones(d, np.float32)
+    hd = c.head_dim
+    for i in range(c.num_layers):
+        p = f"layers.{i}."
+        w[p + "attn_norm"] = np.ones(d, np.float32)
+        w[p + "ffn_norm"] = np.ones(d, np.float32)
+        w[p + "q_proj"] = (rng.standard_normal((c.num_heads * hd, d)) / np.sqrt(d)).astype(np.float32)
+        w[p + "k_proj"] = (rng.standard_normal((c.num_kv_heads * hd, d)) / np.sqrt(d)).astype(np.float32)
+        w[p + "v_proj"] = (rng.standard_normal((c.num_kv_heads * hd, d)) / np.sqrt(d)).astype(np.float32)
+        o = (rng.standard_normal((d, c.num_heads * hd)) * 0.3 / np.sqrt(c.num_heads * hd)).astype(np.float32)
+        o[0] = 0.0
+        w[p + "o_proj"] = o
+        w[p + "gate_proj"] = (rng.standard_normal((f, d)) / np.sqrt(d)).astype(np.float32)
+        w[p + "up_proj"] = (rng.standard_normal((f, d)) / np.sqrt(d)).astype(np.float32)
+        down = (rng.standard_normal((d, f)) * 0.3 / np.sqrt(f * (1 - sparsity))).astype(np.float32)
+        down[0] = 0.0
+        w[p + "down_proj"] = down
+
+    def spec_now() -> ModelSpec:
+        return ModelSpec(c, LazyWeights({k: (lambda v=v: v) for k, v in w.items()}), None, "synth", "synth")
+
+    # calibration and held-out token streams (random text stand-in: uniform token ids)
+    streams = rng.integers(0, c.vocab_size, (2, calib))
+    for i in range(c.num_layers):
+        p = f"layers.{i}."
+        ref = ReferenceModel(spec_now())
+        h = ref.w["embed_tokens"][streams[0]]
+        for j in range(i):
+            h = ref.layer(j, h, np.arange(calib))
+        x = _ffn_input(ref, i, h, calib)  # FFN input of layer i (its attention half run here)
+        bias_in = x[:, 0].mean()
+        g = x @ w[p + "gate_proj"].T
+        u = x @ w[p + "up_proj"].T
+        prob = _power_law(f, 1.0 - sparsity, alpha, rng)
+        order = np.sort(g, axis=0)
+        rows = np.clip(((1.0 - prob) * (calib - 1)).round().astype(int), 0, calib - 1)
+        thr = order[rows, np.arange(f)]
+        w[p + "gate_proj"][:, 0] -= (thr / bias_in).astype(np.float32)
+        u_lo = np.quantile(u, 0.03, axis=0)
+        w[p + "up_proj"][:, 0] -= (np.minimum(u_lo, 0) / bias_in).astype(np.float32)
+        if not quiet:
+            print(f"  layer {i}: calibrated on {calib} tokens", flush=True)
+    report = _measure(shape, seed, sparsity, c, spec_now(), streams[1])
+    from xpuc.runtime.artifact import staged_directory
+
+    with staged_directory(Path(out), force=False) as tmp:
+        write_hf_dir(tmp, c, w, shards=2 if c.num_parameters() > 2e7 else 1, dtype="float16",
+                     tokenizer_json=_byte_tokenizer(c.vocab_size),
+                     tokenizer_config={"eos_token": "<|endoftext|>", "bos_token": "<|endoftext|>"})
+        (tmp / "xpuc_synth.json").write_text(report.to_json())
+    return report
+
+
+def _byte_tokenizer(vocab: int) -> str:
+    """Byte-level tokenizer for a generated model: the 256 byte symbols, then special filler tokens."""
+    from tokenizers import pre_tokenizers
+
+    from xpuc.runtime.tokenizer import tokenizer_json_from_gguf_vocab
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    extra = ["<|endoftext|>"] + [f"<|extra_{i}|>" for i in range(vocab - len(alphabet) - 1)]
+    return tokenizer_json_from_gguf_vocab(alphabet + extra, [], [1] * len(alphabet) + [3] * len(extra))
+
+
+def _ffn_input(ref, i: int, h: np.ndarray, n: int) -> np.ndarray:
+    """RMSNorm'd FFN input of layer ``i`` for hidden states ``h`` entering it."""
+    from xpuc.compiler.reference import causal_attention, rms_norm, rope
+
+    c, w, p = ref.config, ref.w, f"layers.{i}."
+    x = rms_norm(h, w[p + "attn_norm"], c.rms_norm_eps)
+    pos = np.arange(n)
+    q = rope((x @ w[p + "q_proj"].T).reshape(n, c.num_heads, c.head_dim), pos, c.rope_theta)
+    k = rope((x @ w[p + "k_proj"].T).reshape(n, c.num_kv_heads, c.head_dim), pos, c.rope_theta)
+    v = (x @ w[p + "v_proj"].T).reshape(n, c.num_kv_heads, c.head_dim)
+    h = h + causal_attention(q, k, v, 0).reshape(n, -1) @ w[p + "o_proj"].T
+    return rms_norm(h, w[p + "ffn_norm"], c.rms_norm_eps)
+
+
+def _measure(shape, seed, sparsity, c, spec, tokens) -> SynthReport:
+    from xpuc.compiler.reference import ReferenceModel
+
+    ref = ReferenceModel(spec)
+    n = len(tokens)
+    h = ref.w["embed_tokens"][tokens]
+    meas, overlap, hot = [], [], []
+    for i in range(c.num_layers):
+        x = _ffn_input(ref, i, h, n)
+        p = f"layers.{i}."
+        act = (x @ ref.w[p + "gate_proj"].T > 0) & (x @ ref.w[p + "up_proj"].T > 0)
+        meas.append(float(1.0 - act.mean()))
+        inter = (act[1:] & act[:-1]).sum(1)
+        union = np.maximum((act[1:] | act[:-1]).sum(1), 1)
+        overlap.append(float((inter / union).mean()))
+        freq = np.sort(act.mean(0))[::-1]
+        hot.append(float(freq[: max(1, len(freq) // 10)].sum() / max(freq.sum(), 1e-9)))
+        h = ref.layer(i, h, np.arange(n))
+    return SynthReport(shape, seed, sparsity, meas, overlap, hot, c.num_parameters())
