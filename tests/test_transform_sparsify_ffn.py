@@ -160,3 +160,71 @@ def test_oracle_mask_equals_dense_numerically(kind):
         got = sparse_vm["decode"](*args, tvm.runtime.tensor(idx), tvm.runtime.tensor(np.zeros(1, np.float32)),
                                   tvm.runtime.tensor(bundle)).numpy()
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max(), err_msg=f"trial {trial}")
+
+
+def test_xpuc_decode_function_with_oracle_mask_equals_dense(tmp_path):
+    """The pass on xpuc's own decode function (fused gate|up call_tir kernels, packed params) of a generated
+    dReLU model: with each layer's true active clusters, sparse decode gives the dense decode's logits."""
+    from tvm.runtime import ShapeTuple
+
+    from xpuc.compiler.frontends import load_model
+    from xpuc.compiler.reference import ReferenceModel
+    from xpuc.compiler.relax_model import export_model, param_arrays
+    from xpuc.compiler.synth import synthesize
+    from xpuc.targets.profile import load_profile
+
+    synthesize("tiny", 0.9, 3, tmp_path / "m")
+    spec = load_model(tmp_path / "m")
+    c = spec.config
+    cluster = 8
+    target = load_profile("host").cpu_target()
+    mod, params = export_model(c, target)
+    with target:
+        dense = relax.VirtualMachine(tvm.compile(mod, target=target), tvm.cpu())
+        sparse = relax.VirtualMachine(
+            tvm.compile(SparsifyFFN(c.hidden_size, c.intermediate_size, cluster, "float16")(mod), target=target),
+            tvm.cpu())
+    arrays = param_arrays(spec)
+    weights = [tvm.runtime.tensor(arrays[n]) for n, _, _ in params]
+    layout = BundleLayout("drelu", c.hidden_size, c.intermediate_size, cluster, "float16")
+    bundles, extra_thr = [], tvm.runtime.tensor(np.zeros(1, np.float32))
+    for i in range(c.num_layers):
+        w = {k: spec.weights[f"layers.{i}.{k}"].astype(np.float16).astype(np.float32)
+             for k in ("gate_proj", "up_proj", "down_proj")}
+        bundles.append(tvm.runtime.tensor(bundle_ffn(layout, w["up_proj"], w["down_proj"], w["gate_proj"])))
+
+    def run(vm, ids, extra_fn=None):
+        kv = vm["create_paged_kv_cache"](ShapeTuple([1]), ShapeTuple([128]), ShapeTuple([32]), ShapeTuple([16]),
+                                         ShapeTuple([0]))
+        tvm.get_global_func("vm.builtin.kv_state_add_sequence")(kv, 0)
+        begin = tvm.get_global_func("vm.builtin.kv_state_begin_forward")
+        end = tvm.get_global_func("vm.builtin.kv_state_end_forward")
+        begin(kv, ShapeTuple([0]), ShapeTuple([len(ids) - 1]))
+        _, kv = vm["prefill"](tvm.runtime.tensor(np.array([ids[:-1]], np.int32)), kv, weights)
+        end(kv)
+        begin(kv, ShapeTuple([0]), ShapeTuple([1]))
+        extra = extra_fn() if extra_fn else []
+        logits, kv = vm["decode"](tvm.runtime.tensor(np.array([[ids[-1]]], np.int32)), kv, weights, *extra)
+        end(kv)
+        return logits.numpy()[0, -1]
+
+    ids = [5, 77, 300, 12, 9, 450, 31]
+    ref = ReferenceModel(spec, "float16")
+    h = ref.w["embed_tokens"][ids]
+    pos = np.arange(len(ids))
+    extra, fired = [], []
+    from xpuc.compiler.synth import _ffn_input
+
+    for i in range(c.num_layers):  # the last token's FFN input per layer -> its true active clusters
+        x = _ffn_input(ref, i, h, len(ids))[-1]
+        p = f"layers.{i}."
+        act = (ref.w[p + "gate_proj"] @ x > 0) & (ref.w[p + "up_proj"] @ x > 0)
+        idx = np.flatnonzero(act.reshape(-1, cluster).any(1)).astype(np.int32)
+        fired.append(idx.size / (c.intermediate_size // cluster))
+        extra += [tvm.runtime.tensor(idx), extra_thr, bundles[i]]
+        h = ref.layer(i, h, pos)
+    assert max(fired) < 0.9  # the oracle really leaves clusters out
+    want = run(dense, ids)
+    got = run(sparse, ids, lambda: extra)
+    np.testing.assert_allclose(got, want, rtol=2e-3, atol=2e-3 * np.abs(want).max())
+    assert int(np.argmax(got)) == int(np.argmax(want))

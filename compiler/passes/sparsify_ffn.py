@@ -40,15 +40,31 @@ class _Bindings:
         return self.value.get(e) if isinstance(e, relax.Var) else None
 
     def linear(self, e):
-        """``matmul(x, permute_dims(W))`` with W a function parameter -> (x, W)."""
+        """``matmul(x, permute_dims(W))`` or xpuc's ``call_tir(linear_*, (x, W))`` -> (x, W)."""
         call = self.get(e)
+        if _op(call, "relax.call_tir"):
+            callee, args = call.args[0], call.args[1]
+            if (isinstance(callee, tvm.ir.GlobalVar) and callee.name_hint.startswith("linear_")
+                    and not callee.name_hint.endswith("_bias") and len(args.fields) == 2):
+                return args.fields[0], args.fields[1]
+            return None
         if not _op(call, "relax.matmul"):
             return None
         t = self.get(call.args[1])
         if not _op(t, "relax.permute_dims"):
             return None
         w = t.args[0]
-        return (call.args[0], w) if isinstance(w, relax.Var) and w not in self.value else None
+        return (call.args[0], w) if isinstance(w, relax.Var) else None
+
+    def split_half(self, e, index: int):
+        """``split(linear(x, W), 2, axis=-1)[index]`` (xpuc's fused gate|up projection) -> (x, W)."""
+        item = self.get(e)
+        if not isinstance(item, relax.TupleGetItem) or item.index != index:
+            return None
+        sp = self.get(item.tuple_value)
+        if not _op(sp, "relax.split"):
+            return None
+        return self.linear(sp.args[0])
 
     def act(self, e, name: str):
         call = self.get(e)
@@ -70,12 +86,13 @@ def find_ffns(func: relax.Function) -> list[FFNMatch]:
             lhs, rhs = hv.args
             for act_name, kind in (("relax.nn.silu", "swiglu"), ("relax.nn.relu", "reglu")):
                 g = b.act(lhs, act_name)
-                gl, ul = (b.linear(g) if g is not None else None), b.linear(rhs)
+                gl = (b.linear(g) or b.split_half(g, 0)) if g is not None else None
+                ul = b.linear(rhs) or b.split_half(rhs, 1)
                 if gl and ul and gl[0].same_as(ul[0]):
                     match = FFNMatch(out, gl[0], gl[1], ul[1], down, kind)
                     break
                 u = b.act(rhs, "relax.nn.relu")
-                ul = b.linear(u) if u is not None else None
+                ul = (b.linear(u) or b.split_half(u, 1)) if u is not None else None
                 if act_name == "relax.nn.relu" and gl and ul and gl[0].same_as(ul[0]):
                     match = FFNMatch(out, gl[0], gl[1], ul[1], down, "drelu")
                     break
@@ -119,9 +136,11 @@ class SparsifyFFN:
 
     Notes
     -----
-    Recognised patterns (weights are function parameters, ``x`` a ``(1, d)`` or ``(1, 1, d)`` tensor):
-    ``down(silu(gate x) * up x)`` (swiglu), ``down(relu(gate x) * up x)`` (reglu),
-    ``down(relu(gate x) * relu(up x))`` (drelu), ``down(relu(up x))`` (relu). For the ``i``-th FFN three
+    Recognised patterns (``x`` a ``(1, d)`` or ``(1, 1, d)`` tensor): ``down(silu(gate x) * up x)``
+    (swiglu), ``down(relu(gate x) * up x)`` (reglu),
+    ``down(relu(gate x) * relu(up x))`` (drelu) and ``down(relu(up x))`` (relu), where each projection is
+    ``matmul(x, permute_dims(W))`` or xpuc's own ``call_tir(linear_*, (x, W))``, and gate/up may be the
+    two halves of one fused projection (``split(linear(x, W_gate_up), 2, axis=-1)``). For the ``i``-th FFN three
     parameters are appended to the function: ``ffn{i}_idx: (k_i,) int32`` (active clusters),
     ``ffn{i}_thr: (1,) float32`` (activation threshold) and ``ffn{i}_bundle`` (the bundled weights).
     The dense weight parameters stay in the signature (unused) so existing callers keep their
