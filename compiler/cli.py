@@ -56,6 +56,41 @@ def cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_profile(args: argparse.Namespace) -> int:
+    from xpuc.compiler.frontends import load_model
+    from xpuc.compiler.profiler import profile_model, read_text_files
+    from xpuc.compiler.zoo import resolve_model
+    from xpuc.runtime.tokenizer import XpucTokenizer
+
+    spec = load_model(resolve_model(args.model))
+    text = read_text_files(args.text)
+    ids = XpucTokenizer.from_source(spec.tokenizer).encode(text)[: args.max_tokens]
+    print(f"profiling {len(ids)} tokens ...", file=sys.stderr)
+    stats = profile_model(spec, ids, args.sparsity)
+    stats.sources = [str(p) for p in args.text]
+    stats.save(args.output)
+    print(f"wrote {args.output}: {len(ids)} tokens, sparsity per layer " +
+          " ".join(f"{s:.2f}" for s in stats.sparsity))
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from xpuc.compiler.frontends import load_model
+    from xpuc.compiler.planner import parse_size, plan_neurons
+    from xpuc.compiler.profiler import ProfileStats
+    from xpuc.compiler.zoo import resolve_model
+    from xpuc.targets.profile import load_profile
+
+    spec = load_model(resolve_model(args.model), with_tokenizer=False)
+    stats = ProfileStats.load(args.stats)
+    plan = plan_neurons(spec.config, stats, load_profile(args.device), parse_size(args.memory_budget),
+                        args.weight_dtype, args.cluster, args.context)
+    plan.save(args.output)
+    print(plan.explain())
+    print(f"wrote {args.output}")
+    return 0
+
+
 def cmd_compile(args: argparse.Namespace) -> int:
     from xpuc.compiler.build import compile_model, compile_onnx
     from xpuc.compiler.zoo import resolve_model
@@ -251,6 +286,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(fn=cmd_synth)
+
+    p = sub.add_parser("profile", help="record FFN neuron firing statistics on calibration text")
+    p.add_argument("model")
+    p.add_argument("--text", nargs="+", required=True, help="calibration text file(s)")
+    p.add_argument("--sparsity", type=float, default=None, help="SwiGLU models: target sparsity of the threshold")
+    p.add_argument("--max-tokens", type=int, default=1024)
+    p.add_argument("-o", "--output", default="profile.json")
+    p.set_defaults(fn=cmd_profile)
+
+    p = sub.add_parser("plan", help="place neurons and choose cache/I-O/threads for a device and budget")
+    p.add_argument("model")
+    p.add_argument("--stats", required=True, help="profile.json from `xpuc profile`")
+    p.add_argument("--device", default="oneplus-12")
+    p.add_argument("--memory-budget", required=True, help="e.g. 4GiB, 512MiB")
+    p.add_argument("--weight-dtype", default="q4_0", choices=["float32", "float16", "q4_0", "q4_1"])
+    p.add_argument("--cluster", type=int, default=32)
+    p.add_argument("--context", type=int, default=2048)
+    p.add_argument("-o", "--output", default="plan.json")
+    p.set_defaults(fn=cmd_plan)
 
     p = sub.add_parser("run", help="generate text with a compiled artifact")
     p.add_argument("artifact")

@@ -1,0 +1,186 @@
+"""Offline planner: from model, profile statistics, device profile and memory budget to a plan.
+
+Decisions (each explained in ``Plan.explain()``):
+
+* **Fixed segment** (always resident): embeddings, attention, norms, LM head, KV cache for the context.
+* **Hot segment**: the FFN neurons with the highest firing frequency, across all layers, as long as they
+  fit. Every neuron record has the same size, so choosing the most frequent ones maximises the expected
+  number of cache hits per token *exactly* (0/1 knapsack with equal weights: any other choice can be
+  improved by swapping in a more frequent neuron). Hot neurons are grouped into clusters of ``C``.
+* **Cold cache**: a share of what remains of the budget (``cold_share``), LRU at run time; the expected
+  reads assume it holds the next most frequent neurons.
+* **Flash reads**: block size = neuron record size rounded up to 4 KiB (one O_DIRECT read per bundle);
+  queue depth from the device's read curve (the smallest depth whose random-read bandwidth reaches 80 %
+  of the curve's best at that block size, capped by the I/O thread's issue rate).
+* **Processors**: prefill on the NPU or GPU of the profile (GPU while the NPU path is not wired in);
+  decode on the big and mid CPU cores, one big core reserved for I/O (the paper's measurement: a big core
+  issues UFS reads best).
+
+A budget below the fixed segment plus one cluster per layer is an error that states the minimum.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from xpuc.compiler.errors import XpucError
+from xpuc.compiler.profiler import ProfileStats
+from xpuc.compiler.spec import ArchConfig
+
+PLAN_SCHEMA = 1
+_BYTES = {"float32": 4.0, "float16": 2.0, "q4_0": 18 / 32, "q4_1": 20 / 32}
+
+
+def parse_size(text: str) -> int:
+    """``4GiB``, ``512MiB``, ``1.5GB``, ``123456`` -> bytes."""
+    t = str(text).strip()
+    units = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "kb": 10**3, "mb": 10**6, "gb": 10**9, "b": 1}
+    for u, m in sorted(units.items(), key=lambda kv: -len(kv[0])):
+        if t.lower().endswith(u):
+            try:
+                return int(float(t[: -len(u)]) * m)
+            except ValueError:
+                break
+    try:
+        return int(t)
+    except ValueError:
+        raise XpucError(f"cannot read the size '{text}' (examples: 4GiB, 512MiB)") from None
+
+
+@dataclass
+class Plan:
+    device: str
+    budget_bytes: int
+    weight_dtype: str
+    cluster: int
+    fixed_bytes: int
+    record_bytes: int
+    hot_neurons: list[list[int]]  # per layer, sorted
+    cold_cache_bytes: int
+    read_block_bytes: int
+    queue_depth: int
+    compute_threads: int
+    io_threads: int
+    prefill_on: str
+    decode_on: str
+    expected_hit_rate: float
+    expected_read_bytes_per_token: float
+    model: dict = field(default_factory=dict)
+    schema: int = PLAN_SCHEMA
+
+    @property
+    def hot_bytes(self) -> int:
+        return sum(len(h) for h in self.hot_neurons) * self.record_bytes
+
+    @property
+    def total_bytes(self) -> int:
+        return self.fixed_bytes + self.hot_bytes + self.cold_cache_bytes
+
+    def save(self, path: str | os.PathLike) -> Path:
+        path = Path(path)
+        tmp = path.with_suffix(path.suffix + ".part")
+        tmp.write_text(json.dumps(dataclasses.asdict(self)))
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Plan:
+        try:
+            d = json.loads(Path(path).read_text())
+            if d.get("schema") != PLAN_SCHEMA:
+                raise XpucError(f"{path}: plan schema {d.get('schema')} is not {PLAN_SCHEMA}")
+            return cls(**d)
+        except (OSError, json.JSONDecodeError, TypeError) as e:
+            raise XpucError(f"{path}: not a readable xpuc plan ({type(e).__name__})") from None
+
+    def explain(self) -> str:
+        mib = 2**20
+        n_hot = sum(len(h) for h in self.hot_neurons)
+        n_all = len(self.hot_neurons) * self.model.get("intermediate_size", 0)
+        rows = [
+            ("device", self.device, "profile"),
+            ("budget", f"{self.budget_bytes / mib:.0f} MiB", "user"),
+            ("fixed segment", f"{self.fixed_bytes / mib:.1f} MiB", "embeddings, attention, norms, head, KV cache"),
+            ("hot segment", f"{self.hot_bytes / mib:.1f} MiB, {n_hot}/{n_all} neurons",
+             "most frequent neurons first (exact for equal-size records)"),
+            ("cold cache", f"{self.cold_cache_bytes / mib:.1f} MiB", "LRU over the remaining neurons"),
+            ("neuron record", f"{self.record_bytes} B ({self.weight_dtype})", "gate | up | down column"),
+            ("flash reads", f"{self.read_block_bytes // 1024} KiB blocks, queue depth {self.queue_depth}",
+             "record size, device read curve"),
+            ("threads", f"{self.compute_threads} compute + {self.io_threads} I/O", "big+mid cores, I/O on a big core"),
+            ("prefill / decode", f"{self.prefill_on} / {self.decode_on}", "profile XPUs"),
+            ("expected FFN hit rate", f"{100 * self.expected_hit_rate:.1f} %", "profile frequencies"),
+            ("expected flash reads", f"{self.expected_read_bytes_per_token / 1024:.1f} KiB/token", ""),
+        ]
+        w0 = max(len(r[0]) for r in rows)
+        w1 = max(len(r[1]) for r in rows)
+        return "\n".join(f"{a:<{w0}}  {b:<{w1}}  {c}" for a, b, c in rows)
+
+
+def fixed_bytes(config: ArchConfig, weight_dtype: str, context: int) -> int:
+    c = config
+    per = _BYTES[weight_dtype]
+    attn = c.num_layers * (c.hidden_size * (c.num_heads + 2 * c.num_kv_heads) * c.head_dim
+                           + c.num_heads * c.head_dim * c.hidden_size) * per
+    emb = c.vocab_size * c.hidden_size * 2.0 * (1 if c.tie_embeddings else 2)  # fp16 table (+ head)
+    norms = (2 * c.num_layers + 1) * c.hidden_size * 4
+    kv = 2 * c.num_layers * c.num_kv_heads * c.head_dim * context * 2  # fp16 K and V
+    return int(attn + emb + norms + kv)
+
+
+def _queue_depth(profile, block: int) -> int:
+    curve = profile.flash.get("read_curve", [])
+    if not curve:
+        return 4
+    kib = block / 1024
+    best = max(p["random_mbps"] for p in curve)
+    near = min(curve, key=lambda p: abs(p["block_kib"] - kib))
+    ratio = max(best / max(near["random_mbps"], 1), 1.0)
+    return int(min(32, max(1, np.ceil(ratio * 2))))
+
+
+def plan_neurons(config: ArchConfig, stats: ProfileStats, profile, budget_bytes: int, weight_dtype: str = "q4_0",
+                 cluster: int = 32, context: int = 2048, cold_share: float = 0.1) -> Plan:
+    """Place every FFN neuron (hot or cold) under ``budget_bytes``; see the module docstring."""
+    stats.check_matches(config)
+    if weight_dtype not in _BYTES:
+        raise XpucError(f"unknown weight dtype '{weight_dtype}' (known: {', '.join(_BYTES)})")
+    record = int(np.ceil(3 * config.hidden_size * _BYTES[weight_dtype]))
+    fixed = fixed_bytes(config, weight_dtype, context)
+    minimum = fixed + config.num_layers * cluster * record
+    if budget_bytes < minimum:
+        raise XpucError(f"memory budget {budget_bytes / 2**20:.0f} MiB is below the minimum of "
+                        f"{minimum / 2**20:.0f} MiB for this model ({fixed / 2**20:.0f} MiB fixed segment + one "
+                        "neuron cluster per layer)")
+    freq = np.asarray(stats.frequency, dtype=np.float64)  # (L, F)
+    L, F = freq.shape
+    spare = budget_bytes - fixed
+    cold_cache = int(min(spare * cold_share, F * L * record))
+    n_hot = min((spare - cold_cache) // record, L * F)
+    order = np.argsort(-freq, axis=None, kind="stable")  # most frequent neuron first, all layers
+    hot_flat = order[:n_hot]
+    n_cache = min(cold_cache // record, L * F - n_hot)
+    cached = order[n_hot:n_hot + n_cache]
+    hot = [[] for _ in range(L)]
+    for idx in hot_flat:
+        hot[idx // F].append(int(idx % F))
+    total = freq.sum()
+    hit = (freq.flat[hot_flat].sum() + freq.flat[cached].sum()) / total if total > 0 else 1.0
+    miss_freq = total - freq.flat[hot_flat].sum() - freq.flat[cached].sum()
+    block = int(np.ceil(record / 4096) * 4096)
+    n_cores = sum(c.count for c in profile.clusters)
+    big_mid = sum(c.count for c in profile.clusters if c.cls in ("big", "mid")) or n_cores
+    prefill = "gpu" if profile.gpu and not profile.is_host else "cpu"  # NPU prefill: not wired in yet
+    return Plan(
+        device=profile.name, budget_bytes=int(budget_bytes), weight_dtype=weight_dtype, cluster=cluster,
+        fixed_bytes=fixed, record_bytes=record, hot_neurons=[sorted(h) for h in hot], cold_cache_bytes=cold_cache,
+        read_block_bytes=block, queue_depth=_queue_depth(profile, block),
+        compute_threads=max(1, big_mid - 1), io_threads=1, prefill_on=prefill, decode_on="cpu",
+        expected_hit_rate=float(hit), expected_read_bytes_per_token=float(miss_freq * block),
+        model=config.to_dict())

@@ -1,0 +1,128 @@
+"""Offline profiler: FFN neuron activation statistics of a model on calibration text.
+
+For every layer and neuron the share of tokens on which the neuron *fires*: ``act != 0`` for the ReLU
+kinds; for SwiGLU models (not sparse by nature) the neuron fires when ``|silu(gate x)| > t_l``, with the
+per-layer threshold ``t_l`` chosen on the same text for a target sparsity (CATS/TEAL-style). The
+statistics are the planner's input (hot/cold split, expected reads per token).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from xpuc.compiler.errors import XpucError
+from xpuc.compiler.spec import ArchConfig, ModelSpec
+
+STATS_SCHEMA = 1
+
+
+def config_fingerprint(config: ArchConfig) -> str:
+    return hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass
+class ProfileStats:
+    """Per-layer neuron firing frequencies (``frequency[l][i]`` in [0, 1]) and thresholds."""
+
+    config: dict
+    fingerprint: str
+    tokens: int
+    target_sparsity: float | None
+    thresholds: list[float]
+    frequency: list[list[float]]
+    schema: int = STATS_SCHEMA
+    sources: list[str] = field(default_factory=list)
+
+    @property
+    def sparsity(self) -> list[float]:
+        return [1.0 - float(np.mean(f)) for f in self.frequency]
+
+    def save(self, path: str | os.PathLike) -> Path:
+        path = Path(path)
+        tmp = path.with_suffix(path.suffix + ".part")
+        tmp.write_text(json.dumps(dataclasses.asdict(self)))
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> ProfileStats:
+        try:
+            d = json.loads(Path(path).read_text())
+            if d.get("schema") != STATS_SCHEMA:
+                raise XpucError(f"{path}: profile schema {d.get('schema')} is not {STATS_SCHEMA}")
+            return cls(**d)
+        except (OSError, json.JSONDecodeError, TypeError) as e:
+            raise XpucError(f"{path}: not a readable xpuc profile ({type(e).__name__})") from None
+
+    def check_matches(self, config: ArchConfig, where: str = "profile") -> None:
+        if self.fingerprint != config_fingerprint(config):
+            raise XpucError(f"{where} was recorded on another model (architecture fingerprint differs)")
+        if len(self.frequency) != config.num_layers or any(len(f) != config.intermediate_size for f in self.frequency):
+            raise XpucError(f"{where}: shape does not match the model")
+
+
+def read_text_files(paths: list[str | os.PathLike]) -> str:
+    """Concatenate text files; a missing or empty file is an error."""
+    parts = []
+    for p in paths:
+        p = Path(p)
+        if not p.is_file():
+            raise XpucError(f"{p}: no such text file")
+        text = p.read_text(errors="replace")
+        if not text.strip():
+            raise XpucError(f"{p}: empty text file")
+        parts.append(text)
+    if not parts:
+        raise XpucError("no calibration text given (--text FILE)")
+    return "\n".join(parts)
+
+
+def profile_model(spec: ModelSpec, token_ids: list[int], target_sparsity: float | None = None,
+                  window: int = 256) -> ProfileStats:
+    """Run the numpy reference over ``token_ids`` (in windows) and record firing frequencies per neuron."""
+    from xpuc.compiler.reference import ReferenceModel, silu
+    from xpuc.compiler.synth import _ffn_input
+
+    c = spec.config
+    if c.ffn_kind == "swiglu" and target_sparsity is None:
+        raise XpucError("a SwiGLU model needs --sparsity (it is made sparse by thresholding)")
+    if len(token_ids) < 8:
+        raise XpucError("calibration text too short (fewer than 8 tokens)")
+    ref = ReferenceModel(spec, "float16")
+    acts: list[list[np.ndarray]] = [[] for _ in range(c.num_layers)]
+    for s in range(0, len(token_ids), window):
+        ids = np.asarray(token_ids[s:s + window])
+        h = ref.w["embed_tokens"][ids]
+        pos = np.arange(len(ids))
+        ref.reset()
+        for i in range(c.num_layers):
+            x = _ffn_input(ref, i, h, len(ids))
+            p = f"layers.{i}."
+            g = x @ ref.w[p + "gate_proj"].T
+            u = x @ ref.w[p + "up_proj"].T
+            if c.ffn_kind == "swiglu":
+                acts[i].append(np.abs(silu(g)).astype(np.float32))
+            elif c.ffn_kind == "reglu":
+                acts[i].append(((g > 0) & (u != 0)).astype(np.float32))
+            else:
+                acts[i].append(((g > 0) & (u > 0)).astype(np.float32))
+            h = ref.layer(i, h, pos)
+    thresholds, freq = [], []
+    for i in range(c.num_layers):
+        a = np.concatenate(acts[i])
+        if c.ffn_kind == "swiglu":
+            t = float(np.quantile(a, target_sparsity))
+            thresholds.append(t)
+            freq.append((a > t).mean(0).round(5).tolist())
+        else:
+            thresholds.append(0.0)
+            freq.append(a.mean(0).round(5).tolist())
+    return ProfileStats(config=c.to_dict(), fingerprint=config_fingerprint(c), tokens=len(token_ids),
+                        target_sparsity=target_sparsity, thresholds=thresholds, frequency=freq)
