@@ -22,7 +22,6 @@ A budget below the fixed segment plus one cluster per layer is an error that sta
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from xpuc.compiler.errors import XpucError
+from xpuc.compiler.jsonfile import read_versioned, write_json_atomic
 from xpuc.compiler.profiler import ProfileStats
 from xpuc.compiler.spec import ArchConfig
 
@@ -83,21 +83,15 @@ class Plan:
         return self.fixed_bytes + self.hot_bytes + self.cold_cache_bytes
 
     def save(self, path: str | os.PathLike) -> Path:
-        path = Path(path)
-        tmp = path.with_suffix(path.suffix + ".part")
-        tmp.write_text(json.dumps(dataclasses.asdict(self)))
-        os.replace(tmp, path)
-        return path
+        return write_json_atomic(path, dataclasses.asdict(self))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Plan:
+        d = read_versioned(path, PLAN_SCHEMA, "plan")
         try:
-            d = json.loads(Path(path).read_text())
-            if d.get("schema") != PLAN_SCHEMA:
-                raise XpucError(f"{path}: plan schema {d.get('schema')} is not {PLAN_SCHEMA}")
             return cls(**d)
-        except (OSError, json.JSONDecodeError, TypeError) as e:
-            raise XpucError(f"{path}: not a readable xpuc plan ({type(e).__name__})") from None
+        except TypeError:
+            raise XpucError(f"{path}: not a readable xpuc plan (unexpected fields)") from None
 
     def explain(self) -> str:
         mib = 2**20

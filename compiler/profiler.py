@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from xpuc.compiler.errors import XpucError
+from xpuc.compiler.jsonfile import read_versioned, write_json_atomic
 from xpuc.compiler.spec import ArchConfig, ModelSpec
 
 STATS_SCHEMA = 1
@@ -45,21 +46,15 @@ class ProfileStats:
         return [1.0 - float(np.mean(f)) for f in self.frequency]
 
     def save(self, path: str | os.PathLike) -> Path:
-        path = Path(path)
-        tmp = path.with_suffix(path.suffix + ".part")
-        tmp.write_text(json.dumps(dataclasses.asdict(self)))
-        os.replace(tmp, path)
-        return path
+        return write_json_atomic(path, dataclasses.asdict(self))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> ProfileStats:
+        d = read_versioned(path, STATS_SCHEMA, "profile")
         try:
-            d = json.loads(Path(path).read_text())
-            if d.get("schema") != STATS_SCHEMA:
-                raise XpucError(f"{path}: profile schema {d.get('schema')} is not {STATS_SCHEMA}")
             return cls(**d)
-        except (OSError, json.JSONDecodeError, TypeError) as e:
-            raise XpucError(f"{path}: not a readable xpuc profile ({type(e).__name__})") from None
+        except TypeError:
+            raise XpucError(f"{path}: not a readable xpuc profile (unexpected fields)") from None
 
     def check_matches(self, config: ArchConfig, where: str = "profile") -> None:
         if self.fingerprint != config_fingerprint(config):

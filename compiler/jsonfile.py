@@ -1,0 +1,30 @@
+"""Versioned JSON files (profiles, plans): written atomically, read with a clear error."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from xpuc.compiler.errors import XpucError
+
+
+def write_json_atomic(path: str | os.PathLike, obj) -> Path:
+    """Write ``obj`` as JSON to ``path`` through a temporary file and a rename (never half-written)."""
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".part")
+    tmp.write_text(json.dumps(obj))
+    os.replace(tmp, path)
+    return path
+
+
+def read_versioned(path: str | os.PathLike, schema: int, what: str) -> dict:
+    """Read a JSON object whose ``schema`` field must equal ``schema``; ``what`` names it in errors."""
+    try:
+        d = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise XpucError(f"{path}: not a readable xpuc {what} ({type(e).__name__})") from None
+    if not isinstance(d, dict) or d.get("schema") != schema:
+        got = d.get("schema") if isinstance(d, dict) else None
+        raise XpucError(f"{path}: {what} schema {got} is not {schema}")
+    return d
