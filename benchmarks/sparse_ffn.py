@@ -15,29 +15,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from functools import partial
 from pathlib import Path
 
 import numpy as np
+from timing import median_time
 
 SHAPES = {"7b": (4096, 14336), "smollm2": (576, 1536)}
 
 
 def numpy_dense_ffn(gate: np.ndarray, up: np.ndarray, down: np.ndarray, x: np.ndarray) -> np.ndarray:
     return down @ (np.maximum(gate @ x, 0) * (up @ x))
-
-
-def timeit(fn, repeats: int = 15) -> float:
-    fn()
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
 
 
 def main() -> int:
@@ -68,12 +57,12 @@ def main() -> int:
         up = rng.standard_normal((f, d), dtype=np.float32) * 0.02
         down = rng.standard_normal((d, f), dtype=np.float32) * 0.02
         x = rng.standard_normal(d, dtype=np.float32)
-        t_np = timeit(partial(numpy_dense_ffn, gate, up, down, x), 7)
+        t_np = median_time(partial(numpy_dense_ffn, gate, up, down, x), 7)
         for dtype in args.dtypes.split(","):
             layout = BundleLayout(args.kind, d, f, args.cluster, dtype)
             bundle = bundle_ffn(layout, up, down, gate)
             kern = SparseFFNKernel(layout, bundle, threads=threads)
-            t_dense = timeit(kern.bind(x, None), 7)
+            t_dense = median_time(kern.bind(x, None), 7)
             w = dequantize_bundle(layout, bundle)
             fired = (np.einsum("ncd,d->nc", w[:, :, 0], x) > 0)  # neurons whose gate fires
             del w
@@ -81,7 +70,7 @@ def main() -> int:
             for sp in (float(s) for s in args.sparsity.split(",")):
                 k = max(1, int(round(layout.n_clusters * (1 - sp))))
                 idx = np.sort(rng.choice(layout.n_clusters, k, replace=False)).astype(np.int32)
-                t_sparse = timeit(kern.bind(x, idx))
+                t_sparse = median_time(kern.bind(x, idx), 15)
                 touched = k * layout.cluster * row_bytes + int(fired[idx].sum()) * 2 * row_bytes
                 r = {"shape": shape, "d": d, "n": f, "dtype": dtype, "kind": args.kind, "cluster": args.cluster,
                      "sparsity": sp, "active_clusters": k, "sparse_ms": t_sparse * 1e3, "dense_tvm_ms": t_dense * 1e3,
