@@ -63,14 +63,35 @@ def cmd_profile(args: argparse.Namespace) -> int:
     from xpuc.runtime.tokenizer import XpucTokenizer
 
     spec = load_model(resolve_model(args.model))
-    text = read_text_files(args.text)
-    ids = XpucTokenizer.from_source(spec.tokenizer).encode(text)[: args.max_tokens]
+    tok = XpucTokenizer.from_source(spec.tokenizer)
+    ids = tok.encode(read_text_files(args.text))[: args.max_tokens]
+    held = tok.encode(read_text_files(args.eval_text))[: args.max_eval_tokens] if args.eval_text else None
+    if held is not None and len(held) < 8:
+        raise XpucError("evaluation text too short (fewer than 8 tokens)")
     print(f"profiling {len(ids)} tokens ...", file=sys.stderr)
     stats = profile_model(spec, ids, args.sparsity)
     stats.sources = [str(p) for p in args.text]
     stats.save(args.output)
     print(f"wrote {args.output}: {len(ids)} tokens, sparsity per layer " +
           " ".join(f"{s:.2f}" for s in stats.sparsity))
+    predictor = None
+    if args.predictor:
+        from xpuc.compiler.predictor import collect_pairs, evaluate_predictor, train_predictor
+        from xpuc.compiler.progress import count
+
+        pairs = collect_pairs(spec, ids, stats.thresholds)
+        predictor = train_predictor(spec, pairs, args.recall,
+                                    progress=lambda i, n: count("training predictor, layer", i, n))
+        predictor.save(args.predictor)
+        print(f"wrote {args.predictor}")
+        if held is not None:
+            print(evaluate_predictor(predictor, collect_pairs(spec, held, stats.thresholds)).summary())
+    if held is not None:
+        from xpuc.compiler.sparse_quality import measure_quality
+
+        print(measure_quality(spec, held, stats.thresholds).summary() + " (threshold only)")
+        if predictor is not None:
+            print(measure_quality(spec, held, stats.thresholds, predictor).summary() + " (with predictor)")
     return 0
 
 
@@ -291,7 +312,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model")
     p.add_argument("--text", nargs="+", required=True, help="calibration text file(s)")
     p.add_argument("--sparsity", type=float, default=None, help="SwiGLU models: target sparsity of the threshold")
-    p.add_argument("--max-tokens", type=int, default=1024)
+    p.add_argument("--max-tokens", type=int, default=1024, help="calibration tokens to use (default 1024)")
+    p.add_argument("--eval-text", nargs="+", default=None,
+                   help="held-out text file(s): report predictor recall/precision and sparse-vs-dense quality")
+    p.add_argument("--max-eval-tokens", type=int, default=512)
+    p.add_argument("--predictor", metavar="FILE", default=None,
+                   help="train the activation predictor and write it here (safetensors)")
+    p.add_argument("--recall", type=float, default=0.97, help="predictor target recall per layer (default 0.97)")
     p.add_argument("-o", "--output", default="profile.json")
     p.set_defaults(fn=cmd_profile)
 

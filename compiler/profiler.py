@@ -79,36 +79,56 @@ def read_text_files(paths: list[str | os.PathLike]) -> str:
     return "\n".join(parts)
 
 
+def ffn_activations(spec: ModelSpec, token_ids: list[int], window: int = 256):
+    """Yield ``(layer, x, g, u)`` per window of ``token_ids``: the RMSNorm'd FFN input and the gate and up
+    pre-activations of every layer, from the fp16-rounded numpy reference (windows restart the context)."""
+    from xpuc.compiler.reference import ReferenceModel
+
+    class Recording(ReferenceModel):
+        def ffn_block(self, i: int, x: np.ndarray) -> np.ndarray:
+            p = f"layers.{i}."
+            g, u = x @ self.w[p + "gate_proj"].T, x @ self.w[p + "up_proj"].T
+            seen.append((i, x, g, u))
+            return super().ffn_block(i, x)
+
+    ref = Recording(spec, "float16")
+    for s in range(0, len(token_ids), window):
+        seen: list = []
+        ids = np.asarray(token_ids[s:s + window])
+        h = ref.w["embed_tokens"][ids]
+        ref.reset()
+        for i in range(spec.config.num_layers):
+            h = ref.layer(i, h, np.arange(len(ids)))
+        yield from seen
+
+
+def firing_mask(kind: str, g: np.ndarray, u: np.ndarray, threshold: float) -> np.ndarray:
+    """Which neurons fire: ``act != 0`` for the ReLU kinds, ``|silu(g)| > threshold`` for SwiGLU."""
+    from xpuc.compiler.reference import silu
+
+    if kind == "swiglu":
+        return np.abs(silu(g)) > threshold
+    if kind == "reglu":
+        return (g > 0) & (u != 0)
+    return (g > 0) & (u > 0)
+
+
 def profile_model(spec: ModelSpec, token_ids: list[int], target_sparsity: float | None = None,
                   window: int = 256) -> ProfileStats:
     """Run the numpy reference over ``token_ids`` (in windows) and record firing frequencies per neuron."""
-    from xpuc.compiler.reference import ReferenceModel, silu
-    from xpuc.compiler.synth import _ffn_input
+    from xpuc.compiler.reference import silu
 
     c = spec.config
     if c.ffn_kind == "swiglu" and target_sparsity is None:
         raise XpucError("a SwiGLU model needs --sparsity (it is made sparse by thresholding)")
     if len(token_ids) < 8:
         raise XpucError("calibration text too short (fewer than 8 tokens)")
-    ref = ReferenceModel(spec, "float16")
     acts: list[list[np.ndarray]] = [[] for _ in range(c.num_layers)]
-    for s in range(0, len(token_ids), window):
-        ids = np.asarray(token_ids[s:s + window])
-        h = ref.w["embed_tokens"][ids]
-        pos = np.arange(len(ids))
-        ref.reset()
-        for i in range(c.num_layers):
-            x = _ffn_input(ref, i, h, len(ids))
-            p = f"layers.{i}."
-            g = x @ ref.w[p + "gate_proj"].T
-            u = x @ ref.w[p + "up_proj"].T
-            if c.ffn_kind == "swiglu":
-                acts[i].append(np.abs(silu(g)).astype(np.float32))
-            elif c.ffn_kind == "reglu":
-                acts[i].append(((g > 0) & (u != 0)).astype(np.float32))
-            else:
-                acts[i].append(((g > 0) & (u > 0)).astype(np.float32))
-            h = ref.layer(i, h, pos)
+    for i, _x, g, u in ffn_activations(spec, token_ids, window):
+        if c.ffn_kind == "swiglu":
+            acts[i].append(np.abs(silu(g)).astype(np.float32))
+        else:
+            acts[i].append(firing_mask(c.ffn_kind, g, u, 0.0).astype(np.float32))
     thresholds, freq = [], []
     for i in range(c.num_layers):
         a = np.concatenate(acts[i])

@@ -37,3 +37,12 @@ class Steps:
         if not self.quiet:
             dt = time.perf_counter() - self._t0
             print(f" {dt:.1f} s{(' (' + note + ')') if note else ''}", file=sys.stderr, flush=True)
+
+
+def count(label: str, i: int, n: int, quiet: bool = False) -> None:
+    """An ``label i/n`` counter updated in place on stderr (a newline once ``i == n``)."""
+    global _open_line
+    if quiet:
+        return
+    print(f"\r{label} {i}/{n}", end="\n" if i >= n else "", file=sys.stderr, flush=True)
+    _open_line = i < n

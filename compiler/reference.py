@@ -50,13 +50,13 @@ def causal_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_offset: int)
     rep = nq // nkv
     k = np.repeat(k, rep, axis=1)
     v = np.repeat(v, rep, axis=1)
-    scores = np.einsum("shd,thd->hst", q, k) / np.sqrt(hd)
+    scores = np.matmul(q.transpose(1, 0, 2), k.transpose(1, 2, 0)) / np.sqrt(hd)  # (h, s, t), BLAS
     mask = np.arange(t)[None, :] > (q_offset + np.arange(s))[:, None]
     scores = np.where(mask[None], -np.inf, scores)
     scores = scores - scores.max(-1, keepdims=True)
     p = np.exp(scores)
     p /= p.sum(-1, keepdims=True)
-    return np.einsum("hst,thd->shd", p, v).astype(np.float32)
+    return np.matmul(p, v.transpose(1, 0, 2)).transpose(1, 0, 2).astype(np.float32)
 
 
 class ReferenceModel:
@@ -106,7 +106,12 @@ class ReferenceModel:
         a = causal_attention(q, self.k_cache[i], self.v_cache[i], offset).reshape(s, -1)
         h = h + a @ w[p + "o_proj"].T
         x = rms_norm(h, w[p + "ffn_norm"], c.rms_norm_eps)
-        return h + ffn(x, w[p + "gate_proj"], w[p + "up_proj"], w[p + "down_proj"], c.ffn_kind)
+        return h + self.ffn_block(i, x)
+
+    def ffn_block(self, i: int, x: np.ndarray) -> np.ndarray:
+        """Layer ``i``'s FFN on its normalised input (subclasses make it sparse)."""
+        p = f"layers.{i}."
+        return ffn(x, self.w[p + "gate_proj"], self.w[p + "up_proj"], self.w[p + "down_proj"], self.config.ffn_kind)
 
     def forward(self, ids: list[int] | np.ndarray) -> np.ndarray:
         """Run ``ids`` after what is already cached; returns logits (len(ids), vocab)."""
