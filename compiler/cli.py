@@ -112,6 +112,53 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pack(args: argparse.Namespace) -> int:
+    from xpuc.compiler.offload_pack import pack_offload
+
+    out = pack_offload(args.model, args.stats, args.plan, args.predictor, args.output, args.force, args.quiet)
+    print(f"wrote {out}")
+    return 0
+
+
+def _parse_modes(text: str) -> list[str]:
+    from xpuc.runtime.offload import MODES
+
+    modes = [m.strip() for m in text.split(",") if m.strip()]
+    bad = [m for m in modes if m not in MODES]
+    if bad or not modes:
+        raise XpucError(f"unknown mode(s) {', '.join(bad) or '(none)'} (known: {', '.join(MODES)})")
+    return modes
+
+
+def _parse_budget(text: str) -> tuple[float | None, int | None]:
+    """``50%`` -> share of the FFN kept in memory; ``2GiB`` -> total memory budget in bytes."""
+    from xpuc.compiler.planner import parse_size
+
+    t = text.strip()
+    if t.endswith("%"):
+        try:
+            v = float(t[:-1]) / 100
+        except ValueError:
+            raise XpucError(f"cannot read the budget '{text}' (examples: 50%, 2GiB)") from None
+        if not 0 < v <= 1:
+            raise XpucError("--budget in percent must be in (0, 100]")
+        return v, None
+    return None, parse_size(t)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from xpuc.runtime.bench import run_bench
+
+    modes = _parse_modes(args.modes)
+    share, total = _parse_budget(args.budget)
+    if args.tokens < 2:
+        raise XpucError("--tokens must be at least 2")
+    report = run_bench(Path(args.artifact), modes, share, total, args.tokens, args.output, args.plot,
+                       threads=args.threads, quiet=args.quiet)
+    print(report)
+    return 0
+
+
 def cmd_compile(args: argparse.Namespace) -> int:
     from xpuc.compiler.build import compile_model, compile_onnx
     from xpuc.compiler.zoo import resolve_model
@@ -321,6 +368,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recall", type=float, default=0.97, help="predictor target recall per layer (default 0.97)")
     p.add_argument("-o", "--output", default="profile.json")
     p.set_defaults(fn=cmd_profile)
+
+    p = sub.add_parser("pack", help="write the FFN flash layout + fixed segment + predictor for offloaded decoding")
+    p.add_argument("model")
+    p.add_argument("--stats", required=True, help="profile.json from `xpuc profile`")
+    p.add_argument("--plan", required=True, help="plan.json from `xpuc plan`")
+    p.add_argument("--predictor", required=True, help="predictor from `xpuc profile --predictor`")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--force", action="store_true", help="replace an existing directory")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(fn=cmd_pack)
+
+    p = sub.add_parser("bench", help="decode a packed model in several modes side by side (flash offloading)")
+    p.add_argument("artifact", help="directory from `xpuc pack`")
+    p.add_argument("--budget", default="50%",
+                   help="share of the FFN weights kept in memory (50%%) or a total memory budget (2GiB)")
+    p.add_argument("--modes", default="naive,llmflash,cache,full", help="comma-separated: naive,llmflash,cache,full")
+    p.add_argument("--tokens", type=int, default=32, help="tokens to generate per mode (default 32)")
+    p.add_argument("-o", "--output", default="bench.json", help="JSON report")
+    p.add_argument("--plot", default=None, help="PNG of the ablation (default: next to the JSON)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(fn=cmd_bench)
 
     p = sub.add_parser("plan", help="place neurons and choose cache/I-O/threads for a device and budget")
     p.add_argument("model")

@@ -107,7 +107,7 @@ def collect_pairs(spec: ModelSpec, token_ids: list[int], thresholds: list[float]
     for i, x, g, u in ffn_activations(spec, token_ids, window):
         xs[i].append(x.astype(np.float32))
         ms[i].append(firing_mask(spec.config.ffn_kind, g, u, thresholds[i]))
-    return [(np.concatenate(x), np.concatenate(m)) for x, m in zip(xs, ms)]
+    return [(np.concatenate(x), np.concatenate(m)) for x, m in zip(xs, ms, strict=False)]
 
 
 def _init_from_gate(gate: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -139,7 +139,7 @@ def train_layer(x: np.ndarray, m: np.ndarray, gate: np.ndarray, rank: int, recal
     vel = [np.zeros_like(p) for p in params]
     step = 0
     for _ in range(epochs):
-        for s in range(0, len(tr), 256):
+        for _s in range(0, len(tr), 256):
             bi = tr[rng.permutation(len(tr))[:256]] if len(tr) > 256 else tr
             xb, mb = x[bi], m[bi].astype(np.float32)
             hpre = xb @ w1.T + b1
@@ -152,7 +152,7 @@ def train_layer(x: np.ndarray, m: np.ndarray, gate: np.ndarray, rank: int, recal
             dh = (dl @ w2) * (hpre > 0)
             grads[0], grads[1] = dh.T @ xb, dh.sum(0)
             step += 1
-            for j, (prm, gr) in enumerate(zip(params, grads)):
+            for j, (prm, gr) in enumerate(zip(params, grads, strict=False)):
                 mom[j] = 0.9 * mom[j] + 0.1 * gr
                 vel[j] = 0.999 * vel[j] + 0.001 * gr * gr
                 prm -= lr * (mom[j] / (1 - 0.9**step)) / (np.sqrt(vel[j] / (1 - 0.999**step)) + 1e-8)
@@ -204,7 +204,7 @@ class PredictorReport:
 
 def evaluate_predictor(pred: Predictor, pairs: list[tuple[np.ndarray, np.ndarray]]) -> PredictorReport:
     rec, prec, psp, tsp = [], [], [], []
-    for lp, (x, m) in zip(pred.layers, pairs):
+    for lp, (x, m) in zip(pred.layers, pairs, strict=False):
         p = lp.predict(x)
         tp = float((p & m).sum())
         rec.append(tp / max(float(m.sum()), 1.0))

@@ -28,6 +28,9 @@ class SparseFFNKernel:
         TVM target to compile for (default: the host CPU profile).
     threads:
         Parallel tasks in each kernel.
+    share:
+        Run on ``bundle`` in place instead of a copy (it must be 64-byte aligned, e.g. from
+        :func:`xpuc.runtime.flash_reader.aligned_empty`): a neuron cache fills it and the kernels see it.
     threshold:
         Activation threshold of the ``swiglu`` kind (CATS/TEAL-style); ignored by the ReLU kinds.
     """
@@ -37,6 +40,7 @@ class SparseFFNKernel:
     target: object = None
     threads: int = 2
     threshold: float = 0.0
+    share: bool = False  # use ``bundle``'s memory in place (page-aligned array; later writes are seen)
 
     def __post_init__(self) -> None:
         import tvm
@@ -52,7 +56,7 @@ class SparseFFNKernel:
         funcs = {m: sparse_ffn_kernel(self.layout, m, self.threads).with_attr("global_symbol", m) for m in modes}
         self.module = tvm.compile(tvm.IRModule(funcs), target=target)
         self._dev = tvm.cpu()
-        self._w = tvm.runtime.tensor(self.bundle, self._dev)
+        self._w = tvm.runtime.from_dlpack(self.bundle) if self.share else tvm.runtime.tensor(self.bundle, self._dev)
         self._thr = tvm.runtime.tensor(np.array([self.threshold], np.float32), self._dev)
         self._y = tvm.runtime.tensor(np.zeros(self.layout.d_model, np.float32), self._dev)
 

@@ -1,0 +1,390 @@
+"""Decoding a model whose FFN weights live on flash: predictor -> cache -> reads -> sparse kernels.
+
+One runtime, four modes that share the kernels, the flash file and the fixed segment:
+
+``naive``     every token streams each layer's whole FFN from flash (large sequential reads) and runs the
+              dense neuron-cluster kernel on it.
+``llmflash``  LLM-in-a-flash: the predictor selects clusters, bundled records are read for the ones not in
+              memory, memory is managed by a sliding window over the last 5 tokens; reads are synchronous
+              and there is no hot segment.
+``cache``     + PowerInfer-2's segmented cache: the most frequent clusters are loaded at start and pinned
+              (hot segment), the rest of the budget is an LRU cold segment; reads still synchronous.
+``full``      + the neuron-cluster pipeline: misses are read by the I/O threads in chunks while the compute
+              thread runs the resident clusters and then each chunk as it lands; the next layer's cold
+              clusters are predicted from the hidden state before attention and prefetched while
+              attention runs.
+
+The fixed segment (embeddings, attention, norms, LM head, KV cache, predictor) stays in memory; its
+projections run through xpuc's fp16 GEMV kernels, attention itself in numpy.
+"""
+
+from __future__ import annotations
+
+import time
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from xpuc.compiler.errors import XpucError
+from xpuc.compiler.reference import rms_norm, rope
+
+MODES = ("naive", "llmflash", "cache", "full")
+CHUNK = 8  # clusters per pipelined read
+
+
+@dataclass
+class TokenMetrics:
+    seconds: float
+    bytes_read: int
+    requests: int
+    io_seconds: float
+    stall_seconds: float
+
+
+@dataclass
+class RunMetrics:
+    mode: str
+    tokens: list[TokenMetrics] = field(default_factory=list)
+    prefill_seconds: float = 0.0
+
+    def summary(self) -> dict:
+        t = self.tokens
+        n = max(len(t), 1)
+        sec = sum(m.seconds for m in t)
+        io = sum(m.io_seconds for m in t)
+        stall = sum(m.stall_seconds for m in t)
+        return {"mode": self.mode, "tokens": len(t), "tok_per_s": len(t) / sec if sec else 0.0,
+                "ttft_s": self.prefill_seconds, "bytes_read_per_token": sum(m.bytes_read for m in t) / n,
+                "requests_per_token": sum(m.requests for m in t) / n,
+                "io_hidden": min(1.0, max(0.0, 1.0 - stall / io)) if io > 0 else 1.0}
+
+
+class _Linear:
+    """``y = x @ W.T`` through xpuc's fp16 GEMV kernel (weights row-block packed once)."""
+
+    _cache: dict = {}
+
+    def __init__(self, w: np.ndarray, target) -> None:
+        import tvm
+
+        from xpuc.schedules.linear import linear_fp16, pack_rows
+
+        n, k = w.shape
+        key = (k, n, str(target))
+        if key not in self._cache:
+            f = linear_fp16(k, n).with_attr("global_symbol", "linear")
+            self._cache[key] = tvm.compile(tvm.IRModule({"linear": f}), target=target)["linear"]
+        self.fn = self._cache[key]
+        self.w = tvm.runtime.tensor(pack_rows(w.astype(np.float16)), tvm.cpu())
+        self.y = tvm.runtime.tensor(np.zeros((1, 1, n), np.float32), tvm.cpu())
+        self.nbytes = w.size * 2
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        import tvm
+
+        self.fn(tvm.runtime.tensor(x.reshape(1, 1, -1).astype(np.float32), tvm.cpu()), self.w, self.y)
+        return self.y.numpy()[0, 0]
+
+
+class OffloadModel:
+    """A packed model (``xpuc pack``) ready to decode in one of :data:`MODES`.
+
+    Parameters
+    ----------
+    artifact:
+        Directory written by :func:`xpuc.compiler.offload_pack.pack_offload`.
+    mode:
+        One of :data:`MODES`.
+    ffn_fraction:
+        Share of the FFN weights allowed in memory (the rest stays on flash). Default: the plan's budget.
+    threads, io_threads:
+        Compute threads of the kernels, I/O threads of the reader.
+    context:
+        KV cache length.
+    """
+
+    def __init__(self, artifact: str | Path, mode: str = "full", ffn_fraction: float | None = None,
+                 threads: int | None = None, io_threads: int | None = None, context: int = 512) -> None:
+        from xpuc.compiler.offload_pack import load_offload_artifact
+        from xpuc.runtime.flash_reader import FlashReader
+        from xpuc.targets.profile import load_profile
+
+        if mode not in MODES:
+            raise XpucError(f"unknown mode '{mode}' (known: {', '.join(MODES)})")
+        self.mode = mode
+        art = load_offload_artifact(Path(artifact))
+        self.art = art
+        self.config = c = art.config
+        self.flash = fl = art.flash
+        self.plan = art.plan
+        self.predictor = art.predictor
+        self.crcs = art.crcs
+        self.threads = threads or self.plan.compute_threads
+        target = load_profile("host").cpu_target()
+        w = art.fixed
+        self.embed = w["embed_tokens"].astype(np.float16)
+        self.final_norm = w["final_norm"].astype(np.float32)
+        self.head = _Linear(w["embed_tokens"] if c.tie_embeddings else w["lm_head"], target)
+        self.layers = []
+        for i in range(c.num_layers):
+            p = f"layers.{i}."
+            qkv = np.concatenate([w[p + "q_proj"], w[p + "k_proj"], w[p + "v_proj"]])
+            self.layers.append({"qkv": _Linear(qkv, target), "o": _Linear(w[p + "o_proj"], target),
+                                "attn_norm": w[p + "attn_norm"].astype(np.float32),
+                                "ffn_norm": w[p + "ffn_norm"].astype(np.float32)})
+        self.context = context
+        shape = (c.num_layers, context, c.num_kv_heads, c.head_dim)
+        self.k_cache, self.v_cache = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
+        self.pos = 0
+        self._stall = 0.0
+        self.reader = FlashReader(art.path / fl.ffn_file, fl.cluster_bytes,
+                                  io_threads or self.plan.io_threads, direct=True)
+        if self.reader.size < fl.file_bytes:
+            self.reader.close()
+            raise XpucError(f"{art.path / fl.ffn_file}: truncated ({self.reader.size} of {fl.file_bytes} bytes)")
+        self._setup_ffn(ffn_fraction, target)
+
+    # --- FFN memory ---------------------------------------------------------------------------------------
+    def _cluster_frequency(self) -> np.ndarray:
+        fl = self.flash
+        f = np.asarray(self.art.stats.frequency, np.float64)
+        out = np.zeros((len(fl.layers), fl.n_clusters))
+        for i, r in enumerate(fl.layers):
+            out[i] = f[i][np.asarray(r.order)].reshape(fl.n_clusters, fl.cluster).max(1)
+        return out
+
+    def split_budget(self, ffn_fraction: float, cold_share: float = 0.25) -> tuple[list[int], list[int]]:
+        """Hot clusters per layer (globally most frequent first) and cold slots per layer for a budget."""
+        fl, L = self.flash, len(self.flash.layers)
+        slots = int(ffn_fraction * L * fl.n_clusters)
+        if slots < 2 * L:
+            raise XpucError(f"FFN budget of {100 * ffn_fraction:.1f} % leaves fewer than two cluster slots per "
+                            "layer; raise the budget")
+        cold_each = max(1, int(slots * cold_share) // L)
+        n_hot = min(slots - cold_each * L, L * fl.n_clusters)
+        freq = self._cluster_frequency()
+        order = np.argsort(-freq, axis=None, kind="stable")[:n_hot]
+        hot = np.bincount(order // fl.n_clusters, minlength=L)
+        # hot clusters of a layer are a prefix of its storage order (sorted by frequency)
+        cold = [min(cold_each, fl.n_clusters - int(h)) for h in hot]
+        return [int(h) for h in hot], cold
+
+    def _setup_ffn(self, ffn_fraction: float | None, target) -> None:
+        from xpuc.runtime.flash_reader import aligned_empty
+        from xpuc.runtime.neuron_cache import NeuronCache
+        from xpuc.runtime.sparse_ffn import SparseFFNKernel
+
+        fl, L = self.flash, len(self.flash.layers)
+        rec_layout = fl.bundle_layout(1)
+        rec_shape = rec_layout.shape()[1:]
+        if ffn_fraction is None:
+            ffn_fraction = (self.plan.budget_bytes - self.plan.fixed_bytes) / (L * fl.n_clusters * fl.cluster_bytes)
+        ffn_fraction = float(min(max(ffn_fraction, 0.0), 1.0))
+        self.ffn_fraction = ffn_fraction
+        thr = self.art.stats.thresholds
+        self.cache = None
+        if self.mode == "naive":
+            self.scratch = aligned_empty((fl.n_clusters, *rec_shape), rec_layout.storage_dtype)
+            pool, n_slots = self.scratch, fl.n_clusters
+        else:
+            hot, cold = self.split_budget(ffn_fraction)
+            if self.mode == "llmflash":  # no hot segment: the same memory as one windowed cache
+                cold, hot = [h + c for h, c in zip(hot, cold, strict=False)], [0] * L
+            self.cache = NeuronCache(rec_shape, rec_layout.storage_dtype, fl.n_clusters, hot, cold,
+                                     "window" if self.mode == "llmflash" else "lru")
+            pool, n_slots = self.cache.pool, self.cache.pool.shape[0]
+            for i, seg in enumerate(self.cache.layers):  # load the hot segments
+                if seg.n_hot:
+                    self.reader.read_span(fl.cluster_offset(i, 0), pool[seg.start:seg.start + seg.n_hot])
+                    crc = self.crcs[i, :seg.n_hot]
+                    bad = [j for j in range(seg.n_hot) if zlib.crc32(pool[seg.start + j]) != int(crc[j])]
+                    if bad:
+                        raise XpucError(f"{self.art.path / fl.ffn_file}: hot cluster {bad[0]} of layer {i} fails "
+                                        "its checksum (corrupted flash file)")
+        self.kernel = SparseFFNKernel(fl.bundle_layout(n_slots), pool, target, self.threads, float(thr[0]),
+                                      share=True)
+        self._thr_tensors = [np.array([t], np.float32) for t in thr]
+        self._cluster_of = [fl.cluster_of_neuron(i) for i in range(L)]
+        self.reader.reset_counters()
+
+    def accounted_bytes(self) -> dict:
+        fixed = self.head.nbytes + self.embed.nbytes + sum(d["qkv"].nbytes + d["o"].nbytes for d in self.layers)
+        fixed += self.k_cache.nbytes + self.v_cache.nbytes
+        if self.predictor is not None:
+            fixed += sum(lp.w1.nbytes + lp.w2.nbytes for lp in self.predictor.layers)
+        ffn = self.scratch.nbytes if self.mode == "naive" else self.cache.nbytes
+        return {"fixed": int(fixed), "ffn": int(ffn), "total": int(fixed + ffn)}
+
+    # --- FFN paths -------------------------------------------------------------------------------------------
+    def _predict(self, i: int, x: np.ndarray) -> np.ndarray:
+        mask = self.predictor.layers[i].predict(x)
+        return np.unique(self._cluster_of[i][mask]).astype(np.int32)
+
+    def _run(self, i: int, x: np.ndarray, slots: np.ndarray) -> np.ndarray:
+        if slots.size == 0:
+            return np.zeros_like(x)
+        self.kernel._thr.copyfrom(self._thr_tensors[i])
+        return self.kernel(x, np.sort(slots).astype(np.int32))
+
+    def _ffn_naive(self, i: int, x: np.ndarray) -> np.ndarray:
+        t0 = time.perf_counter()
+        self.reader.read_span(self.flash.cluster_offset(i, 0), self.scratch)
+        self._stall += time.perf_counter() - t0
+        self.kernel._thr.copyfrom(self._thr_tensors[i])
+        return self.kernel.dense(x)
+
+    def _issue(self, i: int, miss: np.ndarray, keep: set[int], partial: bool = False
+               ) -> list[tuple[object, np.ndarray]]:
+        """Assign slots to missing clusters and submit their reads in chunks; returns (future, slots).
+        ``partial``: read only as many as there are evictable slots (prefetch)."""
+        if miss.size == 0:
+            return []
+        victims = self.cache.victims(i, miss.size, keep)
+        if len(victims) < miss.size:
+            if not partial:
+                raise XpucError("internal: cold segment smaller than one token's misses")
+            miss = miss[: len(victims)]
+            if miss.size == 0:
+                return []
+        out = []
+        slots = np.asarray(victims[: miss.size], np.int32)
+        for c, s in zip(miss, slots, strict=False):
+            self.cache.assign(i, int(c), int(s))
+        base = self.flash.cluster_offset(i, 0)
+        pool = self.cache.pool
+        for a in range(0, miss.size, CHUNK):
+            cs, ss = miss[a:a + CHUNK], slots[a:a + CHUNK]
+            offs = base + cs.astype(np.int64) * self.flash.cluster_bytes
+            fut = self.reader.submit(offs, [pool[s] for s in ss], self.crcs[i, cs])
+            out.append((fut, ss))
+        return out
+
+    def _wait(self, jobs: list) -> None:
+        t0 = time.perf_counter()
+        for fut, _ in jobs:
+            fut.result()
+        self._stall += time.perf_counter() - t0
+
+    def _ffn_cached(self, i: int, x: np.ndarray, pending: dict) -> np.ndarray:
+        seg = self.cache.layers[i]
+        need = self._predict(i, x)
+        self._wait(pending.pop(i, []))  # prefetched reads land before their slots can be reused
+        hit_slots, miss = self.cache.lookup(i, need)
+        cold_hits = int((hit_slots >= seg.cold_start).sum())
+        room = seg.n_cold - cold_hits
+        y = np.zeros_like(x)
+        pipelined = self.mode == "full"
+        if miss.size <= room:  # one wave; resident clusters stay protected
+            jobs = self._issue(i, miss, set(int(c) for c in need))
+            if pipelined:  # compute what is resident while the reads are in flight, then chunk by chunk
+                y += self._run(i, x, hit_slots)
+                for job in jobs:
+                    self._wait([job])
+                    y += self._run(i, x, job[1])
+            else:
+                self._wait(jobs)
+                got = [ss for _, ss in jobs]
+                y += self._run(i, x, np.concatenate([hit_slots, *got]))
+            return y
+        # more misses than free cold slots: compute the resident clusters, then stream the misses through
+        # the whole cold segment wave by wave
+        y += self._run(i, x, hit_slots)
+        for a in range(0, miss.size, max(seg.n_cold, 1)):
+            part = miss[a:a + seg.n_cold]
+            jobs = self._issue(i, part, set(int(c) for c in part))
+            if pipelined:
+                for job in jobs:
+                    self._wait([job])
+                    y += self._run(i, x, job[1])
+            else:
+                self._wait(jobs)
+                y += self._run(i, x, np.concatenate([ss for _, ss in jobs]))
+        return y
+
+    def _prefetch(self, i: int, h: np.ndarray, pending: dict) -> None:
+        """Predict layer ``i``'s clusters from the hidden state before attention and start their reads."""
+        if i >= len(self.layers) or self.cache.layers[i].n_cold == 0:
+            return
+        guess = self._predict(i, rms_norm(h, self.layers[i]["ffn_norm"], self.config.rms_norm_eps)[0])
+        slots = self.cache.layers[i].slot_of[guess]
+        miss = guess[slots < 0][: self.cache.layers[i].n_cold // 2]
+        pending[i] = self._issue(i, miss, set(int(c) for c in guess), partial=True)
+
+    # --- decoding ------------------------------------------------------------------------------------------
+    def reset(self) -> None:
+        self.pos = 0
+
+    def step(self, token: int) -> np.ndarray:
+        """Feed one token; returns the next-token logits."""
+        c = self.config
+        if self.pos >= self.context:
+            raise XpucError(f"context of {self.context} tokens is full")
+        if not 0 <= token < c.vocab_size:
+            raise XpucError(f"token id {token} outside the vocabulary")
+        h = self.embed[token].astype(np.float32)[None]
+        pos = np.array([self.pos])
+        pending: dict = {}
+        for i, L in enumerate(self.layers):
+            if self.mode == "full":
+                self._prefetch(i, h, pending)
+            x = rms_norm(h, L["attn_norm"], c.rms_norm_eps)[0]
+            qkv = L["qkv"](x)
+            nq, nk = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+            q = rope(qkv[:nq].reshape(1, c.num_heads, c.head_dim), pos, c.rope_theta)[0]
+            self.k_cache[i, self.pos] = rope(qkv[nq:nq + nk].reshape(1, c.num_kv_heads, c.head_dim), pos,
+                                             c.rope_theta)[0]
+            self.v_cache[i, self.pos] = qkv[nq + nk:].reshape(c.num_kv_heads, c.head_dim)
+            k, v = self.k_cache[i, :self.pos + 1], self.v_cache[i, :self.pos + 1]
+            rep = c.num_heads // c.num_kv_heads
+            qh = q.reshape(c.num_kv_heads, rep, c.head_dim)
+            s = np.einsum("grd,tgd->grt", qh, k) / np.sqrt(c.head_dim)
+            s = np.exp(s - s.max(-1, keepdims=True))
+            s /= s.sum(-1, keepdims=True)
+            a = np.einsum("grt,tgd->grd", s, v).reshape(-1)
+            h = h + L["o"](a)[None]
+            x = rms_norm(h, L["ffn_norm"], c.rms_norm_eps)[0].astype(np.float32)
+            y = self._ffn_naive(i, x) if self.mode == "naive" else self._ffn_cached(i, x, pending)
+            h = h + y[None]
+        self.pos += 1
+        if self.cache is not None:
+            self.cache.next_token()
+        h = rms_norm(h, self.final_norm, c.rms_norm_eps)[0]
+        return self.head(h.astype(np.float32))
+
+    def generate(self, prompt: list[int], max_new_tokens: int, progress=None) -> tuple[list[int], RunMetrics]:
+        """Greedy generation; per-token metrics of the decode steps."""
+        m = RunMetrics(self.mode)
+        self.reset()
+        t0 = time.perf_counter()
+        for t in prompt:
+            logits = self.step(t)
+        m.prefill_seconds = time.perf_counter() - t0
+        out: list[int] = []
+        for n in range(max_new_tokens):
+            tok = int(np.argmax(logits))
+            out.append(tok)
+            if n == max_new_tokens - 1 or self.pos >= self.context:
+                break
+            before = self.reader.metrics()
+            self._stall = 0.0
+            t0 = time.perf_counter()
+            logits = self.step(tok)
+            dt = time.perf_counter() - t0
+            after = self.reader.metrics()
+            m.tokens.append(TokenMetrics(dt, after["bytes_read"] - before["bytes_read"],
+                                         after["requests"] - before["requests"],
+                                         after["io_seconds"] - before["io_seconds"], self._stall))
+            if progress:
+                progress(n + 1, max_new_tokens - 1)
+        return out, m
+
+    def close(self) -> None:
+        self.reader.close()
+
+    def __enter__(self) -> OffloadModel:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,223 @@
+"""Offloaded decoding: flash layout, FlashReader, NeuronCache, the four modes against numpy, faults, soak."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import zlib
+
+import numpy as np
+import pytest
+from test_cli import assert_clean_error, xpuc
+
+from xpuc.compiler.errors import XpucError
+from xpuc.compiler.frontends import load_model
+from xpuc.compiler.predictor import collect_pairs, train_predictor
+from xpuc.compiler.profiler import profile_model
+from xpuc.compiler.reference import ReferenceModel
+from xpuc.compiler.synth import synthesize
+
+LICENSE = "/usr/share/common-licenses/Apache-2.0"
+
+
+@pytest.fixture(scope="module")
+def packed(tmp_path_factory):
+    """A tiny generated dReLU model, profiled, with a predictor, planned and packed (fp16, clusters of 16)."""
+    from xpuc.compiler.offload_pack import pack_offload
+    from xpuc.compiler.planner import plan_neurons
+    from xpuc.runtime.tokenizer import XpucTokenizer
+    from xpuc.targets.profile import load_profile
+
+    d = tmp_path_factory.mktemp("offload")
+    synthesize("tiny", 0.9, 3, d / "model")
+    spec = load_model(str(d / "model"))
+    ids = XpucTokenizer.from_source(spec.tokenizer).encode(open(LICENSE).read())[:1024]
+    stats = profile_model(spec, ids)
+    stats.save(d / "stats.json")
+    pred = train_predictor(spec, collect_pairs(spec, ids, stats.thresholds), 0.97)
+    pred.save(d / "pred.safetensors")
+    plan = plan_neurons(spec.config, stats, load_profile("oneplus-12"), 4 << 20, "float16", 16)
+    plan.save(d / "plan.json")
+    pack_offload(str(d / "model"), str(d / "stats.json"), str(d / "plan.json"), str(d / "pred.safetensors"),
+                 d / "art", quiet=True)
+    return d, spec
+
+
+def test_flash_layout_records_hot_first_aligned_and_checksummed(packed):
+    from xpuc.compiler.flash_layout import FlashLayout
+    from xpuc.schedules.neuron_bundle import bundle_ffn
+
+    d, spec = packed
+    fl = FlashLayout.load(d / "art" / "flash.json")
+    crcs = np.load(d / "art" / "ffn.crc32.npy")
+    raw = (d / "art" / "ffn.bin").read_bytes()
+    assert fl.aligned and fl.cluster_bytes % 4096 == 0
+    freq = np.asarray(profile_stats(d).frequency)
+    for i, region in enumerate(fl.layers):
+        assert region.offset % 4096 == 0
+        order = np.asarray(region.order)
+        assert sorted(order.tolist()) == list(range(fl.d_ff))  # every neuron exactly once
+        assert np.all(np.diff(freq[i][order]) <= 1e-12)  # most frequent first (hot neurons lead)
+        p = f"layers.{i}."
+        want = bundle_ffn(fl.bundle_layout(fl.n_clusters), spec.weights[p + "up_proj"][order],
+                          spec.weights[p + "down_proj"][:, order], spec.weights[p + "gate_proj"][order])
+        got = np.frombuffer(raw, np.float16, count=want.size, offset=region.offset).reshape(want.shape)
+        np.testing.assert_array_equal(got, want)
+        for j in range(fl.n_clusters):
+            off = fl.cluster_offset(i, j)
+            assert zlib.crc32(raw[off:off + fl.cluster_bytes]) == crcs[i, j]
+
+
+def profile_stats(d):
+    from xpuc.compiler.profiler import ProfileStats
+
+    return ProfileStats.load(d / "stats.json")
+
+
+class _ClusterMaskedReference(ReferenceModel):
+    """Numpy oracle of the sparse modes: each FFN over the clusters the predictor selects."""
+
+    def __init__(self, spec, model) -> None:
+        super().__init__(spec, "float16")
+        self.model = model
+
+    def ffn_block(self, i, x):
+        from xpuc.compiler.reference import ffn
+
+        clusters = self.model._predict(i, x[0].astype(np.float32))
+        keep = np.isin(self.model._cluster_of[i], clusters)
+        p = f"layers.{i}."
+        return ffn(x, self.w[p + "gate_proj"][keep], self.w[p + "up_proj"][keep], self.w[p + "down_proj"][:, keep],
+                   self.config.ffn_kind)
+
+
+@pytest.mark.parametrize("mode", ["naive", "llmflash", "cache", "full"])
+def test_modes_match_numpy(packed, mode):
+    from xpuc.runtime.offload import OffloadModel
+
+    d, spec = packed
+    tokens = [5, 77, 300, 12, 9, 401, 33, 2]
+    with OffloadModel(d / "art", mode, ffn_fraction=0.4, threads=2) as m:
+        ref = ReferenceModel(spec, "float16") if mode == "naive" else _ClusterMaskedReference(spec, m)
+        for t in tokens:
+            got = m.step(t)
+            want = ref.forward([t])[0]
+            np.testing.assert_allclose(got, want, rtol=2e-3, atol=2e-3 * np.abs(want).max())
+        acct = m.accounted_bytes()
+        if mode != "naive":  # the cache never holds more than the budget's share of the FFN
+            fl = m.flash
+            assert acct["ffn"] <= 0.4 * len(fl.layers) * fl.n_clusters * fl.cluster_bytes + 4096
+            assert m.cache.hit_rate() > 0
+
+
+def test_modes_agree_and_cache_reads_less(packed, tmp_path):
+    from xpuc.runtime.bench import run_bench
+
+    d, _ = packed
+    text = run_bench(d / "art", ["naive", "llmflash", "cache", "full"], 0.4, None, 12, str(tmp_path / "b.json"),
+                     quiet=True)
+    import json
+
+    rep = json.loads((tmp_path / "b.json").read_text())
+    rows = {r["mode"]: r for r in rep["modes"]}
+    assert rep["sparse_modes_agree"], rep["outputs"]
+    assert rows["naive"]["bytes_read_per_token"] > 2 * rows["full"]["bytes_read_per_token"]
+    assert rows["cache"]["hit_rate"] >= rows["llmflash"]["hit_rate"] - 0.05
+    assert (tmp_path / "b.png").stat().st_size > 1000
+    assert "full" in text
+
+
+def _copy_art(d, tmp_path):
+    art = tmp_path / "art"
+    shutil.copytree(d / "art", art)
+    return art
+
+
+def test_truncated_flash_file_is_a_clear_error(packed, tmp_path):
+    from xpuc.runtime.offload import OffloadModel
+
+    art = _copy_art(packed[0], tmp_path)
+    with open(art / "ffn.bin", "r+b") as f:
+        f.truncate(os.path.getsize(art / "ffn.bin") - 4096)
+    with pytest.raises(XpucError, match="truncated"):
+        OffloadModel(art, "full", 0.4)
+
+
+def test_corrupted_record_fails_its_checksum(packed, tmp_path):
+    from xpuc.compiler.flash_layout import FlashLayout
+    from xpuc.runtime.offload import OffloadModel
+
+    art = _copy_art(packed[0], tmp_path)
+    fl = FlashLayout.load(art / "flash.json")
+    with open(art / "ffn.bin", "r+b") as f:  # flip bytes in every cold cluster of layer 0
+        for j in range(fl.n_clusters // 2, fl.n_clusters):
+            f.seek(fl.cluster_offset(0, j) + 100)
+            f.write(b"\xff\xff\xff\xff")
+    with OffloadModel(art, "naive") as m, pytest.raises(XpucError, match="checksum|corrupt"):
+        m.reader.read(np.array([fl.cluster_offset(0, fl.n_clusters - 1)]), [m.scratch[0]],
+                      m.crcs[0, fl.n_clusters - 1:])
+
+
+def test_read_errors_and_short_reads_surface_cleanly(packed):
+    from xpuc.runtime.offload import OffloadModel
+
+    d, _ = packed
+    with OffloadModel(d / "art", "full", 0.3) as m:
+        def failing(bufs, offset):
+            raise OSError(5, "Input/output error")
+
+        m.reader._preadv = failing
+        with pytest.raises(XpucError, match="read error"):
+            for t in range(40):  # until a miss has to be read
+                m.step(t)
+    with OffloadModel(d / "art", "cache", 0.3) as m:
+        m.reader._preadv = lambda bufs, offset: 17
+        with pytest.raises(XpucError, match="short read"):
+            for t in range(40):
+                m.step(t)
+
+
+def test_bad_artifacts_and_arguments(packed, tmp_path):
+    d, _ = packed
+    assert_clean_error(xpuc("bench", str(tmp_path), "--tokens", "4"), "not a packed xpuc model")
+    assert_clean_error(xpuc("bench", str(d / "art"), "--modes", "naive,turbo"), "unknown mode")
+    assert_clean_error(xpuc("bench", str(d / "art"), "--budget", "0%"), "budget")
+    art = _copy_art(d, tmp_path)
+    (art / "plan.json").write_text((art / "plan.json").read_text().replace('"cluster": 16', '"cluster": 17'))
+    assert_clean_error(xpuc("bench", str(art), "--tokens", "4"), "fails its checksum")
+
+
+def test_soak_many_generations_no_leaks(packed):
+    import psutil
+
+    from xpuc.runtime.offload import OffloadModel
+
+    d, _ = packed
+    proc = psutil.Process()
+    with OffloadModel(d / "art", "full", 0.3) as m:
+        m.generate([1, 2, 3], 3)
+        fds, rss = proc.num_fds(), proc.memory_info().rss
+        for k in range(150):
+            m.generate([k % 200 + 1, 7], 3)
+        assert proc.num_fds() == fds
+        assert proc.memory_info().rss - rss < 16 << 20
+    threads = proc.num_threads()
+    assert threads < 64
+
+
+def test_oracle_mask_sparse_equals_dense(packed):
+    """With the oracle's clusters (every firing neuron's cluster) the sparse modes equal the dense model."""
+    from xpuc.runtime.offload import OffloadModel
+
+    d, spec = packed
+    ref = ReferenceModel(spec, "float16")
+    with OffloadModel(d / "art", "full", 0.3) as m:
+        def oracle(i, x):
+            p = f"layers.{i}."
+            g, u = ref.w[p + "gate_proj"] @ x, ref.w[p + "up_proj"] @ x
+            return np.unique(m._cluster_of[i][(g > 0) & (u > 0)]).astype(np.int32)
+
+        m._predict = oracle
+        for t in [11, 250, 3, 97, 64]:
+            want = ref.forward([t])[0]
+            np.testing.assert_allclose(m.step(t), want, rtol=2e-3, atol=2e-3 * np.abs(want).max())
