@@ -48,7 +48,8 @@ def cmd_fetch(args: argparse.Namespace) -> int:
 def cmd_synth(args: argparse.Namespace) -> int:
     from xpuc.compiler.synth import synthesize
 
-    r = synthesize(args.shape, args.sparsity, args.seed, args.output, alpha=args.alpha, quiet=args.quiet)
+    r = synthesize(args.shape, args.sparsity, args.seed, args.output, alpha=args.alpha, quiet=args.quiet,
+                   layers=args.layers)
     print(f"wrote {args.output}: {args.shape}, {r.parameters / 1e6:.1f} M parameters, dReLU FFNs")
     print("measured sparsity per layer (held-out tokens): " + " ".join(f"{x:.3f}" for x in r.measured_sparsity))
     print("consecutive-token overlap of active sets:      " + " ".join(f"{x:.2f}" for x in r.consecutive_overlap))
@@ -91,7 +92,13 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
         print(measure_quality(spec, held, stats.thresholds).summary() + " (threshold only)")
         if predictor is not None:
-            print(measure_quality(spec, held, stats.thresholds, predictor).summary() + " (with predictor)")
+            from xpuc.compiler.sparse_quality import clusters_by_frequency
+
+            print(measure_quality(spec, held, stats.thresholds, predictor).summary()
+                  + " (with predictor, neuron granularity)")
+            co = clusters_by_frequency(stats.frequency, args.cluster)
+            print(measure_quality(spec, held, stats.thresholds, predictor, cluster_of=co).summary()
+                  + f" (with predictor, clusters of {args.cluster} as on the decode path)")
     return 0
 
 
@@ -350,6 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shape", default="tiny", help="tiny | small | turbosparse-mistral-7b")
     p.add_argument("--sparsity", type=float, default=0.9, help="target share of inactive FFN neurons")
     p.add_argument("--alpha", type=float, default=1.0, help="power-law exponent of neuron firing rates")
+    p.add_argument("--layers", type=int, default=None, help="override the shape's layer count")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--quiet", action="store_true")
@@ -366,6 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--predictor", metavar="FILE", default=None,
                    help="train the activation predictor and write it here (safetensors)")
     p.add_argument("--recall", type=float, default=0.97, help="predictor target recall per layer (default 0.97)")
+    p.add_argument("--cluster", type=int, default=16, help="neuron cluster size of the decode path (default 16)")
     p.add_argument("-o", "--output", default="profile.json")
     p.set_defaults(fn=cmd_profile)
 

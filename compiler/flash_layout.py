@@ -4,8 +4,9 @@ Per layer, neurons are stored in the order *hot first* (the plan's hot neurons, 
 cold (most frequent first, so neurons often read together lie side by side and their reads merge). Every
 ``C`` consecutive neurons form a cluster record ``[C, R, row]`` in the bundled format of
 :mod:`xpuc.schedules.neuron_bundle` (gate | up | down column per neuron, fp16 or GGML q4_0/q4_1 blocks).
-Layer regions start on 4 KiB boundaries; when the cluster record size is a multiple of 4 KiB, every
-record is 4 KiB-aligned and can be read with ``O_DIRECT`` straight into the cache's slots. Every cluster
+Layer regions start on 4 KiB boundaries and the file ends on one, so a layer can be streamed with
+``O_DIRECT``; single records are read as the 4 KiB-aligned span that covers them (records of neighbouring
+neurons share pages, and their reads merge). Every cluster
 record has a CRC-32 (``ffn.crc32.npy``), checked after each read; the layout description (``flash.json``,
 versioned) holds each layer's neuron order and offsets.
 

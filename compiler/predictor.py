@@ -110,8 +110,19 @@ def collect_pairs(spec: ModelSpec, token_ids: list[int], thresholds: list[float]
     return [(np.concatenate(x), np.concatenate(m)) for x, m in zip(xs, ms, strict=False)]
 
 
+def _top_svd(a: np.ndarray, k: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Leading ``k`` singular triplets by a randomized range finder with two power iterations."""
+    rng = np.random.default_rng(seed)
+    a = a.astype(np.float32)
+    q, _ = np.linalg.qr(a @ rng.standard_normal((a.shape[1], min(k + 16, min(a.shape)))).astype(np.float32))
+    for _ in range(2):
+        q, _ = np.linalg.qr(a @ (a.T @ q))
+    ub, s, vt = np.linalg.svd((q.T @ a).astype(np.float64), full_matrices=False)
+    return (q @ ub)[:, :k], s[:k], vt[:k]
+
+
 def _init_from_gate(gate: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    u, s, vt = np.linalg.svd(gate.astype(np.float64), full_matrices=False)
+    u, s, vt = _top_svd(gate, k)
     a = (np.sqrt(s[:k])[:, None] * vt[:k]).astype(np.float32)  # (k, d)
     b = (u[:, :k] * np.sqrt(s[:k])[None]).astype(np.float32)  # (F, k)
     return np.concatenate([a, -a]), np.concatenate([b, -b], axis=1)

@@ -20,10 +20,12 @@ from xpuc.compiler.spec import ModelSpec
 class SparseReference(ReferenceModel):
     """The numpy reference with thresholded (and optionally predicted) FFN sparsity."""
 
-    def __init__(self, spec: ModelSpec, thresholds: list[float], predictor=None) -> None:
+    def __init__(self, spec: ModelSpec, thresholds: list[float], predictor=None,
+                 cluster_of: list[np.ndarray] | None = None) -> None:
         super().__init__(spec, "float16")
         self.thresholds = thresholds
         self.predictor = predictor
+        self.cluster_of = cluster_of  # per layer: cluster of each neuron (the decode path selects clusters)
         self.computed: list[float] = []  # share of neurons computed, per FFN call
 
     def ffn_block(self, i: int, x: np.ndarray) -> np.ndarray:
@@ -33,7 +35,14 @@ class SparseReference(ReferenceModel):
         g, u = x @ self.w[p + "gate_proj"].T, x @ self.w[p + "up_proj"].T
         keep = firing_mask(kind, g, u, self.thresholds[i])
         if self.predictor is not None:
-            keep &= self.predictor.layers[i].predict(x)
+            pred = self.predictor.layers[i].predict(x)
+            if self.cluster_of is not None:  # a predicted neuron brings its whole cluster
+                co = self.cluster_of[i]
+                sel = np.zeros((pred.shape[0], int(co.max()) + 1), bool)
+                rows, cols = np.nonzero(pred)
+                sel[rows, co[cols]] = True
+                pred = sel[:, co]
+            keep &= pred
         self.computed.append(float(keep.mean()))
         act = silu(g) * u if kind == "swiglu" else np.maximum(g, 0) * (np.maximum(u, 0) if kind == "drelu" else u)
         return (act * keep) @ self.w[p + "down_proj"].T
@@ -59,10 +68,21 @@ def _nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
     return lse - z[np.arange(len(targets)), targets]
 
 
+def clusters_by_frequency(frequency: list[list[float]], cluster: int) -> list[np.ndarray]:
+    """Per layer, each neuron's cluster when neurons are stored most frequent first (the flash layout)."""
+    out = []
+    for f in frequency:
+        order = np.argsort(-np.asarray(f), kind="stable")
+        pos = np.empty(len(order), np.int64)
+        pos[order] = np.arange(len(order))
+        out.append(pos // cluster)
+    return out
+
+
 def measure_quality(spec: ModelSpec, token_ids: list[int], thresholds: list[float], predictor=None,
-                    window: int = 256) -> QualityReport:
+                    window: int = 256, cluster_of: list[np.ndarray] | None = None) -> QualityReport:
     dense = ReferenceModel(spec, "float16")
-    sparse = SparseReference(spec, thresholds, predictor)
+    sparse = SparseReference(spec, thresholds, predictor, cluster_of)
     agree, nll_d, nll_s, n = 0, 0.0, 0.0, 0
     for s in range(0, len(token_ids) - 1, window):
         ids = np.asarray(token_ids[s:s + window + 1])

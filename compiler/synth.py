@@ -67,8 +67,9 @@ def _power_law(n: int, mean: float, alpha: float, rng: np.random.Generator) -> n
 
 
 def synthesize(shape: str, sparsity: float, seed: int, out: str | os.PathLike, alpha: float = 1.0,
-               calib_tokens: int | None = None, quiet: bool = True) -> SynthReport:
-    """Write a dReLU model of ``shape`` to ``out`` (HF directory) and return its measured statistics."""
+               calib_tokens: int | None = None, quiet: bool = True, layers: int | None = None) -> SynthReport:
+    """Write a dReLU model of ``shape`` to ``out`` (HF directory) and return its measured statistics.
+    ``layers`` overrides the shape's layer count (e.g. a few layers of the 7B shape for a benchmark)."""
     from xpuc.compiler.model_writer import write_hf_dir
     from xpuc.compiler.reference import ReferenceModel
     from xpuc.compiler.spec import LazyWeights, ModelSpec
@@ -78,9 +79,13 @@ def synthesize(shape: str, sparsity: float, seed: int, out: str | os.PathLike, a
     if not 0.0 < sparsity < 1.0:
         raise XpucError("--sparsity must be between 0 and 1 (exclusive)")
     c = SHAPES[shape]
+    if layers is not None:
+        if not 1 <= layers <= 256:
+            raise XpucError("--layers must be between 1 and 256")
+        c = dataclasses.replace(c, num_layers=layers)
     if c.num_parameters() > 2e9:
         raise XpucError(f"shape '{shape}' has {c.num_parameters() / 1e9:.1f} B parameters: generating it needs the "
-                        "streaming writer, which is not built yet (use tiny or small)")
+                        "streaming writer, which is not built yet (use tiny or small, or fewer --layers)")
     rng = np.random.default_rng(seed)
     d, f = c.hidden_size, c.intermediate_size
     calib = calib_tokens or (256 if c.num_parameters() < 5e7 else 64)

@@ -7,7 +7,10 @@ the process RSS (psutil, highest value seen while the mode ran). Writes a JSON r
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 from xpuc.compiler.errors import XpucError
@@ -33,15 +36,37 @@ def _plot(rows: list[dict], png: Path, title: str) -> None:
     os.replace(tmp, png)
 
 
+def run_mode(artifact: Path, mode: str, ffn_share: float, tokens: int, prompt: list[int], threads: int | None,
+             quiet: bool) -> dict:
+    """Decode in one mode; the row of the report (RSS sampled during the run, psutil)."""
+    import psutil
+
+    from xpuc.compiler.progress import count
+    from xpuc.runtime.offload import OffloadModel
+
+    proc = psutil.Process()
+    with OffloadModel(artifact, mode, ffn_share, threads=threads) as m:
+        peak = [proc.memory_info().rss]
+
+        def prog(i, n):
+            peak.append(proc.memory_info().rss)
+            count(f"{mode}: token", i, n, quiet)
+
+        out, metrics = m.generate(prompt, tokens, prog)
+        row = metrics.summary()
+        row["hit_rate"] = m.cache.hit_rate() if m.cache is not None else 0.0
+        row["accounted_bytes"] = m.accounted_bytes()
+        row["rss_bytes"] = max(peak)
+        row["direct_io"] = m.reader.direct
+        row["output"] = out
+    return row
+
+
 def run_bench(artifact: Path, modes: list[str], ffn_share: float | None, total_budget: int | None, tokens: int,
               output: str, plot: str | None = None, threads: int | None = None, quiet: bool = False,
               prompt: list[int] | None = None) -> str:
-    import psutil
-
     from xpuc.compiler.jsonfile import write_json_atomic
     from xpuc.compiler.offload_pack import load_offload_artifact
-    from xpuc.compiler.progress import count
-    from xpuc.runtime.offload import OffloadModel
 
     art = load_offload_artifact(artifact)
     fl = art.flash
@@ -52,24 +77,22 @@ def run_bench(artifact: Path, modes: list[str], ffn_share: float | None, total_b
             raise XpucError(f"budget {total_budget / 2**20:.0f} MiB is below the fixed segment "
                             f"({art.plan.fixed_bytes / 2**20:.0f} MiB)")
     prompt = prompt or art.sample_prompt[:8] or [1, 2, 3, 4]
-    proc = psutil.Process()
     rows, outputs = [], {}
-    for mode in modes:
-        with OffloadModel(artifact, mode, ffn_share, threads=threads) as m:
-            peak = [proc.memory_info().rss]
-
-            def prog(i, n, mode=mode, peak=peak):
-                peak.append(proc.memory_info().rss)
-                count(f"{mode}: token", i, n, quiet)
-
-            out, metrics = m.generate(prompt, tokens, prog)
-            row = metrics.summary()
-            row["hit_rate"] = m.cache.hit_rate() if m.cache is not None else 0.0
-            row["accounted_bytes"] = m.accounted_bytes()
-            row["rss_bytes"] = max(peak)
-            row["direct_io"] = m.reader.direct
-            rows.append(row)
-            outputs[mode] = out
+    for mode in modes:  # one process per mode: its RSS is its own
+        cmd = [sys.executable, "-m", "xpuc.runtime.bench", str(artifact), mode, repr(ffn_share), str(tokens),
+               ",".join(map(str, prompt)), str(threads or 0), "1" if quiet else "0"]
+        r = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+        last = (r.stdout.strip().splitlines() or ["{}"])[-1]
+        try:
+            row = json.loads(last)
+        except json.JSONDecodeError:
+            row = {}
+        if r.returncode == 130:
+            raise KeyboardInterrupt
+        if r.returncode != 0 or "error" in row:
+            raise XpucError(f"mode '{mode}': {row.get('error', f'worker exited with {r.returncode}')}")
+        outputs[mode] = row.pop("output")
+        rows.append(row)
     base = {r["mode"]: r["tok_per_s"] for r in rows}
     for r in rows:
         r["speedup_vs_naive"] = r["tok_per_s"] / base["naive"] if base.get("naive") else None
@@ -93,3 +116,25 @@ def run_bench(artifact: Path, modes: list[str], ffn_share: float | None, total_b
     lines.append(f"FFN in memory: {100 * ffn_share:.0f} %; reads: {io}; sparse modes agree: {same}")
     lines.append(f"wrote {output} and {png}")
     return "\n".join(lines)
+
+
+def _worker(argv: list[str]) -> int:
+    """``python -m xpuc.runtime.bench ART MODE SHARE TOKENS PROMPT THREADS QUIET``: one mode, one JSON line."""
+    from xpuc.targets.threads import configure_tvm_threads
+
+    art, mode, share, tokens, prompt, threads, quiet = argv
+    configure_tvm_threads(int(threads) or None)
+    try:
+        row = run_mode(Path(art), mode, float(share), int(tokens), [int(t) for t in prompt.split(",")],
+                       int(threads) or None, quiet == "1")
+    except XpucError as e:
+        print(json.dumps({"error": str(e)}))
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    print(json.dumps(row))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_worker(sys.argv[1:]))

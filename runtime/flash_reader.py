@@ -3,7 +3,8 @@
 * ``O_DIRECT`` when the filesystem allows it and the records are 4 KiB-aligned, so the page cache cannot
   hide the I/O; otherwise buffered reads followed by ``posix_fadvise(DONTNEED)`` (the pages are dropped
   after each read) — ``metrics()["direct"]`` says which.
-* Adjacent records go out as one ``preadv`` that scatters them into their (non-adjacent) slots.
+* Records are read as 4 KiB-aligned spans into a per-thread bounce buffer and copied into their slots
+  (records need not be aligned); records whose spans touch are merged into one request.
 * Reads are issued by ``io_threads`` dedicated threads; :meth:`submit` returns a future per batch, so
   the caller computes on what has arrived while later batches are in flight.
 * Every record's CRC-32 is checked after the read; a short read (truncated file), an OS error or a
@@ -28,10 +29,30 @@ ALIGN = 4096
 
 
 def aligned_empty(shape: tuple[int, ...], dtype: str) -> np.ndarray:
-    """A page-aligned, writable numpy array (anonymous mmap): valid O_DIRECT target, zero-copy for TVM."""
+    """A page-aligned, writable numpy array (anonymous mmap, with at least one spare page at the end so that
+    O_DIRECT reads may round their length up): valid O_DIRECT target, zero-copy for TVM."""
     n = int(np.prod(shape)) * np.dtype(dtype).itemsize
-    buf = mmap.mmap(-1, max(n, ALIGN))
+    buf = mmap.mmap(-1, -(-n // ALIGN) * ALIGN + ALIGN)
     return np.frombuffer(buf, dtype=dtype, count=int(np.prod(shape))).reshape(shape)
+
+
+def _owner(a: np.ndarray):
+    base = a
+    while isinstance(base, np.ndarray):
+        base = base.base
+    return base
+
+
+def _addr(buf) -> int:
+    return np.frombuffer(buf, np.uint8).__array_interface__["data"][0]
+
+
+def _room(a: np.ndarray) -> int:
+    """Bytes writable from ``a``'s first element to the end of the mmap it lives in (0 if unknown)."""
+    base = _owner(a)
+    if not isinstance(base, mmap.mmap) or not a.flags.c_contiguous:
+        return 0
+    return _addr(base) + len(base) - a.__array_interface__["data"][0]
 
 
 class FlashReader:
@@ -43,24 +64,27 @@ class FlashReader:
         The flash file (``ffn.bin``).
     record_bytes:
         Size of one record (a neuron cluster).
-    crc:
-        Optional ``{key: expected crc32}`` lookup given per request (see :meth:`read`).
     io_threads:
         Threads issuing reads.
     direct:
-        Try ``O_DIRECT`` (only used when records and offsets are 4 KiB multiples).
+        Try ``O_DIRECT`` (falls back to buffered reads + ``posix_fadvise(DONTNEED)``).
+    merge_gap:
+        Merge two records' reads when at most this many bytes lie between their spans.
+    max_span:
+        Largest merged request.
     """
 
     def __init__(self, path: str | os.PathLike, record_bytes: int, io_threads: int = 1, direct: bool = True,
-                 max_merge: int = 16) -> None:
+                 merge_gap: int = 0, max_span: int = 1 << 20) -> None:
         self.path = Path(path)
         if not self.path.is_file():
             raise XpucError(f"{self.path}: flash file missing")
         self.record_bytes = record_bytes
-        self.max_merge = max_merge
+        self.merge_gap, self.max_span = merge_gap, max_span
+        self._local = threading.local()
         self.direct = False
         flags = os.O_RDONLY
-        if direct and record_bytes % ALIGN == 0 and hasattr(os, "O_DIRECT"):
+        if direct and hasattr(os, "O_DIRECT"):
             try:
                 fd = os.open(self.path, flags | os.O_DIRECT)
                 probe = aligned_empty((ALIGN,), "uint8")
@@ -82,33 +106,54 @@ class FlashReader:
     def _preadv(self, bufs: list[memoryview], offset: int) -> int:
         return os.preadv(self.fd, bufs, offset)
 
+    def _read_exact(self, buf: memoryview, offset: int) -> None:
+        try:
+            got = self._preadv([buf], offset)
+        except OSError as e:
+            raise XpucError(f"{self.path}: read error at offset {offset}: {e.strerror}") from None
+        if got != buf.nbytes:
+            raise XpucError(f"{self.path}: short read at offset {offset} ({got} of {buf.nbytes} bytes; "
+                            "file truncated?)")
+
+    def _bounce(self, nbytes: int) -> np.ndarray:
+        b = getattr(self._local, "buf", None)
+        if b is None or b.nbytes < nbytes:
+            b = self._local.buf = aligned_empty((max(nbytes, 1 << 20),), "uint8")
+        return b
+
     def read(self, offsets: np.ndarray, dests: list[np.ndarray], crcs: np.ndarray | None = None) -> None:
-        """Read records at ``offsets`` (sorted) into ``dests`` (one array of ``record_bytes`` each)."""
+        """Read records at ``offsets`` (sorted) into ``dests`` (``record_bytes`` each, any alignment).
+
+        Records whose 4 KiB-aligned spans touch are merged into one request (at most ``max_merge`` pages
+        apart); each request reads its aligned span into a bounce buffer and the records are copied out."""
         t0 = time.perf_counter()
-        n = len(offsets)
-        i = 0
-        nbytes = nreq = 0
+        rb, n = self.record_bytes, len(offsets)
+        i = nbytes = nreq = 0
         while i < n:
+            lo = int(offsets[i]) // ALIGN * ALIGN
+            hi = -(-(int(offsets[i]) + rb) // ALIGN) * ALIGN
             j = i + 1
-            while j < n and j - i < self.max_merge and offsets[j] == offsets[j - 1] + self.record_bytes:
+            while j < n and int(offsets[j]) // ALIGN * ALIGN <= hi + self.merge_gap \
+                    and (-(-(int(offsets[j]) + rb) // ALIGN) * ALIGN) - lo <= self.max_span:
+                hi = max(hi, -(-(int(offsets[j]) + rb) // ALIGN) * ALIGN)
                 j += 1
-            bufs = [memoryview(dests[k]).cast("B") for k in range(i, j)]
-            want = (j - i) * self.record_bytes
-            try:
-                got = self._preadv(bufs, int(offsets[i]))
-            except OSError as e:
-                raise XpucError(f"{self.path}: read error at offset {int(offsets[i])}: {e.strerror}") from None
-            if got != want:
-                raise XpucError(f"{self.path}: short read at offset {int(offsets[i])} ({got} of {want} bytes; "
-                                "file truncated?)")
-            if not self.direct:
-                os.posix_fadvise(self.fd, int(offsets[i]), want, os.POSIX_FADV_DONTNEED)
-            if crcs is not None:
-                for k in range(i, j):
-                    if zlib.crc32(dests[k]) != int(crcs[k]):
-                        raise XpucError(f"{self.path}: record at offset {int(offsets[k])} fails its checksum "
-                                        "(corrupted flash file)")
-            nbytes += want
+            hi = min(hi, -(-self.size // ALIGN) * ALIGN)
+            buf = self._bounce(hi - lo)
+            span = memoryview(buf)[: hi - lo]
+            want = min(hi, self.size) - lo
+            if self.direct:
+                self._read_exact_upto(span, lo, want)
+            else:
+                self._read_exact(span[:want], lo)
+                os.posix_fadvise(self.fd, lo, want, os.POSIX_FADV_DONTNEED)
+            for k in range(i, j):
+                at = int(offsets[k]) - lo
+                rec = buf[at:at + rb]
+                if crcs is not None and zlib.crc32(rec) != int(crcs[k]):
+                    raise XpucError(f"{self.path}: record at offset {int(offsets[k])} fails its checksum "
+                                    "(corrupted flash file)")
+                dests[k].reshape(-1).view(np.uint8)[:] = rec
+            nbytes += hi - lo
             nreq += 1
             i = j
         with self._lock:
@@ -117,31 +162,51 @@ class FlashReader:
             self.records += n
             self.io_seconds += time.perf_counter() - t0
 
+    def _read_exact_upto(self, span: memoryview, offset: int, want: int) -> None:
+        """O_DIRECT read of the whole aligned ``span``; fewer bytes only at the end of the file."""
+        try:
+            got = self._preadv([span], offset)
+        except OSError as e:
+            raise XpucError(f"{self.path}: read error at offset {offset}: {e.strerror}") from None
+        if got < want:
+            raise XpucError(f"{self.path}: short read at offset {offset} ({got} of {want} bytes; file truncated?)")
+
     def submit(self, offsets: np.ndarray, dests: list[np.ndarray], crcs: np.ndarray | None = None) -> Future:
         """Queue :meth:`read` on an I/O thread."""
         return self._pool.submit(self.read, offsets, dests, crcs)
 
     def read_span(self, offset: int, dest: np.ndarray) -> None:
-        """One large read of ``dest.nbytes`` bytes (streaming a whole layer); counted like the others."""
+        """Read ``dest.nbytes`` bytes from ``offset`` (streaming a layer, loading a hot segment): straight into
+        ``dest`` when it is page-aligned with room to round the length up, else through the bounce buffer."""
         t0 = time.perf_counter()
-        mv = memoryview(dest).cast("B")
-        done = 0
-        while done < mv.nbytes:
-            chunk = min(mv.nbytes - done, 8 << 20)
-            try:
-                got = self._preadv([mv[done:done + chunk]], offset + done)
-            except OSError as e:
-                raise XpucError(f"{self.path}: read error at offset {offset + done}: {e.strerror}") from None
-            if got != chunk:
-                raise XpucError(f"{self.path}: short read at offset {offset + done} ({got} of {chunk} bytes; "
-                                "file truncated?)")
-            done += chunk
-            with self._lock:
-                self.requests += 1
+        n = dest.nbytes
+        out = dest.reshape(-1).view(np.uint8)
+        addr = out.__array_interface__["data"][0]
+        in_place = not self.direct or (offset % ALIGN == 0 and addr % ALIGN == 0
+                                       and _room(out) >= -(-n // ALIGN) * ALIGN)
+        room = np.frombuffer(_owner(out), np.uint8)[addr - _addr(_owner(out)):] if in_place and self.direct else out
+        chunk, done, nreq = 8 << 20, 0, 0
+        while done < n:
+            c = min(n - done, chunk)
+            if in_place and self.direct:
+                full = -(-c // ALIGN) * ALIGN
+                self._read_exact_upto(memoryview(room)[done:done + full], offset + done,
+                                      min(c, self.size - offset - done))
+            elif in_place:
+                self._read_exact(memoryview(out)[done:done + c], offset + done)
+            else:
+                lo = (offset + done) // ALIGN * ALIGN
+                hi = -(-(offset + done + c) // ALIGN) * ALIGN
+                buf = self._bounce(hi - lo)
+                self._read_exact_upto(memoryview(buf)[: hi - lo], lo, min(offset + done + c, self.size) - lo)
+                out[done:done + c] = buf[offset + done - lo: offset + done - lo + c]
+            done += c
+            nreq += 1
         if not self.direct:
-            os.posix_fadvise(self.fd, offset, mv.nbytes, os.POSIX_FADV_DONTNEED)
+            os.posix_fadvise(self.fd, offset, n, os.POSIX_FADV_DONTNEED)
         with self._lock:
-            self.bytes_read += mv.nbytes
+            self.requests += nreq
+            self.bytes_read += n
             self.io_seconds += time.perf_counter() - t0
 
     # --- bookkeeping ------------------------------------------------------------------------------------

@@ -134,6 +134,8 @@ class OffloadModel:
             self.layers.append({"qkv": _Linear(qkv, target), "o": _Linear(w[p + "o_proj"], target),
                                 "attn_norm": w[p + "attn_norm"].astype(np.float32),
                                 "ffn_norm": w[p + "ffn_norm"].astype(np.float32)})
+        art.fixed = None  # the packed kernel copies are the only ones kept
+        del w
         self.context = context
         shape = (c.num_layers, context, c.num_kv_heads, c.head_dim)
         self.k_cache, self.v_cache = np.zeros(shape, np.float32), np.zeros(shape, np.float32)

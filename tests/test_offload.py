@@ -20,9 +20,10 @@ from xpuc.compiler.synth import synthesize
 LICENSE = "/usr/share/common-licenses/Apache-2.0"
 
 
-@pytest.fixture(scope="module")
-def packed(tmp_path_factory):
-    """A tiny generated dReLU model, profiled, with a predictor, planned and packed (fp16, clusters of 16)."""
+@pytest.fixture(scope="module", params=[16, 2], ids=["C16-aligned", "C2-unaligned"])
+def packed(tmp_path_factory, request):
+    """A tiny generated dReLU model, profiled, with a predictor, planned and packed (fp16; clusters of 16:
+    12 KiB records, read in place; clusters of 2: 1.5 KiB records, read through aligned spans)."""
     from xpuc.compiler.offload_pack import pack_offload
     from xpuc.compiler.planner import plan_neurons
     from xpuc.runtime.tokenizer import XpucTokenizer
@@ -36,7 +37,7 @@ def packed(tmp_path_factory):
     stats.save(d / "stats.json")
     pred = train_predictor(spec, collect_pairs(spec, ids, stats.thresholds), 0.97)
     pred.save(d / "pred.safetensors")
-    plan = plan_neurons(spec.config, stats, load_profile("oneplus-12"), 4 << 20, "float16", 16)
+    plan = plan_neurons(spec.config, stats, load_profile("oneplus-12"), 4 << 20, "float16", request.param)
     plan.save(d / "plan.json")
     pack_offload(str(d / "model"), str(d / "stats.json"), str(d / "plan.json"), str(d / "pred.safetensors"),
                  d / "art", quiet=True)
@@ -51,7 +52,7 @@ def test_flash_layout_records_hot_first_aligned_and_checksummed(packed):
     fl = FlashLayout.load(d / "art" / "flash.json")
     crcs = np.load(d / "art" / "ffn.crc32.npy")
     raw = (d / "art" / "ffn.bin").read_bytes()
-    assert fl.aligned and fl.cluster_bytes % 4096 == 0
+    assert fl.aligned == (fl.cluster_bytes % 4096 == 0)
     freq = np.asarray(profile_stats(d).frequency)
     for i, region in enumerate(fl.layers):
         assert region.offset % 4096 == 0
@@ -183,7 +184,7 @@ def test_bad_artifacts_and_arguments(packed, tmp_path):
     assert_clean_error(xpuc("bench", str(d / "art"), "--modes", "naive,turbo"), "unknown mode")
     assert_clean_error(xpuc("bench", str(d / "art"), "--budget", "0%"), "budget")
     art = _copy_art(d, tmp_path)
-    (art / "plan.json").write_text((art / "plan.json").read_text().replace('"cluster": 16', '"cluster": 17'))
+    (art / "plan.json").write_text((art / "plan.json").read_text() + "\n")  # altered after packing
     assert_clean_error(xpuc("bench", str(art), "--tokens", "4"), "fails its checksum")
 
 

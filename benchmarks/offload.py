@@ -1,0 +1,58 @@
+"""Offloaded decoding of a TurboSparse-Mistral-7B-shaped dReLU model: naive vs LLM-in-a-flash vs xpuc.
+
+Generates the model (``xpuc synth --shape turbosparse-mistral-7b --layers N``: the 7B layer shapes, fewer
+layers so that it fits this machine's time budget), profiles it on a license text, trains the predictor,
+plans for ``--budget`` of the FFN in memory (int4 q4_0 records, clusters of 16 = 27 blocks of 4 KiB), packs
+it and runs ``xpuc bench`` over the modes in one process. Every step is cached under ``--work``.
+
+    python benchmarks/offload.py --layers 4 --budget 50% --tokens 32
+
+Writes ``benchmarks/results/offload_7b.json`` (+ ``.png``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+TEXT = "/usr/share/common-licenses/Apache-2.0"
+EVAL = "/usr/share/common-licenses/GPL-3"
+
+
+def xpuc(*args: str) -> None:
+    print("$ xpuc " + " ".join(args), flush=True)
+    subprocess.run([sys.executable, "-m", "xpuc.compiler.cli", *args], check=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--budget", default="50%")
+    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--modes", default="naive,llmflash,cache,full")
+    ap.add_argument("--work", default=str(ROOT / ".cache" / "xpuc" / "bench-offload"))
+    ap.add_argument("-o", "--output", default=str(ROOT / "benchmarks" / "results" / "offload_7b.json"))
+    args = ap.parse_args()
+    w = Path(args.work) / f"l{args.layers}"
+    w.mkdir(parents=True, exist_ok=True)
+    if not (w / "model").exists():
+        xpuc("synth", "--shape", "turbosparse-mistral-7b", "--layers", str(args.layers), "--sparsity", "0.9",
+             "--seed", "1", "-o", str(w / "model"))
+    if not (w / "pred.safetensors").exists():
+        xpuc("profile", str(w / "model"), "--text", TEXT, "--max-tokens", "1024", "--eval-text", EVAL,
+             "--max-eval-tokens", "256", "-o", str(w / "stats.json"), "--predictor", str(w / "pred.safetensors"))
+    if not (w / "art").exists():
+        xpuc("plan", str(w / "model"), "--stats", str(w / "stats.json"), "--device", "oneplus-12",
+             "--memory-budget", "64GiB", "--weight-dtype", "q4_0", "--cluster", "16", "--context", "512",
+             "-o", str(w / "plan.json"))
+        xpuc("pack", str(w / "model"), "--stats", str(w / "stats.json"), "--plan", str(w / "plan.json"),
+             "--predictor", str(w / "pred.safetensors"), "-o", str(w / "art"))
+    xpuc("bench", str(w / "art"), "--budget", args.budget, "--modes", args.modes, "--tokens", str(args.tokens),
+         "-o", args.output)
+
+
+if __name__ == "__main__":
+    main()
