@@ -2,7 +2,7 @@
 
 Generates the model (``xpuc synth --shape turbosparse-mistral-7b --layers N``: the 7B layer shapes, fewer
 layers so that it fits this machine's time budget), profiles it on a license text, trains the predictor,
-plans for ``--budget`` of the FFN in memory (int4 q4_0 records, clusters of 16 = 27 blocks of 4 KiB), packs
+plans for ``--budget`` of the FFN in memory (int4 q4_0 records, one neuron per record: 6912 bytes), packs
 it and runs ``xpuc bench`` over the modes in one process. Every step is cached under ``--work``.
 
     python benchmarks/offload.py --layers 4 --budget 50% --tokens 32
@@ -43,10 +43,10 @@ def main() -> None:
              "--seed", "1", "-o", str(w / "model"))
     if not (w / "pred.safetensors").exists():
         xpuc("profile", str(w / "model"), "--text", TEXT, "--max-tokens", "1024", "--eval-text", EVAL,
-             "--max-eval-tokens", "256", "-o", str(w / "stats.json"), "--predictor", str(w / "pred.safetensors"))
+             "--max-eval-tokens", "256", "--recall", "0.98", "-o", str(w / "stats.json"), "--predictor", str(w / "pred.safetensors"))
     if not (w / "art").exists():
         xpuc("plan", str(w / "model"), "--stats", str(w / "stats.json"), "--device", "oneplus-12",
-             "--memory-budget", "64GiB", "--weight-dtype", "q4_0", "--cluster", "16", "--context", "512",
+             "--memory-budget", "64GiB", "--weight-dtype", "q4_0", "--cluster", "1", "--context", "512",
              "-o", str(w / "plan.json"))
         xpuc("pack", str(w / "model"), "--stats", str(w / "stats.json"), "--plan", str(w / "plan.json"),
              "--predictor", str(w / "pred.safetensors"), "-o", str(w / "art"))

@@ -37,7 +37,7 @@ def _plot(rows: list[dict], png: Path, title: str) -> None:
 
 
 def run_mode(artifact: Path, mode: str, ffn_share: float, tokens: int, prompt: list[int], threads: int | None,
-             quiet: bool) -> dict:
+             quiet: bool, io_threads: int | None = None) -> dict:
     """Decode in one mode; the row of the report (RSS sampled during the run, psutil)."""
     import psutil
 
@@ -45,7 +45,7 @@ def run_mode(artifact: Path, mode: str, ffn_share: float, tokens: int, prompt: l
     from xpuc.runtime.offload import OffloadModel
 
     proc = psutil.Process()
-    with OffloadModel(artifact, mode, ffn_share, threads=threads) as m:
+    with OffloadModel(artifact, mode, ffn_share, threads=threads, io_threads=io_threads) as m:
         peak = [proc.memory_info().rss]
 
         def prog(i, n):
@@ -64,7 +64,7 @@ def run_mode(artifact: Path, mode: str, ffn_share: float, tokens: int, prompt: l
 
 def run_bench(artifact: Path, modes: list[str], ffn_share: float | None, total_budget: int | None, tokens: int,
               output: str, plot: str | None = None, threads: int | None = None, quiet: bool = False,
-              prompt: list[int] | None = None) -> str:
+              prompt: list[int] | None = None, io_threads: int = 2) -> str:
     from xpuc.compiler.jsonfile import write_json_atomic
     from xpuc.compiler.offload_pack import load_offload_artifact
 
@@ -80,7 +80,7 @@ def run_bench(artifact: Path, modes: list[str], ffn_share: float | None, total_b
     rows, outputs = [], {}
     for mode in modes:  # one process per mode: its RSS is its own
         cmd = [sys.executable, "-m", "xpuc.runtime.bench", str(artifact), mode, repr(ffn_share), str(tokens),
-               ",".join(map(str, prompt)), str(threads or 0), "1" if quiet else "0"]
+               ",".join(map(str, prompt)), str(threads or 0), "1" if quiet else "0", str(io_threads)]
         r = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
         last = (r.stdout.strip().splitlines() or ["{}"])[-1]
         try:
@@ -119,14 +119,14 @@ def run_bench(artifact: Path, modes: list[str], ffn_share: float | None, total_b
 
 
 def _worker(argv: list[str]) -> int:
-    """``python -m xpuc.runtime.bench ART MODE SHARE TOKENS PROMPT THREADS QUIET``: one mode, one JSON line."""
+    """``python -m xpuc.runtime.bench ART MODE SHARE TOKENS PROMPT THREADS QUIET IO_THREADS``: one mode, one JSON line."""
     from xpuc.targets.threads import configure_tvm_threads
 
-    art, mode, share, tokens, prompt, threads, quiet = argv
+    art, mode, share, tokens, prompt, threads, quiet, io_threads = argv
     configure_tvm_threads(int(threads) or None)
     try:
         row = run_mode(Path(art), mode, float(share), int(tokens), [int(t) for t in prompt.split(",")],
-                       int(threads) or None, quiet == "1")
+                       int(threads) or None, quiet == "1", int(io_threads))
     except XpucError as e:
         print(json.dumps({"error": str(e)}))
         return 2

@@ -72,15 +72,23 @@ class FlashReader:
         Merge two records' reads when at most this many bytes lie between their spans.
     max_span:
         Largest merged request.
+    queue_depth:
+        Requests in flight within one batch (native helper: that many POSIX threads).
+    native:
+        Use the compiled batch helper (:mod:`xpuc.runtime.native`) when it is available: one call per batch,
+        without Python's per-request overhead; otherwise the requests are issued one by one from Python.
     """
 
     def __init__(self, path: str | os.PathLike, record_bytes: int, io_threads: int = 1, direct: bool = True,
-                 merge_gap: int = 0, max_span: int = 1 << 20) -> None:
+                 merge_gap: int = 0, max_span: int = 1 << 20, queue_depth: int = 4, native: bool = True) -> None:
+        from xpuc.runtime.native import batch_reader
+
         self.path = Path(path)
         if not self.path.is_file():
             raise XpucError(f"{self.path}: flash file missing")
         self.record_bytes = record_bytes
-        self.merge_gap, self.max_span = merge_gap, max_span
+        self.merge_gap, self.max_span, self.queue_depth = merge_gap, max_span, max(1, queue_depth)
+        self._native = batch_reader() if native else None
         self._local = threading.local()
         self.direct = False
         flags = os.O_RDONLY
@@ -124,43 +132,104 @@ class FlashReader:
     def read(self, offsets: np.ndarray, dests: list[np.ndarray], crcs: np.ndarray | None = None) -> None:
         """Read records at ``offsets`` (sorted) into ``dests`` (``record_bytes`` each, any alignment).
 
-        Records whose 4 KiB-aligned spans touch are merged into one request (at most ``max_merge`` pages
-        apart); each request reads its aligned span into a bounce buffer and the records are copied out."""
+        Records whose 4 KiB-aligned spans touch (or lie within ``merge_gap`` bytes) are merged into one
+        request of at most ``max_span`` bytes; each request reads its aligned span into a per-thread bounce
+        buffer and the records are copied out and checked."""
         t0 = time.perf_counter()
-        rb, n = self.record_bytes, len(offsets)
-        i = nbytes = nreq = 0
-        while i < n:
-            lo = int(offsets[i]) // ALIGN * ALIGN
-            hi = -(-(int(offsets[i]) + rb) // ALIGN) * ALIGN
-            j = i + 1
-            while j < n and int(offsets[j]) // ALIGN * ALIGN <= hi + self.merge_gap \
-                    and (-(-(int(offsets[j]) + rb) // ALIGN) * ALIGN) - lo <= self.max_span:
-                hi = max(hi, -(-(int(offsets[j]) + rb) // ALIGN) * ALIGN)
-                j += 1
-            hi = min(hi, -(-self.size // ALIGN) * ALIGN)
-            buf = self._bounce(hi - lo)
-            span = memoryview(buf)[: hi - lo]
-            want = min(hi, self.size) - lo
-            if self.direct:
-                self._read_exact_upto(span, lo, want)
-            else:
-                self._read_exact(span[:want], lo)
-                os.posix_fadvise(self.fd, lo, want, os.POSIX_FADV_DONTNEED)
-            for k in range(i, j):
-                at = int(offsets[k]) - lo
-                rec = buf[at:at + rb]
-                if crcs is not None and zlib.crc32(rec) != int(crcs[k]):
-                    raise XpucError(f"{self.path}: record at offset {int(offsets[k])} fails its checksum "
-                                    "(corrupted flash file)")
-                dests[k].reshape(-1).view(np.uint8)[:] = rec
-            nbytes += hi - lo
-            nreq += 1
-            i = j
+        rb = self.record_bytes
+        offs = np.asarray(offsets, np.int64)
+        n = offs.size
+        if n == 0:
+            return
+        lo = offs // ALIGN * ALIGN
+        hi = np.minimum(-(-(offs + rb) // ALIGN) * ALIGN, -(-self.size // ALIGN) * ALIGN)
+        reach = np.maximum.accumulate(hi)
+        starts = [0]
+        span_lo = int(lo[0])
+        for j in np.flatnonzero(lo[1:] > reach[:-1] + self.merge_gap) + 1:  # gaps split the requests
+            starts.append(int(j))
+        starts.append(n)
+        groups = []
+        for g0, g1 in zip(starts[:-1], starts[1:], strict=True):  # also cap the span of one request
+            a = g0
+            span_lo = int(lo[g0])
+            for k in range(g0 + 1, g1):
+                if int(hi[k]) - span_lo > self.max_span:
+                    groups.append((a, k))
+                    a, span_lo = k, int(lo[k])
+            groups.append((a, g1))
+        if self._native is not None and "_preadv" not in self.__dict__:
+            nbytes = self._read_native(offs, lo, reach, groups, dests, crcs)
+            groups_n = len(groups)
+        else:
+            nbytes = self._read_python(offs, lo, reach, groups, dests, crcs)
+            groups_n = len(groups)
         with self._lock:
             self.bytes_read += nbytes
-            self.requests += nreq
+            self.requests += groups_n
             self.records += n
             self.io_seconds += time.perf_counter() - t0
+
+    def _read_native(self, offs, lo, reach, groups, dests, crcs) -> int:
+        import ctypes
+
+        g0 = np.array([g[0] for g in groups], np.int64)
+        g1 = np.array([g[1] for g in groups], np.int64)
+        s0, s1 = lo[g0], reach[g1 - 1]
+        span = s1 - s0
+        pos = np.concatenate([[0], np.cumsum(span)[:-1]]).astype(np.int64)
+        buf = self._bounce(int(span.sum()))
+        base = buf.ctypes.data
+        want = np.minimum(s1, self.size) - s0
+        n = len(groups)
+        dst = (ctypes.c_void_p * n)(*(base + pos).tolist())
+        err_info = np.zeros(2, np.int64)
+        p64 = ctypes.POINTER(ctypes.c_int64)
+        off_a, len_a, want_a = (np.ascontiguousarray(a, np.int64) for a in (s0, span, want))
+        err = self._native.xpuc_pread_batch(self.fd, n, off_a.ctypes.data_as(p64), len_a.ctypes.data_as(p64),
+                                            want_a.ctypes.data_as(p64), dst, self.queue_depth,
+                                            err_info.ctypes.data_as(p64))
+        if err == -1:
+            raise XpucError(f"{self.path}: short read at offset {int(err_info[0])} ({int(err_info[1])} bytes; "
+                            "file truncated?)")
+        if err:
+            raise XpucError(f"{self.path}: read error at offset {int(err_info[0])}: {os.strerror(err)}")
+        if not self.direct:
+            os.posix_fadvise(self.fd, int(s0.min()), int(s1.max() - s0.min()), os.POSIX_FADV_DONTNEED)
+        group_of = np.repeat(np.arange(n), (g1 - g0))
+        src_addr = base + pos[group_of] + (offs - s0[group_of])
+        m = len(offs)
+        src = (ctypes.c_void_p * m)(*src_addr.tolist())
+        dsts = (ctypes.c_void_p * m)(*[d.ctypes.data for d in dests])
+        self._native.xpuc_copy_records(m, src, dsts, self.record_bytes)
+        if crcs is not None:
+            for k in range(m):
+                if zlib.crc32(dests[k]) != int(crcs[k]):
+                    raise XpucError(f"{self.path}: record at offset {int(offs[k])} fails its checksum "
+                                    "(corrupted flash file)")
+        return int(span.sum())
+
+    def _read_python(self, offs, lo, reach, groups, dests, crcs) -> int:
+        rb = self.record_bytes
+        nbytes = 0
+        for g0, g1 in groups:
+            s0, s1 = int(lo[g0]), int(reach[g1 - 1])
+            buf = self._bounce(s1 - s0)
+            want = min(s1, self.size) - s0
+            if self.direct:
+                self._read_exact_upto(memoryview(buf)[: s1 - s0], s0, want)
+            else:
+                self._read_exact(memoryview(buf)[:want], s0)
+                os.posix_fadvise(self.fd, s0, want, os.POSIX_FADV_DONTNEED)
+            for k in range(g0, g1):
+                at = int(offs[k]) - s0
+                rec = buf[at:at + rb]
+                if crcs is not None and zlib.crc32(rec) != int(crcs[k]):
+                    raise XpucError(f"{self.path}: record at offset {int(offs[k])} fails its checksum "
+                                    "(corrupted flash file)")
+                dests[k].reshape(-1).view(np.uint8)[:] = rec
+            nbytes += s1 - s0
+        return nbytes
 
     def _read_exact_upto(self, span: memoryview, offset: int, want: int) -> None:
         """O_DIRECT read of the whole aligned ``span``; fewer bytes only at the end of the file."""
@@ -212,7 +281,7 @@ class FlashReader:
     # --- bookkeeping ------------------------------------------------------------------------------------
     def metrics(self) -> dict:
         return {"bytes_read": self.bytes_read, "requests": self.requests, "records": self.records,
-                "io_seconds": self.io_seconds, "direct": self.direct}
+                "io_seconds": self.io_seconds, "direct": self.direct, "native": self._native is not None}
 
     def reset_counters(self) -> None:
         with self._lock:

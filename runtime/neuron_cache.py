@@ -63,10 +63,12 @@ class NeuronCache:
         total = int(sum(hot) + sum(cold))
         self.pool = aligned_empty((max(total, 1), *record_shape), dtype)
         self.layers: list[LayerSegment] = []
+        self.owner = np.full(max(total, 1), -1, np.int64)  # slot -> cluster it holds (-1: empty)
         start = 0
         for h, c in zip(hot, cold, strict=False):
             slot_of = np.full(n_clusters, -1, np.int32)
             slot_of[:h] = np.arange(start, start + h, dtype=np.int32)
+            self.owner[start:start + h] = np.arange(h)
             self.layers.append(LayerSegment(start, int(h), int(c), slot_of))
             start += h + c
         self.token = 0
@@ -94,8 +96,8 @@ class NeuronCache:
     def victims(self, layer: int, n: int, keep: set[int]) -> list[int]:
         """Up to ``n`` cold slots to (re)fill, emptiest/oldest first; ``keep``: clusters in use this token."""
         seg = self.layers[layer]
-        used = {int(seg.slot_of[c]) for c in seg.recency}
-        free = [s for s in range(seg.cold_start, seg.cold_start + seg.n_cold) if s not in used]
+        cold = self.owner[seg.cold_start:seg.cold_start + seg.n_cold]
+        free = (np.flatnonzero(cold < 0) + seg.cold_start)[:n].tolist()
         order = [c for c in seg.recency if c not in keep]  # least recently used first
         if self.policy == "window":  # clusters used within the last W tokens go last
             order = ([c for c in order if self.token - seg.recency[c] >= self.window]
@@ -106,10 +108,11 @@ class NeuronCache:
     def assign(self, layer: int, cluster: int, slot: int) -> None:
         """Record that ``slot`` now holds ``cluster`` (its previous owner is dropped)."""
         seg = self.layers[layer]
-        prev = np.flatnonzero(seg.slot_of == slot)
-        for p in prev:
-            seg.slot_of[p] = -1
-            seg.recency.pop(int(p), None)
+        prev = int(self.owner[slot])
+        if prev >= 0:
+            seg.slot_of[prev] = -1
+            seg.recency.pop(prev, None)
+        self.owner[slot] = cluster
         seg.slot_of[cluster] = slot
         seg.recency[int(cluster)] = self.token
         seg.recency.move_to_end(int(cluster))

@@ -31,7 +31,7 @@ from xpuc.compiler.errors import XpucError
 from xpuc.compiler.reference import rms_norm, rope
 
 MODES = ("naive", "llmflash", "cache", "full")
-CHUNK = 8  # clusters per pipelined read
+CHUNK_BYTES = 1 << 20  # bytes of records per pipelined read batch (full mode)
 
 
 @dataclass
@@ -142,7 +142,8 @@ class OffloadModel:
         self.pos = 0
         self._stall = 0.0
         self.reader = FlashReader(art.path / fl.ffn_file, fl.cluster_bytes,
-                                  io_threads or self.plan.io_threads, direct=True)
+                                  io_threads or self.plan.io_threads, direct=True,
+                                  queue_depth=self.plan.queue_depth)
         if self.reader.size < fl.file_bytes:
             self.reader.close()
             raise XpucError(f"{art.path / fl.ffn_file}: truncated ({self.reader.size} of {fl.file_bytes} bytes)")
@@ -256,8 +257,9 @@ class OffloadModel:
             self.cache.assign(i, int(c), int(s))
         base = self.flash.cluster_offset(i, 0)
         pool = self.cache.pool
-        for a in range(0, miss.size, CHUNK):
-            cs, ss = miss[a:a + CHUNK], slots[a:a + CHUNK]
+        chunk = max(1, CHUNK_BYTES // self.flash.cluster_bytes) if self.mode == "full" else miss.size
+        for a in range(0, miss.size, chunk):
+            cs, ss = miss[a:a + chunk], slots[a:a + chunk]
             offs = base + cs.astype(np.int64) * self.flash.cluster_bytes
             fut = self.reader.submit(offs, [pool[s] for s in ss], self.crcs[i, cs])
             out.append((fut, ss))
