@@ -43,7 +43,8 @@ def main() -> None:
              "--seed", "1", "-o", str(w / "model"))
     if not (w / "pred.safetensors").exists():
         xpuc("profile", str(w / "model"), "--text", TEXT, "--max-tokens", "1024", "--eval-text", EVAL,
-             "--max-eval-tokens", "256", "--recall", "0.98", "-o", str(w / "stats.json"), "--predictor", str(w / "pred.safetensors"))
+             "--max-eval-tokens", "256", "--recall", "0.98", "-o", str(w / "stats.json"),
+             "--predictor", str(w / "pred.safetensors"))
     if not (w / "art").exists():
         xpuc("plan", str(w / "model"), "--stats", str(w / "stats.json"), "--device", "oneplus-12",
              "--memory-budget", "64GiB", "--weight-dtype", "q4_0", "--cluster", "1", "--context", "512",

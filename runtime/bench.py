@@ -119,7 +119,7 @@ def run_bench(artifact: Path, modes: list[str], ffn_share: float | None, total_b
 
 
 def _worker(argv: list[str]) -> int:
-    """``python -m xpuc.runtime.bench ART MODE SHARE TOKENS PROMPT THREADS QUIET IO_THREADS``: one mode, one JSON line."""
+    """``python -m xpuc.runtime.bench ART MODE SHARE TOKENS PROMPT THREADS QUIET IO_THREADS``: one mode -> JSON."""
     from xpuc.targets.threads import configure_tvm_threads
 
     art, mode, share, tokens, prompt, threads, quiet, io_threads = argv
