@@ -157,6 +157,7 @@ def plan_neurons(config: ArchConfig, stats: ProfileStats, profile, budget_bytes:
     spare = budget_bytes - fixed
     cold_cache = int(min(spare * cold_share, F * L * record))
     n_hot = min((spare - cold_cache) // record, L * F)
+    cold_cache = int(min(cold_cache, (L * F - n_hot) * record))  # no cache for neurons that are all hot
     order = np.argsort(-freq, axis=None, kind="stable")  # most frequent neuron first, all layers
     hot_flat = order[:n_hot]
     n_cache = min(cold_cache // record, L * F - n_hot)

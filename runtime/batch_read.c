@@ -63,7 +63,44 @@ int xpuc_pread_batch(int fd, int n, const int64_t *off, const int64_t *len, cons
     return b.err;
 }
 
-/* dst[k][0:nbytes] = src[k][0:nbytes] for k < n */
-void xpuc_copy_records(int n, uint8_t *const *src, uint8_t *const *dst, int64_t nbytes) {
-    for (int k = 0; k < n; k++) memcpy(dst[k], src[k], (size_t)nbytes);
+/* CRC-32 (the zlib/PNG polynomial, reflected 0xEDB88320), slicing by 8. */
+static uint32_t crc_table[8][256];
+static pthread_once_t crc_once = PTHREAD_ONCE_INIT;
+
+static void crc_init(void) {
+    for (uint32_t i = 0; i < 256; i++) {
+        uint32_t c = i;
+        for (int k = 0; k < 8; k++) c = (c & 1) ? 0xEDB88320u ^ (c >> 1) : c >> 1;
+        crc_table[0][i] = c;
+    }
+    for (uint32_t i = 0; i < 256; i++)
+        for (int t = 1; t < 8; t++) crc_table[t][i] = (crc_table[t - 1][i] >> 8) ^ crc_table[0][crc_table[t - 1][i] & 0xFF];
+}
+
+uint32_t xpuc_crc32(const uint8_t *p, int64_t n) {
+    pthread_once(&crc_once, crc_init);
+    uint32_t c = 0xFFFFFFFFu;
+    while (n >= 8) {
+        uint32_t a, b;
+        memcpy(&a, p, 4);
+        memcpy(&b, p + 4, 4);
+        a ^= c; /* little-endian hosts (x86-64, AArch64) */
+        c = crc_table[7][a & 0xFF] ^ crc_table[6][(a >> 8) & 0xFF] ^ crc_table[5][(a >> 16) & 0xFF] ^
+            crc_table[4][a >> 24] ^ crc_table[3][b & 0xFF] ^ crc_table[2][(b >> 8) & 0xFF] ^
+            crc_table[1][(b >> 16) & 0xFF] ^ crc_table[0][b >> 24];
+        p += 8;
+        n -= 8;
+    }
+    while (n-- > 0) c = crc_table[0][(c ^ *p++) & 0xFF] ^ (c >> 8);
+    return c ^ 0xFFFFFFFFu;
+}
+
+/* dst[k][0:nbytes] = src[k][0:nbytes] for k < n; when crc is given, checks each record's CRC-32 and returns the
+ * index of the first mismatch (or -1 when all match). */
+int64_t xpuc_copy_records(int n, uint8_t *const *src, uint8_t *const *dst, int64_t nbytes, const uint32_t *crc) {
+    for (int k = 0; k < n; k++) {
+        if (crc && xpuc_crc32(src[k], nbytes) != crc[k]) return k;
+        memcpy(dst[k], src[k], (size_t)nbytes);
+    }
+    return -1;
 }

@@ -201,12 +201,13 @@ class FlashReader:
         m = len(offs)
         src = (ctypes.c_void_p * m)(*src_addr.tolist())
         dsts = (ctypes.c_void_p * m)(*[d.ctypes.data for d in dests])
-        self._native.xpuc_copy_records(m, src, dsts, self.record_bytes)
-        if crcs is not None:
-            for k in range(m):
-                if zlib.crc32(dests[k]) != int(crcs[k]):
-                    raise XpucError(f"{self.path}: record at offset {int(offs[k])} fails its checksum "
-                                    "(corrupted flash file)")
+        crc_a = None if crcs is None else np.ascontiguousarray(crcs, np.uint32)
+        bad = self._native.xpuc_copy_records(
+            m, src, dsts, self.record_bytes,
+            None if crc_a is None else crc_a.ctypes.data_as(ctypes.POINTER(ctypes.c_uint32)))
+        if bad >= 0:
+            raise XpucError(f"{self.path}: record at offset {int(offs[bad])} fails its checksum "
+                            "(corrupted flash file)")
         return int(span.sum())
 
     def _read_python(self, offs, lo, reach, groups, dests, crcs) -> int:
