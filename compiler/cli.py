@@ -206,11 +206,82 @@ def _run_graph(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_offload(args: argparse.Namespace) -> int:
+    """``xpuc run PACKED``: decode with the FFN on flash (mode and budget from the command line)."""
+    import time
+
+    from xpuc.runtime.offload import OffloadModel
+    from xpuc.runtime.sampler import Sampler, SamplingParams
+    from xpuc.runtime.tokenizer import XpucTokenizer
+
+    art = Path(args.artifact)
+    if args.prompt is None:
+        raise XpucError("--prompt is required")
+    if not (art / "tokenizer.json").is_file():
+        raise XpucError(f"{art}: packed model has no tokenizer")
+    if args.max_tokens < 1:
+        raise XpucError("--max-tokens must be at least 1")
+    share, total = _parse_budget(args.budget) if args.budget else (None, None)
+    tok = XpucTokenizer.from_artifact_dir(art)
+    ids = tok.encode(tok.apply_chat_template(args.prompt, args.system) if args.chat else args.prompt)
+    sampler = Sampler(SamplingParams(args.temperature, args.top_p, args.seed))
+    if total is not None:
+        raise XpucError("xpuc run takes --budget as a share of the FFN (e.g. 50%)")
+    with OffloadModel(art, _parse_modes(args.mode)[0], share, context=args.max_context) as m:
+        if len(ids) + args.max_tokens > m.context:
+            raise XpucError(f"prompt + --max-tokens exceed the context of {m.context} tokens (--max-context)")
+        t0 = time.perf_counter()
+        for t in ids:
+            logits = m.step(t)
+        t1 = time.perf_counter()
+        m.reader.reset_counters()
+        if m.cache is not None:
+            m.cache.reset_counters()
+        out: list[int] = []
+        shown = ""
+        try:
+            for n in range(args.max_tokens):
+                nxt = sampler(logits)
+                out.append(nxt)
+                if nxt in tok.eos_token_ids:
+                    break
+                text = tok.decode(out)
+                if not args.json and text.startswith(shown) and not text.endswith("\ufffd"):
+                    sys.stdout.write(text[len(shown):])
+                    sys.stdout.flush()
+                    shown = text
+                if n < args.max_tokens - 1:
+                    logits = m.step(nxt)
+        except KeyboardInterrupt:
+            print("\nxpuc: interrupted", file=sys.stderr)
+            return 130
+        t2 = time.perf_counter()
+        steps = max(len(out) - 1, 1)
+        met = m.reader.metrics()
+        stats = {"prompt_tokens": len(ids), "generated_tokens": len(out), "mode": m.mode,
+                 "ffn_in_memory": round(m.ffn_fraction, 3), "ttft_s": round(t1 - t0, 3),
+                 "decode_tok_s": round(steps / max(t2 - t1, 1e-9), 2),
+                 "flash_mib_per_token": round(met["bytes_read"] / steps / 2**20, 2),
+                 "cache_hit_rate": round(m.cache.hit_rate(), 3) if m.cache is not None else None,
+                 "accounted_mib": round(m.accounted_bytes()["total"] / 2**20, 1),
+                 "peak_rss_mib": round(_peak_rss_mib(), 1), "direct_io": met["direct"]}
+    if args.json:
+        print(json.dumps({"text": tok.decode(out), "tokens": out, **stats}, indent=1))
+        return 0
+    print(tok.decode(out)[len(shown):])
+    print(f"{stats['mode']}: TTFT {stats['ttft_s']:.2f} s | decode {stats['decode_tok_s']:.2f} tok/s | flash "
+          f"{stats['flash_mib_per_token']:.1f} MiB/token | hit rate {stats['cache_hit_rate']} | memory accounted "
+          f"{stats['accounted_mib']:.0f} MiB, peak RSS {stats['peak_rss_mib']:.0f} MiB", file=sys.stderr)
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from xpuc.runtime.artifact import read_manifest
     from xpuc.runtime.engine import Engine
     from xpuc.runtime.sampler import SamplingParams
 
+    if (Path(args.artifact) / "offload.json").is_file():
+        return _run_offload(args)
     if read_manifest(Path(args.artifact)).kind == "graph":
         return _run_graph(args)
     engine = Engine(args.artifact, max_context=args.max_context)
@@ -425,6 +496,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-context", type=int, default=2048, help="KV-cache capacity in tokens")
     p.add_argument("--no-stream", action="store_true", help="print the text only when done")
     p.add_argument("--json", action="store_true", help="print text, tokens and metrics as JSON")
+    p.add_argument("--mode", default="full", help="packed models: naive | llmflash | cache | full (default full)")
+    p.add_argument("--budget", default=None, help="packed models: share of the FFN kept in memory (default: plan)")
     p.add_argument("--inputs", help="ONNX graph artifacts: .npz with one array per graph input")
     p.add_argument("--output", help="ONNX graph artifacts: write the outputs to this .npz")
     p.set_defaults(fn=cmd_run)
@@ -440,7 +513,7 @@ def main(argv: list[str] | None = None) -> int:
     import os
 
     args = build_parser().parse_args(argv)
-    if args.command == "run" and "tvm" not in sys.modules:
+    if args.command == "run" and "tvm" not in sys.modules and not (Path(args.artifact) / "offload.json").is_file():
         # running needs only TVM's runtime library (~80 MiB resident instead of ~260 MiB with the compiler)
         os.environ.setdefault("TVM_USE_RUNTIME_LIB", "1")
     from xpuc.targets.threads import configure_tvm_threads

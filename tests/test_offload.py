@@ -222,3 +222,46 @@ def test_oracle_mask_sparse_equals_dense(packed):
         for t in [11, 250, 3, 97, 64]:
             want = ref.forward([t])[0]
             np.testing.assert_allclose(m.step(t), want, rtol=2e-3, atol=2e-3 * np.abs(want).max())
+
+
+def test_native_and_python_readers_agree(packed):
+    from xpuc.compiler.flash_layout import FlashLayout
+    from xpuc.runtime.flash_reader import FlashReader, aligned_empty
+
+    d, _ = packed
+    fl = FlashLayout.load(d / "art" / "flash.json")
+    crcs = np.load(d / "art" / "ffn.crc32.npy")
+    want = np.array([0, 1, 3, fl.n_clusters - 1])
+    offs = np.array([fl.cluster_offset(1, j) for j in want])
+    out = []
+    for native in (False, True):
+        with FlashReader(d / "art" / "ffn.bin", fl.cluster_bytes, queue_depth=3, native=native) as r:
+            dest = aligned_empty((len(want), fl.cluster_bytes), "uint8")
+            r.read(offs, list(dest), crcs[1, want])
+            out.append(dest.copy())
+            assert r.metrics()["records"] == len(want)
+    raw = (d / "art" / "ffn.bin").read_bytes()
+    np.testing.assert_array_equal(out[0], out[1])
+    assert out[0][2].tobytes() == raw[offs[2]:offs[2] + fl.cluster_bytes]
+
+
+def test_xpuc_run_on_packed_model_and_ctrl_c(packed):
+    import json
+    import signal
+    import subprocess
+    import time
+
+    from test_cli import XPUC
+
+    d, _ = packed
+    r = xpuc("run", str(d / "art"), "--prompt", "flash", "--max-tokens", "6", "--json", "--budget", "40%")
+    assert r.returncode == 0, r.stderr
+    rep = json.loads(r.stdout)
+    assert rep["generated_tokens"] == 6 and rep["mode"] == "full" and rep["accounted_mib"] > 0
+    assert_clean_error(xpuc("run", str(d / "art"), "--prompt", "x", "--mode", "fast"), "unknown mode")
+    p = subprocess.Popen([*XPUC, "run", str(d / "art"), "--prompt", "a", "--max-tokens", "1900"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(6)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 130 and "interrupted" in err and "Traceback" not in err
