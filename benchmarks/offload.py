@@ -33,6 +33,7 @@ def main() -> None:
     ap.add_argument("--budget", default="50%")
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--modes", default="naive,llmflash,cache,full")
+    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--work", default=str(ROOT / ".cache" / "xpuc" / "bench-offload"))
     ap.add_argument("-o", "--output", default=str(ROOT / "benchmarks" / "results" / "offload_7b.json"))
     args = ap.parse_args()
@@ -52,7 +53,7 @@ def main() -> None:
         xpuc("pack", str(w / "model"), "--stats", str(w / "stats.json"), "--plan", str(w / "plan.json"),
              "--predictor", str(w / "pred.safetensors"), "-o", str(w / "art"))
     xpuc("bench", str(w / "art"), "--budget", args.budget, "--modes", args.modes, "--tokens", str(args.tokens),
-         "-o", args.output)
+         "--repeats", str(args.repeats), "-o", args.output)
 
 
 if __name__ == "__main__":

@@ -160,10 +160,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     share, total = _parse_budget(args.budget)
     if args.tokens < 2:
         raise XpucError("--tokens must be at least 2")
-    if args.io_threads < 1:
-        raise XpucError("--io-threads must be at least 1")
+    if args.io_threads < 1 or args.repeats < 1:
+        raise XpucError("--io-threads and --repeats must be at least 1")
     report = run_bench(Path(args.artifact), modes, share, total, args.tokens, args.output, args.plot,
-                       threads=args.threads, quiet=args.quiet, io_threads=args.io_threads)
+                       threads=args.threads, quiet=args.quiet, io_threads=args.io_threads, repeats=args.repeats)
     print(report)
     return 0
 
@@ -470,6 +470,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", default="bench.json", help="JSON report")
     p.add_argument("--plot", default=None, help="PNG of the ablation (default: next to the JSON)")
     p.add_argument("--io-threads", type=int, default=2, help="threads issuing flash reads (default 2)")
+    p.add_argument("--repeats", type=int, default=1, help="interleaved rounds over the modes; the median counts")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(fn=cmd_bench)
 

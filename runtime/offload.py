@@ -9,10 +9,12 @@ One runtime, four modes that share the kernels, the flash file and the fixed seg
               and there is no hot segment.
 ``cache``     + PowerInfer-2's segmented cache: the most frequent clusters are loaded at start and pinned
               (hot segment), the rest of the budget is an LRU cold segment; reads still synchronous.
-``full``      + the neuron-cluster pipeline: misses are read by the I/O threads in chunks while the compute
-              thread runs the resident clusters and then each chunk as it lands; the next layer's cold
-              clusters are predicted from the hidden state before attention and prefetched while
-              attention runs.
+``full``      + the neuron-cluster pipeline: a layer's misses are read by the I/O threads while the compute
+              thread runs the resident clusters, then the arrived ones; the next layer's cold clusters are
+              predicted from the hidden state before attention and prefetched while attention runs. With
+              ``per_chunk = True`` the reads go out in 1 MiB chunks and each chunk is computed as it lands
+              (finer overlap; on the 2-vCPU development host the extra kernel launches contend with the I/O
+              threads and it was slower, so it is off by default).
 
 The fixed segment (embeddings, attention, norms, LM head, KV cache, predictor) stays in memory; its
 projections run through xpuc's fp16 GEMV kernels, attention itself in numpy.
@@ -141,6 +143,7 @@ class OffloadModel:
         self.k_cache, self.v_cache = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
         self.pos = 0
         self._stall = 0.0
+        self.per_chunk = False  # full mode: compute each read chunk as it lands (see the module docstring)
         self.reader = FlashReader(art.path / fl.ffn_file, fl.cluster_bytes,
                                   io_threads or self.plan.io_threads, direct=True,
                                   queue_depth=self.plan.queue_depth)
@@ -257,7 +260,7 @@ class OffloadModel:
             self.cache.assign(i, int(c), int(s))
         base = self.flash.cluster_offset(i, 0)
         pool = self.cache.pool
-        chunk = max(1, CHUNK_BYTES // self.flash.cluster_bytes) if self.mode == "full" else miss.size
+        chunk = max(1, CHUNK_BYTES // self.flash.cluster_bytes) if self.per_chunk else miss.size
         for a in range(0, miss.size, chunk):
             cs, ss = miss[a:a + chunk], slots[a:a + chunk]
             offs = base + cs.astype(np.int64) * self.flash.cluster_bytes
@@ -282,11 +285,15 @@ class OffloadModel:
         pipelined = self.mode == "full"
         if miss.size <= room:  # one wave; resident clusters stay protected
             jobs = self._issue(i, miss, set(int(c) for c in need))
-            if pipelined:  # compute what is resident while the reads are in flight, then chunk by chunk
+            if pipelined:  # compute what is resident while the reads are in flight, then what arrived
                 y += self._run(i, x, hit_slots)
-                for job in jobs:
-                    self._wait([job])
-                    y += self._run(i, x, job[1])
+                if self.per_chunk:
+                    for job in jobs:
+                        self._wait([job])
+                        y += self._run(i, x, job[1])
+                else:
+                    self._wait(jobs)
+                    y += self._run(i, x, np.concatenate([ss for _, ss in jobs]) if jobs else np.zeros(0, np.int32))
             else:
                 self._wait(jobs)
                 got = [ss for _, ss in jobs]
