@@ -5,9 +5,12 @@ Phases (per target kind):
 ==========  ===========================================  ==========================================
 phase       cpu                                          gpu
 ==========  ===========================================  ==========================================
+dispatch    DispatchSampling, DispatchSortScan           (none)
 legalize    LegalizeOps (high-level ops -> TIR)          same
 annotate    AnnotateTIROpPattern                         same
-schedule    none: projections are hand-scheduled TIR     ApplyGPUSchedules (dlight GPU rules)
+fuse        FoldConstant, FuseOps, FuseTIR               (inside the build)
+schedule    ScheduleCPUMatmul (matmuls left naive by     ApplyGPUSchedules (dlight GPU rules)
+            legalization; hand-written kernels kept)
 build       tvm.compile: memory planning, VM lowering    same, plus device codegen (OpenCL / CUDA)
 ==========  ===========================================  ==========================================
 """
@@ -21,17 +24,36 @@ import tvm
 from tvm import relax
 
 from xpuc.compiler.passes.apply_gpu_schedules import ApplyGPUSchedules
+from xpuc.compiler.passes.schedule_cpu_matmul import ScheduleCPUMatmul
+
+
+def simd_lanes(target: tvm.target.Target) -> int:
+    """fp32 lanes of the target's widest SIMD registers (16 AVX-512, 8 AVX2, 4 NEON/SSE)."""
+    attrs = " ".join(str(a) for a in (target.attrs.get("mattr") or []))
+    mcpu = str(target.attrs.get("mcpu", ""))
+    triple = str(target.attrs.get("mtriple", ""))
+    if triple.startswith("aarch64") or triple.startswith("arm"):
+        return 4
+    if "+avx512f" in attrs or any(k in mcpu for k in ("skylake-avx512", "icelake", "sapphirerapids", "znver4",
+                                                      "cascadelake", "cooperlake", "emeraldrapids", "tigerlake")):
+        return 16
+    return 8
 
 
 def phases(target: tvm.target.Target) -> list[tuple[str, Callable[[tvm.IRModule], tvm.IRModule]]]:
     """The (name, pass) list for ``target`` (GPU kinds get the dlight schedule phase)."""
-    out: list[tuple[str, Callable]] = [
+    if is_gpu(target):
+        return [("legalize", relax.transform.LegalizeOps()),
+                ("annotate", relax.transform.AnnotateTIROpPattern()),
+                ("schedule", ApplyGPUSchedules(target))]
+    return [
+        ("dispatch", tvm.transform.Sequential([relax.backend.DispatchSampling(), relax.backend.DispatchSortScan()])),
         ("legalize", relax.transform.LegalizeOps()),
         ("annotate", relax.transform.AnnotateTIROpPattern()),
+        ("fuse", tvm.transform.Sequential([relax.transform.FoldConstant(), relax.transform.FuseOps(),
+                                           relax.transform.FuseTIR()])),
+        ("schedule", ScheduleCPUMatmul(lanes=simd_lanes(target))),
     ]
-    if is_gpu(target):
-        out.append(("schedule", ApplyGPUSchedules(target)))
-    return out
 
 
 def is_gpu(target: tvm.target.Target) -> bool:
@@ -56,8 +78,6 @@ def build(mod: tvm.IRModule, target: tvm.target.Target, debug_dump: Path | None 
     """``lower`` then ``tvm.compile``; returns the executable."""
     mod = lower(mod, target, debug_dump, tag)
     with target:
-        if is_gpu(target):
-            # TVM's per-device default pipelines (Adreno's) constant-fold by running kernels on the host;
-            # our module is already legalized and scheduled, so the generic VM lowering is what it needs.
-            return tvm.compile(mod, target=target, relax_pipeline=relax.pipeline.default_build_pipeline())
-        return tvm.compile(mod, target=target)
+        # TVM's per-device default pipelines legalize and fuse again (Adreno's also constant-folds by running
+        # kernels on the host); the module is already lowered and scheduled, so it gets the VM lowering only.
+        return tvm.compile(mod, target=target, relax_pipeline=relax.pipeline.default_build_pipeline())
