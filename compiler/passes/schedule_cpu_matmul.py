@@ -3,8 +3,8 @@
 TVM 0.27's CPU pipeline schedules nothing and dlight has no CPU matmul rule, so an imported graph's
 ``matmul`` blocks (ONNX MatMul/Gemm, attention's batched matmuls, with fused epilogues such as a bias add or
 SiLU) run as scalar loop nests. For every PrimFunc with a block named ``matmul`` whose iterators are
-spatial except the last (the reduction) and whose innermost spatial extent is a static multiple of the SIMD
-width, this pass applies:
+spatial except the last (the reduction) and whose innermost spatial extent is a multiple of the SIMD width
+or symbolic (attention's ``q @ k^T`` over the sequence; the last tile is predicated), this pass applies:
 
 * a register tile of ``rows`` output rows × ``2 * lanes`` (or ``lanes``) output columns: the rows loop is
   split by ``rows`` (a predicate covers a symbolic sequence length), the columns by the tile width;
@@ -53,11 +53,11 @@ def schedule_matmul(func: tirx.PrimFunc, rows: int = 8, lanes: int = 16, kstep: 
     if len(sp) != len(iv) - 1:
         return None
     n_cols = _static(sch.get(sp[-1]).extent)
-    if n_cols is None or n_cols % lanes:
+    if n_cols is not None and n_cols % lanes:
         return None
     epilogues = [c for c in blocks if not c.same_as(b)]
     outer, i, j = sp[:-2], sp[-2], sp[-1]
-    tile = 2 * lanes if n_cols % (2 * lanes) == 0 else lanes
+    tile = 2 * lanes if n_cols is not None and n_cols % (2 * lanes) == 0 else lanes  # symbolic: predicated
     io, ii = sch.split(i, [None, rows])
     jo, ji = sch.split(j, [None, tile])
     n_k = _static(sch.get(k).extent)
