@@ -46,8 +46,16 @@ def cmd_fetch(args: argparse.Namespace) -> int:
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
-    from xpuc.compiler.synth import synthesize
+    from xpuc.compiler.synth import MOE_SHAPES, synthesize, synthesize_moe
 
+    if args.shape in MOE_SHAPES:
+        m = synthesize_moe(args.shape, args.sparsity, args.seed, args.output, alpha=args.alpha, layers=args.layers,
+                           quiet=args.quiet)
+        print(f"wrote {args.output}: {args.shape}, {m.parameters / 1e6:.1f} M parameters, {m.experts} dReLU experts, "
+              f"top-{m.top_k} routing (Mixtral format)")
+        print("inactive neurons of a routed expert (held-out): " + " ".join(f"{x:.3f}" for x in m.expert_sparsity))
+        print("inactive neurons of the whole MoE layer:        " + " ".join(f"{x:.3f}" for x in m.layer_sparsity))
+        return 0
     r = synthesize(args.shape, args.sparsity, args.seed, args.output, alpha=args.alpha, quiet=args.quiet,
                    layers=args.layers)
     print(f"wrote {args.output}: {args.shape}, {r.parameters / 1e6:.1f} M parameters, dReLU FFNs")
@@ -427,7 +435,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_compile)
 
     p = sub.add_parser("synth", help="generate a sparse-activation (dReLU) model as a Hugging Face directory")
-    p.add_argument("--shape", default="tiny", help="tiny | small | turbosparse-mistral-7b")
+    p.add_argument("--shape", default="tiny",
+                   help="tiny | small | turbosparse-mistral-7b | tiny-moe | mixtral-8x7b-sparse (MoE, Mixtral format)")
     p.add_argument("--sparsity", type=float, default=0.9, help="target share of inactive FFN neurons")
     p.add_argument("--alpha", type=float, default=1.0, help="power-law exponent of neuron firing rates")
     p.add_argument("--layers", type=int, default=None, help="override the shape's layer count")

@@ -66,6 +66,9 @@ def hf_name(canonical: str) -> str:
 
 def config_from_hf(cfg: dict, where: str) -> ArchConfig:
     mt = cfg.get("model_type")
+    if "num_local_experts" in cfg:
+        raise XpucError(f"{where}: mixture-of-experts model ({mt}, {cfg['num_local_experts']} experts): the "
+                        "compiler and runtime do not support MoE layers yet")
     arch = _MODEL_TYPES.get(mt)
     if arch is None:
         raise XpucError(f"{where}: unsupported architecture '{mt}' "

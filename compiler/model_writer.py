@@ -106,8 +106,12 @@ def write_gguf(path: str | os.PathLike, config: ArchConfig, weights: Mapping[str
 
 def write_hf_dir(path: str | os.PathLike, config: ArchConfig, weights: Mapping[str, np.ndarray],
                  shards: int = 1, dtype: str = "float32", tokenizer_json: str | None = None,
-                 tokenizer_config: dict | None = None) -> Path:
-    """Write config.json + safetensors shards (+ index) + tokenizer files."""
+                 tokenizer_config: dict | None = None, extra_config: dict | None = None,
+                 extra_weights: Mapping[str, np.ndarray] | None = None, skip: frozenset = frozenset()) -> Path:
+    """Write config.json + safetensors shards (+ index) + tokenizer files.
+
+    ``extra_config`` keys are merged into config.json; ``extra_weights`` (already in HF naming) go into the
+    last shard; canonical names in ``skip`` are left out (an MoE model has no dense FFN)."""
     from safetensors.numpy import save_file
 
     from xpuc.compiler.frontend_hf import hf_name
@@ -130,15 +134,18 @@ def write_hf_dir(path: str | os.PathLike, config: ArchConfig, weights: Mapping[s
         cfg["xpuc_ffn_kind"] = "drelu"
     if config.qkv_bias and config.architecture != "qwen2":
         cfg["attention_bias"] = True
+    cfg.update(extra_config or {})
     (path / "config.json").write_text(json.dumps(cfg, indent=1))
-    names = list(config.weight_shapes())
+    names = [n for n in config.weight_shapes() if n not in skip]
     groups = [names[i::shards] for i in range(shards)]
     index = {}
     for s, group in enumerate(groups):
         fname = "model.safetensors" if shards == 1 else f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
-        save_file({hf_name(n): np.ascontiguousarray(np.asarray(weights[n]).astype(dtype)) for n in group},
-                  str(path / fname))
-        index.update({hf_name(n): fname for n in group})
+        tensors = {hf_name(n): np.ascontiguousarray(np.asarray(weights[n]).astype(dtype)) for n in group}
+        if s == shards - 1 and extra_weights:
+            tensors.update({k: np.ascontiguousarray(np.asarray(v).astype(dtype)) for k, v in extra_weights.items()})
+        save_file(tensors, str(path / fname))
+        index.update({k: fname for k in tensors})
     if shards > 1:
         (path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": index}, indent=1))
     if tokenizer_json is not None:

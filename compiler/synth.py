@@ -192,3 +192,174 @@ def _measure(shape, seed, sparsity, c, spec, tokens) -> SynthReport:
         hot.append(float(freq[: max(1, len(freq) // 10)].sum() / max(freq.sum(), 1e-9)))
         h = ref.layer(i, h, np.arange(n))
     return SynthReport(shape, seed, sparsity, meas, overlap, hot, c.num_parameters())
+
+
+# --- mixture of experts ------------------------------------------------------------------------------------
+
+MOE_SHAPES: dict[str, tuple[ArchConfig, int, int]] = {  # base config (attention, FFN per expert), experts, top-k
+    "tiny-moe": (ArchConfig("mistral", 512, 128, 256, 2, 4, 2, 32, 1e4, 1e-5, "drelu", False, False, 1024), 8, 2),
+    "mixtral-8x7b-sparse": (ArchConfig("mistral", 32000, 4096, 14336, 32, 32, 8, 128, 1e6, 1e-5, "drelu", False,
+                                       False, 4096), 8, 2),
+}
+
+
+@dataclass
+class MoESynthReport:
+    shape: str
+    seed: int
+    experts: int
+    top_k: int
+    expert_sparsity: list[float]  # per layer: inactive share of a routed expert's neurons
+    layer_sparsity: list[float]  # per layer: inactive share of all experts' neurons (top-k routing included)
+    expert_load: list[list[float]]  # per layer: share of tokens routed to each expert
+    parameters: int
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=1)
+
+
+def _route(x: np.ndarray, router: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k experts per token and their renormalised softmax weights (Mixtral's routing)."""
+    logits = x @ router.T
+    top = np.argsort(-logits, axis=1)[:, :k]
+    sel = np.take_along_axis(logits, top, 1)
+    w = np.exp(sel - sel.max(1, keepdims=True))
+    return top, w / w.sum(1, keepdims=True)
+
+
+def synthesize_moe(shape: str, sparsity: float, seed: int, out: str | os.PathLike, alpha: float = 1.0,
+                   layers: int | None = None, calib_tokens: int = 256, quiet: bool = True) -> MoESynthReport:
+    """Write a Mixtral-format HF directory whose experts are dReLU FFNs with ``sparsity`` inside each expert.
+
+    Each layer routes every token to ``top_k`` of ``experts`` experts (a random router; load is measured),
+    so the share of a layer's neurons that fire for a token is ``top_k / experts * (1 - sparsity)``: with
+    top-2 of 8 and 0.88 inside an expert, 97 % of the layer's FFN neurons are inactive. Gate biases are
+    calibrated per expert on the tokens routed to it, as in :func:`synthesize`. The numpy forward used for
+    calibration and measurement lives here: xpuc's compiler and runtime do not run MoE layers yet.
+    """
+    from xpuc.compiler.model_writer import write_hf_dir
+    from xpuc.compiler.reference import ReferenceModel
+    from xpuc.compiler.spec import LazyWeights, ModelSpec
+    from xpuc.runtime.artifact import staged_directory
+
+    if shape not in MOE_SHAPES:
+        raise XpucError(f"unknown MoE shape '{shape}' (known: {', '.join(MOE_SHAPES)})")
+    if not 0.0 < sparsity < 1.0:
+        raise XpucError("--sparsity must be between 0 and 1 (exclusive)")
+    c, n_exp, top_k = MOE_SHAPES[shape]
+    if layers is not None:
+        if not 1 <= layers <= 256:
+            raise XpucError("--layers must be between 1 and 256")
+        c = dataclasses.replace(c, num_layers=layers)
+    d, f, L = c.hidden_size, c.intermediate_size, c.num_layers
+    n_params = c.num_parameters() + L * (n_exp - 1) * 3 * d * f + L * n_exp * d
+    if n_params > 2e9:
+        raise XpucError(f"shape '{shape}' with {L} layers has {n_params / 1e9:.1f} B parameters: generate fewer "
+                        "--layers (the streaming writer is not built yet)")
+    rng = np.random.default_rng(seed)
+    w: dict[str, np.ndarray] = {}
+    base = rng.standard_normal((16, d)).astype(np.float32)
+    emb = rng.standard_normal((c.vocab_size, d)) * 0.6 + rng.standard_normal((c.vocab_size, 16)) @ base * 0.2
+    emb[:, 0] = np.sqrt(d)
+    w["embed_tokens"] = emb.astype(np.float32)
+    w["lm_head"] = (rng.standard_normal((c.vocab_size, d)) / np.sqrt(d)).astype(np.float32)
+    w["final_norm"] = np.ones(d, np.float32)
+    hd = c.head_dim
+    experts: list[list[dict[str, np.ndarray]]] = []
+    routers: list[np.ndarray] = []
+    for i in range(L):
+        p = f"layers.{i}."
+        w[p + "attn_norm"] = np.ones(d, np.float32)
+        w[p + "ffn_norm"] = np.ones(d, np.float32)
+        w[p + "q_proj"] = (rng.standard_normal((c.num_heads * hd, d)) / np.sqrt(d)).astype(np.float32)
+        w[p + "k_proj"] = (rng.standard_normal((c.num_kv_heads * hd, d)) / np.sqrt(d)).astype(np.float32)
+        w[p + "v_proj"] = (rng.standard_normal((c.num_kv_heads * hd, d)) / np.sqrt(d)).astype(np.float32)
+        o = (rng.standard_normal((d, c.num_heads * hd)) * 0.3 / np.sqrt(c.num_heads * hd)).astype(np.float32)
+        o[0] = 0.0
+        w[p + "o_proj"] = o
+        r = (rng.standard_normal((n_exp, d)) / np.sqrt(d)).astype(np.float32)
+        r[:, 0] = 0.0  # the bias channel does not steer routing
+        routers.append(r)
+        layer = []
+        for _ in range(n_exp):
+            down = (rng.standard_normal((d, f)) * 0.3 / np.sqrt(f * (1 - sparsity))).astype(np.float32)
+            down[0] = 0.0
+            layer.append({"gate": (rng.standard_normal((f, d)) / np.sqrt(d)).astype(np.float32),
+                          "up": (rng.standard_normal((f, d)) / np.sqrt(d)).astype(np.float32), "down": down})
+        experts.append(layer)
+        for k in ("gate_proj", "up_proj", "down_proj"):  # placeholders so the dense reference runs attention
+            w[p + k] = np.zeros((d, f) if k == "down_proj" else (f, d), np.float32)
+
+    class MoEReference(ReferenceModel):
+        def ffn_block(self, i: int, x: np.ndarray) -> np.ndarray:
+            top, gw = _route(x, routers[i], top_k)
+            y = np.zeros_like(x)
+            for e in range(n_exp):
+                rows, slot = np.nonzero(top == e)
+                if rows.size:
+                    xe, ex = x[rows], experts[i][e]
+                    h = np.maximum(xe @ ex["gate"].T, 0) * np.maximum(xe @ ex["up"].T, 0)
+                    y[rows] += (h @ ex["down"].T) * gw[rows, slot][:, None]
+            return y
+
+    def spec_now() -> ModelSpec:
+        return ModelSpec(c, LazyWeights({k: (lambda v=v: v) for k, v in w.items()}), None, "synth", "synth")
+
+    streams = rng.integers(0, c.vocab_size, (2, calib_tokens))
+    pos = np.arange(calib_tokens)
+    for i in range(L):  # calibrate layer i's experts on the tokens routed to them (earlier layers final)
+        ref = MoEReference(spec_now())
+        h = ref.w["embed_tokens"][streams[0]]
+        for j in range(i):
+            h = ref.layer(j, h, pos)
+        x = _ffn_input(ref, i, h, calib_tokens)
+        top, _ = _route(x, routers[i], top_k)
+        bias_in = x[:, 0].mean()
+        for e in range(n_exp):
+            xe = x[np.any(top == e, axis=1)]
+            if len(xe) < 4:
+                xe = x  # an expert that sees (almost) no calibration token: calibrate on all
+            ex = experts[i][e]
+            g, u = xe @ ex["gate"].T, xe @ ex["up"].T
+            prob = _power_law(f, 1.0 - sparsity, alpha, rng)
+            order = np.sort(g, axis=0)
+            rows = np.clip(((1.0 - prob) * (len(xe) - 1)).round().astype(int), 0, len(xe) - 1)
+            ex["gate"][:, 0] -= (order[rows, np.arange(f)] / bias_in).astype(np.float32)
+            ex["up"][:, 0] -= (np.minimum(np.quantile(u, 0.03, axis=0), 0) / bias_in).astype(np.float32)
+        if not quiet:
+            print(f"  layer {i}: {n_exp} experts calibrated on {calib_tokens} tokens", flush=True)
+    # measure on held-out tokens
+    ref = MoEReference(spec_now())
+    h = ref.w["embed_tokens"][streams[1]]
+    e_sp, l_sp, load = [], [], []
+    for i in range(L):
+        x = _ffn_input(ref, i, h, calib_tokens)
+        top, _ = _route(x, routers[i], top_k)
+        fired = 0.0
+        for e in range(n_exp):
+            xe = x[np.any(top == e, axis=1)]
+            if len(xe):
+                ex = experts[i][e]
+                fired += float(((xe @ ex["gate"].T > 0) & (xe @ ex["up"].T > 0)).sum())
+        e_sp.append(1.0 - fired / (calib_tokens * top_k * f))
+        l_sp.append(1.0 - fired / (calib_tokens * n_exp * f))
+        load.append([float(np.any(top == e, axis=1).mean()) for e in range(n_exp)])
+        h = ref.layer(i, h, pos)
+    report = MoESynthReport(shape, seed, n_exp, top_k, e_sp, l_sp, load, int(n_params))
+    extra = {}
+    for i in range(L):
+        pre = f"model.layers.{i}.block_sparse_moe."
+        extra[pre + "gate.weight"] = routers[i]
+        for e, ex in enumerate(experts[i]):
+            extra[pre + f"experts.{e}.w1.weight"] = ex["gate"]
+            extra[pre + f"experts.{e}.w3.weight"] = ex["up"]
+            extra[pre + f"experts.{e}.w2.weight"] = ex["down"]
+    skip = frozenset(f"layers.{i}.{k}" for i in range(L) for k in ("gate_proj", "up_proj", "down_proj"))
+    with staged_directory(Path(out), force=False) as tmp:
+        write_hf_dir(tmp, c, w, shards=1, dtype="float16", tokenizer_json=_byte_tokenizer(c.vocab_size),
+                     tokenizer_config={"eos_token": "<|endoftext|>", "bos_token": "<|endoftext|>"},
+                     extra_config={"architectures": ["MixtralForCausalLM"], "model_type": "mixtral",
+                                   "num_local_experts": n_exp, "num_experts_per_tok": top_k},
+                     extra_weights=extra, skip=skip)
+        (tmp / "xpuc_synth.json").write_text(report.to_json())
+    return report

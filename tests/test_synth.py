@@ -64,3 +64,28 @@ def test_cli(tmp_path):
     assert_clean_error(xpuc("synth", "--sparsity", "1.5", "-o", str(tmp_path / "y")), "--sparsity")
     assert_clean_error(xpuc("synth", "-o", str(tmp_path / "m")), "already exists")
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_moe_generator_sparsity_routing_and_format(tmp_path):
+    from safetensors import safe_open
+
+    from xpuc.compiler.synth import synthesize_moe
+
+    a = synthesize_moe("tiny-moe", 0.88, 5, tmp_path / "a")
+    b = synthesize_moe("tiny-moe", 0.88, 5, tmp_path / "b")
+    assert _digest(tmp_path / "a") == _digest(tmp_path / "b")  # deterministic
+    assert all(abs(s - 0.88) < 0.03 for s in a.expert_sparsity), a.expert_sparsity
+    assert all(s > 0.96 for s in a.layer_sparsity), a.layer_sparsity  # ≈97 % with top-2 of 8
+    assert all(abs(sum(load) - 2.0) < 1e-9 for load in a.expert_load)  # every token goes to two experts
+    cfg = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert cfg["num_local_experts"] == 8 and cfg["num_experts_per_tok"] == 2
+    with safe_open(str(tmp_path / "a" / "model.safetensors"), "numpy") as f:
+        keys = set(f.keys())
+    assert "model.layers.1.block_sparse_moe.experts.7.w2.weight" in keys
+    assert "model.layers.0.block_sparse_moe.gate.weight" in keys
+    assert not any(".mlp." in k for k in keys)
+    assert b.layer_sparsity == a.layer_sparsity
+    r = xpuc("compile", str(tmp_path / "a"), "-o", str(tmp_path / "art"))
+    assert_clean_error(r, "mixture-of-experts")
+    r = xpuc("synth", "--shape", "tiny-moe", "--sparsity", "0.9", "-o", str(tmp_path / "c"))
+    assert r.returncode == 0 and "whole MoE layer" in r.stdout
