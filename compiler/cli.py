@@ -400,10 +400,38 @@ def _inspect_model(path: Path, as_json: bool) -> int:
     return 0
 
 
+def _inspect_packed(path: Path, as_json: bool) -> int:
+    """A packed (offloading) model: layout, plan, predictor and sizes; checksums verified on load."""
+    from xpuc.compiler.offload_pack import load_offload_artifact
+
+    art = load_offload_artifact(path)
+    fl, plan, c = art.flash, art.plan, art.config
+    info = {
+        "kind": "packed", "architecture": c.architecture, "layers": c.num_layers, "hidden": c.hidden_size,
+        "ffn": c.intermediate_size, "ffn_kind": c.ffn_kind, "weight_dtype": fl.dtype, "cluster": fl.cluster,
+        "record_bytes": fl.cluster_bytes, "ffn_file_mib": round(fl.file_bytes / 2**20, 1),
+        "fixed_segment_mib": round(plan.fixed_bytes / 2**20, 1), "plan_device": plan.device,
+        "plan_budget_mib": round(plan.budget_bytes / 2**20, 1),
+        "hot_clusters_per_layer": [r.hot_clusters for r in fl.layers],
+        "predictor_ranks": [lp.rank for lp in art.predictor.layers],
+        "predictor_target_recall": art.predictor.recall_target,
+        "profiled_sparsity": [round(x, 3) for x in art.stats.sparsity],
+    }
+    if as_json:
+        print(json.dumps(info, indent=1))
+        return 0
+    w = max(len(k) for k in info)
+    for k, v in info.items():
+        print(f"{k:<{w}}  {v}")
+    return 0
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     from xpuc.compiler.zoo import resolve_model
 
     p = resolve_model(args.path)
+    if p.is_dir() and (p / "offload.json").exists():
+        return _inspect_packed(p, args.json)
     if p.is_dir() and (p / "manifest.json").exists():
         return _inspect_artifact(p, args.json)
     return _inspect_model(p, args.json)

@@ -265,3 +265,14 @@ def test_xpuc_run_on_packed_model_and_ctrl_c(packed):
     p.send_signal(signal.SIGINT)
     _, err = p.communicate(timeout=60)
     assert p.returncode == 130 and "interrupted" in err and "Traceback" not in err
+
+
+def test_inspect_packed_model(packed):
+    import json
+
+    d, spec = packed
+    r = xpuc("inspect", str(d / "art"), "--json")
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    assert info["kind"] == "packed" and info["layers"] == spec.config.num_layers
+    assert info["weight_dtype"] == "float16" and len(info["predictor_ranks"]) == spec.config.num_layers
