@@ -109,7 +109,8 @@ def run_bench(artifact: Path, modes: list[str], ffn_share: float | None, total_b
               "sparse_modes_agree": same, "outputs": outputs}
     write_json_atomic(output, report)
     png = Path(plot) if plot else Path(output).with_suffix(".png")
-    _plot(rows, png, f"{artifact.name}: FFN {100 * ffn_share:.0f} % in memory, {tokens} tokens")
+    name = f"{artifact.resolve().parent.name}/{artifact.name}"
+    _plot(rows, png, f"{name}: FFN {100 * ffn_share:.0f} % in memory, {tokens} tokens")
     head = f"{'mode':<9} {'tok/s':>7} {'x naive':>8} {'TTFT s':>7} {'MiB/tok':>8} {'req/tok':>8} {'hit':>6} " \
            f"{'hidden':>7} {'acct MiB':>9} {'RSS MiB':>8}"
     lines = [head]
