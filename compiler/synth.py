@@ -55,6 +55,19 @@ class SynthReport:
         return json.dumps(dataclasses.asdict(self), indent=1)
 
 
+def _attention_weights(w: dict, p: str, c: ArchConfig, rng: np.random.Generator) -> None:
+    """Norms and q/k/v/o of one layer (row 0 of o_proj zero: nothing writes the bias channel)."""
+    d, hd = c.hidden_size, c.head_dim
+    w[p + "attn_norm"] = np.ones(d, np.float32)
+    w[p + "ffn_norm"] = np.ones(d, np.float32)
+    w[p + "q_proj"] = (rng.standard_normal((c.num_heads * hd, d)) / np.sqrt(d)).astype(np.float32)
+    w[p + "k_proj"] = (rng.standard_normal((c.num_kv_heads * hd, d)) / np.sqrt(d)).astype(np.float32)
+    w[p + "v_proj"] = (rng.standard_normal((c.num_kv_heads * hd, d)) / np.sqrt(d)).astype(np.float32)
+    o = (rng.standard_normal((d, c.num_heads * hd)) * 0.3 / np.sqrt(c.num_heads * hd)).astype(np.float32)
+    o[0] = 0.0
+    w[p + "o_proj"] = o
+
+
 def _power_law(n: int, mean: float, alpha: float, rng: np.random.Generator) -> np.ndarray:
     rank = rng.permutation(n) + 1.0
     p = rank ** -alpha
@@ -96,17 +109,9 @@ def synthesize(shape: str, sparsity: float, seed: int, out: str | os.PathLike, a
     w["embed_tokens"] = emb.astype(np.float32)
     w["lm_head"] = (rng.standard_normal((c.vocab_size, d)) / np.sqrt(d)).astype(np.float32)
     w["final_norm"] = np.ones(d, np.float32)
-    hd = c.head_dim
     for i in range(c.num_layers):
         p = f"layers.{i}."
-        w[p + "attn_norm"] = np.ones(d, np.float32)
-        w[p + "ffn_norm"] = np.ones(d, np.float32)
-        w[p + "q_proj"] = (rng.standard_normal((c.num_heads * hd, d)) / np.sqrt(d)).astype(np.float32)
-        w[p + "k_proj"] = (rng.standard_normal((c.num_kv_heads * hd, d)) / np.sqrt(d)).astype(np.float32)
-        w[p + "v_proj"] = (rng.standard_normal((c.num_kv_heads * hd, d)) / np.sqrt(d)).astype(np.float32)
-        o = (rng.standard_normal((d, c.num_heads * hd)) * 0.3 / np.sqrt(c.num_heads * hd)).astype(np.float32)
-        o[0] = 0.0
-        w[p + "o_proj"] = o
+        _attention_weights(w, p, c, rng)
         w[p + "gate_proj"] = (rng.standard_normal((f, d)) / np.sqrt(d)).astype(np.float32)
         w[p + "up_proj"] = (rng.standard_normal((f, d)) / np.sqrt(d)).astype(np.float32)
         down = (rng.standard_normal((d, f)) * 0.3 / np.sqrt(f * (1 - sparsity))).astype(np.float32)
@@ -264,19 +269,11 @@ def synthesize_moe(shape: str, sparsity: float, seed: int, out: str | os.PathLik
     w["embed_tokens"] = emb.astype(np.float32)
     w["lm_head"] = (rng.standard_normal((c.vocab_size, d)) / np.sqrt(d)).astype(np.float32)
     w["final_norm"] = np.ones(d, np.float32)
-    hd = c.head_dim
     experts: list[list[dict[str, np.ndarray]]] = []
     routers: list[np.ndarray] = []
     for i in range(L):
         p = f"layers.{i}."
-        w[p + "attn_norm"] = np.ones(d, np.float32)
-        w[p + "ffn_norm"] = np.ones(d, np.float32)
-        w[p + "q_proj"] = (rng.standard_normal((c.num_heads * hd, d)) / np.sqrt(d)).astype(np.float32)
-        w[p + "k_proj"] = (rng.standard_normal((c.num_kv_heads * hd, d)) / np.sqrt(d)).astype(np.float32)
-        w[p + "v_proj"] = (rng.standard_normal((c.num_kv_heads * hd, d)) / np.sqrt(d)).astype(np.float32)
-        o = (rng.standard_normal((d, c.num_heads * hd)) * 0.3 / np.sqrt(c.num_heads * hd)).astype(np.float32)
-        o[0] = 0.0
-        w[p + "o_proj"] = o
+        _attention_weights(w, p, c, rng)
         r = (rng.standard_normal((n_exp, d)) / np.sqrt(d)).astype(np.float32)
         r[:, 0] = 0.0  # the bias channel does not steer routing
         routers.append(r)
