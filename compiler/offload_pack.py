@@ -104,7 +104,6 @@ def load_offload_artifact(path: Path) -> OffloadArtifact:
     from xpuc.compiler.predictor import Predictor
     from xpuc.compiler.profiler import ProfileStats
     from xpuc.compiler.spec import ArchConfig
-    from xpuc.compiler.zoo import sha256_file
 
     mf = path / "offload.json"
     if not mf.is_file():
@@ -115,12 +114,9 @@ def load_offload_artifact(path: Path) -> OffloadArtifact:
         raise XpucError(f"{mf}: corrupted ({e})") from None
     if d.get("format") != OFFLOAD_FORMAT or d.get("schema") != OFFLOAD_SCHEMA:
         raise XpucError(f"{mf}: not an xpuc offload manifest of schema {OFFLOAD_SCHEMA}; repack the model")
-    for name, digest in d["files"].items():
-        f = path / name
-        if not f.is_file():
-            raise XpucError(f"{path}: file '{name}' listed in the manifest is missing")
-        if sha256_file(f) != digest:
-            raise XpucError(f"{path}: file '{name}' fails its checksum (altered or corrupted); repack the model")
+    from xpuc.runtime.artifact import verify_files
+
+    verify_files(path, d["files"], "repack the model")
     ffn = path / "ffn.bin"
     if not ffn.is_file() or ffn.stat().st_size != d["ffn_bytes"]:
         size = ffn.stat().st_size if ffn.is_file() else 0

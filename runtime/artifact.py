@@ -94,7 +94,6 @@ def read_manifest(path: Path) -> Manifest:
 
 def verify(path: Path, manifest: Manifest, check_versions: bool = True) -> None:
     """Check versions and every file's SHA-256; raise XpucError on the first problem."""
-    from xpuc.compiler.zoo import sha256_file
 
     if check_versions:
         now = versions()
@@ -102,12 +101,19 @@ def verify(path: Path, manifest: Manifest, check_versions: bool = True) -> None:
             if manifest.versions.get(key) != now[key]:
                 raise XpucError(f"{path}: built with {key} {manifest.versions.get(key)}, this is {key} {now[key]}; "
                                 "recompile the model with this xpuc")
-    for name, digest in manifest.files.items():
+    verify_files(path, manifest.files, "recompile")
+
+
+def verify_files(path: Path, files: dict[str, str], fix: str) -> None:
+    """Every listed file exists and has its SHA-256; ``fix`` ends the error line (e.g. "recompile")."""
+    from xpuc.compiler.zoo import sha256_file
+
+    for name, digest in files.items():
         f = path / name
         if not f.is_file():
             raise XpucError(f"{path}: file '{name}' listed in the manifest is missing")
         if sha256_file(f) != digest:
-            raise XpucError(f"{path}: file '{name}' fails its checksum (altered or corrupted); recompile")
+            raise XpucError(f"{path}: file '{name}' fails its checksum (altered or corrupted); {fix}")
 
 
 @contextmanager
