@@ -29,7 +29,7 @@ from pathlib import Path
 from xpuc.compiler.errors import XpucError
 
 PY = "python3.11"
-WHEELS = ["apache-tvm==0.27.0.post1", "apache-tvm-ffi==0.1.14.post1", "numpy", "ml_dtypes"]
+WHEELS = ["apache-tvm==0.27.0.post1", "apache-tvm-ffi==0.1.14.post1", "numpy", "ml_dtypes", "cloudpickle", "psutil"]
 DEFAULT_CPU = "cortex-a76"
 HOST_TOOLS = ("qemu-aarch64-static", "aarch64-linux-gnu-gcc")
 
@@ -79,7 +79,8 @@ def ensure_sysroot(quiet: bool = True) -> tuple[Path, Path]:
     root = arm_root()
     sysroot, site = root / "sysroot", root / "pyarm"
     stamp = root / "ready.json"
-    if stamp.is_file() and json.loads(stamp.read_text()).get("wheels") == WHEELS:
+    stale = not stamp.is_file() or json.loads(stamp.read_text()).get("wheels") != WHEELS
+    if not stale:
         return sysroot, site
     missing = missing_host_tools()
     if missing:
@@ -100,7 +101,7 @@ def ensure_sysroot(quiet: bool = True) -> tuple[Path, Path]:
                         str(tmp / "usr" / "lib" / PY)], capture_output=True)
         shutil.rmtree(sysroot, ignore_errors=True)
         os.replace(tmp, sysroot)
-    if not (site / "tvm").is_dir():
+    if stale or not (site / "tvm").is_dir():
         if not quiet:
             print("xpuc: installing aarch64 wheels …", file=sys.stderr)
         tmp = Path(tempfile.mkdtemp(dir=root, prefix="pyarm."))
