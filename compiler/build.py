@@ -154,8 +154,14 @@ GRAPH_LIB_FILE = "graph.so"
 
 
 def compile_onnx(model: str | os.PathLike, output: str | os.PathLike, device: str = "host", force: bool = False,
-                 quiet: bool = False, prefill_on: str = "auto", debug_dump: str | os.PathLike | None = None) -> Path:
-    """Compile an ONNX graph (weights embedded) for the device's CPU or GPU into an artifact directory."""
+                 quiet: bool = False, prefill_on: str = "auto", debug_dump: str | os.PathLike | None = None,
+                 tuning_db: str | os.PathLike | None = None, buckets: tuple[int, ...] | None = None) -> Path:
+    """Compile an ONNX graph (weights embedded) for the device's CPU or GPU into an artifact directory.
+
+    With ``tuning_db`` (a directory from ``xpuc tune``) the graph also gets a static copy per sequence
+    bucket (the database's buckets unless ``buckets`` is given) whose kernels take their tuned schedules;
+    the database must cover at least one kernel.
+    """
     from xpuc.compiler.frontend_onnx import import_onnx, read_onnx
     from xpuc.compiler.pipeline import build
     from xpuc.compiler.zoo import sha256_file
@@ -176,22 +182,46 @@ def compile_onnx(model: str | os.PathLike, output: str | os.PathLike, device: st
     outputs = [{"name": o.name, "shape": [d.dim_param or d.dim_value for d in o.type.tensor_type.shape.dim]}
                for o in proto.graph.output]
     steps.done(f"{len(proto.graph.node)} nodes")
+    target = profile.gpu_target() if where == "gpu" else profile.cpu_target()
+    tuning, tuned_info = None, {}
+    if tuning_db is not None:
+        tuning, buckets, tuned_info = _open_tuning(tuning_db, target, buckets)
     with staged_directory(output, force) as tmp:
-        target = profile.gpu_target() if where == "gpu" else profile.cpu_target()
         steps.start(f"compiling for {target.kind.name} ({profile.mtriple})")
-        ex = build(mod, target, Path(debug_dump) if debug_dump else None, "graph")
+        ex = build(mod, target, Path(debug_dump) if debug_dump else None, "graph", buckets or (), tuning)
+        if tuning is not None:
+            if tuning.covered == 0:
+                raise XpucError(f"tuning database {tuning_db} covers none of the {tuning.candidates} tunable kernels "
+                                "of this graph (tuned for another model, or other --buckets)")
+            tuned_info.update(tuned_kernels=tuning.covered, tunable_kernels=tuning.candidates)
         ex.export_library(str(tmp / GRAPH_LIB_FILE), fcompile=toolchain.fcompile())
         kernels = sorted(gv.name_hint for gv, f in mod.functions.items() if type(f).__name__ == "PrimFunc")
-        steps.done(toolchain.name)
+        steps.done(toolchain.name + (f"; {tuning.covered} of {tuning.candidates} kernels from the tuning database"
+                                     if tuning is not None else ""))
         steps.start("writing manifest")
         src = Path(model)
         manifest = Manifest(
             versions=versions(), device=profile.summary(), config={},
             source={"path": str(src.resolve()), "format": "onnx", "sha256": sha256_file(src)},
             modules=[ModuleEntry(name="graph", file=GRAPH_LIB_FILE, role="graph", target=str(target),
-                                 mtriple=profile.mtriple, toolchain=toolchain.name, kernels=kernels)],
+                                 mtriple=profile.mtriple, toolchain=toolchain.name, kernels=kernels,
+                                 info=tuned_info)],
             params=[], weights_file="", files={GRAPH_LIB_FILE: sha256_file(tmp / GRAPH_LIB_FILE)},
-            kind="graph", io={"inputs": inputs, "outputs": outputs})
+            kind="graph", io={"inputs": inputs, "outputs": outputs, "buckets": list(buckets or ())})
         (tmp / MANIFEST).write_text(manifest.to_json())
         steps.done()
     return output
+
+
+def _open_tuning(path, target, buckets):
+    """(ApplyTuningDatabase pass, buckets, manifest info) for a tuning database checked against ``target``."""
+    from xpuc.compiler.passes.apply_tuning_database import ApplyTuningDatabase
+    from xpuc.schedules.tuning_db import TuningDatabase
+
+    db = TuningDatabase(path, target=target)
+    if not buckets:
+        buckets = tuple(sorted({w.bucket for w in db.index.workloads.values()}))
+    if not buckets:
+        raise XpucError(f"tuning database {path} has no tuned workloads yet (run `xpuc tune` first)")
+    return ApplyTuningDatabase(db.ms, target), tuple(buckets), {"tuning_db": str(Path(path).resolve()),
+                                                                "buckets": list(buckets)}

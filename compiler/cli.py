@@ -181,9 +181,15 @@ def cmd_compile(args: argparse.Namespace) -> int:
     from xpuc.compiler.zoo import resolve_model
 
     if str(args.model).endswith(".onnx"):
+        from xpuc.schedules.workloads import parse_buckets
+
         print(compile_onnx(args.model, args.output, device=args.device, force=args.force, quiet=args.quiet,
-                           prefill_on=args.prefill_on, debug_dump=args.debug_dump))
+                           prefill_on=args.prefill_on, debug_dump=args.debug_dump, tuning_db=args.tuning_db,
+                           buckets=parse_buckets(args.buckets) if args.buckets else None))
         return 0
+    if args.tuning_db:
+        raise XpucError("--tuning-db applies to ONNX graphs (xpuc compile model.onnx --tuning-db DIR): a model "
+                        "artifact's kernels are hand-scheduled TIR; `xpuc tune MODEL` tunes its dense prefill graph")
     out = compile_model(resolve_model(args.model), args.output, device=args.device, force=args.force,
                         quiet=args.quiet, prefill_on=args.prefill_on, debug_dump=args.debug_dump)
     print(out)
@@ -426,10 +432,31 @@ def _inspect_packed(path: Path, as_json: bool) -> int:
     return 0
 
 
+def _inspect_tuning(path: Path, as_json: bool) -> int:
+    from dataclasses import asdict
+
+    from xpuc.schedules.tuning_db import TuningDatabase
+
+    db = TuningDatabase(path)
+    if as_json:
+        print(json.dumps({"path": str(path), "target": db.index.target, "records": db.n_records,
+                          "workloads": [asdict(w) for w in db.index.workloads.values()],
+                          "sparse": db.index.sparse}, indent=1))
+        return 0
+    print(db.summary())
+    for w in sorted(db.index.workloads.values(), key=lambda w: (w.bucket, w.name)):
+        best = f"{w.best_us:.1f} us" if w.best_us else "-"
+        ref = f" (default {w.default_us:.1f} us)" if w.default_us else ""
+        print(f"  {w.name[:56]:56s} @{w.bucket:<5d} {w.trials:5d} trials  best {best}{ref}")
+    return 0
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     from xpuc.compiler.zoo import resolve_model
 
     p = resolve_model(args.path)
+    if p.is_dir() and (p / "xpuc-tuning.json").exists():
+        return _inspect_tuning(p, args.json)
     if p.is_dir() and (p / "offload.json").exists():
         return _inspect_packed(p, args.json)
     if p.is_dir() and (p / "manifest.json").exists():
@@ -460,6 +487,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefill-on", default="auto", choices=["auto", "cpu", "gpu"],
                    help="processor for prefill (auto: the device's GPU when it has one)")
     p.add_argument("--debug-dump", metavar="DIR", default=None, help="write the IR after each lowering phase")
+    p.add_argument("--tuning-db", metavar="DIR", default=None, help="apply tuned schedules from `xpuc tune` (ONNX)")
+    p.add_argument("--buckets", default=None, help="with --tuning-db: sequence lengths to specialize "
+                   "(default: the database's)")
     p.set_defaults(fn=cmd_compile)
 
     p = sub.add_parser("synth", help="generate a sparse-activation (dReLU) model as a Hugging Face directory")
@@ -544,6 +574,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_inspect)
+
+    from xpuc.compiler.cli_tune import add_parsers
+
+    add_parsers(sub)
     return ap
 
 

@@ -6,9 +6,13 @@ Phases (per target kind):
 phase       cpu                                          gpu
 ==========  ===========================================  ==========================================
 dispatch    DispatchSampling, DispatchSortScan           (none)
+specialize  SpecializeSequenceBuckets (only with         same
+            tuning buckets: static copies of ``main``)
 legalize    LegalizeOps (high-level ops -> TIR)          same
 annotate    AnnotateTIROpPattern                         same
 fuse        FoldConstant, FuseOps, FuseTIR               (inside the build)
+tune        ApplyTuningDatabase (only with a database:   (none)
+            best tuned schedule of each covered kernel)
 schedule    ScheduleCPUMatmul (matmuls left naive by     ApplyGPUSchedules (dlight GPU rules)
             legalization; hand-written kernels kept)
 build       tvm.compile: memory planning, VM lowering    same, plus device codegen (OpenCL / CUDA)
@@ -25,6 +29,7 @@ from tvm import relax
 
 from xpuc.compiler.passes.apply_gpu_schedules import ApplyGPUSchedules
 from xpuc.compiler.passes.schedule_cpu_matmul import ScheduleCPUMatmul
+from xpuc.compiler.passes.specialize_buckets import SpecializeSequenceBuckets
 
 
 def simd_lanes(target: tvm.target.Target) -> int:
@@ -40,18 +45,26 @@ def simd_lanes(target: tvm.target.Target) -> int:
     return 8
 
 
-def phases(target: tvm.target.Target) -> list[tuple[str, Callable[[tvm.IRModule], tvm.IRModule]]]:
-    """The (name, pass) list for ``target`` (GPU kinds get the dlight schedule phase)."""
+def phases(target: tvm.target.Target, buckets: tuple[int, ...] = (),
+           tuning=None) -> list[tuple[str, Callable[[tvm.IRModule], tvm.IRModule]]]:
+    """The (name, pass) list for ``target`` (GPU kinds get the dlight schedule phase).
+
+    ``buckets`` adds static-length copies of ``main``; ``tuning`` (an ``ApplyTuningDatabase`` pass) applies
+    tuned schedules before the default schedule phase (CPU targets).
+    """
+    special = [("specialize", SpecializeSequenceBuckets(buckets))] if buckets else []
     if is_gpu(target):
-        return [("legalize", relax.transform.LegalizeOps()),
+        return [*special, ("legalize", relax.transform.LegalizeOps()),
                 ("annotate", relax.transform.AnnotateTIROpPattern()),
                 ("schedule", ApplyGPUSchedules(target))]
     return [
         ("dispatch", tvm.transform.Sequential([relax.backend.DispatchSampling(), relax.backend.DispatchSortScan()])),
+        *special,
         ("legalize", relax.transform.LegalizeOps()),
         ("annotate", relax.transform.AnnotateTIROpPattern()),
         ("fuse", tvm.transform.Sequential([relax.transform.FoldConstant(), relax.transform.FuseOps(),
                                            relax.transform.FuseTIR()])),
+        *([("tune", tuning)] if tuning is not None else []),
         ("schedule", ScheduleCPUMatmul(lanes=simd_lanes(target))),
     ]
 
@@ -61,22 +74,23 @@ def is_gpu(target: tvm.target.Target) -> bool:
 
 
 def lower(mod: tvm.IRModule, target: tvm.target.Target, debug_dump: Path | None = None,
-          tag: str = "module") -> tvm.IRModule:
+          tag: str = "module", buckets: tuple[int, ...] = (), tuning=None) -> tvm.IRModule:
     """Run the phases; with ``debug_dump`` write ``DIR/<tag>/<NN>_<phase>.py`` (TVMScript) after each."""
     if debug_dump is not None:
         out = Path(debug_dump) / tag
         out.mkdir(parents=True, exist_ok=True)
         (out / "00_input.py").write_text(mod.script())
-    for i, (name, fn) in enumerate(phases(target), start=1):
+    for i, (name, fn) in enumerate(phases(target, buckets, tuning), start=1):
         mod = fn(mod)
         if debug_dump is not None:
             (out / f"{i:02d}_{name}.py").write_text(mod.script())
     return mod
 
 
-def build(mod: tvm.IRModule, target: tvm.target.Target, debug_dump: Path | None = None, tag: str = "module"):
+def build(mod: tvm.IRModule, target: tvm.target.Target, debug_dump: Path | None = None, tag: str = "module",
+          buckets: tuple[int, ...] = (), tuning=None):
     """``lower`` then ``tvm.compile``; returns the executable."""
-    mod = lower(mod, target, debug_dump, tag)
+    mod = lower(mod, target, debug_dump, tag, buckets, tuning)
     with target:
         # TVM's per-device default pipelines legalize and fuse again (Adreno's also constant-folds by running
         # kernels on the host); the module is already lowered and scheduled, so it gets the VM lowering only.

@@ -1,0 +1,65 @@
+"""ApplyTuningDatabase: replace kernels by their best tuned schedule from a tuning database.
+
+For every PrimFunc that is not scheduled yet (no ``xpuc.scheduled`` / ``tir.is_scheduled`` mark), the
+function is looked up in a meta_schedule database under the workload name ``main`` — the normal form in
+which ``xpuc tune`` extracted it — and, when a record exists for the target, the record's trace is
+replayed on it (``Database.query_schedule``). The result keeps the function's own attributes (its
+global symbol, op pattern) and is marked ``xpuc.scheduled`` and ``tir.is_scheduled`` so that later
+schedule phases leave it alone. Kernels without a record are left for the default schedule phase.
+
+The pass counts what it did in ``covered`` / ``candidates`` (read after running it; the CLI reports them).
+"""
+
+from __future__ import annotations
+
+import tvm
+from tvm import tirx
+
+SCHEDULED = ("xpuc.scheduled", "tir.is_scheduled")
+
+
+def _static(func: tirx.PrimFunc) -> bool:
+    text = func.script()
+    return "T.int64()" not in text and "T.int32()" not in text
+
+
+@tvm.transform.module_pass(opt_level=0, name="xpuc.ApplyTuningDatabase")
+class ApplyTuningDatabase:
+    """Apply the best records of ``database`` for ``target``.
+
+    Parameters
+    ----------
+    database:
+        A ``tvm.s_tir.meta_schedule.database.Database`` (e.g. ``TuningDatabase(dir).ms``).
+    target:
+        The target the module is compiled for; records tuned for another target do not match.
+    """
+
+    def __init__(self, database, target: tvm.target.Target) -> None:
+        self.database = database
+        self.target = target
+        self.covered = 0
+        self.candidates = 0
+
+    def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        updates = {}
+        self.covered = self.candidates = 0
+        for gv, func in mod.functions.items():
+            if not isinstance(func, tirx.PrimFunc):
+                continue
+            attrs = func.attrs or {}
+            if any(k in attrs for k in SCHEDULED) or not _static(func):
+                continue
+            self.candidates += 1
+            normal = func.with_attr("global_symbol", "main")
+            sch = self.database.query_schedule(tvm.IRModule({"main": normal}), self.target, "main")
+            if sch is None:
+                continue
+            new = sch.mod["main"]
+            for k in attrs:
+                new = new.with_attr(k, attrs[k])
+            updates[gv] = new.with_attr("xpuc.scheduled", True).with_attr("tir.is_scheduled", True)
+        for gv, func in updates.items():
+            mod[gv] = func
+        self.covered = len(updates)
+        return mod
