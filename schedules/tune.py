@@ -85,8 +85,8 @@ def export_shared(mtriple: str, mod) -> str:
 
     from xpuc.targets.profile import toolchain_for
 
-    fd, path = tempfile.mkstemp(suffix=".so", prefix="xpuc-tune-")
-    os.close(fd)
+    # meta_schedule removes the artifact's whole directory after measuring: it must be a fresh one
+    path = os.path.join(tempfile.mkdtemp(prefix="xpuc-tune-"), "kernel.so")
     mod.export_library(path, fcompile=toolchain_for(mtriple).fcompile())
     return path
 
