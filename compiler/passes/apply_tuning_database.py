@@ -56,8 +56,10 @@ class ApplyTuningDatabase:
             if sch is None:
                 continue
             new = sch.mod["main"]
-            for k in attrs:
-                new = new.with_attr(k, attrs[k])
+            if "global_symbol" not in attrs:  # a private kernel stays private
+                new = new.without_attr("global_symbol")
+            for k, v in dict(attrs.items()).items():
+                new = new.with_attr(k, v)
             updates[gv] = new.with_attr("xpuc.scheduled", True).with_attr("tir.is_scheduled", True)
         for gv, func in updates.items():
             mod[gv] = func
