@@ -61,6 +61,9 @@ class ApplyTuningDatabase:
             for k, v in dict(attrs.items()).items():
                 new = new.with_attr(k, v)
             updates[gv] = new.with_attr("xpuc.scheduled", True).with_attr("tir.is_scheduled", True)
+        if not updates:
+            return mod
+        mod = mod.clone()  # the caller's module stays as it was
         for gv, func in updates.items():
             mod[gv] = func
         self.covered = len(updates)

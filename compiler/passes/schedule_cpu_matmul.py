@@ -107,6 +107,9 @@ class ScheduleCPUMatmul:
             new = schedule_matmul(func, self.rows, self.lanes, self.kstep)
             if new is not None:
                 updates[gv] = new
+        if not updates:
+            return mod
+        mod = mod.clone()  # the caller's module stays as it was
         for gv, func in updates.items():
             mod[gv] = func
         return mod

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import tvm
 from tvm import relax
+from tvm.relax.utils import copy_with_new_vars
 
 
 def bucket_name(func: str, bucket: int) -> str:
@@ -43,10 +44,10 @@ class SpecializeSequenceBuckets:
             return mod
         if len(dims) > 1:
             raise ValueError(f"{self.func} has several symbolic dims ({', '.join(dims)}); buckets bind one")
-        out = tvm.IRModule(dict(mod.functions.items()), attrs=mod.attrs)
+        bb = relax.BlockBuilder(mod.clone())
         for b in self.buckets:
             name = bucket_name(self.func, b)
             single = tvm.IRModule({self.func: mod[self.func]})
             bound = relax.transform.BindSymbolicVars({dims[0]: b}, func_name=self.func)(single)[self.func]
-            out[name] = bound.with_attr("global_symbol", name)
-        return out
+            bb.add_func(copy_with_new_vars(bound).with_attr("global_symbol", name), name)
+        return bb.get()
