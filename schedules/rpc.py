@@ -89,7 +89,7 @@ def _wait_port_line(proc: subprocess.Popen, prefix: str, timeout: float, what: s
 def start_tracker(host: str = "127.0.0.1", port: int = 9190, port_end: int = 9299,
                   timeout: float = 30) -> ManagedProcess:
     cmd = [sys.executable, "-m", "xpuc.compiler.cli", "rpc-tracker", "--host", host, "--port", str(port),
-           "--port-end", str(port_end)]
+           "--port-end", str(max(port_end, port + 100))]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                             start_new_session=True)
     return ManagedProcess(proc, _wait_port_line(proc, "rpc-tracker: listening on ", timeout, "rpc tracker"),
@@ -218,4 +218,7 @@ def run_tracker(host: str, port: int, port_end: int) -> None:
     except KeyboardInterrupt:
         pass
     finally:
-        tr.terminate()
+        try:
+            tr.terminate()
+        except OSError:  # its helper process already got the same signal
+            pass

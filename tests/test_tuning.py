@@ -1,0 +1,246 @@
+"""Tuning jobs: `xpuc tune` (XGBoost-guided meta_schedule), resume/interrupt, databases applied by
+`xpuc compile --tuning-db`, merge, bad databases, and device farms over RPC (loopback x86 + QEMU aarch64)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from xpuc.compiler.cli import main as cli
+from xpuc.compiler.onnx_export import causal_mask, decoder_prefill_onnx, rope_tables
+from xpuc.compiler.spec import ArchConfig
+
+CFG = ArchConfig("llama", 256, 64, 96, 1, 4, 2, 16, 1e4, 1e-5, "swiglu", True, False, 256)
+XPUC = [sys.executable, "-m", "xpuc.compiler.cli"]
+
+
+def _graph(path: Path, cfg: ArchConfig = CFG, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    w = {n: (rng.standard_normal(s) * 0.1).astype(np.float32) for n, s in cfg.weight_shapes().items()
+         if not n.startswith(("embed", "final"))}
+    return decoder_prefill_onnx(path, cfg, w)
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory):
+    """A tiny decoder graph and a database with its two FFN matmuls tuned at 16 tokens (4 trials each)."""
+    d = tmp_path_factory.mktemp("tune")
+    onnx_path = _graph(d / "dec.onnx")
+    db = d / "db"
+    r = subprocess.run([*XPUC, "tune", str(onnx_path), "--db", str(db), "--trials", "4", "--trials-per-iter", "4",
+                        "--buckets", "16", "--only", "fused_matmul", "--json", "--quiet"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return d, onnx_path, db, json.loads(r.stdout)
+
+
+def test_tune_records_every_trial_and_beats_nothing_silently(tuned):
+    _, _, db, report = tuned
+    assert report["workloads"], report
+    for w in report["workloads"]:
+        assert w["trials"] == 4 and w["new"] == 4
+        assert w["best_us"] is not None and w["best_us"] > 0
+        assert w["default_us"] is not None and w["default_us"] > 0
+    index = json.loads((db / "xpuc-tuning.json").read_text())
+    assert index["schema"] == 1 and index["target"]["kind"] == "llvm"
+    assert {w["bucket"] for w in index["workloads"].values()} == {16}
+    records = (db / "database_tuning_record.json").read_text().splitlines()
+    assert len(records) == 4 * len(report["workloads"])
+
+
+def test_rerun_resumes_instead_of_retuning(tuned):
+    _, onnx_path, db, first = tuned
+    r = subprocess.run([*XPUC, "tune", str(onnx_path), "--db", str(db), "--trials", "4", "--buckets", "16",
+                        "--only", "fused_matmul", "--json", "--quiet"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    again = json.loads(r.stdout)
+    assert [w["new"] for w in again["workloads"]] == [0] * len(first["workloads"])
+    assert [w["best_us"] for w in again["workloads"]] == [w["best_us"] for w in first["workloads"]]
+
+
+def test_compile_with_database_uses_tuned_kernels_and_matches_onnxruntime(tuned, capsys):
+    import onnxruntime as ort
+
+    from xpuc.runtime.graph import GraphRunner
+
+    d, onnx_path, db, report = tuned
+    art = d / "art"
+    assert cli(["compile", str(onnx_path), "-o", str(art), "--tuning-db", str(db), "--force"]) == 0
+    err = capsys.readouterr().err
+    assert f"{len(report['workloads'])} of " in err and "kernels from the tuning database" in err
+    manifest = json.loads((art / "manifest.json").read_text())
+    assert manifest["io"]["buckets"] == [16]
+    assert manifest["modules"][0]["info"]["tuned_kernels"] == len(report["workloads"])
+    runner = GraphRunner(art)
+    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(1)
+    for n, fn in ((16, "main_seq16"), (7, "main")):
+        x = rng.standard_normal((1, n, 64)).astype(np.float32)
+        cos, sin = rope_tables(n, 16, 1e4)
+        feeds = {"x": x, "cos": cos, "sin": sin, "mask": causal_mask(n)}
+        y = runner(*feeds.values())[0]
+        assert runner.last_function == fn
+        np.testing.assert_allclose(y, sess.run(None, feeds)[0], rtol=1e-4, atol=1e-4)
+
+
+def test_database_of_another_model_or_target_is_refused(tuned, tmp_path, capsys):
+    import dataclasses
+
+    _, _, db, _ = tuned
+    other = _graph(tmp_path / "other.onnx", dataclasses.replace(CFG, hidden_size=32, head_dim=8))
+    assert cli(["compile", str(other), "-o", str(tmp_path / "a"), "--tuning-db", str(db)]) == 2
+    assert "covers none of the" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists()
+    assert cli(["compile", str(other), "-o", str(tmp_path / "b"), "--device", "oneplus-12", "--prefill-on", "cpu",
+                "--tuning-db", str(db)]) == 2
+    assert "was tuned for llvm" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()
+
+
+def test_corrupted_records_are_named_and_half_lines_dropped(tuned, tmp_path, capsys):
+    _, onnx_path, db, _ = tuned
+    bad = tmp_path / "db"
+    shutil.copytree(db, bad)
+    rec = bad / "database_tuning_record.json"
+    lines = rec.read_text().splitlines(keepends=True)
+    rec.write_text("".join(lines[:1] + ["{not json\n"] + lines[1:]))
+    assert cli(["compile", str(onnx_path), "-o", str(tmp_path / "a"), "--tuning-db", str(bad)]) == 2
+    assert "line 2 is not a valid tuning record" in capsys.readouterr().err
+    # a record cut off by a kill mid-write is dropped with a warning; the complete ones are kept
+    rec.write_text("".join(lines) + lines[0][: len(lines[0]) // 2])
+    assert cli(["inspect", str(bad)]) == 0
+    out = capsys.readouterr()
+    assert "half-written" in out.err and f"{len(lines)} records" in out.out
+    assert rec.read_text() == "".join(lines)
+
+
+def test_merge_unions_records_and_refuses_mixed_targets(tuned, tmp_path, capsys):
+    _, onnx_path, db, report = tuned
+    db2 = tmp_path / "db2"
+    assert cli(["tune", str(onnx_path), "--db", str(db2), "--trials", "2", "--trials-per-iter", "2",
+                "--buckets", "8", "--only", "fused_matmul", "--quiet"]) == 0
+    merged = tmp_path / "merged"
+    assert cli(["tune", "merge", str(db), str(db2), "-o", str(merged)]) == 0
+    index = json.loads((merged / "xpuc-tuning.json").read_text())
+    assert {w["bucket"] for w in index["workloads"].values()} == {8, 16}
+    n = sum(len((p / "database_tuning_record.json").read_text().splitlines()) for p in (db, db2))
+    assert len((merged / "database_tuning_record.json").read_text().splitlines()) == n
+    assert cli(["tune", "merge", str(db), str(db2), "-o", str(merged)]) == 2  # never overwrites
+    foreign = tmp_path / "foreign"
+    shutil.copytree(db2, foreign)
+    idx = json.loads((foreign / "xpuc-tuning.json").read_text())
+    idx["target"]["mtriple"] = "aarch64-linux-gnu"
+    (foreign / "xpuc-tuning.json").write_text(json.dumps(idx))
+    assert cli(["tune", "merge", str(db), str(foreign), "-o", str(tmp_path / "m2")]) == 2
+    assert "different targets" in capsys.readouterr().err
+    assert not (tmp_path / "m2").exists()
+
+
+def test_interrupt_keeps_records_and_rerun_resumes(tmp_path):
+    onnx_path = _graph(tmp_path / "dec.onnx")
+    db = tmp_path / "db"
+    cmd = [*XPUC, "tune", str(onnx_path), "--db", str(db), "--trials", "40", "--trials-per-iter", "2",
+           "--buckets", "16", "--only", "fused_matmul4", "--quiet"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    rec = db / "database_tuning_record.json"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and not (rec.exists() and len(rec.read_text().splitlines()) >= 2):
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    _out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-1500:]
+    assert "rerun the same command to resume" in err
+    kept = len(rec.read_text().splitlines())
+    assert 2 <= kept < 40
+    index = json.loads((db / "xpuc-tuning.json").read_text())
+    assert sum(w["trials"] for w in index["workloads"].values()) == kept
+    r = subprocess.run([*cmd[:-6], "--trials", str(kept + 2), "--trials-per-iter", "2", "--buckets", "16",
+                        "--only", "fused_matmul4", "--json", "--quiet"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-1500:]
+    rows = json.loads(r.stdout)["workloads"]
+    assert sum(w["new"] for w in rows) == 2 and sum(w["trials"] for w in rows) == kept + 2
+
+
+def test_bad_arguments_are_one_line_errors(tmp_path, capsys):
+    onnx_path = _graph(tmp_path / "dec.onnx")
+    assert cli(["tune", str(onnx_path), "--db", str(tmp_path / "db"), "--buckets", "a,b"]) == 2
+    assert cli(["tune", str(onnx_path), "--db", str(tmp_path / "db"), "--device", "oneplus-12"]) == 2
+    assert "--rpc-tracker" in capsys.readouterr().err
+    assert cli(["compile", str(onnx_path), "-o", str(tmp_path / "a"), "--tuning-db", str(tmp_path / "nope")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+# --- device farms over RPC (loopback only; every test stops its processes) --------------------------------------
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_tracker_that_does_not_answer_and_unknown_key(tmp_path, capsys):
+    from xpuc.schedules.rpc import start_tracker
+
+    onnx_path = _graph(tmp_path / "dec.onnx")
+    port = _free_port()
+    t0 = time.monotonic()
+    assert cli(["tune", str(onnx_path), "--db", str(tmp_path / "db"), "--rpc-tracker", f"127.0.0.1:{port}",
+                "--rpc-timeout", "3"]) == 2
+    assert "does not answer" in capsys.readouterr().err and time.monotonic() - t0 < 30
+    with start_tracker(port=_free_port()) as tracker:
+        host, port = tracker.address
+        assert cli(["tune", str(onnx_path), "--db", str(tmp_path / "db"), "--rpc-tracker", f"{host}:{port}",
+                    "--rpc-key", "nobody", "--rpc-timeout", "3"]) == 2
+        assert "no device is registered under key 'nobody'" in capsys.readouterr().err
+    assert tracker.proc.poll() is not None
+
+
+def test_tune_through_tracker_on_x86_server(tmp_path):
+    from xpuc.schedules.rpc import start_server, start_tracker
+
+    onnx_path = _graph(tmp_path / "dec.onnx")
+    with start_tracker(port=_free_port()) as tracker, \
+            start_server(tracker.address, "x86", port=_free_port()):
+        host, port = tracker.address
+        r = subprocess.run([*XPUC, "tune", str(onnx_path), "--db", str(tmp_path / "db"), "--trials", "2",
+                            "--trials-per-iter", "2", "--buckets", "16", "--only", "fused_matmul4",
+                            "--rpc-tracker", f"{host}:{port}", "--rpc-key", "x86", "--json", "--quiet"],
+                           capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = json.loads(r.stdout)["workloads"]
+    assert rows and all(w["new"] == 2 and w["best_us"] for w in rows)
+
+
+def test_tune_for_aarch64_on_an_emulated_server(tmp_path):
+    """The plumbing end to end for an ARM device: cross-built candidates measured under QEMU via the tracker.
+    (Timings under emulation are meaningless; the records and the database are what is checked.)"""
+    from xpuc.schedules.rpc import start_emulated_server, start_tracker
+    from xpuc.targets.qemu import missing_host_tools
+
+    if missing_host_tools():
+        pytest.skip(f"needs {', '.join(missing_host_tools())} (installed by .ci/system-deps)")
+    onnx_path = _graph(tmp_path / "dec.onnx")
+    with start_tracker(port=_free_port()) as tracker, \
+            start_emulated_server(tracker.address, "arm", port=_free_port()):
+        host, port = tracker.address
+        r = subprocess.run([*XPUC, "tune", str(onnx_path), "--device", "linux-arm64", "--db", str(tmp_path / "db"),
+                            "--trials", "2", "--trials-per-iter", "2", "--buckets", "16", "--only", "fused_matmul4",
+                            "--rpc-tracker", f"{host}:{port}", "--rpc-key", "arm", "--rpc-timeout", "120", "--json",
+                            "--quiet"], capture_output=True, text=True, timeout=540)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = json.loads(r.stdout)["workloads"]
+    assert rows and all(w["new"] == 2 and w["best_us"] for w in rows)
+    index = json.loads((tmp_path / "db" / "xpuc-tuning.json").read_text())
+    assert index["target"]["mtriple"] == "aarch64-linux-gnu"
+    recs = [json.loads(line) for line in (tmp_path / "db" / "database_tuning_record.json").read_text().splitlines()]
+    assert len(recs) == 2 and all("aarch64" in json.dumps(r) for r in recs)
