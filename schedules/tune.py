@@ -50,6 +50,7 @@ class TuneReport:
     results: list[WorkloadResult] = field(default_factory=list)
     interrupted: bool = False
     seconds: float = 0.0
+    current: tuple | None = None  # (workload, hash, index entry) being tuned
 
 
 def register_cpu_intrinsics() -> None:
@@ -107,13 +108,50 @@ def make_local_runner(timeout_s: float = 30.0):
     return ms.runner.LocalRunner(timeout_sec=timeout_s, evaluator_config=cfg)
 
 
-def _progress_callback(bar, flop: float):
-    """A measure callback that advances ``bar`` and shows the best latency measured so far."""
+class _StopRequest:
+    """First Ctrl-C: finish the batch being measured (its records are committed), then stop.
+    Second Ctrl-C: the default behaviour (KeyboardInterrupt)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._old = None
+
+    def __enter__(self) -> _StopRequest:
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, *_args) -> None:
+        import signal
+
+        self.requested = True
+        print("\nxpuc: stopping after the batch being measured (Ctrl-C again to abort now)", file=sys.stderr)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def __exit__(self, *exc) -> None:
+        import signal
+
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+
+
+class _Stopped(Exception):
+    pass
+
+
+def _progress_callback(bar, flop: float, stop: _StopRequest | None = None):
+    """A measure callback that advances ``bar``, shows the best latency so far and honours a stop request
+    (it runs after the callback that commits the batch's records)."""
     from tvm.s_tir.meta_schedule.measure_callback.measure_callback import _PyMeasureCallback
 
     best = [float("inf")]
 
     def apply(task_scheduler, task_id, measure_candidates, builder_results, runner_results) -> None:
+        if stop is not None and stop.requested:
+            raise _Stopped("tuning stopped by request")
         for r in runner_results:
             if r.error_msg is None and r.run_secs:
                 best[0] = min(best[0], float(np.mean([float(s) for s in r.run_secs])))
@@ -181,9 +219,6 @@ def tune_workloads(workloads: list[TuningWorkload], target, db: TuningDatabase, 
                    runner=None, builder=None, progress: bool = True, trials_per_iter: int = 16,
                    measure_default: bool = True, seed: int = 0) -> TuneReport:
     """Tune each workload up to ``trials`` records in ``db``; Ctrl-C stops cleanly (records kept)."""
-    from tqdm import tqdm
-    from tvm.s_tir import meta_schedule as ms
-
     if trials < 1:
         raise XpucError("--trials must be at least 1")
     if target.kind.name == "llvm":
@@ -195,44 +230,61 @@ def tune_workloads(workloads: list[TuningWorkload], target, db: TuningDatabase, 
     t0 = time.perf_counter()
     done_before = db.trials_by_workload()
     order = sorted(workloads, key=lambda w: -(w.flop * w.weight))
-    current = None
-    try:
-        for wl in order:
-            h = workload_hash(wl.mod)
-            before = done_before.get(h, 0)
-            entry = db.index.workloads.get(h) or WorkloadEntry(wl.name, wl.bucket, h, wl.flop)
-            todo = trials - before
-            current = (wl, h, entry)
-            if todo > 0:
-                bar = tqdm(total=todo, desc=f"{wl.key[:48]:48s}", unit="trial", disable=not progress,
-                           file=sys.stderr, leave=True)
-                ctx = ms.TuneContext(mod=wl.mod, target=target, space_generator="post-order-apply",
-                                     search_strategy=ms.search_strategy.EvolutionarySearch(population_size=128),
-                                     task_name=wl.key, rand_state=seed, num_threads="physical")
-                model = ms.cost_model.XGBModel(num_warmup_samples=min(trials_per_iter, 8), verbose_eval=0,
-                                               adaptive_training=True)
-                wkl = db.ms.commit_workload(wl.mod)
-                _warm_cost_model(model, ctx, list(db.ms.get_top_k(wkl, 256)))
-                callbacks = [*ms.measure_callback.MeasureCallback.create("default"),
-                             _progress_callback(bar, wl.flop)]
-                try:
-                    ms.tune_tasks(tasks=[ctx], task_weights=[1.0], work_dir=str(db.path / "logs"),
-                                  max_trials_global=todo, max_trials_per_task=todo,
-                                  num_trials_per_iter=min(trials_per_iter, todo), builder=builder, runner=runner,
-                                  database=db.ms, cost_model=model, measure_callbacks=callbacks)
-                finally:
-                    bar.close()
-            current = None
-            if measure_default and entry.default_us is None and target.kind.name == "llvm" and _is_host(target):
-                entry.default_us = default_latency_us(wl, target)
-            after = _record(db, wl, h, entry)
-            report.results.append(WorkloadResult(wl.key, h, before, after - before, entry.best_us, entry.default_us))
-    except KeyboardInterrupt:
-        report.interrupted = True
-        if current is not None:
-            _record(db, *current)
+    with _StopRequest() as stop:
+        try:
+            _tune_loop(order, target, db, trials, runner, builder, progress, trials_per_iter, measure_default,
+                       seed, stop, report, done_before)
+        except KeyboardInterrupt:
+            report.interrupted = True
+        if stop.requested:
+            report.interrupted = True
+        if report.interrupted and report.current is not None:
+            _record(db, *report.current)
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def _tune_loop(order, target, db, trials, runner, builder, progress, trials_per_iter, measure_default, seed,
+               stop, report, done_before) -> None:
+    from tqdm import tqdm
+    from tvm.s_tir import meta_schedule as ms
+
+    for wl in order:
+        if stop.requested:
+            return
+        h = workload_hash(wl.mod)
+        before = done_before.get(h, 0)
+        entry = db.index.workloads.get(h) or WorkloadEntry(wl.name, wl.bucket, h, wl.flop)
+        todo = trials - before
+        report.current = (wl, h, entry)
+        if todo > 0:
+            bar = tqdm(total=todo, desc=f"{wl.key[:48]:48s}", unit="trial", disable=not progress,
+                       file=sys.stderr, leave=True)
+            ctx = ms.TuneContext(mod=wl.mod, target=target, space_generator="post-order-apply",
+                                 search_strategy=ms.search_strategy.EvolutionarySearch(population_size=128),
+                                 task_name=wl.key, rand_state=seed, num_threads="physical")
+            model = ms.cost_model.XGBModel(num_warmup_samples=min(trials_per_iter, 8), verbose_eval=0,
+                                           adaptive_training=True)
+            wkl = db.ms.commit_workload(wl.mod)
+            _warm_cost_model(model, ctx, list(db.ms.get_top_k(wkl, 256)))
+            callbacks = [*ms.measure_callback.MeasureCallback.create("default"),
+                         _progress_callback(bar, wl.flop, stop)]
+            try:
+                ms.tune_tasks(tasks=[ctx], task_weights=[1.0], work_dir=str(db.path / "logs"),
+                              max_trials_global=todo, max_trials_per_task=todo,
+                              num_trials_per_iter=min(trials_per_iter, todo), builder=builder, runner=runner,
+                              database=db.ms, cost_model=model, measure_callbacks=callbacks)
+            except Exception:
+                if stop.requested:  # raised by the progress callback after the batch was committed
+                    return
+                raise
+            finally:
+                bar.close()
+        report.current = None
+        if measure_default and entry.default_us is None and target.kind.name == "llvm" and _is_host(target):
+            entry.default_us = default_latency_us(wl, target)
+        after = _record(db, wl, h, entry)
+        report.results.append(WorkloadResult(wl.key, h, before, after - before, entry.best_us, entry.default_us))
 
 
 def _record(db: TuningDatabase, wl: TuningWorkload, h: str, entry: WorkloadEntry) -> int:

@@ -162,8 +162,9 @@ def test_interrupt_keeps_records_and_rerun_resumes(tmp_path):
     assert 2 <= kept < 40
     index = json.loads((db / "xpuc-tuning.json").read_text())
     assert sum(w["trials"] for w in index["workloads"].values()) == kept
-    r = subprocess.run([*cmd[:-6], "--trials", str(kept + 2), "--trials-per-iter", "2", "--buckets", "16",
-                        "--only", "fused_matmul4", "--json", "--quiet"], capture_output=True, text=True, timeout=300)
+    r = subprocess.run([*XPUC, "tune", str(onnx_path), "--db", str(db), "--trials", str(kept + 2),
+                        "--trials-per-iter", "2", "--buckets", "16", "--only", "fused_matmul4", "--json", "--quiet"],
+                       capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-1500:]
     rows = json.loads(r.stdout)["workloads"]
     assert sum(w["new"] for w in rows) == 2 and sum(w["trials"] for w in rows) == kept + 2
