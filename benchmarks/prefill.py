@@ -1,12 +1,16 @@
 """Prefill on the host: xpuc's compiled ONNX path vs onnxruntime on the same SmolLM2-shaped decoder graph.
 
 Usage: python benchmarks/prefill.py [--layers 2] [--tokens 16,128,512] [--out benchmarks/results/prefill.json]
+                                    [--tuning-db DIR]
 
 The graph (``xpuc.compiler.onnx_export.decoder_prefill_onnx``) has SmolLM2-135M's layer shapes (d=576,
 9/3 heads of 64, FFN 1536) with random weights; ``--layers`` sets how many layers (30 = the full model's
 stack, without embedding and LM head). Both engines run in this process with the same thread count; tokens/s
 is the sequence length over the median of 3 runs. Also reports the OpenCL kernel count and source size of
 the same graph compiled for Adreno and the Hexagon object size (when the NPU path is built).
+
+With ``--tuning-db DIR`` (from ``xpuc tune`` or ``benchmarks/tuning.py``) a second xpuc build applies the
+database (static copies for the ``--tokens`` lengths) and is timed in the same run next to the default build.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ def main() -> int:
     ap.add_argument("--tokens", default="16,128,512")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default="benchmarks/results/prefill.json")
+    ap.add_argument("--tuning-db", default=None, help="also time a build that applies this tuning database")
     args = ap.parse_args()
 
     from xpuc.targets.threads import configure_tvm_threads
@@ -51,6 +56,10 @@ def main() -> int:
         t0 = time.perf_counter()
         runner = GraphRunner(compile_onnx(path, d / "art", quiet=True))
         compile_s = time.perf_counter() - t0
+        tuned = None
+        if args.tuning_db:
+            tuned = GraphRunner(compile_onnx(path, d / "tuned", quiet=True, tuning_db=args.tuning_db,
+                                             buckets=tuple(int(t) for t in args.tokens.split(","))))
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
         sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
@@ -66,11 +75,19 @@ def main() -> int:
             err = float(np.abs(got - want).max() / np.abs(want).max())
             r = {"tokens": n, "xpuc_tok_s": n / t_x, "onnxruntime_tok_s": n / t_o, "ratio": t_o / t_x,
                  "max_rel_diff": err}
+            if tuned is not None:
+                t_t = median_time(lambda x=x, cos=cos, sin=sin, mask=mask: tuned(x, cos, sin, mask))
+                got_t = tuned(x, cos, sin, mask)[0]
+                r.update(tuned_tok_s=n / t_t, tuned_ratio=t_o / t_t, tuned_function=tuned.last_function,
+                         tuned_max_rel_diff=float(np.abs(got_t - want).max() / np.abs(want).max()))
             rows.append(r)
             print(f"{n:4d} tokens: xpuc {r['xpuc_tok_s']:9.1f} tok/s | onnxruntime {r['onnxruntime_tok_s']:9.1f} tok/s"
-                  f" | xpuc/ort {r['ratio']:.3f} | max rel diff {err:.1e}")
-    out = {"layers": args.layers, "threads": threads, "compile_s": compile_s, "schedules": "default (untuned)",
-           "rows": rows}
+                  f" | xpuc/ort {r['ratio']:.3f} | max rel diff {err:.1e}"
+                  + (f" | tuned {r['tuned_tok_s']:9.1f} tok/s ({r['tuned_ratio']:.3f}x ort, {r['tuned_function']})"
+                     if tuned is not None else ""))
+    out = {"layers": args.layers, "threads": threads, "compile_s": compile_s,
+           "schedules": "default (untuned)" + (f" and tuned ({args.tuning_db})" if args.tuning_db else ""),
+           "tuned_kernels": tuned.manifest.modules[0].info if tuned is not None else None, "rows": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1))
     print(f"written {args.out}")

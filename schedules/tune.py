@@ -211,7 +211,7 @@ def time_kernel(lib, func, number: int = 5) -> float:
     rng = np.random.default_rng(0)
     args = [tvm.runtime.tensor(rng.uniform(-1, 1, [int(s) for s in a.shape]).astype(str(a.dtype)), dev)
             for a in ms.arg_info.ArgInfo.from_prim_func(func)]
-    f = lib.mod.time_evaluator("main", dev, number=number, repeat=3, min_repeat_ms=20)
+    f = lib.mod.time_evaluator("main", dev, number=number, repeat=5, min_repeat_ms=50)
     return float(np.median(f(*args).results))
 
 
