@@ -17,6 +17,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
         raise XpucError("tune takes one MODEL, ONNX file or artifact (or: tune merge A B … -o OUT)")
     if not args.db:
         raise XpucError("tune needs --db DIR (the tuning database to create or resume)")
+    if args.sparse:
+        return _tune_sparse(args)
     from xpuc.compiler.frontend_onnx import import_onnx
     from xpuc.compiler.progress import Steps
     from xpuc.compiler.zoo import resolve_model
@@ -82,6 +84,44 @@ def cmd_tune(args: argparse.Namespace) -> int:
         print(f"xpuc: interrupted; every measured record is kept in {db.path} — rerun the same command to resume",
               file=sys.stderr)
         return 130
+    return 0
+
+
+def _tune_sparse(args: argparse.Namespace) -> int:
+    """``xpuc tune MODEL --sparse``: the sparse FFN kernels' knobs for the model's FFN shape (measured here)."""
+    from xpuc.compiler.frontends import load_model
+    from xpuc.compiler.zoo import resolve_model
+    from xpuc.schedules.sparse_tuning import as_dicts, best_records, tune_sparse
+    from xpuc.schedules.tuning_db import TuningDatabase
+    from xpuc.targets.profile import load_profile
+
+    if args.rpc_tracker:
+        raise XpucError("--sparse measures on this machine only (the sparse kernels are not meta_schedule tasks)")
+    if str(args.source[0]).endswith(".onnx"):
+        raise XpucError("--sparse tunes a model's FFN kernels; give a model, not an ONNX graph")
+    try:
+        sparsities = tuple(sorted({float(t) for t in args.sparsity.split(",")}))
+    except ValueError:
+        raise XpucError(f"--sparsity must be comma-separated fractions, got '{args.sparsity}'") from None
+    if not sparsities or any(not 0.0 <= s < 1.0 for s in sparsities):
+        raise XpucError("--sparsity values must be in [0, 1)")
+    cfg = load_model(resolve_model(args.source[0]), with_tokenizer=False).config
+    kind = {"swiglu": "swiglu", "geglu": "swiglu"}.get(cfg.ffn_kind, cfg.ffn_kind)
+    target = load_profile(args.device).cpu_target()
+    db = TuningDatabase(args.db, create=True, target=target)
+    new = tune_sparse(kind, cfg.hidden_size, cfg.intermediate_size, args.weight_dtype, sparsities, args.trials,
+                      progress=not args.quiet, prior=db.index.sparse)
+    db.index.sparse += as_dicts(new)
+    db.save_index()
+    best = [b for b in best_records(db.index.sparse)
+            if (b["d_model"], b["d_ff"], b["dtype"]) == (cfg.hidden_size, cfg.intermediate_size, args.weight_dtype)]
+    if args.json:
+        print(json.dumps({"database": str(db.path), "new": as_dicts(new), "best": best}, indent=1))
+    else:
+        for b in sorted(best, key=lambda b: b["sparsity"]):
+            print(f"sparsity {b['sparsity']:.2f}: cluster {b['cluster']}, {b['threads']} threads, {b['mode']}: "
+                  f"{b['us']:.1f} us per FFN call")
+        print(f"{db.path}: {len(new)} new measurements, {len(db.index.sparse)} sparse-kernel records")
     return 0
 
 
@@ -155,6 +195,11 @@ def add_parsers(sub) -> None:
     p.add_argument("--rpc-key", default="xpuc", help="device key at the tracker (default xpuc)")
     p.add_argument("--rpc-timeout", type=float, default=60.0, help="seconds to wait for the tracker / a device")
     p.add_argument("--build-timeout", type=float, default=60.0, help="seconds per candidate build")
+    p.add_argument("--sparse", action="store_true",
+                   help="tune the sparse FFN kernels' knobs (cluster size, threads, fused/split) of a model instead")
+    p.add_argument("--sparsity", default="0.9,0.7", help="--sparse: share of inactive neurons to tune at")
+    p.add_argument("--weight-dtype", default="q4_0", choices=["float32", "float16", "q4_0", "q4_1"],
+                   help="--sparse: record dtype (default q4_0)")
     p.add_argument("-o", "--output", default=None, help="merge: the new database directory")
     p.add_argument("--json", action="store_true")
     p.add_argument("--quiet", action="store_true")

@@ -76,7 +76,7 @@ def graph_from_source(source: str | os.PathLike):
         return _decoder_graph(ArchConfig.from_dict(manifest.config)), f"{path.name} (decoder prefill graph)"
     from xpuc.compiler.frontends import load_model
 
-    spec = load_model(source)
+    spec = load_model(source, with_tokenizer=False)
     return _decoder_graph(spec.config), f"{spec.config.architecture} decoder prefill graph"
 
 

@@ -245,3 +245,46 @@ def test_tune_for_aarch64_on_an_emulated_server(tmp_path):
     assert index["target"]["mtriple"] == "aarch64-linux-gnu"
     recs = [json.loads(line) for line in (tmp_path / "db" / "database_tuning_record.json").read_text().splitlines()]
     assert len(recs) == 2 and all("aarch64" in json.dumps(r) for r in recs)
+
+
+# --- sparse kernels' knobs (XGBoost-guided measured search) -----------------------------------------------------
+
+def test_sparse_search_is_guided_by_the_cost_model():
+    """On a known cost surface the guided search reaches the optimum well before trying every configuration."""
+    from xpuc.schedules.sparse_tuning import candidate_knobs, tune_sparse
+
+    def cost(kind, d_model, d_ff, dtype, sparsity, k):
+        return 1e-6 * ((k.cluster - 32) ** 2 / 64 + 4 * abs(k.threads - 2) + (3 if k.mode == "split" else 0)
+                       + 10 * (1 - sparsity) + 1)
+
+    space = len(candidate_knobs(4096, 8, True))
+    recs = tune_sparse("swiglu", 1024, 4096, "q4_0", (0.9,), trials=12, init=4, max_threads=8, progress=False,
+                       measure_fn=cost)
+    assert len(recs) == 12 < space
+    best = min(recs, key=lambda r: r.us)
+    assert (best.cluster, best.threads, best.mode) == (32, 2, "fused")
+    assert all(r.predicted_us is None for r in recs[:4]) and all(r.predicted_us for r in recs[4:])
+
+
+def test_tune_sparse_measures_real_kernels_and_resumes(tmp_path, capsys):
+    from conftest import random_weights, tiny_config
+
+    from xpuc.compiler.model_writer import write_hf_dir
+
+    cfg = tiny_config(ffn_kind="drelu")
+    model = write_hf_dir(tmp_path / "m", cfg, random_weights(cfg))
+    db = tmp_path / "db"
+    assert cli(["tune", str(model), "--sparse", "--db", str(db), "--trials", "5", "--sparsity", "0.9,0.5",
+                "--json", "--quiet"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert len(out["new"]) == 5 and all(r["us"] > 0 for r in out["new"])
+    assert {b["sparsity"] for b in out["best"]} <= {0.5, 0.9} and out["best"]
+    assert cli(["tune", str(model), "--sparse", "--db", str(db), "--trials", "7", "--sparsity", "0.9,0.5",
+                "--json", "--quiet"]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert len(again["new"]) == 2
+    seen = {(r["cluster"], r["threads"], r["mode"], r["sparsity"]) for r in out["new"]}
+    assert not seen & {(r["cluster"], r["threads"], r["mode"], r["sparsity"]) for r in again["new"]}
+    index = json.loads((db / "xpuc-tuning.json").read_text())
+    assert len(index["sparse"]) == 7
+    assert cli(["tune", str(model), "--sparse", "--db", str(db), "--sparsity", "1.5"]) == 2
