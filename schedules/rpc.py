@@ -112,14 +112,10 @@ def start_server(tracker: tuple[str, int], key: str, host: str = "127.0.0.1", po
 def start_emulated_server(tracker: tuple[str, int], key: str, host: str = "127.0.0.1", port: int = 9600,
                           timeout: float = 120, cpu: str | None = None) -> ManagedProcess:
     """An aarch64 RPC server: arm64 Python + TVM runtime under ``qemu-aarch64-static``."""
-    from xpuc.targets.qemu import DEFAULT_CPU, PY, ensure_sysroot
+    from xpuc.targets.qemu import DEFAULT_CPU, emulated_env, emulated_python
 
-    sysroot, site = ensure_sysroot()
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("PYTHONHOME", "LD_LIBRARY_PATH", "VIRTUAL_ENV", "PYTHONPATH")}
-    env.update(PYTHONNOUSERSITE="1", TVM_USE_RUNTIME_LIB="1", QEMU_LD_PREFIX=str(sysroot),
-               QEMU_CPU=cpu or DEFAULT_CPU, PYTHONPATH=str(site), PYTHONDONTWRITEBYTECODE="1")
-    cmd = ["qemu-aarch64-static", str(sysroot / "usr" / "bin" / PY), str(Path(__file__).with_name("rpc_serve.py")),
+    env = emulated_env(cpu or DEFAULT_CPU)
+    cmd = [*emulated_python(), str(Path(__file__).with_name("rpc_serve.py")),
            *_server_args(tracker, key, host, port), "--silent"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
                             start_new_session=True)

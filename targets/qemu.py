@@ -119,11 +119,22 @@ def ensure_sysroot(quiet: bool = True) -> tuple[Path, Path]:
 def run_aarch64(script: str, args: list[str] | None = None, cpu: str = DEFAULT_CPU, timeout: float = 600,
                 extra_path: list[Path] | None = None) -> subprocess.CompletedProcess:
     """Run a Python ``script`` (file path) with the emulated arm64 interpreter and TVM runtime."""
+    return subprocess.run([*emulated_python(), script, *(args or [])], env=emulated_env(cpu, extra_path),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def emulated_python() -> list[str]:
+    """The command line prefix that starts the arm64 interpreter under QEMU."""
+    sysroot, _site = ensure_sysroot()
+    return ["qemu-aarch64-static", str(sysroot / "usr" / "bin" / PY)]
+
+
+def emulated_env(cpu: str = DEFAULT_CPU, extra_path: list[Path] | None = None) -> dict[str, str]:
+    """Environment for :func:`emulated_python`: the arm64 sysroot and wheels, TVM's runtime library only."""
     sysroot, site = ensure_sysroot()
     env = {k: v for k, v in os.environ.items()
            if k not in ("PYTHONHOME", "LD_LIBRARY_PATH", "VIRTUAL_ENV", "PYTHONPATH")}
     env.update(PYTHONNOUSERSITE="1", TVM_USE_RUNTIME_LIB="1", QEMU_LD_PREFIX=str(sysroot), QEMU_CPU=cpu,
                PYTHONPATH=os.pathsep.join([str(site)] + [str(p) for p in extra_path or []]),
                PYTHONDONTWRITEBYTECODE="1")
-    return subprocess.run(["qemu-aarch64-static", str(sysroot / "usr" / "bin" / PY), script, *(args or [])],
-                          env=env, capture_output=True, text=True, timeout=timeout)
+    return env
