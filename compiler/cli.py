@@ -111,6 +111,8 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    import numpy as np
+
     from xpuc.compiler.frontends import load_model
     from xpuc.compiler.planner import parse_size, plan_neurons
     from xpuc.compiler.profiler import ProfileStats
@@ -119,8 +121,18 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     spec = load_model(resolve_model(args.model), with_tokenizer=False)
     stats = ProfileStats.load(args.stats)
-    plan = plan_neurons(spec.config, stats, load_profile(args.device), parse_size(args.memory_budget),
-                        args.weight_dtype, args.cluster, args.context)
+    profile = load_profile(args.device)
+    cluster = args.cluster
+    if args.tuning_db:
+        from xpuc.schedules.sparse_tuning import pick_cluster
+
+        if args.cluster is not None:
+            raise XpucError("give either --cluster or --tuning-db, not both")
+        cluster, why = pick_cluster(args.tuning_db, profile, spec.config, args.weight_dtype,
+                                    float(np.mean(stats.sparsity)))
+        print(f"cluster size {cluster}: {why}")
+    plan = plan_neurons(spec.config, stats, profile, parse_size(args.memory_budget),
+                        args.weight_dtype, cluster or 32, args.context)
     plan.save(args.output)
     print(plan.explain())
     print(f"wrote {args.output}")
@@ -547,7 +559,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="oneplus-12")
     p.add_argument("--memory-budget", required=True, help="e.g. 4GiB, 512MiB")
     p.add_argument("--weight-dtype", default="q4_0", choices=["float32", "float16", "q4_0", "q4_1"])
-    p.add_argument("--cluster", type=int, default=32)
+    p.add_argument("--cluster", type=int, default=None, help="neurons per cluster (default 32)")
+    p.add_argument("--tuning-db", default=None, metavar="DIR",
+                   help="take the cluster size from `xpuc tune --sparse` records for this device")
     p.add_argument("--context", type=int, default=2048)
     p.add_argument("-o", "--output", default="plan.json")
     p.set_defaults(fn=cmd_plan)

@@ -176,3 +176,19 @@ def best_records(records: list[dict]) -> list[dict]:
 
 def as_dicts(records: list[SparseRecord]) -> list[dict]:
     return [asdict(r) for r in records]
+
+
+def pick_cluster(db_path, profile, config, dtype: str, sparsity: float) -> tuple[int, str]:
+    """The cluster size of the fastest record for ``config``'s FFN shape and ``dtype`` at the tuned sparsity
+    nearest to ``sparsity``; the database must have been tuned for ``profile``'s CPU."""
+    from xpuc.schedules.tuning_db import TuningDatabase
+
+    db = TuningDatabase(db_path, target=profile.cpu_target())
+    cands = [r for r in best_records(db.index.sparse)
+             if (r["d_model"], r["d_ff"], r["dtype"]) == (config.hidden_size, config.intermediate_size, dtype)]
+    if not cands:
+        raise XpucError(f"tuning database {db_path} has no sparse-kernel records for d_model={config.hidden_size}, "
+                        f"d_ff={config.intermediate_size}, {dtype} (run `xpuc tune MODEL --sparse`)")
+    r = min(cands, key=lambda r: abs(r["sparsity"] - sparsity))
+    return int(r["cluster"]), (f"fastest tuned configuration at sparsity {r['sparsity']:.2f} "
+                               f"({r['threads']} threads, {r['mode']}, {r['us']:.1f} us per call)")

@@ -288,3 +288,20 @@ def test_tune_sparse_measures_real_kernels_and_resumes(tmp_path, capsys):
     index = json.loads((db / "xpuc-tuning.json").read_text())
     assert len(index["sparse"]) == 7
     assert cli(["tune", str(model), "--sparse", "--db", str(db), "--sparsity", "1.5"]) == 2
+
+    # xpuc plan takes the cluster size of the fastest record nearest the profiled sparsity
+    from xpuc.compiler.profiler import ProfileStats, config_fingerprint
+    from xpuc.schedules.sparse_tuning import best_records
+
+    freq = np.full((cfg.num_layers, cfg.intermediate_size), 0.1)
+    ProfileStats(cfg.to_dict(), config_fingerprint(cfg), 100, None, [0.0] * cfg.num_layers,
+                 freq.tolist()).save(tmp_path / "stats.json")
+    want = min((b for b in best_records(index["sparse"]) if b["dtype"] == "q4_0"),
+               key=lambda b: abs(b["sparsity"] - 0.9))["cluster"]
+    capsys.readouterr()
+    assert cli(["plan", str(model), "--stats", str(tmp_path / "stats.json"), "--device", "host", "--memory-budget",
+                "64MiB", "--tuning-db", str(db), "-o", str(tmp_path / "plan.json")]) == 0
+    assert f"cluster size {want}:" in capsys.readouterr().out
+    assert json.loads((tmp_path / "plan.json").read_text())["cluster"] == want
+    assert cli(["plan", str(model), "--stats", str(tmp_path / "stats.json"), "--device", "oneplus-12",
+                "--memory-budget", "64MiB", "--tuning-db", str(db), "-o", str(tmp_path / "p2.json")]) == 2
