@@ -460,6 +460,11 @@ def _inspect_tuning(path: Path, as_json: bool) -> int:
         best = f"{w.best_us:.1f} us" if w.best_us else "-"
         ref = f" (default {w.default_us:.1f} us)" if w.default_us else ""
         print(f"  {w.name[:56]:56s} @{w.bucket:<5d} {w.trials:5d} trials  best {best}{ref}")
+    from xpuc.schedules.sparse_tuning import best_records
+
+    for b in sorted(best_records(db.index.sparse), key=lambda b: (b["d_ff"], b["dtype"], b["sparsity"])):
+        print(f"  sparse {b['kind']} {b['d_model']}x{b['d_ff']} {b['dtype']} at sparsity {b['sparsity']:.2f}: "
+              f"cluster {b['cluster']}, {b['threads']} threads, {b['mode']}, {b['us']:.1f} us")
     return 0
 
 
