@@ -81,8 +81,8 @@ def target_key(target) -> dict:
             "mcpu": str(attrs.get("mcpu", "") or ""), "mattr": mattr}
 
 
-def _check_lines(path: Path, what: str) -> int:
-    """Parse every JSON line; drop a half-written last line; return the line count."""
+def _check_lines(path: Path, what: str, valid=None, invalid_msg: str = "") -> int:
+    """Parse every JSON line (and check it with ``valid``); drop a half-written last line; return the count."""
     if not path.exists():
         return 0
     data = path.read_bytes()
@@ -92,8 +92,7 @@ def _check_lines(path: Path, what: str) -> int:
         if not line.strip():
             continue
         try:
-            json.loads(line)
-            n += 1
+            obj = json.loads(line)
         except ValueError:
             last = i == len(lines) and not data.endswith(b"\n")
             if last:  # killed mid-append: nothing complete is lost by dropping it
@@ -105,6 +104,9 @@ def _check_lines(path: Path, what: str) -> int:
                 continue
             raise XpucError(f"{path}: line {i} is not a valid {what} (corrupted file); remove the line or "
                             "restore the file from a copy") from None
+        if valid is not None and not valid(obj):
+            raise XpucError(f"{path}: line {i} {invalid_msg}")
+        n += 1
     return n
 
 
@@ -133,21 +135,12 @@ class TuningDatabase:
             self.index = TuningIndex(target=target_key(target))
             self.save_index()
         self.n_workloads = _check_lines(self.path / WORKLOADS, "workload")
-        self.n_records = _check_lines(self.path / RECORDS, "tuning record")
-        self._check_record_indices()
+        self.n_records = _check_lines(
+            self.path / RECORDS, "tuning record",
+            lambda rec: isinstance(rec, list) and len(rec) == 2 and isinstance(rec[0], int)
+            and 0 <= rec[0] < self.n_workloads,
+            f"refers to no workload of {WORKLOADS} (corrupted or mixed files)")
         self._ms = None
-
-    def _check_record_indices(self) -> None:
-        path = self.path / RECORDS
-        if not path.exists():
-            return
-        for i, line in enumerate(path.read_text().splitlines(), start=1):
-            if not line.strip():
-                continue
-            rec = json.loads(line)
-            if not (isinstance(rec, list) and len(rec) == 2 and isinstance(rec[0], int)
-                    and 0 <= rec[0] < self.n_workloads):
-                raise XpucError(f"{path}: line {i} refers to no workload of {WORKLOADS} (corrupted or mixed files)")
 
     @property
     def ms(self):
@@ -170,11 +163,9 @@ class TuningDatabase:
 
     def trials_by_workload(self) -> dict[str, int]:
         """Structural hash (hex) of each workload -> records measured for it."""
-        from tvm_ffi import structural_hash
-
         counts: dict[str, int] = {}
         for rec in self.ms.get_all_tuning_records():
-            key = f"{structural_hash(rec.workload.mod) & (2**64 - 1):016x}"
+            key = workload_hash(rec.workload.mod)
             counts[key] = counts.get(key, 0) + 1
         return counts
 

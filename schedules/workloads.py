@@ -122,6 +122,8 @@ def extract_workloads(mod: tvm.IRModule, target: tvm.target.Target,
     """The tunable kernels of ``mod``'s ``main`` at each bucket (hand-scheduled kernels excluded)."""
     from tvm.s_tir import meta_schedule as ms
 
+    from xpuc.compiler.passes.apply_tuning_database import has_symbolic_shape
+
     out: list[TuningWorkload] = []
     for bucket in buckets:
         lowered = lower_for_tuning(bind_bucket(mod, bucket), target)
@@ -129,15 +131,10 @@ def extract_workloads(mod: tvm.IRModule, target: tvm.target.Target,
             func = task.dispatched[0]["main"]
             if func.attrs is not None and ("xpuc.scheduled" in func.attrs or "tir.is_scheduled" in func.attrs):
                 continue
-            if symbolic_in(func):
+            if has_symbolic_shape(func):
                 continue
             out.append(TuningWorkload(task.task_name, bucket, int(task.weight), task.dispatched[0], _flop(func)))
     return out
-
-
-def symbolic_in(func) -> bool:
-    """A PrimFunc whose buffers still have symbolic shapes cannot be tuned statically."""
-    return "T.int64()" in func.script() or "T.int32()" in func.script()
 
 
 def _flop(func) -> float:

@@ -18,9 +18,10 @@ from tvm import tirx
 SCHEDULED = ("xpuc.scheduled", "tir.is_scheduled")
 
 
-def _static(func: tirx.PrimFunc) -> bool:
+def has_symbolic_shape(func: tirx.PrimFunc) -> bool:
+    """Does a buffer of ``func`` still have a symbolic extent? (Such kernels cannot be tuned statically.)"""
     text = func.script()
-    return "T.int64()" not in text and "T.int32()" not in text
+    return "T.int64()" in text or "T.int32()" in text
 
 
 @tvm.transform.module_pass(opt_level=0, name="xpuc.ApplyTuningDatabase")
@@ -48,7 +49,7 @@ class ApplyTuningDatabase:
             if not isinstance(func, tirx.PrimFunc):
                 continue
             attrs = func.attrs or {}
-            if any(k in attrs for k in SCHEDULED) or not _static(func):
+            if any(k in attrs for k in SCHEDULED) or has_symbolic_shape(func):
                 continue
             self.candidates += 1
             normal = func.with_attr("global_symbol", "main")
