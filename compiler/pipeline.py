@@ -6,6 +6,9 @@ Phases (per target kind):
 phase       cpu                                          gpu
 ==========  ===========================================  ==========================================
 dispatch    DispatchSampling, DispatchSortScan           (none)
+fastmath    FastMathTransform (softmax, exp, tanh, erf   (none)
+            with polynomial approximations that
+            vectorize; max rel. error ~1e-7)
 specialize  SpecializeSequenceBuckets (only with         same
             tuning buckets: static copies of ``main``)
 legalize    LegalizeOps (high-level ops -> TIR)          same
@@ -14,7 +17,10 @@ fuse        FoldConstant, FuseOps, FuseTIR               (inside the build)
 tune        ApplyTuningDatabase (only with a database:   (none)
             best tuned schedule of each covered kernel)
 schedule    ScheduleCPUMatmul (matmuls left naive by     ApplyGPUSchedules (dlight GPU rules)
-            legalization; hand-written kernels kept)
+            legalization: register tiles, padding of
+            symbolic rows/columns), then ScheduleCPURows
+            (every other kernel in parallel rows);
+            hand-written kernels kept
 build       tvm.compile: memory planning, VM lowering    same, plus device codegen (OpenCL / CUDA)
 ==========  ===========================================  ==========================================
 """
@@ -29,6 +35,7 @@ from tvm import relax
 
 from xpuc.compiler.passes.apply_gpu_schedules import ApplyGPUSchedules
 from xpuc.compiler.passes.schedule_cpu_matmul import ScheduleCPUMatmul
+from xpuc.compiler.passes.schedule_cpu_rows import ScheduleCPURows
 from xpuc.compiler.passes.specialize_buckets import SpecializeSequenceBuckets
 
 
@@ -59,13 +66,16 @@ def phases(target: tvm.target.Target, buckets: tuple[int, ...] = (),
                 ("schedule", ApplyGPUSchedules(target))]
     return [
         ("dispatch", tvm.transform.Sequential([relax.backend.DispatchSampling(), relax.backend.DispatchSortScan()])),
+        ("fastmath", relax.transform.FastMathTransform()),
         *special,
         ("legalize", relax.transform.LegalizeOps()),
         ("annotate", relax.transform.AnnotateTIROpPattern()),
         ("fuse", tvm.transform.Sequential([relax.transform.FoldConstant(), relax.transform.FuseOps(),
                                            relax.transform.FuseTIR()])),
         *([("tune", tuning)] if tuning is not None else []),
-        ("schedule", ScheduleCPUMatmul(lanes=simd_lanes(target))),
+        ("schedule", tvm.transform.Sequential([
+            ScheduleCPUMatmul(lanes=simd_lanes(target), threads=int(target.attrs.get("num-cores", 1) or 1)),
+            ScheduleCPURows(lanes=simd_lanes(target))])),
     ]
 
 

@@ -3,17 +3,21 @@
 TVM 0.27's CPU pipeline schedules nothing and dlight has no CPU matmul rule, so an imported graph's
 ``matmul`` blocks (ONNX MatMul/Gemm, attention's batched matmuls, with fused epilogues such as a bias add or
 SiLU) run as scalar loop nests. For every PrimFunc with a block named ``matmul`` whose iterators are
-spatial except the last (the reduction) and whose innermost spatial extent is a multiple of the SIMD width
-or symbolic (attention's ``q @ k^T`` over the sequence; the last tile is predicated), this pass applies:
+spatial except the last (the reduction) and whose column extent is a multiple of the SIMD width or symbolic,
+this pass applies:
 
-* a register tile of ``rows`` output rows × ``2 * lanes`` (or ``lanes``) output columns: the rows loop is
-  split by ``rows`` (a predicate covers a symbolic sequence length), the columns by the tile width;
-* the reduction split by ``kstep`` (when its extent is static and divisible) and unrolled;
-* loop order ``outer spatial, row tiles, column tiles, k, rows, k-step, columns``; the row and column tiles
-  fused and run in parallel; the column loop vectorized;
-* the reduction's init decomposed at the k loop (vectorized);
-* the epilogue blocks (element-wise consumers fused by FuseTIR) moved under the parallel tile loop and
-  vectorized, so they run on the tile while it is in cache.
+* padding (``pad_einsum``) of a symbolic or ragged row axis to a multiple of ``rows`` and of a symbolic
+  column axis (attention's ``q @ k^T`` over the sequence) to a multiple of the tile width: the tiles compute
+  without bounds checks, the inputs' padded copies and the copy back carry them;
+* a register tile of ``rows`` output rows x ``4 * lanes`` (else ``2 * lanes``, ``lanes``) columns,
+  accumulated in a ``local`` buffer (registers) and written back once per tile; the reduction split by
+  ``kstep`` and unrolled, the rows and column vectors unrolled, the innermost ``lanes`` vectorized;
+* parallel loop: the column panels when there are at least ``panels_per_thread`` per thread and no batch
+  axes (each thread keeps its weight panel in cache while it walks all row tiles), else the fused batch,
+  row-tile and column-tile loops; leading extent-1 axes are not fused in (they cost a modulo per tile);
+* epilogue blocks (element-wise consumers fused by FuseTIR, the copy out of the padded tile) moved under
+  the tile loop and vectorized, so they run on the tile while it is in cache; the padded input copies and
+  any block that cannot move get a parallel row loop of their own (``parallel_rows``).
 
 Functions that are already scheduled (hand-written TIR with parallel loops, or marked ``xpuc.scheduled``)
 and matmuls that do not fit the pattern are left as they are.
@@ -24,6 +28,8 @@ from __future__ import annotations
 import tvm
 from tvm import tirx
 from tvm.s_tir import Schedule
+
+from xpuc.compiler.passes.schedule_cpu_rows import parallel_rows, strip_leading_units
 
 ATTR = "xpuc.scheduled"
 
@@ -37,7 +43,12 @@ def _has_parallel(func: tirx.PrimFunc) -> bool:
     return "T.parallel(" in func.script()
 
 
-def schedule_matmul(func: tirx.PrimFunc, rows: int = 8, lanes: int = 16, kstep: int = 4) -> tirx.PrimFunc | None:
+def _is_unit(sch: Schedule, loop) -> bool:
+    return _static(sch.get(loop).extent) == 1
+
+
+def schedule_matmul(func: tirx.PrimFunc, rows: int = 8, lanes: int = 16, kstep: int = 4,
+                    panels_per_thread: int = 4, threads: int = 2) -> tirx.PrimFunc | None:
     """The scheduled function, or None when ``func`` has no matmul block of the supported form."""
     sch = Schedule(func)
     blocks = sch.get_child_blocks(sch.get_sblock("root"))
@@ -49,37 +60,67 @@ def schedule_matmul(func: tirx.PrimFunc, rows: int = 8, lanes: int = 16, kstep: 
     if len(iv) < 3 or iv[-1].iter_type != tirx.IterVar.CommReduce \
             or any(v.iter_type != tirx.IterVar.DataPar for v in iv[:-1]):
         return None
-    *sp, k = sch.get_loops(b)
-    if len(sp) != len(iv) - 1:
+    if len(sch.get_loops(b)) != len(iv):
         return None
-    n_cols = _static(sch.get(sp[-1]).extent)
+    n_rows = _static(iv[-3].dom.extent)
+    n_cols = _static(iv[-2].dom.extent)
     if n_cols is not None and n_cols % lanes:
         return None
-    epilogues = [c for c in blocks if not c.same_as(b)]
-    outer, i, j = sp[:-2], sp[-2], sp[-1]
-    tile = 2 * lanes if n_cols is not None and n_cols % (2 * lanes) == 0 else lanes  # symbolic: predicated
+    tile = 4 * lanes if n_cols is not None and n_cols % (4 * lanes) == 0 else 2 * lanes \
+        if n_cols is None or n_cols % (2 * lanes) == 0 else lanes
+    pad_rows = rows if n_rows is None or n_rows % rows else 1
+    pad_cols = tile if n_cols is None else 1
+    if pad_rows > 1 or pad_cols > 1:
+        # symbolic (or ragged) rows/columns: the kernel computes a padded tile grid without predicates;
+        # the copy back to the real output (and any epilogue) carries the bounds check instead
+        sch.pad_einsum(b, [1] * (len(iv) - 3) + [pad_rows, pad_cols, 1])
+    *sp, k = sch.get_loops(b)
+    outer, i, j = strip_leading_units(sch, sp[:-2] + [sp[-2]])[:-1], sp[-2], sp[-1]
     io, ii = sch.split(i, [None, rows])
     jo, ji = sch.split(j, [None, tile])
     n_k = _static(sch.get(k).extent)
-    if n_k is not None and n_k % kstep == 0 and kstep > 1:
-        ko, ki = sch.split(k, [None, kstep])
-        sch.reorder(*outer, io, jo, ko, ii, ki, ji)
-        sch.unroll(ki)
+    ksplit = n_k is not None and n_k % kstep == 0 and kstep > 1
+    ko, ki = sch.split(k, [None, kstep]) if ksplit else (k, None)
+    n_panels = n_cols // tile if n_cols is not None else 0
+    if not outer and n_panels >= panels_per_thread * threads:
+        # column panels outermost and parallel: each thread keeps its weight panel in cache for all row tiles
+        sch.reorder(jo, io, ko, ii, *([ki] if ki is not None else []), ji)
+        sch.parallel(jo)
+        tile_loop = io
     else:
-        ko = k
-        sch.reorder(*outer, io, jo, ko, ii, ji)
-    tile_loop = sch.fuse(*outer, io, jo)
-    sch.parallel(tile_loop)
-    sch.vectorize(ji)
+        sch.reorder(*outer, io, jo, ko, ii, *([ki] if ki is not None else []), ji)
+        tile_loop = sch.fuse(*outer, io, jo)
+        sch.parallel(tile_loop)
+    if ki is not None:
+        sch.unroll(ki)
+    acc = sch.cache_write(b, 0, "local")  # the rows x tile accumulators, kept in registers
+    sch.reverse_compute_at(acc, tile_loop)
+    sch.vectorize(sch.get_loops(acc)[-1])
+    jv, jl = sch.split(ji, [None, lanes])
+    sch.unroll(ii)
+    sch.unroll(jv)
+    sch.vectorize(jl)
     init = sch.decompose_reduction(b, ko)
     sch.vectorize(sch.get_loops(init)[-1])
-    for e in epilogues:
-        try:
-            sch.reverse_compute_at(e, tile_loop)
-            sch.vectorize(sch.get_loops(e)[-1])
+    for blk in sch.get_child_blocks(sch.get_sblock("root")):
+        name = sch.get(blk).name_hint
+        if name in ("matmul", "matmul_init") or sch.get(blk).same_as(sch.get(acc)):
+            continue
+        if _is_input_pad(sch, blk, b):
+            parallel_rows(sch, blk, lanes)  # the padded copy of an input, before the tiles run
+            continue
+        try:  # epilogue (or the copy out of the padded tile): on the tile while it is in cache
+            sch.reverse_compute_at(blk, tile_loop)
+            loops = sch.get_loops(blk)
+            if _static(sch.get(loops[-1]).extent) is not None:
+                sch.vectorize(loops[-1])
         except tvm.s_tir.schedule.ScheduleError:
-            pass  # not a consumer of the tile (e.g. a reduction over another axis): left as it is
+            parallel_rows(sch, blk, lanes)  # not a consumer of the tile: its own parallel loop
     return sch.mod["main"].with_attr(ATTR, True)
+
+
+def _is_input_pad(sch: Schedule, blk, matmul) -> bool:
+    return any(sch.get(c).same_as(sch.get(matmul)) for c in sch.get_consumers(blk))
 
 
 @tvm.transform.module_pass(opt_level=0, name="xpuc.ScheduleCPUMatmul")
@@ -94,17 +135,19 @@ class ScheduleCPUMatmul:
         SIMD width in fp32 elements (16 = AVX-512, 4 = one NEON register; the tile is two vectors wide).
     kstep:
         Unrolled reduction steps.
+    threads:
+        Cores the kernels run on (column panels go outermost when there are enough per thread).
     """
 
-    def __init__(self, rows: int = 8, lanes: int = 16, kstep: int = 4) -> None:
-        self.rows, self.lanes, self.kstep = rows, lanes, kstep
+    def __init__(self, rows: int = 8, lanes: int = 16, kstep: int = 4, threads: int = 2) -> None:
+        self.rows, self.lanes, self.kstep, self.threads = rows, lanes, kstep, threads
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         updates = {}
         for gv, func in mod.functions.items():
             if not isinstance(func, tirx.PrimFunc) or (func.attrs and ATTR in func.attrs) or _has_parallel(func):
                 continue
-            new = schedule_matmul(func, self.rows, self.lanes, self.kstep)
+            new = schedule_matmul(func, self.rows, self.lanes, self.kstep, threads=self.threads)
             if new is not None:
                 updates[gv] = new
         if not updates:
