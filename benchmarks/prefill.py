@@ -6,8 +6,7 @@ Usage: python benchmarks/prefill.py [--layers 2] [--tokens 16,128,512] [--out be
 The graph (``xpuc.compiler.onnx_export.decoder_prefill_onnx``) has SmolLM2-135M's layer shapes (d=576,
 9/3 heads of 64, FFN 1536) with random weights; ``--layers`` sets how many layers (30 = the full model's
 stack, without embedding and LM head). Both engines run in this process with the same thread count; tokens/s
-is the sequence length over the median of 3 runs. Also reports the OpenCL kernel count and source size of
-the same graph compiled for Adreno and the Hexagon object size (when the NPU path is built).
+is the sequence length over the best of ``--rounds`` interleaved rounds (each engine once per round).
 
 With ``--tuning-db DIR`` (from ``xpuc tune`` or ``benchmarks/tuning.py``) a second xpuc build applies the
 database (static copies for the ``--tokens`` lengths) and is timed in the same run next to the default build.
@@ -23,7 +22,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from timing import median_time
+from timing import interleaved_best
 
 
 def main() -> int:
@@ -31,6 +30,7 @@ def main() -> int:
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--tokens", default="16,128,512")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (best is kept)")
     ap.add_argument("--out", default="benchmarks/results/prefill.json")
     ap.add_argument("--tuning-db", default=None, help="also time a build that applies this tuning database")
     args = ap.parse_args()
@@ -67,16 +67,20 @@ def main() -> int:
             x = rng.standard_normal((1, n, 576)).astype(np.float32)
             cos, sin = rope_tables(n, 64, 1e5)
             mask = causal_mask(n)
-            t_x = median_time(lambda x=x, cos=cos, sin=sin, mask=mask: runner(x, cos, sin, mask))
-            t_o = median_time(lambda x=x, cos=cos, sin=sin, mask=mask: sess.run(
-                None, {"x": x, "cos": cos, "sin": sin, "mask": mask}))
+            feeds = {"x": x, "cos": cos, "sin": sin, "mask": mask}
+            engines = {"xpuc": lambda x=x, cos=cos, sin=sin, mask=mask: runner(x, cos, sin, mask),
+                       "ort": lambda feeds=feeds: sess.run(None, feeds)}
+            if tuned is not None:
+                engines["tuned"] = lambda x=x, cos=cos, sin=sin, mask=mask: tuned(x, cos, sin, mask)
+            best = interleaved_best(engines, args.rounds)
+            t_x, t_o = best["xpuc"], best["ort"]
             got = runner(x, cos, sin, mask)[0]
             want = sess.run(None, {"x": x, "cos": cos, "sin": sin, "mask": mask})[0]
             err = float(np.abs(got - want).max() / np.abs(want).max())
             r = {"tokens": n, "xpuc_tok_s": n / t_x, "onnxruntime_tok_s": n / t_o, "ratio": t_o / t_x,
                  "max_rel_diff": err}
             if tuned is not None:
-                t_t = median_time(lambda x=x, cos=cos, sin=sin, mask=mask: tuned(x, cos, sin, mask))
+                t_t = best["tuned"]
                 got_t = tuned(x, cos, sin, mask)[0]
                 r.update(tuned_tok_s=n / t_t, tuned_ratio=t_o / t_t, tuned_function=tuned.last_function,
                          tuned_max_rel_diff=float(np.abs(got_t - want).max() / np.abs(want).max()))
@@ -85,7 +89,7 @@ def main() -> int:
                   f" | xpuc/ort {r['ratio']:.3f} | max rel diff {err:.1e}"
                   + (f" | tuned {r['tuned_tok_s']:9.1f} tok/s ({r['tuned_ratio']:.3f}x ort, {r['tuned_function']})"
                      if tuned is not None else ""))
-    out = {"layers": args.layers, "threads": threads, "compile_s": compile_s,
+    out = {"layers": args.layers, "threads": threads, "compile_s": compile_s, "rounds": args.rounds,
            "schedules": "default (untuned)" + (f" and tuned ({args.tuning_db})" if args.tuning_db else ""),
            "tuned_kernels": tuned.manifest.modules[0].info if tuned is not None else None, "rows": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from xpuc.compiler.errors import XpucError
-from xpuc.compiler.reference import rms_norm, rope
+from xpuc.compiler.reference import rms_norm
 
 MODES = ("naive", "llmflash", "cache", "full")
 CHUNK_BYTES = 1 << 20  # bytes of records per pipelined read batch (full mode)
@@ -71,6 +71,7 @@ class _Linear:
     def __init__(self, w: np.ndarray, target) -> None:
         import tvm
 
+        from xpuc.runtime.flash_reader import aligned_empty
         from xpuc.schedules.linear import linear_fp16, pack_rows
 
         n, k = w.shape
@@ -82,12 +83,29 @@ class _Linear:
         self.w = tvm.runtime.tensor(pack_rows(w.astype(np.float16)), tvm.cpu())
         self.y = tvm.runtime.tensor(np.zeros((1, 1, n), np.float32), tvm.cpu())
         self.nbytes = w.size * 2
+        # the input and output live in buffers shared with the kernel (no per-call tensor conversions)
+        self._x = aligned_empty((1, 1, k), "float32")
+        self._xt = tvm.runtime.from_dlpack(self._x)
+        self._y = np.from_dlpack(self.y)[0, 0]
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        import tvm
+        self._x[0, 0] = x
+        self.fn(self._xt, self.w, self.y)
+        return self._y.copy()
 
-        self.fn(tvm.runtime.tensor(x.reshape(1, 1, -1).astype(np.float32), tvm.cpu()), self.w, self.y)
-        return self.y.numpy()[0, 0]
+
+class _RopeAt:
+    """Rotate-half RoPE at one position (``xpuc.compiler.reference.rope``'s arithmetic, table built once)."""
+
+    def __init__(self, pos: int, head_dim: int, theta: float) -> None:
+        inv = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+        ang = np.concatenate([pos * inv, pos * inv])
+        self.cos, self.sin = np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
+        self.half = head_dim // 2
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        rot = np.concatenate([-x[..., self.half:], x[..., :self.half]], -1)
+        return x * self.cos + rot * self.sin
 
 
 class OffloadModel:
@@ -175,6 +193,12 @@ class OffloadModel:
         hot = np.bincount(order // fl.n_clusters, minlength=L)
         # hot clusters of a layer are a prefix of its storage order (sorted by frequency)
         cold = [min(cold_each, fl.n_clusters - int(h)) for h in hot]
+        # slots a layer cannot use (all its clusters fit) go to the cold segments of layers that still miss
+        spare = slots - int(hot.sum()) - sum(cold)
+        for i in np.argsort([int(h) + c - fl.n_clusters for h, c in zip(hot, cold, strict=True)], kind="stable"):
+            add = min(spare, fl.n_clusters - int(hot[i]) - cold[i])
+            cold[i] += add
+            spare -= add
         return [int(h) for h in hot], cold
 
     def _setup_ffn(self, ffn_fraction: float | None, target) -> None:
@@ -211,7 +235,7 @@ class OffloadModel:
                                         "its checksum (corrupted flash file)")
         self.kernel = SparseFFNKernel(fl.bundle_layout(n_slots), pool, target, self.threads, float(thr[0]),
                                       share=True)
-        self._thr_tensors = [np.array([t], np.float32) for t in thr]
+        self._thr = [float(t) for t in thr]
         self._cluster_of = [fl.cluster_of_neuron(i) for i in range(L)]
         self.reader.reset_counters()
 
@@ -231,14 +255,14 @@ class OffloadModel:
     def _run(self, i: int, x: np.ndarray, slots: np.ndarray) -> np.ndarray:
         if slots.size == 0:
             return np.zeros_like(x)
-        self.kernel._thr.copyfrom(self._thr_tensors[i])
+        self.kernel.set_threshold(self._thr[i])
         return self.kernel(x, np.sort(slots).astype(np.int32))
 
     def _ffn_naive(self, i: int, x: np.ndarray) -> np.ndarray:
         t0 = time.perf_counter()
         self.reader.read_span(self.flash.cluster_offset(i, 0), self.scratch)
         self._stall += time.perf_counter() - t0
-        self.kernel._thr.copyfrom(self._thr_tensors[i])
+        self.kernel.set_threshold(self._thr[i])
         return self.kernel.dense(x)
 
     def _issue(self, i: int, miss: np.ndarray, keep: set[int], partial: bool = False
@@ -335,7 +359,7 @@ class OffloadModel:
         if not 0 <= token < c.vocab_size:
             raise XpucError(f"token id {token} outside the vocabulary")
         h = self.embed[token].astype(np.float32)[None]
-        pos = np.array([self.pos])
+        rotate = _RopeAt(self.pos, c.head_dim, c.rope_theta)  # one table for every layer of this token
         pending: dict = {}
         for i, L in enumerate(self.layers):
             if self.mode == "full":
@@ -343,9 +367,8 @@ class OffloadModel:
             x = rms_norm(h, L["attn_norm"], c.rms_norm_eps)[0]
             qkv = L["qkv"](x)
             nq, nk = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
-            q = rope(qkv[:nq].reshape(1, c.num_heads, c.head_dim), pos, c.rope_theta)[0]
-            self.k_cache[i, self.pos] = rope(qkv[nq:nq + nk].reshape(1, c.num_kv_heads, c.head_dim), pos,
-                                             c.rope_theta)[0]
+            q = rotate(qkv[:nq].reshape(c.num_heads, c.head_dim))
+            self.k_cache[i, self.pos] = rotate(qkv[nq:nq + nk].reshape(c.num_kv_heads, c.head_dim))
             self.v_cache[i, self.pos] = qkv[nq + nk:].reshape(c.num_kv_heads, c.head_dim)
             k, v = self.k_cache[i, :self.pos + 1], self.v_cache[i, :self.pos + 1]
             rep = c.num_heads // c.num_kv_heads

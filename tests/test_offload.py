@@ -259,9 +259,10 @@ def test_xpuc_run_on_packed_model_and_ctrl_c(packed):
     rep = json.loads(r.stdout)
     assert rep["generated_tokens"] == 6 and rep["mode"] == "full" and rep["accounted_mib"] > 0
     assert_clean_error(xpuc("run", str(d / "art"), "--prompt", "x", "--mode", "fast"), "unknown mode")
-    p = subprocess.Popen([*XPUC, "run", str(d / "art"), "--prompt", "a", "--max-tokens", "1900"],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(6)
+    p = subprocess.Popen([*XPUC, "run", str(d / "art"), "--prompt", "a", "--max-tokens", "16000",
+                          "--max-context", "16384"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert p.stdout.read(1)  # generation has started (the text streams to stdout)
+    time.sleep(0.5)
     p.send_signal(signal.SIGINT)
     _, err = p.communicate(timeout=60)
     assert p.returncode == 130 and "interrupted" in err and "Traceback" not in err
