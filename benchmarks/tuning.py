@@ -9,7 +9,7 @@ tokens and its matmul kernels (with their fused epilogues) are tuned by ``xpuc t
 under ``$XPUC_CACHE/bench-tuning`` (a rerun resumes or reuses it; the tuning wall time reported is that of
 this run). Then, in this process and with the same thread count, each kernel is timed three ways:
 the tuned schedule (the database applied by ``ApplyTuningDatabase``), xpuc's default schedule
-(``ScheduleCPUMatmul``, what ``xpuc compile`` uses without a database) and ``numpy.matmul`` (OpenBLAS) on the
+(the CPU schedule phase, what ``xpuc compile`` uses without a database) and ``numpy.matmul`` (OpenBLAS) on the
 same shapes (the matmul alone, no epilogue). Medians of repeated runs.
 """
 
@@ -49,8 +49,7 @@ def main() -> int:
 
     from xpuc.compiler.frontend_onnx import import_onnx
     from xpuc.compiler.passes.apply_tuning_database import ApplyTuningDatabase
-    from xpuc.compiler.passes.schedule_cpu_matmul import schedule_matmul
-    from xpuc.compiler.pipeline import simd_lanes
+    from xpuc.compiler.pipeline import default_cpu_schedule
     from xpuc.compiler.spec import ArchConfig
     from xpuc.compiler.zoo import cache_dir
     from xpuc.schedules.tune import time_kernel, tune_workloads
@@ -59,7 +58,7 @@ def main() -> int:
     from xpuc.targets.profile import load_profile
 
     target = load_profile("host").cpu_target()
-    lanes = simd_lanes(target)
+    schedule = default_cpu_schedule(target)
     rows = []
     for name in args.models.split(","):
         cfg = ArchConfig("llama", num_layers=1, rope_theta=1e4, rms_norm_eps=1e-5, ffn_kind="swiglu",
@@ -79,7 +78,7 @@ def main() -> int:
             func = wl.mod["main"]
             info = ms.arg_info.ArgInfo.from_prim_func(func)
             tuned = apply(tvm.IRModule({"k": func.without_attr("global_symbol")}))["k"]
-            default = schedule_matmul(func, lanes=lanes) or func
+            default = schedule(tvm.IRModule({"main": func}))["main"]
             lib_tuned = tvm.compile(tvm.IRModule({"main": tuned.with_attr("global_symbol", "main")}),
                                     target=target) if apply.covered else None
             lib_default = tvm.compile(tvm.IRModule({"main": default}), target=target)

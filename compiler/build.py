@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -190,14 +191,16 @@ def compile_onnx(model: str | os.PathLike, output: str | os.PathLike, device: st
         steps.start(f"compiling for {target.kind.name} ({profile.mtriple})")
         ex = build(mod, target, Path(debug_dump) if debug_dump else None, "graph", buckets or (), tuning)
         if tuning is not None:
-            if tuning.covered == 0:
+            if tuning.covered == 0 and tuning.kept_default == 0:
                 raise XpucError(f"tuning database {tuning_db} covers none of the {tuning.candidates} tunable kernels "
                                 "of this graph (tuned for another model, or other --buckets)")
-            tuned_info.update(tuned_kernels=tuning.covered, tunable_kernels=tuning.candidates)
+            tuned_info.update(tuned_kernels=tuning.covered, tunable_kernels=tuning.candidates,
+                              kept_default_schedule=tuning.kept_default)
         ex.export_library(str(tmp / GRAPH_LIB_FILE), fcompile=toolchain.fcompile())
         kernels = sorted(gv.name_hint for gv, f in mod.functions.items() if type(f).__name__ == "PrimFunc")
         steps.done(toolchain.name + (f"; {tuning.covered} of {tuning.candidates} kernels from the tuning database"
-                                     if tuning is not None else ""))
+                                     + (f", {tuning.kept_default} kept the default schedule (measured faster)"
+                                        if tuning.kept_default else "") if tuning is not None else ""))
         steps.start("writing manifest")
         src = Path(model)
         manifest = Manifest(
@@ -223,5 +226,10 @@ def _open_tuning(path, target, buckets):
         buckets = tuple(sorted({w.bucket for w in db.index.workloads.values()}))
     if not buckets:
         raise XpucError(f"tuning database {path} has no tuned workloads yet (run `xpuc tune` first)")
-    return ApplyTuningDatabase(db.ms, target), tuple(buckets), {"tuning_db": str(Path(path).resolve()),
-                                                                "buckets": list(buckets)}
+    wins, stale = db.default_wins()
+    if stale:
+        print(f"xpuc: warning: tuning database {path}: {stale} of {len(db.index.workloads)} workloads were "
+              "compared with an older default schedule (or none); rerun `xpuc tune` on it to re-measure the defaults",
+              file=sys.stderr)
+    return ApplyTuningDatabase(db.ms, target, frozenset(wins)), tuple(buckets), {
+        "tuning_db": str(Path(path).resolve()), "buckets": list(buckets)}

@@ -38,6 +38,17 @@ from xpuc.compiler.passes.schedule_cpu_matmul import ScheduleCPUMatmul
 from xpuc.compiler.passes.schedule_cpu_rows import ScheduleCPURows
 from xpuc.compiler.passes.specialize_buckets import SpecializeSequenceBuckets
 
+#: Version of the CPU default schedule (fastmath + ScheduleCPUMatmul + ScheduleCPURows). A tuning database
+#: records it next to each default latency it measured; a change makes those latencies stale.
+DEFAULT_CPU_SCHEDULE = "2"
+
+
+def default_cpu_schedule(target: tvm.target.Target) -> tvm.transform.Pass:
+    """The schedule phase of CPU targets (what a kernel gets without a tuning database)."""
+    return tvm.transform.Sequential([
+        ScheduleCPUMatmul(lanes=simd_lanes(target), threads=int(target.attrs.get("num-cores", 1) or 1)),
+        ScheduleCPURows(lanes=simd_lanes(target))])
+
 
 def simd_lanes(target: tvm.target.Target) -> int:
     """fp32 lanes of the target's widest SIMD registers (16 AVX-512, 8 AVX2, 4 NEON/SSE)."""
@@ -73,9 +84,7 @@ def phases(target: tvm.target.Target, buckets: tuple[int, ...] = (),
         ("fuse", tvm.transform.Sequential([relax.transform.FoldConstant(), relax.transform.FuseOps(),
                                            relax.transform.FuseTIR()])),
         *([("tune", tuning)] if tuning is not None else []),
-        ("schedule", tvm.transform.Sequential([
-            ScheduleCPUMatmul(lanes=simd_lanes(target), threads=int(target.attrs.get("num-cores", 1) or 1)),
-            ScheduleCPURows(lanes=simd_lanes(target))])),
+        ("schedule", default_cpu_schedule(target)),
     ]
 
 

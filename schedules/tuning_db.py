@@ -39,6 +39,7 @@ class WorkloadEntry:
     trials: int = 0
     best_us: float | None = None
     default_us: float | None = None
+    default_schedule: str | None = None  # version of the default schedule default_us was measured with
 
 
 @dataclass
@@ -168,6 +169,19 @@ class TuningDatabase:
             key = workload_hash(rec.workload.mod)
             counts[key] = counts.get(key, 0) + 1
         return counts
+
+    def default_wins(self) -> tuple[set[str], int]:
+        """(workload hashes whose default schedule measured faster than their best record, number of entries
+        whose default latency is missing or was measured with an older default schedule)."""
+        from xpuc.compiler.pipeline import DEFAULT_CPU_SCHEDULE
+
+        wins, stale = set(), 0
+        for h, w in self.index.workloads.items():
+            if w.default_us is None or w.default_schedule != DEFAULT_CPU_SCHEDULE:
+                stale += 1
+            elif w.best_us is not None and w.default_us <= w.best_us:
+                wins.add(h)
+        return wins, stale
 
     def summary(self) -> str:
         tuned = sum(1 for w in self.index.workloads.values() if w.best_us is not None)

@@ -75,10 +75,14 @@ def test_compile_with_database_uses_tuned_kernels_and_matches_onnxruntime(tuned,
     art = d / "art"
     assert cli(["compile", str(onnx_path), "-o", str(art), "--tuning-db", str(db), "--force"]) == 0
     err = capsys.readouterr().err
-    assert f"{len(report['workloads'])} of " in err and "kernels from the tuning database" in err
+    assert "kernels from the tuning database" in err and "older default schedule" not in err
     manifest = json.loads((art / "manifest.json").read_text())
     assert manifest["io"]["buckets"] == [16]
-    assert manifest["modules"][0]["info"]["tuned_kernels"] == len(report["workloads"])
+    info = manifest["modules"][0]["info"]
+    # each tuned kernel comes from the database unless its default schedule measured faster than every record
+    faster_default = sum(w["default_us"] <= w["best_us"] for w in report["workloads"])
+    assert info["kept_default_schedule"] == faster_default
+    assert info["tuned_kernels"] + info["kept_default_schedule"] == len(report["workloads"])
     runner = GraphRunner(art)
     sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(1)
@@ -89,6 +93,37 @@ def test_compile_with_database_uses_tuned_kernels_and_matches_onnxruntime(tuned,
         y = runner(*feeds.values())[0]
         assert runner.last_function == fn
         np.testing.assert_allclose(y, sess.run(None, feeds)[0], rtol=1e-4, atol=1e-4)
+
+
+def test_default_schedule_kept_where_it_measured_faster_and_stale_defaults_warned(tuned, tmp_path, capsys):
+    from xpuc.compiler.pipeline import DEFAULT_CPU_SCHEDULE
+
+    d, onnx_path, db, report = tuned
+    copy = tmp_path / "db"
+    shutil.copytree(db, copy)
+    index = json.loads((copy / "xpuc-tuning.json").read_text())
+    for w in index["workloads"].values():
+        assert w["default_schedule"] == DEFAULT_CPU_SCHEDULE
+        w["default_us"] = w["best_us"] / 2  # the default "measured" twice as fast as the best record
+    (copy / "xpuc-tuning.json").write_text(json.dumps(index))
+    assert cli(["compile", str(onnx_path), "-o", str(tmp_path / "a"), "--tuning-db", str(copy)]) == 0
+    err = capsys.readouterr().err
+    assert "0 of " in err and f"{len(report['workloads'])} kept the default schedule (measured faster)" in err
+    info = json.loads((tmp_path / "a" / "manifest.json").read_text())["modules"][0]["info"]
+    assert info["tuned_kernels"] == 0 and info["kept_default_schedule"] == len(report["workloads"])
+    for w in index["workloads"].values():
+        w["default_schedule"] = "0"  # measured against an older default schedule
+    (copy / "xpuc-tuning.json").write_text(json.dumps(index))
+    assert cli(["compile", str(onnx_path), "-o", str(tmp_path / "b"), "--tuning-db", str(copy)]) == 0
+    err = capsys.readouterr().err
+    assert "older default schedule" in err and f"{len(report['workloads'])} of " in err
+    # a rerun of the tuning job re-measures the stale defaults (and adds no trials)
+    r = subprocess.run([*XPUC, "tune", str(onnx_path), "--db", str(copy), "--trials", "4", "--buckets", "16",
+                        "--only", "fused_matmul", "--json", "--quiet"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    again = json.loads((copy / "xpuc-tuning.json").read_text())
+    assert all(w["default_schedule"] == DEFAULT_CPU_SCHEDULE for w in again["workloads"].values())
+    assert [w["new"] for w in json.loads(r.stdout)["workloads"]] == [0] * len(report["workloads"])
 
 
 def test_database_of_another_model_or_target_is_refused(tuned, tmp_path, capsys):

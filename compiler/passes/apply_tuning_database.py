@@ -5,9 +5,12 @@ function is looked up in a meta_schedule database under the workload name ``main
 which ``xpuc tune`` extracted it — and, when a record exists for the target, the record's trace is
 replayed on it (``Database.query_schedule``). The result keeps the function's own attributes (its
 global symbol, op pattern) and is marked ``xpuc.scheduled`` and ``tir.is_scheduled`` so that later
-schedule phases leave it alone. Kernels without a record are left for the default schedule phase.
+schedule phases leave it alone. Kernels without a record are left for the default schedule phase, and so
+are the kernels listed in ``keep_default`` (workload hashes whose default schedule measured faster than
+every record when they were tuned): a database never makes a kernel slower than xpuc's own schedule.
 
-The pass counts what it did in ``covered`` / ``candidates`` (read after running it; the CLI reports them).
+The pass counts what it did in ``covered`` / ``candidates`` / ``kept_default`` (read after running it; the
+CLI reports them).
 """
 
 from __future__ import annotations
@@ -34,17 +37,22 @@ class ApplyTuningDatabase:
         A ``tvm.s_tir.meta_schedule.database.Database`` (e.g. ``TuningDatabase(dir).ms``).
     target:
         The target the module is compiled for; records tuned for another target do not match.
+    keep_default:
+        Structural hashes (``xpuc.schedules.tuning_db.workload_hash``) of workloads left to the default
+        schedule although the database has records for them.
     """
 
-    def __init__(self, database, target: tvm.target.Target) -> None:
+    def __init__(self, database, target: tvm.target.Target, keep_default: frozenset[str] = frozenset()) -> None:
         self.database = database
         self.target = target
+        self.keep_default = frozenset(keep_default)
         self.covered = 0
         self.candidates = 0
+        self.kept_default = 0
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         updates = {}
-        self.covered = self.candidates = 0
+        self.covered = self.candidates = self.kept_default = 0
         for gv, func in mod.functions.items():
             if not isinstance(func, tirx.PrimFunc):
                 continue
@@ -52,8 +60,13 @@ class ApplyTuningDatabase:
             if any(k in attrs for k in SCHEDULED) or has_symbolic_shape(func):
                 continue
             self.candidates += 1
-            normal = func.with_attr("global_symbol", "main")
-            sch = self.database.query_schedule(tvm.IRModule({"main": normal}), self.target, "main")
+            normal = tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
+            from xpuc.schedules.tuning_db import workload_hash
+
+            if self.keep_default and workload_hash(normal) in self.keep_default:
+                self.kept_default += 1
+                continue
+            sch = self.database.query_schedule(normal, self.target, "main")
             if sch is None:
                 continue
             new = sch.mod["main"]
