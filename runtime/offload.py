@@ -34,6 +34,7 @@ from xpuc.compiler.reference import rms_norm
 
 MODES = ("naive", "llmflash", "cache", "full")
 CHUNK_BYTES = 1 << 20  # bytes of records per pipelined read batch (full mode)
+PREFILL_CHUNK_BYTES = 16 << 20  # dequantized float32 weights per prefill chunk
 
 
 @dataclass
@@ -161,6 +162,7 @@ class OffloadModel:
         self.k_cache, self.v_cache = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
         self.pos = 0
         self._stall = 0.0
+        self._prefill_chunk = None
         self.per_chunk = False  # full mode: compute each read chunk as it lands (see the module docstring)
         self.reader = FlashReader(art.path / fl.ffn_file, fl.cluster_bytes,
                                   io_threads or self.plan.io_threads, direct=True,
@@ -245,7 +247,10 @@ class OffloadModel:
         if self.predictor is not None:
             fixed += sum(lp.w1.nbytes + lp.w2.nbytes for lp in self.predictor.layers)
         ffn = self.scratch.nbytes if self.mode == "naive" else self.cache.nbytes
-        return {"fixed": int(fixed), "ffn": int(ffn), "total": int(fixed + ffn)}
+        staged = 0  # the prefill's staging buffer and one dequantized chunk, once a prompt has been fed
+        if getattr(self, "_prefill_chunk", None) is not None:
+            staged = self._prefill_chunk.nbytes + self._prefill_dequant_bytes
+        return {"fixed": int(fixed), "ffn": int(ffn), "prefill": int(staged), "total": int(fixed + ffn + staged)}
 
     # --- FFN paths -------------------------------------------------------------------------------------------
     def _predict(self, i: int, x: np.ndarray) -> np.ndarray:
@@ -351,33 +356,42 @@ class OffloadModel:
     def reset(self) -> None:
         self.pos = 0
 
-    def step(self, token: int) -> np.ndarray:
-        """Feed one token; returns the next-token logits."""
-        c = self.config
-        if self.pos >= self.context:
+    def _attention(self, i: int, h: np.ndarray, rotate: _RopeAt, pos: int) -> np.ndarray:
+        """Layer ``i``'s attention output for one token's hidden state ``h`` (1, d) at ``pos`` (KV cache filled)."""
+        c, L = self.config, self.layers[i]
+        x = rms_norm(h, L["attn_norm"], c.rms_norm_eps)[0]
+        qkv = L["qkv"](x)
+        nq, nk = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+        q = rotate(qkv[:nq].reshape(c.num_heads, c.head_dim))
+        self.k_cache[i, pos] = rotate(qkv[nq:nq + nk].reshape(c.num_kv_heads, c.head_dim))
+        self.v_cache[i, pos] = qkv[nq + nk:].reshape(c.num_kv_heads, c.head_dim)
+        k, v = self.k_cache[i, :pos + 1], self.v_cache[i, :pos + 1]
+        rep = c.num_heads // c.num_kv_heads
+        qh = q.reshape(c.num_kv_heads, rep, c.head_dim)
+        s = np.einsum("grd,tgd->grt", qh, k) / np.sqrt(c.head_dim)
+        s = np.exp(s - s.max(-1, keepdims=True))
+        s /= s.sum(-1, keepdims=True)
+        a = np.einsum("grt,tgd->grd", s, v).reshape(-1)
+        return L["o"](a)[None]
+
+    def _check_tokens(self, tokens: list[int]) -> None:
+        if self.pos + len(tokens) > self.context:
             raise XpucError(f"context of {self.context} tokens is full")
-        if not 0 <= token < c.vocab_size:
-            raise XpucError(f"token id {token} outside the vocabulary")
+        bad = [t for t in tokens if not 0 <= t < self.config.vocab_size]
+        if bad:
+            raise XpucError(f"token id {bad[0]} outside the vocabulary")
+
+    def step(self, token: int) -> np.ndarray:
+        """Feed one token (sparse decode path); returns the next-token logits."""
+        c = self.config
+        self._check_tokens([token])
         h = self.embed[token].astype(np.float32)[None]
         rotate = _RopeAt(self.pos, c.head_dim, c.rope_theta)  # one table for every layer of this token
         pending: dict = {}
         for i, L in enumerate(self.layers):
             if self.mode == "full":
                 self._prefetch(i, h, pending)
-            x = rms_norm(h, L["attn_norm"], c.rms_norm_eps)[0]
-            qkv = L["qkv"](x)
-            nq, nk = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
-            q = rotate(qkv[:nq].reshape(c.num_heads, c.head_dim))
-            self.k_cache[i, self.pos] = rotate(qkv[nq:nq + nk].reshape(c.num_kv_heads, c.head_dim))
-            self.v_cache[i, self.pos] = qkv[nq + nk:].reshape(c.num_kv_heads, c.head_dim)
-            k, v = self.k_cache[i, :self.pos + 1], self.v_cache[i, :self.pos + 1]
-            rep = c.num_heads // c.num_kv_heads
-            qh = q.reshape(c.num_kv_heads, rep, c.head_dim)
-            s = np.einsum("grd,tgd->grt", qh, k) / np.sqrt(c.head_dim)
-            s = np.exp(s - s.max(-1, keepdims=True))
-            s /= s.sum(-1, keepdims=True)
-            a = np.einsum("grt,tgd->grd", s, v).reshape(-1)
-            h = h + L["o"](a)[None]
+            h = h + self._attention(i, h, rotate, self.pos)
             x = rms_norm(h, L["ffn_norm"], c.rms_norm_eps)[0].astype(np.float32)
             y = self._ffn_naive(i, x) if self.mode == "naive" else self._ffn_cached(i, x, pending)
             h = h + y[None]
@@ -387,13 +401,80 @@ class OffloadModel:
         h = rms_norm(h, self.final_norm, c.rms_norm_eps)[0]
         return self.head(h.astype(np.float32))
 
+    # --- dense prefill -------------------------------------------------------------------------------------
+    def prefill(self, tokens: list[int]) -> np.ndarray:
+        """Feed a whole prompt through the dense path (PowerInfer-2's prefill); returns the last token's logits.
+
+        Layer by layer: attention token by token through the KV cache, then the layer's FFN for all prompt
+        tokens at once over every neuron, its weights fetched once per layer in chunks of clusters (resident
+        clusters copied from the neuron cache, the others read from flash with their checksums checked).
+        Stepping the tokens one by one through :meth:`step` reads each layer's FFN once per token instead.
+        """
+        c = self.config
+        tokens = [int(t) for t in tokens]
+        if not tokens:
+            raise XpucError("the prompt is empty")
+        self._check_tokens(tokens)
+        h = self.embed[np.asarray(tokens)].astype(np.float32)
+        rotates = [_RopeAt(self.pos + t, c.head_dim, c.rope_theta) for t in range(len(tokens))]
+        for i, L in enumerate(self.layers):
+            for t in range(len(tokens)):
+                h[t:t + 1] += self._attention(i, h[t:t + 1], rotates[t], self.pos + t)
+            h += self._ffn_dense_batch(i, rms_norm(h, L["ffn_norm"], c.rms_norm_eps).astype(np.float32))
+        self.pos += len(tokens)
+        return self.head(rms_norm(h[-1:], self.final_norm, c.rms_norm_eps)[0].astype(np.float32))
+
+    def _fetch_clusters(self, i: int, ids: np.ndarray, dest: np.ndarray) -> None:
+        """Records of layer ``i``'s clusters ``ids`` (sorted) into ``dest``: from the cache when resident."""
+        missing = np.ones(ids.size, bool)
+        if self.cache is not None:
+            slots = self.cache.layers[i].slot_of[ids]
+            missing = slots < 0
+            dest[~missing] = self.cache.pool[slots[~missing]]
+        if missing.any():
+            want = ids[missing]
+            offs = self.flash.cluster_offset(i, 0) + want.astype(np.int64) * self.flash.cluster_bytes
+            self.reader.read(offs, [dest[j] for j in np.flatnonzero(missing)], self.crcs[i, want])
+
+    def _ffn_dense_batch(self, i: int, x: np.ndarray) -> np.ndarray:
+        """Dense FFN of layer ``i`` for a batch ``x`` (T, d), numpy over dequantized chunks of clusters."""
+        from xpuc.schedules.neuron_bundle import activation, dequantize_bundle
+
+        fl = self.flash
+        chunk = self._prefill_buffer()
+        y = np.zeros_like(x)
+        for a in range(0, fl.n_clusters, chunk.shape[0]):
+            ids = np.arange(a, min(a + chunk.shape[0], fl.n_clusters), dtype=np.int64)
+            buf = chunk[:ids.size]
+            self._fetch_clusters(i, ids, buf)
+            layout = fl.bundle_layout(ids.size)
+            w = dequantize_bundle(layout, buf).reshape(-1, layout.rows, layout.d_model)
+            if layout.gated:
+                h = activation(layout.kind, x @ w[:, 0].T, x @ w[:, 1].T, self._thr[i])
+            else:
+                h = activation(layout.kind, x @ w[:, 0].T, None)
+            y += h.astype(np.float32) @ w[:, -1]
+        return y
+
+    def _prefill_buffer(self) -> np.ndarray:
+        """Aligned staging buffer of the prefill's cluster chunks (about PREFILL_CHUNK_BYTES dequantized)."""
+        if getattr(self, "_prefill_chunk", None) is None:
+            from xpuc.runtime.flash_reader import aligned_empty
+
+            fl = self.flash
+            layout = fl.bundle_layout(1)
+            per_cluster = fl.cluster * layout.rows * layout.d_model * 4  # float32 after dequantization
+            n = int(min(fl.n_clusters, max(1, PREFILL_CHUNK_BYTES // per_cluster)))
+            self._prefill_chunk = aligned_empty((n, *layout.shape()[1:]), layout.storage_dtype)
+            self._prefill_dequant_bytes = n * per_cluster
+        return self._prefill_chunk
+
     def generate(self, prompt: list[int], max_new_tokens: int, progress=None) -> tuple[list[int], RunMetrics]:
         """Greedy generation; per-token metrics of the decode steps."""
         m = RunMetrics(self.mode)
         self.reset()
         t0 = time.perf_counter()
-        for t in prompt:
-            logits = self.step(t)
+        logits = self.prefill(prompt)
         m.prefill_seconds = time.perf_counter() - t0
         out: list[int] = []
         for n in range(max_new_tokens):
