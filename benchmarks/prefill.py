@@ -6,7 +6,7 @@ Usage: python benchmarks/prefill.py [--layers 2] [--tokens 16,128,512] [--out be
 The graph (``xpuc.compiler.onnx_export.decoder_prefill_onnx``) has SmolLM2-135M's layer shapes (d=576,
 9/3 heads of 64, FFN 1536) with random weights; ``--layers`` sets how many layers (30 = the full model's
 stack, without embedding and LM head). Both engines run in this process with the same thread count; tokens/s
-is the sequence length over the best of ``--rounds`` interleaved rounds (each engine once per round).
+is the sequence length over the best of ``--rounds`` interleaved rounds (``timing.interleaved_best``).
 
 With ``--tuning-db DIR`` (from ``xpuc tune`` or ``benchmarks/tuning.py``) a second xpuc build applies the
 database (static copies for the ``--tokens`` lengths) and is timed in the same run next to the default build.

@@ -18,21 +18,19 @@ def median_time(fn: Callable[[], object], repeats: int = 3) -> float:
     return statistics.median(ts)
 
 
-def interleaved_best(fns: dict[str, Callable[[], object]], rounds: int = 5,
-                     settle_s: float = 0.05) -> dict[str, float]:
-    """Best wall time per function over ``rounds`` rounds that call each once in turn (after one warm-up each).
+def interleaved_best(fns: dict[str, Callable[[], object]], rounds: int = 5) -> dict[str, float]:
+    """Best wall time per function over ``rounds`` rounds that call each in turn.
 
     Interleaving gives every engine the same share of a noisy (shared, throttled) host's good and bad moments.
-    After each call the thread pools get ``settle_s`` to go idle: onnxruntime's and TVM's workers spin for a
-    while after a run and would otherwise take the cores from the engine timed next.
+    Within a round each function is called twice back to back and the second call is timed: the first one
+    absorbs the previous engine's thread pool still spinning after its run (onnxruntime's and TVM's workers
+    both spin for a while) and wakes this engine's own workers, so each engine is timed in its steady state.
     """
-    for fn in fns.values():
-        fn()
     best = {name: float("inf") for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
+            fn()
             t0 = time.perf_counter()
             fn()
             best[name] = min(best[name], time.perf_counter() - t0)
-            time.sleep(settle_s)
     return best

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import resource
 import sys
@@ -122,17 +123,20 @@ def cmd_plan(args: argparse.Namespace) -> int:
     spec = load_model(resolve_model(args.model), with_tokenizer=False)
     stats = ProfileStats.load(args.stats)
     profile = load_profile(args.device)
-    cluster = args.cluster
+    cluster, tuned = args.cluster, None
     if args.tuning_db:
-        from xpuc.schedules.sparse_tuning import pick_cluster
+        from xpuc.schedules.sparse_tuning import pick_sparse_config
 
         if args.cluster is not None:
             raise XpucError("give either --cluster or --tuning-db, not both")
-        cluster, why = pick_cluster(args.tuning_db, profile, spec.config, args.weight_dtype,
-                                    float(np.mean(stats.sparsity)))
-        print(f"cluster size {cluster}: {why}")
+        tuned = pick_sparse_config(args.tuning_db, profile, spec.config, args.weight_dtype,
+                                   float(np.mean(stats.sparsity)))
+        cluster = tuned["cluster"]
+        print(f"cluster size {cluster}, {tuned['threads']} compute threads, {tuned['mode']} kernel: {tuned['why']}")
     plan = plan_neurons(spec.config, stats, profile, parse_size(args.memory_budget),
                         args.weight_dtype, cluster or 32, args.context)
+    if tuned is not None:  # the runtime builds its kernels with these threads and runs this kernel form
+        plan = dataclasses.replace(plan, compute_threads=tuned["threads"], ffn_kernel=tuned["mode"])
     plan.save(args.output)
     print(plan.explain())
     print(f"wrote {args.output}")

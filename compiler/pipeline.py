@@ -6,11 +6,13 @@ Phases (per target kind):
 phase       cpu                                          gpu
 ==========  ===========================================  ==========================================
 dispatch    DispatchSampling, DispatchSortScan           (none)
+specialize  SpecializeSequenceBuckets (only with         same
+            tuning buckets: static copies of ``main``)
 fastmath    FastMathTransform (softmax, exp, tanh, erf   (none)
             with polynomial approximations that
             vectorize; max rel. error ~1e-7)
-specialize  SpecializeSequenceBuckets (only with         same
-            tuning buckets: static copies of ``main``)
+pack        PackMatmulWeights (constant weights stored   (none)
+            panel-major for the matmul schedule)
 legalize    LegalizeOps (high-level ops -> TIR)          same
 annotate    AnnotateTIROpPattern                         same
 fuse        FoldConstant, FuseOps, FuseTIR               (inside the build)
@@ -18,7 +20,7 @@ tune        ApplyTuningDatabase (only with a database:   (none)
             best tuned schedule of each covered kernel)
 schedule    ScheduleCPUMatmul (matmuls left naive by     ApplyGPUSchedules (dlight GPU rules)
             legalization: register tiles, padding of
-            symbolic rows/columns), then ScheduleCPURows
+            symbolic columns), then ScheduleCPURows
             (every other kernel in parallel rows);
             hand-written kernels kept
 build       tvm.compile: memory planning, VM lowering    same, plus device codegen (OpenCL / CUDA)
@@ -34,13 +36,14 @@ import tvm
 from tvm import relax
 
 from xpuc.compiler.passes.apply_gpu_schedules import ApplyGPUSchedules
+from xpuc.compiler.passes.pack_matmul_weights import PackMatmulWeights
 from xpuc.compiler.passes.schedule_cpu_matmul import ScheduleCPUMatmul
 from xpuc.compiler.passes.schedule_cpu_rows import ScheduleCPURows
 from xpuc.compiler.passes.specialize_buckets import SpecializeSequenceBuckets
 
-#: Version of the CPU default schedule (fastmath + ScheduleCPUMatmul + ScheduleCPURows). A tuning database
-#: records it next to each default latency it measured; a change makes those latencies stale.
-DEFAULT_CPU_SCHEDULE = "2"
+#: Version of the CPU default schedule (fastmath + packed weights + ScheduleCPUMatmul + ScheduleCPURows). A
+#: tuning database records it next to each default latency it measured; a change makes those latencies stale.
+DEFAULT_CPU_SCHEDULE = "3"
 
 
 def default_cpu_schedule(target: tvm.target.Target) -> tvm.transform.Pass:
@@ -77,8 +80,9 @@ def phases(target: tvm.target.Target, buckets: tuple[int, ...] = (),
                 ("schedule", ApplyGPUSchedules(target))]
     return [
         ("dispatch", tvm.transform.Sequential([relax.backend.DispatchSampling(), relax.backend.DispatchSortScan()])),
+        *special,  # before packing: each static copy gets kernels of its own shapes
         ("fastmath", relax.transform.FastMathTransform()),
-        *special,
+        ("pack", PackMatmulWeights(panel=4 * simd_lanes(target))),
         ("legalize", relax.transform.LegalizeOps()),
         ("annotate", relax.transform.AnnotateTIROpPattern()),
         ("fuse", tvm.transform.Sequential([relax.transform.FoldConstant(), relax.transform.FuseOps(),

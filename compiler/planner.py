@@ -72,6 +72,7 @@ class Plan:
     expected_hit_rate: float
     expected_read_bytes_per_token: float
     model: dict = field(default_factory=dict)
+    ffn_kernel: str = "fused"  # "fused" or "split" (gate, then up/down of the neurons that fired)
     schema: int = PLAN_SCHEMA
 
     @property

@@ -143,6 +143,7 @@ class OffloadModel:
         self.predictor = art.predictor
         self.crcs = art.crcs
         self.threads = threads or self.plan.compute_threads
+        self.split_kernel = self.plan.ffn_kernel == "split" and art.flash.bundle_layout(1).gated
         target = load_profile("host").cpu_target()
         w = art.fixed
         self.embed = w["embed_tokens"].astype(np.float16)
@@ -261,7 +262,10 @@ class OffloadModel:
         if slots.size == 0:
             return np.zeros_like(x)
         self.kernel.set_threshold(self._thr[i])
-        return self.kernel(x, np.sort(slots).astype(np.int32))
+        idx = np.sort(slots).astype(np.int32)
+        if self.split_kernel:  # the plan's tuned choice: gate first, then up/down of the neurons that fired
+            return self.kernel.updown(x, idx, self.kernel.gate(x, idx))
+        return self.kernel(x, idx)
 
     def _ffn_naive(self, i: int, x: np.ndarray) -> np.ndarray:
         t0 = time.perf_counter()

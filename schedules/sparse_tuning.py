@@ -181,6 +181,13 @@ def as_dicts(records: list[SparseRecord]) -> list[dict]:
 def pick_cluster(db_path, profile, config, dtype: str, sparsity: float) -> tuple[int, str]:
     """The cluster size of the fastest record for ``config``'s FFN shape and ``dtype`` at the tuned sparsity
     nearest to ``sparsity``; the database must have been tuned for ``profile``'s CPU."""
+    r = pick_sparse_config(db_path, profile, config, dtype, sparsity)
+    return int(r["cluster"]), r["why"]
+
+
+def pick_sparse_config(db_path, profile, config, dtype: str, sparsity: float) -> dict:
+    """The fastest record (cluster, threads, mode, why) for ``config``'s FFN shape and ``dtype`` at the tuned
+    sparsity nearest to ``sparsity``; the database must have been tuned for ``profile``'s CPU."""
     from xpuc.schedules.tuning_db import TuningDatabase
 
     db = TuningDatabase(db_path, target=profile.cpu_target())
@@ -190,5 +197,6 @@ def pick_cluster(db_path, profile, config, dtype: str, sparsity: float) -> tuple
         raise XpucError(f"tuning database {db_path} has no sparse-kernel records for d_model={config.hidden_size}, "
                         f"d_ff={config.intermediate_size}, {dtype} (run `xpuc tune MODEL --sparse`)")
     r = min(cands, key=lambda r: abs(r["sparsity"] - sparsity))
-    return int(r["cluster"]), (f"fastest tuned configuration at sparsity {r['sparsity']:.2f} "
-                               f"({r['threads']} threads, {r['mode']}, {r['us']:.1f} us per call)")
+    return {"cluster": int(r["cluster"]), "threads": int(r["threads"]), "mode": str(r["mode"]),
+            "why": f"fastest tuned configuration at sparsity {r['sparsity']:.2f} "
+                   f"({r['threads']} threads, {r['mode']}, {r['us']:.1f} us per call)"}

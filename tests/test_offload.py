@@ -146,6 +146,21 @@ def test_dense_prefill_matches_numpy_in_every_mode_and_reads_each_layer_once(pac
         assert m.pos == 0
 
 
+def test_split_kernel_form_equals_the_fused_one(packed):
+    """A plan's tuned ``ffn_kernel: split`` (gate kernel, then up/down) gives the fused kernel's logits."""
+    from xpuc.runtime.offload import OffloadModel
+
+    d, _ = packed
+    out = {}
+    for split in (False, True):
+        with OffloadModel(d / "art", "cache", ffn_fraction=0.4, threads=2) as m:
+            assert m.split_kernel is False  # the packed plan keeps the default form
+            m.split_kernel = split
+            out[split] = [m.step(t) for t in (5, 77, 300)]
+    for a, b in zip(out[False], out[True], strict=True):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4 * np.abs(a).max())
+
+
 def test_modes_agree_and_cache_reads_less(packed, tmp_path):
     from xpuc.runtime.bench import run_bench
 

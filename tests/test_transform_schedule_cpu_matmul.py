@@ -150,8 +150,8 @@ def test_symbolic_rows_onnx_decoder_graph(tmp_path):
 
     runner = GraphRunner(compile_onnx(path, tmp_path / "art", quiet=True, debug_dump=tmp_path / "ir"))
     dumped = sorted(p.name for p in (tmp_path / "ir" / "graph").iterdir())
-    assert "06_schedule.py" in dumped
-    assert "xpuc.scheduled" in (tmp_path / "ir" / "graph" / "06_schedule.py").read_text()
+    assert "07_schedule.py" in dumped
+    assert "xpuc.scheduled" in (tmp_path / "ir" / "graph" / "07_schedule.py").read_text()
     import onnxruntime as ort
 
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -181,12 +181,13 @@ def _symbolic_matmul(batch: int, k: int, cols):
 
 
 def test_symbolic_rows_and_columns_are_padded_and_match_numpy():
-    """Attention's ``q @ k^T``: rows and columns are the sequence; the tiles run on padded copies."""
+    """Attention's ``q @ k^T``: rows and columns are the sequence; the tiles run on a padded copy of ``k^T``."""
     from xpuc.targets.profile import load_profile
 
     after = ScheduleCPUMatmul(rows=8, lanes=16)(_symbolic_matmul(3, 32, "seq"))
     text = after["main"].script()
-    assert "a_pad" in text and "w_pad" in text and "T.parallel(" in text and 'scope="local"' in text
+    # the columns are padded (the tile vectorizes); the rows keep a bounds check per row tile
+    assert "a_pad" not in text and "w_pad" in text and "T.parallel(" in text and 'scope="local"' in text
     lib = tvm.compile(after, target=load_profile("host").cpu_target())
     rng = np.random.default_rng(2)
     for n in (1, 7, 8, 33):

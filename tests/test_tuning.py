@@ -183,7 +183,7 @@ def test_interrupt_keeps_records_and_rerun_resumes(tmp_path):
     onnx_path = _graph(tmp_path / "dec.onnx")
     db = tmp_path / "db"
     cmd = [*XPUC, "tune", str(onnx_path), "--db", str(db), "--trials", "40", "--trials-per-iter", "2",
-           "--buckets", "16", "--only", "fused_matmul4", "--quiet"]
+           "--buckets", "16", "--only", "sigmoid", "--quiet"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     rec = db / "database_tuning_record.json"
     deadline = time.monotonic() + 240
@@ -198,7 +198,7 @@ def test_interrupt_keeps_records_and_rerun_resumes(tmp_path):
     index = json.loads((db / "xpuc-tuning.json").read_text())
     assert sum(w["trials"] for w in index["workloads"].values()) == kept
     r = subprocess.run([*XPUC, "tune", str(onnx_path), "--db", str(db), "--trials", str(kept + 2),
-                        "--trials-per-iter", "2", "--buckets", "16", "--only", "fused_matmul4", "--json", "--quiet"],
+                        "--trials-per-iter", "2", "--buckets", "16", "--only", "sigmoid", "--json", "--quiet"],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-1500:]
     rows = json.loads(r.stdout)["workloads"]
@@ -249,7 +249,7 @@ def test_tune_through_tracker_on_x86_server(tmp_path):
             start_server(tracker.address, "x86", port=_free_port()):
         host, port = tracker.address
         r = subprocess.run([*XPUC, "tune", str(onnx_path), "--db", str(tmp_path / "db"), "--trials", "2",
-                            "--trials-per-iter", "2", "--buckets", "16", "--only", "fused_matmul4",
+                            "--trials-per-iter", "2", "--buckets", "16", "--only", "sigmoid",
                             "--rpc-tracker", f"{host}:{port}", "--rpc-key", "x86", "--json", "--quiet"],
                            capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -270,7 +270,7 @@ def test_tune_for_aarch64_on_an_emulated_server(tmp_path):
             start_emulated_server(tracker.address, "arm", port=_free_port()):
         host, port = tracker.address
         r = subprocess.run([*XPUC, "tune", str(onnx_path), "--device", "linux-arm64", "--db", str(tmp_path / "db"),
-                            "--trials", "2", "--trials-per-iter", "2", "--buckets", "16", "--only", "fused_matmul4",
+                            "--trials", "2", "--trials-per-iter", "2", "--buckets", "16", "--only", "sigmoid",
                             "--rpc-tracker", f"{host}:{port}", "--rpc-key", "arm", "--rpc-timeout", "120", "--json",
                             "--quiet"], capture_output=True, text=True, timeout=540)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -331,12 +331,15 @@ def test_tune_sparse_measures_real_kernels_and_resumes(tmp_path, capsys):
     freq = np.full((cfg.num_layers, cfg.intermediate_size), 0.1)
     ProfileStats(cfg.to_dict(), config_fingerprint(cfg), 100, None, [0.0] * cfg.num_layers,
                  freq.tolist()).save(tmp_path / "stats.json")
-    want = min((b for b in best_records(index["sparse"]) if b["dtype"] == "q4_0"),
-               key=lambda b: abs(b["sparsity"] - 0.9))["cluster"]
+    best = min((b for b in best_records(index["sparse"]) if b["dtype"] == "q4_0"),
+               key=lambda b: abs(b["sparsity"] - 0.9))
+    want = best["cluster"]
     capsys.readouterr()
     assert cli(["plan", str(model), "--stats", str(tmp_path / "stats.json"), "--device", "host", "--memory-budget",
                 "64MiB", "--tuning-db", str(db), "-o", str(tmp_path / "plan.json")]) == 0
-    assert f"cluster size {want}:" in capsys.readouterr().out
-    assert json.loads((tmp_path / "plan.json").read_text())["cluster"] == want
+    assert f"cluster size {want}, {best['threads']} compute threads, {best['mode']} kernel:" in capsys.readouterr().out
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    # the runtime builds its kernels with the tuned thread count and runs the tuned kernel form
+    assert (plan["cluster"], plan["compute_threads"], plan["ffn_kernel"]) == (want, best["threads"], best["mode"])
     assert cli(["plan", str(model), "--stats", str(tmp_path / "stats.json"), "--device", "oneplus-12",
                 "--memory-budget", "64MiB", "--tuning-db", str(db), "-o", str(tmp_path / "p2.json")]) == 2

@@ -6,9 +6,10 @@ SiLU) run as scalar loop nests. For every PrimFunc with a block named ``matmul``
 spatial except the last (the reduction) and whose column extent is a multiple of the SIMD width or symbolic,
 this pass applies:
 
-* padding (``pad_einsum``) of a symbolic or ragged row axis to a multiple of ``rows`` and of a symbolic
-  column axis (attention's ``q @ k^T`` over the sequence) to a multiple of the tile width: the tiles compute
-  without bounds checks, the inputs' padded copies and the copy back carry them;
+* padding (``pad_einsum``) of a symbolic column axis (attention's ``q @ k^T`` over the sequence) to a
+  multiple of the tile width: the tiles vectorize without bounds checks, the padded copy of the right operand
+  and the copy back carry them (symbolic or ragged rows keep one bounds check per row of a tile: padding them
+  too was measured no faster, and packed-weight matmuls are not einsums ``pad_einsum`` accepts);
 * a register tile of ``rows`` output rows x ``4 * lanes`` (else ``2 * lanes``, ``lanes``) columns,
   accumulated in a ``local`` buffer (registers) and written back once per tile; the reduction split by
   ``kstep`` and unrolled, the rows and column vectors unrolled, the innermost ``lanes`` vectorized;
@@ -32,6 +33,7 @@ from tvm.s_tir import Schedule
 from xpuc.compiler.passes.schedule_cpu_rows import parallel_rows, strip_leading_units
 
 ATTR = "xpuc.scheduled"
+PAD_ROWS = False  # ragged/symbolic rows keep a bounds check per row tile (measured faster than padded copies)
 
 
 def _static(extent) -> int | None:
@@ -68,12 +70,15 @@ def schedule_matmul(func: tirx.PrimFunc, rows: int = 8, lanes: int = 16, kstep: 
         return None
     tile = 4 * lanes if n_cols is not None and n_cols % (4 * lanes) == 0 else 2 * lanes \
         if n_cols is None or n_cols % (2 * lanes) == 0 else lanes
-    pad_rows = rows if n_rows is None or n_rows % rows else 1
+    pad_rows = rows if PAD_ROWS and (n_rows is None or n_rows % rows) else 1
     pad_cols = tile if n_cols is None else 1
     if pad_rows > 1 or pad_cols > 1:
-        # symbolic (or ragged) rows/columns: the kernel computes a padded tile grid without predicates;
+        # symbolic columns (attention's ``q @ k^T``): the kernel computes a padded tile grid that vectorizes;
         # the copy back to the real output (and any epilogue) carries the bounds check instead
-        sch.pad_einsum(b, [1] * (len(iv) - 3) + [pad_rows, pad_cols, 1])
+        try:
+            sch.pad_einsum(b, [1] * (len(iv) - 3) + [pad_rows, pad_cols, 1])
+        except tvm.s_tir.schedule.ScheduleError:
+            return None  # not an einsum (e.g. a packed-weight matmul): symbolic columns cannot be tiled
     *sp, k = sch.get_loops(b)
     outer, i, j = strip_leading_units(sch, sp[:-2] + [sp[-2]])[:-1], sp[-2], sp[-1]
     io, ii = sch.split(i, [None, rows])
