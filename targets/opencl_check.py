@@ -159,9 +159,11 @@ def _children(stmt):
     return out
 
 
-def launches(func, source: str, kernel_prefix: str, bind: dict) -> list[KernelLaunch]:
+def launches(func, source: str, kernel_prefix: str, bind: dict, signature: re.Pattern = _SIG) -> list[KernelLaunch]:
+    """The kernels of ``source`` named after ``kernel_prefix`` with their grid/block sizes from ``func``'s
+    thread-bound loops (symbolic sizes bound by ``bind``); ``signature`` matches (name, parameter list)."""
     sigs: list[tuple[str, str]] = []
-    for m in _SIG.finditer(source):  # a kernel may be printed more than once (forward declaration)
+    for m in signature.finditer(source):  # a kernel may be printed more than once (forward declaration)
         if re.fullmatch(rf"{re.escape(kernel_prefix)}_kernel(_\d+)?", m.group(1)) and m.group(1) not in dict(sigs):
             sigs.append((m.group(1), m.group(2)))
     ext = _launch_extents(func, bind)
@@ -178,7 +180,7 @@ def launches(func, source: str, kernel_prefix: str, bind: dict) -> list[KernelLa
             elif "float" in p or "half" in p:
                 kind = "float"
             else:
-                kind = "long" if "long" in p else "int"
+                kind = "long" if "long" in p or "int64" in p else "int"
             args.append((kind, pname))
         grid = tuple(e.get(f"blockIdx.{a}", 1) for a in "xyz")
         block = tuple(e.get(f"threadIdx.{a}", 1) for a in "xyz")

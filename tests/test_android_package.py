@@ -54,7 +54,8 @@ def test_modules_and_manifest(android_artifact):
 
 
 def test_debug_dump_has_every_phase(android_artifact):
-    for tag, phases in (("cpu", ["00_input", "01_dispatch", "02_legalize", "03_annotate", "04_fuse", "05_schedule"]),
+    for tag, phases in (("cpu", ["00_input", "01_dispatch", "02_fastmath", "03_pack", "04_legalize", "05_annotate",
+                                 "06_fuse", "07_schedule"]),
                         ("prefill_gpu", ["00_input", "01_legalize", "02_annotate", "03_schedule"])):
         files = sorted(p.stem for p in (android_artifact / "ir" / tag).glob("*.py"))
         assert files == phases, (tag, files)

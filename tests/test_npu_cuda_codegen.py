@@ -81,3 +81,35 @@ def test_cuda_prefill_kernels_compile_to_ptx():
     entries = set(re.findall(r"\.entry (\w+)\(", ptx if isinstance(ptx, str) else ptx.decode()))
     assert kernels <= entries
     assert "fma.rn.f32" in ptx or "fma.rn.ftz.f32" in ptx
+
+
+def test_cuda_cases_for_the_gpu_machine(tmp_path):
+    """The exported half of the CUDA execution check (``targets/cuda_run.py`` runs it where a GPU is)."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    from xpuc.targets.cuda_check import case_inputs, export_prefill
+
+    cases = export_prefill(tmp_path, seq=5)
+    meta = json.loads((tmp_path / "cases.json").read_text())
+    assert meta["seq"] == 5 and len(meta["cases"]) == len(cases) >= 30
+    assert sum(len(c["launches"]) for c in cases) >= 31
+    for c in cases:
+        src = (tmp_path / c["source"]).read_text()
+        for k in c["launches"]:
+            assert "void __launch_bounds__" in src or "__global__" in src
+            assert k["name"] in src and all(g >= 1 for g in k["grid"]) and all(b >= 1 for b in k["block"])
+            assert max(k["block"]) > 1 or max(k["grid"]) > 1  # really spread over the GPU
+        wants = np.load(tmp_path / c["arrays"])
+        assert wants.files, f"{c['name']}: the host run changed no buffer"
+        regenerated = case_inputs(c["inputs"], c["seed"], c["int_high"])
+        assert {k: float(np.sum(a, dtype=np.float64)) for k, a in regenerated.items()} == c["input_sums"]
+    # the GPU side's copy of the input generator (it runs without xpuc) gives the same arrays
+    spec = importlib.util.spec_from_file_location("cuda_run", Path(__file__).parent.parent / "targets" / "cuda_run.py")
+    run = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run)
+    c = cases[0]
+    theirs = run.case_inputs(c["inputs"], c["seed"], c["int_high"])
+    for k, a in case_inputs(c["inputs"], c["seed"], c["int_high"]).items():
+        np.testing.assert_array_equal(theirs[k], a)
