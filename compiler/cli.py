@@ -263,6 +263,9 @@ def _run_offload(args: argparse.Namespace) -> int:
         t0 = time.perf_counter()
         logits = m.prefill(ids)  # dense, each layer's FFN fetched once for the whole prompt
         t1 = time.perf_counter()
+        if not args.json:
+            print(f"xpuc: prompt of {len(ids)} tokens prefilled in {t1 - t0:.2f} s; generating (Ctrl-C stops)",
+                  file=sys.stderr, flush=True)
         m.reader.reset_counters()
         if m.cache is not None:
             m.cache.reset_counters()

@@ -311,11 +311,17 @@ def test_xpuc_run_on_packed_model_and_ctrl_c(packed):
     assert_clean_error(xpuc("run", str(d / "art"), "--prompt", "x", "--mode", "fast"), "unknown mode")
     p = subprocess.Popen([*XPUC, "run", str(d / "art"), "--prompt", "a", "--max-tokens", "16000",
                           "--max-context", "16384"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    assert p.stdout.read(1)  # generation has started (the text streams to stdout)
-    time.sleep(0.5)
+    seen = []
+    for line in p.stderr:  # "… generating" is printed once the prompt is prefilled and decoding starts
+        seen.append(line)
+        if "generating" in line:
+            break
+    assert seen and "generating" in seen[-1], seen
+    time.sleep(1.0)
     p.send_signal(signal.SIGINT)
-    _, err = p.communicate(timeout=60)
-    assert p.returncode == 130 and "interrupted" in err and "Traceback" not in err
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 130 and "interrupted" in err and "Traceback" not in err, (p.returncode, out[-300:],
+                                                                                     err[-2000:])
 
 
 def test_inspect_packed_model(packed):
