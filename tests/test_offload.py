@@ -309,19 +309,26 @@ def test_xpuc_run_on_packed_model_and_ctrl_c(packed):
     rep = json.loads(r.stdout)
     assert rep["generated_tokens"] == 6 and rep["mode"] == "full" and rep["accounted_mib"] > 0
     assert_clean_error(xpuc("run", str(d / "art"), "--prompt", "x", "--mode", "fast"), "unknown mode")
+    # stdout to /dev/null: a pipe nobody reads fills up and blocks the generator; SIGINT restored to its
+    # default in the child in case the test runner was started with it ignored (a background job)
     p = subprocess.Popen([*XPUC, "run", str(d / "art"), "--prompt", "a", "--max-tokens", "16000",
-                          "--max-context", "16384"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    seen = []
-    for line in p.stderr:  # "… generating" is printed once the prompt is prefilled and decoding starts
-        seen.append(line)
-        if "generating" in line:
-            break
-    assert seen and "generating" in seen[-1], seen
-    time.sleep(1.0)
-    p.send_signal(signal.SIGINT)
-    out, err = p.communicate(timeout=60)
-    assert p.returncode == 130 and "interrupted" in err and "Traceback" not in err, (p.returncode, out[-300:],
-                                                                                     err[-2000:])
+                          "--max-context", "16384"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        seen = []
+        for line in p.stderr:  # "… generating" is printed once the prompt is prefilled and decoding starts
+            seen.append(line)
+            if "generating" in line:
+                break
+        assert seen and "generating" in seen[-1], seen
+        time.sleep(1.0)
+        p.send_signal(signal.SIGINT)
+        _, err = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.communicate()
+    assert p.returncode == 130 and "interrupted" in err and "Traceback" not in err, (p.returncode, err[-2000:])
 
 
 def test_inspect_packed_model(packed):
