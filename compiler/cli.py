@@ -261,7 +261,7 @@ def _run_offload(args: argparse.Namespace) -> int:
         if len(ids) + args.max_tokens > m.context:
             raise XpucError(f"prompt + --max-tokens exceed the context of {m.context} tokens (--max-context)")
         t0 = time.perf_counter()
-        logits = m.prefill(ids)  # dense, each layer's FFN fetched once for the whole prompt
+        logits = m.feed_prompt(ids)  # dense for long prompts (each layer's FFN fetched once), else stepped
         t1 = time.perf_counter()
         if not args.json:
             print(f"xpuc: prompt of {len(ids)} tokens prefilled in {t1 - t0:.2f} s; generating (Ctrl-C stops)",

@@ -138,6 +138,22 @@ def test_dense_prefill_matches_numpy_in_every_mode_and_reads_each_layer_once(pac
                                            atol=5e-3 * np.abs(want).max())
     for mode in ("llmflash", "cache", "full"):
         np.testing.assert_allclose(got[mode], got["naive"], rtol=1e-5, atol=1e-5 * np.abs(want).max())
+    # feed_prompt: dense from DENSE_PREFILL_MIN_TOKENS tokens on, stepped below (same logits in naive mode)
+    from xpuc.runtime import offload
+
+    long = (prompt * 4)[:offload.DENSE_PREFILL_MIN_TOKENS]
+    with OffloadModel(d / "art", "naive", ffn_fraction=0.4, threads=2) as m:
+        calls = []
+        dense_path = m.prefill
+        m.prefill = lambda toks: calls.append(len(toks)) or dense_path(toks)
+        dense = m.feed_prompt(long)
+        m.reset()
+        short = m.feed_prompt(long[:-1])
+        assert calls == [len(long)] and m.pos == len(long) - 1  # the shorter prompt was stepped
+    ref = ReferenceModel(spec, "float16")
+    np.testing.assert_allclose(dense, ref.forward(long)[-1], rtol=2e-3, atol=2e-3 * np.abs(want).max())
+    np.testing.assert_allclose(short, ReferenceModel(spec, "float16").forward(long[:-1])[-1], rtol=2e-3,
+                               atol=2e-3 * np.abs(want).max())
     with OffloadModel(d / "art", "cache", ffn_fraction=0.4, threads=2) as m:
         with pytest.raises(XpucError, match="empty"):
             m.prefill([])
