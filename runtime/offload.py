@@ -250,7 +250,7 @@ class OffloadModel:
             fixed += sum(lp.w1.nbytes + lp.w2.nbytes for lp in self.predictor.layers)
         ffn = self.scratch.nbytes if self.mode == "naive" else self.cache.nbytes
         staged = 0  # the prefill's staging buffer and one dequantized chunk, once a prompt has been fed
-        if getattr(self, "_prefill_chunk", None) is not None:
+        if self._prefill_chunk is not None:
             staged = self._prefill_chunk.nbytes + self._prefill_dequant_bytes
         return {"fixed": int(fixed), "ffn": int(ffn), "prefill": int(staged), "total": int(fixed + ffn + staged)}
 
@@ -481,7 +481,7 @@ class OffloadModel:
 
     def _prefill_buffer(self) -> np.ndarray:
         """Aligned staging buffer of the prefill's cluster chunks (about PREFILL_CHUNK_BYTES dequantized)."""
-        if getattr(self, "_prefill_chunk", None) is None:
+        if self._prefill_chunk is None:
             from xpuc.runtime.flash_reader import aligned_empty
 
             fl = self.flash

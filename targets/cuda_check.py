@@ -24,23 +24,12 @@ from pathlib import Path
 
 import numpy as np
 
+from xpuc.targets.cuda_run import case_inputs
 from xpuc.targets.opencl_check import _bound_analyzer, _buffers_of, launches
 
 CUDA_SIG = re.compile(r'extern\s+"C"\s+__global__\s+void\s+(?:__launch_bounds__\(\d+\)\s+)?(\w+)\s*\(([^)]*)\)',
                       re.S)
 CASES = "cases.json"
-
-
-def case_inputs(specs: list[dict], seed: int, int_high: int) -> dict[str, np.ndarray]:
-    """The inputs of a case, regenerated identically on both machines (``targets/cuda_run.py`` has a copy)."""
-    rng = np.random.default_rng(seed)
-    out = {}
-    for sp in specs:
-        if "int" in sp["dtype"]:
-            out[sp["key"]] = rng.integers(0, int_high, sp["shape"]).astype(sp["dtype"])
-        else:
-            out[sp["key"]] = rng.standard_normal(sp["shape"]).astype(sp["dtype"])
-    return out
 
 
 def export_case(name: str, scheduled, unscheduled, gpu_target, host_target, bind: dict, out_dir: Path,

@@ -20,7 +20,7 @@ TOLERANCE = 1e-4
 
 
 def case_inputs(specs: list[dict], seed: int, int_high: int) -> dict[str, np.ndarray]:
-    """Copy of ``xpuc.targets.cuda_check.case_inputs`` (this file runs without xpuc installed)."""
+    """The inputs of a case, regenerated identically where they are exported (``cuda_check`` imports this)."""
     rng = np.random.default_rng(seed)
     out = {}
     for sp in specs:

@@ -51,6 +51,8 @@ class ApplyTuningDatabase:
         self.kept_default = 0
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        from xpuc.schedules.tuning_db import workload_hash
+
         updates = {}
         self.covered = self.candidates = self.kept_default = 0
         for gv, func in mod.functions.items():
@@ -61,8 +63,6 @@ class ApplyTuningDatabase:
                 continue
             self.candidates += 1
             normal = tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
-            from xpuc.schedules.tuning_db import workload_hash
-
             if self.keep_default and workload_hash(normal) in self.keep_default:
                 self.kept_default += 1
                 continue

@@ -30,23 +30,15 @@ import tvm
 from tvm import tirx
 from tvm.s_tir import Schedule
 
-from xpuc.compiler.passes.schedule_cpu_rows import parallel_rows, strip_leading_units
+from xpuc.compiler.passes.schedule_cpu_rows import (
+    ATTR,
+    parallel_rows,
+    schedule_unscheduled,
+    static_extent,
+    strip_leading_units,
+)
 
-ATTR = "xpuc.scheduled"
 PAD_ROWS = False  # ragged/symbolic rows keep a bounds check per row tile (measured faster than padded copies)
-
-
-def _static(extent) -> int | None:
-    return int(extent) if isinstance(extent, (int, tirx.IntImm)) else None
-
-
-def _has_parallel(func: tirx.PrimFunc) -> bool:
-    """Already scheduled by hand? (TVM 0.27's Python API has no TIR visitor; the printed form tells.)"""
-    return "T.parallel(" in func.script()
-
-
-def _is_unit(sch: Schedule, loop) -> bool:
-    return _static(sch.get(loop).extent) == 1
 
 
 def schedule_matmul(func: tirx.PrimFunc, rows: int = 8, lanes: int = 16, kstep: int = 4,
@@ -64,8 +56,8 @@ def schedule_matmul(func: tirx.PrimFunc, rows: int = 8, lanes: int = 16, kstep: 
         return None
     if len(sch.get_loops(b)) != len(iv):
         return None
-    n_rows = _static(iv[-3].dom.extent)
-    n_cols = _static(iv[-2].dom.extent)
+    n_rows = static_extent(iv[-3].dom.extent)
+    n_cols = static_extent(iv[-2].dom.extent)
     if n_cols is not None and n_cols % lanes:
         return None
     tile = 4 * lanes if n_cols is not None and n_cols % (4 * lanes) == 0 else 2 * lanes \
@@ -83,7 +75,7 @@ def schedule_matmul(func: tirx.PrimFunc, rows: int = 8, lanes: int = 16, kstep: 
     outer, i, j = strip_leading_units(sch, sp[:-2] + [sp[-2]])[:-1], sp[-2], sp[-1]
     io, ii = sch.split(i, [None, rows])
     jo, ji = sch.split(j, [None, tile])
-    n_k = _static(sch.get(k).extent)
+    n_k = static_extent(sch.get(k).extent)
     ksplit = n_k is not None and n_k % kstep == 0 and kstep > 1
     ko, ki = sch.split(k, [None, kstep]) if ksplit else (k, None)
     n_panels = n_cols // tile if n_cols is not None else 0
@@ -117,7 +109,7 @@ def schedule_matmul(func: tirx.PrimFunc, rows: int = 8, lanes: int = 16, kstep: 
         try:  # epilogue (or the copy out of the padded tile): on the tile while it is in cache
             sch.reverse_compute_at(blk, tile_loop)
             loops = sch.get_loops(blk)
-            if _static(sch.get(loops[-1]).extent) is not None:
+            if static_extent(sch.get(loops[-1]).extent) is not None:
                 sch.vectorize(loops[-1])
         except tvm.s_tir.schedule.ScheduleError:
             parallel_rows(sch, blk, lanes)  # not a consumer of the tile: its own parallel loop
@@ -148,16 +140,5 @@ class ScheduleCPUMatmul:
         self.rows, self.lanes, self.kstep, self.threads = rows, lanes, kstep, threads
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        updates = {}
-        for gv, func in mod.functions.items():
-            if not isinstance(func, tirx.PrimFunc) or (func.attrs and ATTR in func.attrs) or _has_parallel(func):
-                continue
-            new = schedule_matmul(func, self.rows, self.lanes, self.kstep, threads=self.threads)
-            if new is not None:
-                updates[gv] = new
-        if not updates:
-            return mod
-        mod = mod.clone()  # the caller's module stays as it was
-        for gv, func in updates.items():
-            mod[gv] = func
-        return mod
+        return schedule_unscheduled(
+            mod, lambda func: schedule_matmul(func, self.rows, self.lanes, self.kstep, threads=self.threads))

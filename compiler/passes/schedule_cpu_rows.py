@@ -24,12 +24,12 @@ from tvm.s_tir import Schedule
 ATTR = "xpuc.scheduled"
 
 
-def _static(extent) -> int | None:
+def static_extent(extent) -> int | None:
     return int(extent) if isinstance(extent, (int, tirx.IntImm)) else None
 
 
-def _is_unit(sch: Schedule, loop) -> bool:
-    return _static(sch.get(loop).extent) == 1
+def is_unit(sch: Schedule, loop) -> bool:
+    return static_extent(sch.get(loop).extent) == 1
 
 
 def _spatial_lead(sch: Schedule, blk) -> tuple[list, object | None] | None:
@@ -50,13 +50,13 @@ def _spatial_lead(sch: Schedule, blk) -> tuple[list, object | None] | None:
 def strip_leading_units(sch: Schedule, loops: list) -> list:
     """``loops`` without its leading extent-1 loops (fusing them in costs a modulo per iteration); one stays."""
     k = 0
-    while k < len(loops) - 1 and _is_unit(sch, loops[k]):
+    while k < len(loops) - 1 and is_unit(sch, loops[k]):
         k += 1
     return loops[k:]
 
 
 def _vectorize_inner(sch: Schedule, loop, lanes: int) -> None:
-    n = _static(sch.get(loop).extent)
+    n = static_extent(sch.get(loop).extent)
     if n is None or n % lanes or len(sch.get_child_blocks(loop)) != 1:  # only a loop around one block
         return
     try:
@@ -98,7 +98,7 @@ def schedule_rows(func: tirx.PrimFunc, lanes: int = 16) -> tirx.PrimFunc | None:
         return None
     lead, inner = found
     if not lead:  # one loop only: rows of ``lanes`` * 16 elements
-        if inner is None or _static(sch.get(inner).extent) in (None, 1):
+        if inner is None or static_extent(sch.get(inner).extent) in (None, 1):
             return None
         lead_loop, inner = sch.split(inner, [None, 16 * lanes])
         lead = [lead_loop]
@@ -128,8 +128,27 @@ def schedule_rows(func: tirx.PrimFunc, lanes: int = 16) -> tirx.PrimFunc | None:
     return sch.mod["main"].with_attr(ATTR, True)
 
 
-def _has_parallel(func: tirx.PrimFunc) -> bool:
+def has_parallel(func: tirx.PrimFunc) -> bool:
+    """Already scheduled by hand? (TVM 0.27's Python API has no TIR visitor; the printed form tells.)"""
     return "T.parallel(" in func.script()
+
+
+def schedule_unscheduled(mod: tvm.IRModule, schedule) -> tvm.IRModule:
+    """``mod`` with ``schedule(func)`` (a PrimFunc or None) applied to every PrimFunc not scheduled yet
+    (no ``xpuc.scheduled`` mark, no parallel loop); the input module is left as it was."""
+    updates = {}
+    for gv, func in mod.functions.items():
+        if not isinstance(func, tirx.PrimFunc) or (func.attrs and ATTR in func.attrs) or has_parallel(func):
+            continue
+        new = schedule(func)
+        if new is not None:
+            updates[gv] = new
+    if not updates:
+        return mod
+    mod = mod.clone()
+    for gv, func in updates.items():
+        mod[gv] = func
+    return mod
 
 
 @tvm.transform.module_pass(opt_level=0, name="xpuc.ScheduleCPURows")
@@ -146,16 +165,4 @@ class ScheduleCPURows:
         self.lanes = lanes
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        updates = {}
-        for gv, func in mod.functions.items():
-            if not isinstance(func, tirx.PrimFunc) or (func.attrs and ATTR in func.attrs) or _has_parallel(func):
-                continue
-            new = schedule_rows(func, self.lanes)
-            if new is not None:
-                updates[gv] = new
-        if not updates:
-            return mod
-        mod = mod.clone()  # the caller's module stays as it was
-        for gv, func in updates.items():
-            mod[gv] = func
-        return mod
+        return schedule_unscheduled(mod, lambda func: schedule_rows(func, self.lanes))
