@@ -16,8 +16,6 @@ from xpuc.targets.profile import load_profile
 
 LIB_FILE = "model.so"
 WEIGHTS_FILE = "params.safetensors"
-GPU_LIB_FILE = "prefill_gpu.so"
-GPU_WEIGHTS_FILE = "params_gpu.safetensors"
 
 
 PREFILL_CHOICES = ("auto", "cpu", "gpu")
@@ -34,27 +32,37 @@ def resolve_prefill(profile, prefill_on: str) -> str:
     return prefill_on
 
 
-def _gpu_prefill_module(spec, profile, toolchain, tmp: Path, debug_dump: Path | None) -> ModuleEntry:
-    """Prefill (and its KV cache) lowered for the profile's GPU, host code for its CPU, one .so."""
+def prefill_module(spec, target, mtriple: str, toolchain, tmp: Path, debug_dump: Path | None,
+                   name: str = "prefill_gpu") -> ModuleEntry:
+    """Prefill (and its own KV cache) lowered for ``target`` with host code for the CPU, one .so.
+
+    This is the module a device's GPU runs; at run time its KV cache is handed to the decode module
+    (``xpuc.runtime.kv_handoff``). ``target`` may also be the host CPU (the twin the tests execute).
+    """
     import re
 
+    import tvm
     from safetensors.numpy import save_file
 
     from xpuc.compiler.pipeline import build
     from xpuc.compiler.relax_model import export_model, param_arrays
 
-    target = profile.gpu_target()
+    lib_file, weights_file = f"{name}.so", f"params_{name.removeprefix('prefill_')}.safetensors"
     mod, params = export_model(spec.config, target, kernels="generic",
                                functions=("prefill", "create_paged_kv_cache"))
-    ex = build(mod, target, debug_dump, "prefill_gpu")
-    ex.export_library(str(tmp / GPU_LIB_FILE), fcompile=toolchain.fcompile())
+    ex = build(mod, target, debug_dump, name)
+    ex.export_library(str(tmp / lib_file), fcompile=toolchain.fcompile())
     arrays = param_arrays(spec, kernels="generic")
-    save_file({n: arrays[n] for n, _, _ in params}, str(tmp / GPU_WEIGHTS_FILE))
-    source = ex.mod.imports[0].imports[0].inspect_source() if ex.mod.imports else ""
-    kernels = sorted(set(re.findall(r"__kernel\s+void\s+(\w+)", source)))
-    return ModuleEntry(name="prefill_gpu", file=GPU_LIB_FILE, role="prefill", target=str(target),
-                       mtriple=profile.mtriple, toolchain=toolchain.name, kernels=kernels,
-                       weights=GPU_WEIGHTS_FILE,
+    save_file({n: arrays[n] for n, _, _ in params}, str(tmp / weights_file))
+    imports = ex.mod.imports[0].imports if ex.mod.imports else []
+    source = imports[0].inspect_source() if imports and target.kind.name != "llvm" else ""
+    if source:
+        kernels = sorted(set(re.findall(r"(?:__kernel|__global__)\s+void\s+(?:__launch_bounds__\(\d+\)\s+)?(\w+)",
+                                        source)))
+    else:  # a CPU target: the kernels are the module's PrimFuncs
+        kernels = sorted(gv.name_hint for gv, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc))
+    return ModuleEntry(name=name, file=lib_file, role="prefill", target=str(target), mtriple=mtriple,
+                       toolchain=toolchain.name, kernels=kernels, weights=weights_file,
                        info={"device_kernels": len(kernels), "device_source_bytes": len(source),
                              "params": [{"name": n, "shape": list(s), "dtype": str(d)} for n, s, d in params]})
 
@@ -125,8 +133,8 @@ def compile_model(model: str | os.PathLike, output: str | os.PathLike, device: s
         files = [LIB_FILE, WEIGHTS_FILE]
         if prefill == "gpu":
             steps.start(f"compiling prefill for the GPU ({profile.gpu.get('name', profile.gpu['kind'])})")
-            modules.append(_gpu_prefill_module(spec, profile, toolchain, tmp, dump))
-            files += [GPU_LIB_FILE, GPU_WEIGHTS_FILE]
+            modules.append(prefill_module(spec, profile.gpu_target(), profile.mtriple, toolchain, tmp, dump))
+            files += [modules[-1].file, modules[-1].weights]
             steps.done(f"{modules[-1].info['device_kernels']} kernels")
 
         steps.start("writing tokenizer and manifest")

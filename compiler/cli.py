@@ -319,6 +319,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     engine = Engine(args.artifact, max_context=args.max_context)
     if args.prompt is None:
         raise XpucError("--prompt is required")
+    if engine.prefill_note and not args.json:
+        print(f"xpuc: prefill on the CPU ({engine.prefill_note})", file=sys.stderr)
     ids = engine.encode_prompt(args.prompt, chat=args.chat, system=args.system)
     printed = [""]
 
@@ -344,7 +346,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         "prefill_tok_s": round(res.prefill_tok_s, 2), "decode_tok_s": round(res.decode_tok_s, 2),
         "time_to_first_token_s": round(res.prefill_s, 4), "stop": res.stop_reason,
         "peak_rss_mib": round(_peak_rss_mib(), 1), "weights_mib": round(engine.weight_bytes / 2**20, 1),
+        "prefill_on": res.prefill_on,
     }
+    if res.handoff is not None:
+        stats["kv_handoff"] = {"tokens": res.handoff.tokens, "bytes": res.handoff.bytes,
+                               "seconds": round(res.handoff.seconds, 4)}
     if args.json:
         print(json.dumps({"text": res.text, "tokens": res.tokens, **stats}, indent=1))
         return 0
@@ -354,7 +360,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         sys.stdout.write(res.text[len(printed[0]):])
     print()
     sys.stdout.flush()
-    print(f"prefill: {stats['prompt_tokens']} tokens, {stats['prefill_tok_s']:.1f} tok/s | "
+    where = f" on {res.prefill_on}" if res.prefill_on != "cpu" else ""
+    if res.handoff is not None:
+        h = res.handoff
+        where += f", KV cache handed to the CPU ({h.bytes / 2**20:.1f} MiB, {h.seconds * 1e3:.1f} ms)"
+    print(f"prefill{where}: {stats['prompt_tokens']} tokens, {stats['prefill_tok_s']:.1f} tok/s | "
           f"decode: {stats['generated_tokens']} tokens, {stats['decode_tok_s']:.1f} tok/s | "
           f"peak RSS {stats['peak_rss_mib']:.0f} MiB (weights {stats['weights_mib']:.0f} MiB)", file=sys.stderr)
     return 0

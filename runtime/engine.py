@@ -14,8 +14,9 @@ import numpy as np
 from xpuc.compiler.errors import XpucError
 from xpuc.compiler.spec import ArchConfig
 from xpuc.runtime.artifact import read_manifest, verify
+from xpuc.runtime.kv_handoff import HandoffStats
 from xpuc.runtime.sampler import Sampler, SamplingParams
-from xpuc.runtime.session import DecoderSession
+from xpuc.runtime.session import DecoderSession, SplitSession
 from xpuc.runtime.tokenizer import XpucTokenizer
 from xpuc.runtime.weights import iter_tensors
 
@@ -23,6 +24,26 @@ from xpuc.runtime.weights import iter_tensors
 def _host_can_run(mtriple: str) -> bool:
     arch = mtriple.split("-")[0]
     return arch == platform.machine() and "android" not in mtriple
+
+
+def prefill_device(module) -> tuple[object | None, str]:
+    """The device that runs a separate prefill module here, or ``None`` and why prefill stays on the CPU."""
+    import json
+
+    import tvm
+
+    if not _host_can_run(module.mtriple):
+        return None, f"{module.name} is built for {module.mtriple}"
+    try:
+        kind = json.loads(module.target)["kind"]
+    except (ValueError, KeyError, TypeError):
+        kind = module.target.split()[0]
+    dev = {"llvm": tvm.cpu, "opencl": tvm.opencl, "cuda": tvm.cuda, "vulkan": tvm.vulkan}.get(kind)
+    if dev is None:
+        return None, f"{module.name} targets '{kind}', which this runtime cannot drive"
+    if not dev(0).exist:
+        return None, f"no {kind} device on this machine for {module.name}"
+    return dev(0), ""
 
 
 @dataclass
@@ -34,6 +55,8 @@ class GenerationResult:
     decode_s: float
     stop_reason: str
     first_logits: np.ndarray | None = field(default=None, repr=False)
+    prefill_on: str = "cpu"
+    handoff: HandoffStats | None = None
 
     @property
     def prefill_tok_s(self) -> float:
@@ -73,19 +96,34 @@ class Engine:
             raise XpucError(f"{self.path}: compiled for {module.mtriple}; this machine is {platform.machine()} "
                             "(copy the artifact to the device, or compile with --device host)")
         lib = tvm.runtime.load_module(str(self.path / module.file))
-        params = []
-        names = [p["name"] for p in self.manifest.params]
-        for p, (_, arr) in zip(self.manifest.params, iter_tensors(self.path / self.manifest.weights_file, names),
-                               strict=True):
-            if list(arr.shape) != list(p["shape"]) or str(arr.dtype) != p["dtype"]:
-                raise XpucError(f"{self.path}: weight '{p['name']}' does not match the manifest")
-            params.append(tvm.runtime.tensor(arr, tvm.cpu()))
-            del arr
+        params = self._load_params(self.manifest.params, self.manifest.weights_file, tvm.cpu())
         self.weight_bytes = int(sum(int(np.prod(p["shape"])) * np.dtype(p["dtype"]).itemsize
                                     for p in self.manifest.params))
-        self.session = DecoderSession(lib, params, max_context=max_context)
+        self.session: DecoderSession | SplitSession = DecoderSession(lib, params, max_context=max_context)
+        self.prefill_on, self.prefill_note = "cpu", ""
+        pre = next((m for m in self.manifest.modules[1:] if m.role == "prefill"), None)
+        if pre is not None:
+            dev, self.prefill_note = prefill_device(pre)
+            if dev is not None:
+                pre_lib = tvm.runtime.load_module(str(self.path / pre.file))
+                pre_params = self._load_params(pre.info["params"], pre.weights, dev)
+                self.session = SplitSession(DecoderSession(pre_lib, pre_params, max_context, device=dev),
+                                            self.session)
+                self.prefill_on = pre.name
         tok_file = self.path / "tokenizer.json"
         self.tokenizer = XpucTokenizer.from_artifact_dir(self.path) if tok_file.is_file() else None
+
+    def _load_params(self, entries: list[dict], weights_file: str, dev) -> list:
+        import tvm
+
+        names = [p["name"] for p in entries]
+        params = []
+        for p, (_, arr) in zip(entries, iter_tensors(self.path / weights_file, names), strict=True):
+            if list(arr.shape) != list(p["shape"]) or str(arr.dtype) != p["dtype"]:
+                raise XpucError(f"{self.path}: weight '{p['name']}' does not match the manifest")
+            params.append(tvm.runtime.tensor(arr, dev))
+            del arr
+        return params
 
     def encode_prompt(self, prompt: str, chat: bool = False, system: str | None = None) -> list[int]:
         if self.tokenizer is None:
@@ -125,4 +163,6 @@ class Engine:
             logits = self.session.decode(tok)
         t2 = time.perf_counter()
         text = self.tokenizer.decode(tokens) if self.tokenizer else ""
-        return GenerationResult(list(prompt_ids), tokens, text, t1 - t0, t2 - t1, reason, first)
+        handoff = getattr(self.session, "last_handoff", None)
+        return GenerationResult(list(prompt_ids), tokens, text, t1 - t0, t2 - t1, reason, first,
+                                self.prefill_on, handoff)

@@ -10,6 +10,7 @@ from tvm.runtime import ShapeTuple
 from tvm.runtime.vm import VirtualMachine
 
 from xpuc.compiler.errors import XpucError
+from xpuc.runtime.kv_handoff import HandoffStats, hand_off_kv
 
 PAGE_SIZE = 16  # the CPU paged-KV kernels require 16
 
@@ -28,10 +29,13 @@ class DecoderSession:
         Tokens the KV cache can hold (prompt + generated).
     prefill_chunk:
         Longest prompt piece given to ``prefill`` at once; longer prompts are chunked.
+    device:
+        Where the module's kernels, weights and KV cache live (default: the CPU).
     """
 
-    def __init__(self, executable, params: Sequence, max_context: int = 2048, prefill_chunk: int = 256) -> None:
-        self.dev = tvm.cpu()
+    def __init__(self, executable, params: Sequence, max_context: int = 2048, prefill_chunk: int = 256,
+                 device=None) -> None:
+        self.dev = device or tvm.cpu()
         self.vm = VirtualMachine(executable, self.dev)
         self.params = list(params)
         self.max_context = max_context
@@ -78,3 +82,48 @@ class DecoderSession:
     def decode(self, token: int) -> np.ndarray:
         """Feed one token; returns the next-token logits."""
         return self._step("decode", np.array([[token]], dtype=np.int32))
+
+    def take_kv_from(self, other: DecoderSession) -> HandoffStats:
+        """Replace this session's sequence with ``other``'s (its KV cache copied page group by page group)."""
+        if other.position > self.max_context:
+            raise XpucError(f"the prefilled {other.position} tokens exceed this session's KV cache "
+                            f"({self.max_context} tokens)")
+        self._remove_seq(self.kv, 0)
+        self._has_seq = False
+        stats = hand_off_kv(other.kv, self.kv, 0, other.dev)
+        self._has_seq = True
+        self.position = stats.tokens
+        return stats
+
+
+class SplitSession:
+    """Prefill in one module (the GPU's or NPU's), decode in another (the CPU's), KV cache handed over.
+
+    Same interface as :class:`DecoderSession`; ``last_handoff`` tells what the last prefill moved.
+    """
+
+    def __init__(self, prefill: DecoderSession, decode: DecoderSession) -> None:
+        self.prefill_session = prefill
+        self.decode_session = decode
+        self.last_handoff: HandoffStats | None = None
+
+    @property
+    def position(self) -> int:
+        return self.decode_session.position
+
+    def reset(self) -> None:
+        self.prefill_session.reset()
+        self.decode_session.reset()
+
+    def prefill(self, ids: Sequence[int]) -> np.ndarray:
+        """Prefill on the prefill module, then hand its KV cache to the decode module."""
+        if self.decode_session.position:
+            raise XpucError("a split session prefills only at the start of a sequence (reset first)")
+        self.prefill_session.reset()
+        logits = self.prefill_session.prefill(ids)
+        self.last_handoff = self.decode_session.take_kv_from(self.prefill_session)
+        self.prefill_session.reset()  # free the prefill module's pages
+        return logits
+
+    def decode(self, token: int) -> np.ndarray:
+        return self.decode_session.decode(token)
