@@ -18,17 +18,23 @@ LIB_FILE = "model.so"
 WEIGHTS_FILE = "params.safetensors"
 
 
-PREFILL_CHOICES = ("auto", "cpu", "gpu")
+PREFILL_CHOICES = ("auto", "cpu", "gpu", "npu")
 
 
 def resolve_prefill(profile, prefill_on: str) -> str:
-    """Which processor runs prefill: ``auto`` = the profile's GPU when it has one (never on ``host``)."""
+    """Which processor runs prefill: ``auto`` = the profile's GPU when it has one (never on ``host``).
+
+    ``npu`` is the Hexagon DSP's HVX vector units; ``auto`` prefers the GPU, whose kernels are verified by
+    execution (on an OpenCL CPU implementation), over the NPU's, which nothing here can execute.
+    """
     if prefill_on not in PREFILL_CHOICES:
-        raise XpucError(f"--prefill-on must be one of {', '.join(PREFILL_CHOICES)} (npu: not available yet)")
+        raise XpucError(f"--prefill-on must be one of {', '.join(PREFILL_CHOICES)}")
     if prefill_on == "auto":
         return "gpu" if profile.gpu and not profile.is_host else "cpu"
     if prefill_on == "gpu" and not profile.gpu:
         raise XpucError(f"device '{profile.name}' has no GPU in its profile; use --prefill-on cpu")
+    if prefill_on == "npu" and not profile.npu:
+        raise XpucError(f"device '{profile.name}' has no NPU in its profile; use --prefill-on cpu")
     return prefill_on
 
 
@@ -36,35 +42,60 @@ def prefill_module(spec, target, mtriple: str, toolchain, tmp: Path, debug_dump:
                    name: str = "prefill_gpu") -> ModuleEntry:
     """Prefill (and its own KV cache) lowered for ``target`` with host code for the CPU, one .so.
 
-    This is the module a device's GPU runs; at run time its KV cache is handed to the decode module
-    (``xpuc.runtime.kv_handoff``). ``target`` may also be the host CPU (the twin the tests execute).
+    This is the module a device's GPU or NPU runs; at run time its KV cache is handed to the decode module
+    (``xpuc.runtime.kv_handoff``). ``target`` may also be the host CPU (the twin the tests execute). A
+    Hexagon target gets the CPU phases with HVX vectors and a Hexagon library (host code on the DSP).
     """
-    import re
-
     import tvm
     from safetensors.numpy import save_file
 
     from xpuc.compiler.pipeline import build
     from xpuc.compiler.relax_model import export_model, param_arrays
 
+    hexagon = target.kind.name == "hexagon"
     lib_file, weights_file = f"{name}.so", f"params_{name.removeprefix('prefill_')}.safetensors"
-    mod, params = export_model(spec.config, target, kernels="generic",
+    # the KV cache's attention kernels: TVM picks its CPU kernels for llvm targets, its GPU ones otherwise
+    export_target = tvm.target.Target({"kind": "llvm", "mtriple": "hexagon"}) if hexagon else target
+    mod, params = export_model(spec.config, export_target, kernels="generic",
                                functions=("prefill", "create_paged_kv_cache"))
     ex = build(mod, target, debug_dump, name)
-    ex.export_library(str(tmp / lib_file), fcompile=toolchain.fcompile())
+    if hexagon:
+        from xpuc.targets.hexagon import hexagon_fcompile
+
+        ex.export_library(str(tmp / lib_file), fcompile=hexagon_fcompile())
+    else:
+        ex.export_library(str(tmp / lib_file), fcompile=toolchain.fcompile())
     arrays = param_arrays(spec, kernels="generic")
     save_file({n: arrays[n] for n, _, _ in params}, str(tmp / weights_file))
+    kernels, info = _kernels_of(ex, target, mod)
+    return ModuleEntry(name=name, file=lib_file, role="prefill", target=str(target),
+                       mtriple="hexagon" if hexagon else mtriple,
+                       toolchain="clang+lld (hexagon)" if hexagon else toolchain.name, kernels=kernels,
+                       weights=weights_file,
+                       info={**info, "params": [{"name": n, "shape": list(s), "dtype": str(d)} for n, s, d in params]})
+
+
+def _kernels_of(ex, target, mod) -> tuple[list[str], dict]:
+    """Kernel names and sizes of a built prefill module: from the device source (OpenCL, CUDA), the
+    Hexagon assembly (with the count of HVX vector loads/stores), or the module's PrimFuncs (CPU)."""
+    import re
+
+    import tvm
+
     imports = ex.mod.imports[0].imports if ex.mod.imports else []
+    if target.kind.name == "hexagon":
+        asm = ex.mod.imports[0].inspect_source("asm") if ex.mod.imports else ""
+        kernels = sorted(set(re.findall(r"^__tvm_ffi_(\w+):", asm, re.M)) - {"_library_ctx"})
+        return kernels, {"device_kernels": len(kernels), "device_source_bytes": len(asm),
+                         "hvx_vector_memory_ops": len(re.findall(r"\bvmemu?\(", asm)),
+                         "hvx_qfloat_ops": len(re.findall(r"\.qf32\b", asm))}
     source = imports[0].inspect_source() if imports and target.kind.name != "llvm" else ""
     if source:
         kernels = sorted(set(re.findall(r"(?:__kernel|__global__)\s+void\s+(?:__launch_bounds__\(\d+\)\s+)?(\w+)",
                                         source)))
     else:  # a CPU target: the kernels are the module's PrimFuncs
         kernels = sorted(gv.name_hint for gv, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc))
-    return ModuleEntry(name=name, file=lib_file, role="prefill", target=str(target), mtriple=mtriple,
-                       toolchain=toolchain.name, kernels=kernels, weights=weights_file,
-                       info={"device_kernels": len(kernels), "device_source_bytes": len(source),
-                             "params": [{"name": n, "shape": list(s), "dtype": str(d)} for n, s, d in params]})
+    return kernels, {"device_kernels": len(kernels), "device_source_bytes": len(source)}
 
 
 def compile_model(model: str | os.PathLike, output: str | os.PathLike, device: str = "host",
@@ -87,7 +118,7 @@ def compile_model(model: str | os.PathLike, output: str | os.PathLike, device: s
     output = Path(output)
     profile = load_profile(device)
     prefill = resolve_prefill(profile, prefill_on)
-    steps = Steps(7 if prefill == "gpu" else 6, quiet)
+    steps = Steps(6 if prefill == "cpu" else 7, quiet)
     dump = Path(debug_dump) if debug_dump else None
     toolchain = profile.toolchain()
     if not toolchain.available():
@@ -127,13 +158,16 @@ def compile_model(model: str | os.PathLike, output: str | os.PathLike, device: s
         steps.done(f"{size / 2**20:.0f} MiB")
 
         modules = [ModuleEntry(name="model", file=LIB_FILE,
-                               role="decode" if prefill == "gpu" else "prefill+decode",
+                               role="prefill+decode" if prefill == "cpu" else "decode",
                                target=str(target), mtriple=str(target.attrs.get("mtriple", "")),
                                toolchain=toolchain.name, kernels=kernels)]
         files = [LIB_FILE, WEIGHTS_FILE]
-        if prefill == "gpu":
-            steps.start(f"compiling prefill for the GPU ({profile.gpu.get('name', profile.gpu['kind'])})")
-            modules.append(prefill_module(spec, profile.gpu_target(), profile.mtriple, toolchain, tmp, dump))
+        if prefill != "cpu":
+            xpu = profile.gpu if prefill == "gpu" else profile.npu
+            steps.start(f"compiling prefill for the {prefill.upper()} ({xpu.get('name', xpu['kind'])})")
+            xpu_target = profile.gpu_target() if prefill == "gpu" else profile.npu_target()
+            modules.append(prefill_module(spec, xpu_target, profile.mtriple, toolchain, tmp, dump,
+                                          name=f"prefill_{prefill}"))
             files += [modules[-1].file, modules[-1].weights]
             steps.done(f"{modules[-1].info['device_kernels']} kernels")
 
@@ -165,7 +199,7 @@ GRAPH_LIB_FILE = "graph.so"
 def compile_onnx(model: str | os.PathLike, output: str | os.PathLike, device: str = "host", force: bool = False,
                  quiet: bool = False, prefill_on: str = "auto", debug_dump: str | os.PathLike | None = None,
                  tuning_db: str | os.PathLike | None = None, buckets: tuple[int, ...] | None = None) -> Path:
-    """Compile an ONNX graph (weights embedded) for the device's CPU or GPU into an artifact directory.
+    """Compile an ONNX graph (weights embedded) for the device's CPU, GPU or NPU into an artifact directory.
 
     With ``tuning_db`` (a directory from ``xpuc tune``) the graph also gets a static copy per sequence
     bucket (the database's buckets unless ``buckets`` is given) whose kernels take their tuned schedules;
@@ -191,12 +225,19 @@ def compile_onnx(model: str | os.PathLike, output: str | os.PathLike, device: st
     outputs = [{"name": o.name, "shape": [d.dim_param or d.dim_value for d in o.type.tensor_type.shape.dim]}
                for o in proto.graph.output]
     steps.done(f"{len(proto.graph.node)} nodes")
-    target = profile.gpu_target() if where == "gpu" else profile.cpu_target()
+    target = {"gpu": profile.gpu_target, "npu": profile.npu_target}.get(where, profile.cpu_target)()
+    hexagon = target.kind.name == "hexagon"
+    if hexagon:
+        from xpuc.targets.hexagon import hexagon_fcompile
+
+        fcompile = hexagon_fcompile()
+    else:
+        fcompile = toolchain.fcompile()
     tuning, tuned_info = None, {}
     if tuning_db is not None:
         tuning, buckets, tuned_info = _open_tuning(tuning_db, target, buckets)
     with staged_directory(output, force) as tmp:
-        steps.start(f"compiling for {target.kind.name} ({profile.mtriple})")
+        steps.start(f"compiling for {target.kind.name} ({'hexagon' if hexagon else profile.mtriple})")
         ex = build(mod, target, Path(debug_dump) if debug_dump else None, "graph", buckets or (), tuning)
         if tuning is not None:
             if tuning.covered == 0 and tuning.kept_default == 0:
@@ -204,18 +245,23 @@ def compile_onnx(model: str | os.PathLike, output: str | os.PathLike, device: st
                                 "of this graph (tuned for another model, or other --buckets)")
             tuned_info.update(tuned_kernels=tuning.covered, tunable_kernels=tuning.candidates,
                               kept_default_schedule=tuning.kept_default)
-        ex.export_library(str(tmp / GRAPH_LIB_FILE), fcompile=toolchain.fcompile())
+        ex.export_library(str(tmp / GRAPH_LIB_FILE), fcompile=fcompile)
         kernels = sorted(gv.name_hint for gv, f in mod.functions.items() if type(f).__name__ == "PrimFunc")
-        steps.done(toolchain.name + (f"; {tuning.covered} of {tuning.candidates} kernels from the tuning database"
-                                     + (f", {tuning.kept_default} kept the default schedule (measured faster)"
-                                        if tuning.kept_default else "") if tuning is not None else ""))
+        if hexagon:
+            kernels, info = _kernels_of(ex, target, mod)
+            tuned_info.update(info)
+        linker = "clang+lld (hexagon)" if hexagon else toolchain.name
+        steps.done(linker + (f"; {tuning.covered} of {tuning.candidates} kernels from the tuning database"
+                             + (f", {tuning.kept_default} kept the default schedule (measured faster)"
+                                if tuning.kept_default else "") if tuning is not None else ""))
         steps.start("writing manifest")
         src = Path(model)
         manifest = Manifest(
             versions=versions(), device=profile.summary(), config={},
             source={"path": str(src.resolve()), "format": "onnx", "sha256": sha256_file(src)},
             modules=[ModuleEntry(name="graph", file=GRAPH_LIB_FILE, role="graph", target=str(target),
-                                 mtriple=profile.mtriple, toolchain=toolchain.name, kernels=kernels,
+                                 mtriple="hexagon" if hexagon else profile.mtriple,
+                                 toolchain=linker, kernels=kernels,
                                  info=tuned_info)],
             params=[], weights_file="", files={GRAPH_LIB_FILE: sha256_file(tmp / GRAPH_LIB_FILE)},
             kind="graph", io={"inputs": inputs, "outputs": outputs, "buckets": list(buckets or ())})

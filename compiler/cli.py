@@ -397,8 +397,11 @@ def _inspect_artifact(path: Path, as_json: bool) -> int:
     for mod in m.modules:
         size = (path / mod.file).stat().st_size if (path / mod.file).exists() else 0
         kind = mod.target.split('"kind":"')[1].split('"')[0] if '"kind":"' in mod.target else "?"
+        code = "assembly" if kind == "hexagon" else "source"
         extra = (f", {mod.info['device_kernels']} device kernels / {mod.info['device_source_bytes'] / 1024:.0f} KiB "
-                 "of source") if "device_kernels" in mod.info else ""
+                 f"of {code}") if "device_kernels" in mod.info else ""
+        if "hvx_vector_memory_ops" in mod.info:
+            extra += f", {mod.info['hvx_vector_memory_ops']} HVX vector loads/stores"
         print(f"module     {mod.file}: {mod.role} on {kind} ({mod.mtriple}) via {mod.toolchain}, "
               f"{size / 2**20:.1f} MiB, {len(mod.kernels)} kernels{extra}")
         for k in mod.kernels:
@@ -517,8 +520,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="host", help="device profile (see `xpuc targets`; default: host)")
     p.add_argument("--force", action="store_true", help="replace an existing artifact")
     p.add_argument("--quiet", action="store_true", help="no progress output")
-    p.add_argument("--prefill-on", default="auto", choices=["auto", "cpu", "gpu"],
-                   help="processor for prefill (auto: the device's GPU when it has one)")
+    p.add_argument("--prefill-on", default="auto", choices=["auto", "cpu", "gpu", "npu"],
+                   help="processor for prefill (auto: the device's GPU when it has one; npu: Hexagon HVX)")
     p.add_argument("--debug-dump", metavar="DIR", default=None, help="write the IR after each lowering phase")
     p.add_argument("--tuning-db", metavar="DIR", default=None, help="apply tuned schedules from `xpuc tune` (ONNX)")
     p.add_argument("--buckets", default=None, help="with --tuning-db: sequence lengths to specialize "

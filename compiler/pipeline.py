@@ -25,6 +25,9 @@ schedule    ScheduleCPUMatmul (matmuls left naive by     ApplyGPUSchedules (dlig
             hand-written kernels kept
 build       tvm.compile: memory planning, VM lowering    same, plus device codegen (OpenCL / CUDA)
 ==========  ===========================================  ==========================================
+
+The NPU (Hexagon HVX) gets the CPU phases with 32-lane (128-byte) vectors and the DSP's 4 hardware
+threads; its build runs VM lowering and codegen with Hexagon as the host (``targets/hexagon.py``).
 """
 
 from __future__ import annotations
@@ -54,8 +57,10 @@ def default_cpu_schedule(target: tvm.target.Target) -> tvm.transform.Pass:
 
 
 def simd_lanes(target: tvm.target.Target) -> int:
-    """fp32 lanes of the target's widest SIMD registers (16 AVX-512, 8 AVX2, 4 NEON/SSE)."""
+    """fp32 lanes of the target's widest SIMD registers (32 HVX-128B, 16 AVX-512, 8 AVX2, 4 NEON/SSE)."""
     attrs = " ".join(str(a) for a in (target.attrs.get("mattr") or []))
+    if target.kind.name == "hexagon":
+        return 32 if "+hvx-length128b" in attrs else 16
     mcpu = str(target.attrs.get("mcpu", ""))
     triple = str(target.attrs.get("mtriple", ""))
     if triple.startswith("aarch64") or triple.startswith("arm"):
@@ -112,8 +117,12 @@ def lower(mod: tvm.IRModule, target: tvm.target.Target, debug_dump: Path | None 
 
 def build(mod: tvm.IRModule, target: tvm.target.Target, debug_dump: Path | None = None, tag: str = "module",
           buckets: tuple[int, ...] = (), tuning=None):
-    """``lower`` then ``tvm.compile``; returns the executable."""
+    """``lower`` then ``tvm.compile`` (Hexagon: ``build_relax_hexagon``); returns the executable."""
     mod = lower(mod, target, debug_dump, tag, buckets, tuning)
+    if target.kind.name == "hexagon":
+        from xpuc.targets.hexagon import build_relax_hexagon
+
+        return build_relax_hexagon(mod, target)
     with target:
         # TVM's per-device default pipelines legalize and fuse again (Adreno's also constant-folds by running
         # kernels on the host); the module is already lowered and scheduled, so it gets the VM lowering only.

@@ -81,7 +81,8 @@ class DeviceProfile:
 
         if not self.npu:
             raise XpucError(f"device '{self.name}' has no NPU in its profile")
-        return tvm.target.Target(f"qcom/hexagon-{self.npu['arch']}")
+        target = tvm.target.Target(f"qcom/hexagon-{self.npu['arch']}")
+        return tvm.target.Target(target, host=target)  # the DSP runs its own host code
 
     def toolchain(self) -> Toolchain:
         return toolchain_for(self.mtriple)
