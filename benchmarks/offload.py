@@ -1,4 +1,5 @@
-"""Offloaded decoding of a TurboSparse-Mistral-7B-shaped dReLU model: naive vs LLM-in-a-flash vs xpuc.
+"""Offloaded decoding of a TurboSparse-Mistral-7B-shaped dReLU model (or a Mixtral-8x7B-shaped dReLU MoE):
+naive vs LLM-in-a-flash vs xpuc.
 
 Generates the model (``xpuc synth --shape turbosparse-mistral-7b --layers N``: the 7B layer shapes, fewer
 layers so that it fits this machine's time budget), profiles it on a license text, trains the predictor,
@@ -6,8 +7,9 @@ plans for ``--budget`` of the FFN in memory (int4 q4_0 records, one neuron per r
 it and runs ``xpuc bench`` over the modes in one process. Every step is cached under ``--work``.
 
     python benchmarks/offload.py --layers 4 --budget 50% --tokens 32
+    python benchmarks/offload.py --shape mixtral-8x7b-sparse --layers 1 --budget 10% --tokens 16
 
-Writes ``benchmarks/results/offload_7b.json`` (+ ``.png``).
+Writes ``benchmarks/results/offload_7b.json`` (``offload_moe.json`` for the MoE) (+ ``.png``).
 """
 
 from __future__ import annotations
@@ -29,18 +31,22 @@ def xpuc(*args: str) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", default="turbosparse-mistral-7b", choices=["turbosparse-mistral-7b",
+                                                                          "mixtral-8x7b-sparse"])
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--budget", default="50%")
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--modes", default="naive,llmflash,cache,full")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--work", default=str(ROOT / ".cache" / "xpuc" / "bench-offload"))
-    ap.add_argument("-o", "--output", default=str(ROOT / "benchmarks" / "results" / "offload_7b.json"))
+    ap.add_argument("-o", "--output", default=None, help="default: benchmarks/results/offload_7b.json / _moe.json")
     args = ap.parse_args()
-    w = Path(args.work) / f"l{args.layers}"
+    moe = args.shape == "mixtral-8x7b-sparse"
+    out = args.output or str(ROOT / "benchmarks" / "results" / ("offload_moe.json" if moe else "offload_7b.json"))
+    w = Path(args.work) / (f"moe-l{args.layers}" if moe else f"l{args.layers}")
     w.mkdir(parents=True, exist_ok=True)
     if not (w / "model").exists():
-        xpuc("synth", "--shape", "turbosparse-mistral-7b", "--layers", str(args.layers), "--sparsity", "0.9",
+        xpuc("synth", "--shape", args.shape, "--layers", str(args.layers), "--sparsity", "0.88" if moe else "0.9",
              "--seed", "1", "-o", str(w / "model"))
     if not (w / "pred.safetensors").exists():
         xpuc("profile", str(w / "model"), "--text", TEXT, "--max-tokens", "1024", "--eval-text", EVAL,
@@ -53,7 +59,7 @@ def main() -> None:
         xpuc("pack", str(w / "model"), "--stats", str(w / "stats.json"), "--plan", str(w / "plan.json"),
              "--predictor", str(w / "pred.safetensors"), "-o", str(w / "art"))
     xpuc("bench", str(w / "art"), "--budget", args.budget, "--modes", args.modes, "--tokens", str(args.tokens),
-         "--repeats", str(args.repeats), "-o", args.output)
+         "--repeats", str(args.repeats), "-o", out)
 
 
 if __name__ == "__main__":

@@ -127,6 +127,9 @@ def compile_model(model: str | os.PathLike, output: str | os.PathLike, device: s
                         "gcc-aarch64-linux-gnu) or set TVM_NDK_CC")
     steps.start(f"reading {model}")
     spec = load_model(model)
+    if spec.config.is_moe:
+        raise XpucError(f"{model}: a mixture-of-experts model ({spec.config.num_experts} experts); `xpuc compile` "
+                        "builds dense models — run MoE models with `xpuc profile`, `plan`, `pack` and `run`")
     steps.done(f"{spec.config.architecture}, {spec.config.num_parameters() / 1e6:.0f} M parameters")
 
     with staged_directory(output, force) as tmp:

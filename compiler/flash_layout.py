@@ -100,17 +100,19 @@ def storage_order(hot: list[int], frequency: np.ndarray) -> list[int]:
 
 def write_flash_layout(spec, hot_neurons: list[list[int]], frequency: list[list[float]], cluster: int, dtype: str,
                        out_dir: str | os.PathLike, progress=None) -> FlashLayout:
-    """Write ``ffn.bin`` + ``ffn.crc32.npy`` + ``flash.json`` into ``out_dir`` (a staging directory)."""
+    """Write ``ffn.bin`` + ``ffn.crc32.npy`` + ``flash.json`` into ``out_dir`` (a staging directory).
+
+    One region per FFN unit (a layer's FFN, or one expert of an MoE layer), in unit order."""
     c = spec.config
     out_dir = Path(out_dir)
     layout = BundleLayout(c.ffn_kind, c.hidden_size, c.intermediate_size, cluster, dtype)
     cbytes = layout.record_bytes() * cluster
     regions: list[LayerRegion] = []
-    crcs = np.zeros((c.num_layers, layout.n_clusters), np.uint32)
+    crcs = np.zeros((c.ffn_units, layout.n_clusters), np.uint32)
     offset = 0
     with open(out_dir / "ffn.bin", "wb") as f:
-        for i in range(c.num_layers):
-            p = f"layers.{i}."
+        for i in range(c.ffn_units):
+            p = c.ffn_prefix(i)
             order = storage_order(hot_neurons[i], np.asarray(frequency[i]))
             idx = np.asarray(order)
             w = bundle_ffn(layout, spec.weights[p + "up_proj"][idx], spec.weights[p + "down_proj"][:, idx],
@@ -122,7 +124,7 @@ def write_flash_layout(spec, hot_neurons: list[list[int]], frequency: list[list[
             regions.append(LayerRegion(offset, len(hot_neurons[i]) // cluster, order))
             offset = -(-(offset + raw.nbytes) // ALIGN) * ALIGN
             if progress:
-                progress(i + 1, c.num_layers)
+                progress(i + 1, c.ffn_units)
         f.truncate(offset)
         f.flush()
         os.fsync(f.fileno())

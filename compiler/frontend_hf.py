@@ -18,7 +18,7 @@ from xpuc.compiler.spec import (
     TokenizerSource,
 )
 
-_MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2"}
+_MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "mixtral": "mistral"}
 _ACTIVATIONS = {"silu": "swiglu", "swish": "swiglu", "relu": "reglu", "drelu": "drelu"}
 _LAYER_NAMES = {
     "input_layernorm.weight": "attn_norm",
@@ -42,11 +42,21 @@ def is_hf_dir(path: str | os.PathLike) -> bool:
     return Path(path).is_dir() and (Path(path) / "config.json").is_file()
 
 
+_MOE_NAMES = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}  # Mixtral's expert matrices
+
+
 def canonical_name(hf_name: str) -> str | None:
     if hf_name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[hf_name]
     if hf_name.startswith("model.layers."):
         _, _, idx, rest = hf_name.split(".", 3)
+        if rest == "block_sparse_moe.gate.weight":
+            return f"layers.{int(idx)}.router"
+        if rest.startswith("block_sparse_moe.experts."):
+            parts = rest.split(".")  # block_sparse_moe experts E w1 weight
+            if len(parts) == 5 and parts[3] in _MOE_NAMES and parts[4] == "weight":
+                return f"layers.{int(idx)}.experts.{int(parts[2])}.{_MOE_NAMES[parts[3]]}"
+            return None
         local = _LAYER_NAMES.get(rest)
         return f"layers.{int(idx)}.{local}" if local else None
     return None
@@ -66,9 +76,9 @@ def hf_name(canonical: str) -> str:
 
 def config_from_hf(cfg: dict, where: str) -> ArchConfig:
     mt = cfg.get("model_type")
-    if "num_local_experts" in cfg:
-        raise XpucError(f"{where}: mixture-of-experts model ({mt}, {cfg['num_local_experts']} experts): the "
-                        "compiler and runtime do not support MoE layers yet")
+    experts, top_k = int(cfg.get("num_local_experts") or 0), int(cfg.get("num_experts_per_tok") or 0)
+    if experts and not 1 <= top_k <= experts:
+        raise XpucError(f"{where}: {experts} experts with num_experts_per_tok={top_k}")
     arch = _MODEL_TYPES.get(mt)
     if arch is None:
         raise XpucError(f"{where}: unsupported architecture '{mt}' "
@@ -94,6 +104,8 @@ def config_from_hf(cfg: dict, where: str) -> ArchConfig:
         tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         qkv_bias=arch == "qwen2" or bool(cfg.get("attention_bias", False)),
         context_length=int(cfg.get("max_position_embeddings", 2048)),
+        num_experts=experts,
+        experts_per_token=top_k if experts else 0,
     )
 
 

@@ -52,12 +52,12 @@ def pack_offload(model: str, stats_path: str, plan_path: str, predictor_path: st
         raise XpucError("--plan was made for another model")
     predictor = Predictor.load(predictor_path)
     predictor.check_matches(spec)
-    if len(predictor.layers) != c.num_layers:
-        raise XpucError("--predictor: layer count does not match the model")
+    if len(predictor.layers) != c.ffn_units:
+        raise XpucError("--predictor: FFN unit count does not match the model")
     out = Path(out)
     with staged_directory(out, force) as tmp:
         fl = write_flash_layout(spec, plan.hot_neurons, stats.frequency, plan.cluster, plan.weight_dtype, tmp,
-                                progress=None if quiet else lambda i, n: count("writing FFN records, layer", i, n))
+                                progress=None if quiet else lambda i, n: count("writing FFN records, unit", i, n))
         ffn = {"gate_proj", "up_proj", "down_proj"}
         fixed = {}
         for k in c.weight_shapes():

@@ -126,7 +126,8 @@ def fixed_bytes(config: ArchConfig, weight_dtype: str, context: int) -> int:
     emb = c.vocab_size * c.hidden_size * 2.0 * (1 if c.tie_embeddings else 2)  # fp16 table (+ head)
     norms = (2 * c.num_layers + 1) * c.hidden_size * 4
     kv = 2 * c.num_layers * c.num_kv_heads * c.head_dim * context * 2  # fp16 K and V
-    return int(attn + emb + norms + kv)
+    routers = c.num_layers * c.num_experts * c.hidden_size * 2  # fp16 (MoE)
+    return int(attn + emb + norms + kv + routers)
 
 
 def _queue_depth(profile, block: int) -> int:
@@ -148,11 +149,11 @@ def plan_neurons(config: ArchConfig, stats: ProfileStats, profile, budget_bytes:
         raise XpucError(f"unknown weight dtype '{weight_dtype}' (known: {', '.join(_BYTES)})")
     record = int(np.ceil(3 * config.hidden_size * _BYTES[weight_dtype]))
     fixed = fixed_bytes(config, weight_dtype, context)
-    minimum = fixed + config.num_layers * cluster * record
+    minimum = fixed + config.ffn_units * cluster * record
     if budget_bytes < minimum:
         raise XpucError(f"memory budget {budget_bytes / 2**20:.0f} MiB is below the minimum of "
                         f"{minimum / 2**20:.0f} MiB for this model ({fixed / 2**20:.0f} MiB fixed segment + one "
-                        "neuron cluster per layer)")
+                        f"neuron cluster per {'expert' if config.is_moe else 'layer'})")
     freq = np.asarray(stats.frequency, dtype=np.float64)  # (L, F)
     L, F = freq.shape
     spare = budget_bytes - fixed
@@ -172,7 +173,7 @@ def plan_neurons(config: ArchConfig, stats: ProfileStats, profile, budget_bytes:
     block = int(np.ceil(record / 4096) * 4096)
     n_cores = sum(c.count for c in profile.clusters)
     big_mid = sum(c.count for c in profile.clusters if c.cls in ("big", "mid")) or n_cores
-    prefill = "gpu" if profile.gpu and not profile.is_host else "cpu"  # NPU prefill: not wired in yet
+    prefill = "gpu" if profile.gpu and not profile.is_host else "cpu"  # as `xpuc compile --prefill-on auto`
     return Plan(
         device=profile.name, budget_bytes=int(budget_bytes), weight_dtype=weight_dtype, cluster=cluster,
         fixed_bytes=fixed, record_bytes=record, hot_neurons=[sorted(h) for h in hot], cold_cache_bytes=cold_cache,

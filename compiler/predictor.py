@@ -28,6 +28,7 @@ from xpuc.compiler.errors import XpucError
 from xpuc.compiler.spec import ModelSpec
 
 PREDICTOR_SCHEMA = "1"
+MIN_UNIT_TOKENS = 16  # calibration rows an FFN unit needs for its predictor (train + validation split)
 
 
 @dataclass
@@ -99,14 +100,22 @@ class Predictor:
 
 def collect_pairs(spec: ModelSpec, token_ids: list[int], thresholds: list[float], window: int = 256
                   ) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Per layer ``(X, M)``: FFN inputs (n, d) float32 and firing masks (n, F) bool."""
+    """Per FFN unit ``(X, M)``: its inputs (n, d) float32 and firing masks (n, F) bool (an MoE expert: the
+    tokens routed to it)."""
     from xpuc.compiler.profiler import ffn_activations, firing_mask
 
-    xs: list[list[np.ndarray]] = [[] for _ in range(spec.config.num_layers)]
-    ms: list[list[np.ndarray]] = [[] for _ in range(spec.config.num_layers)]
+    c = spec.config
+    xs: list[list[np.ndarray]] = [[] for _ in range(c.ffn_units)]
+    ms: list[list[np.ndarray]] = [[] for _ in range(c.ffn_units)]
     for i, x, g, u in ffn_activations(spec, token_ids, window):
         xs[i].append(x.astype(np.float32))
-        ms[i].append(firing_mask(spec.config.ffn_kind, g, u, thresholds[i]))
+        ms[i].append(firing_mask(c.ffn_kind, g, u, thresholds[i]))
+    few = [i for i, x in enumerate(xs) if sum(len(a) for a in x) < MIN_UNIT_TOKENS]
+    if few:
+        u = few[0]
+        what = (f"expert {u % c.num_experts} of layer {c.unit_layer(u)}" if c.is_moe else f"layer {u}")
+        raise XpucError(f"{what} saw {sum(len(a) for a in xs[u])} calibration tokens (< {MIN_UNIT_TOKENS}): "
+                        "give more --text to train its predictor")
     return [(np.concatenate(x), np.concatenate(m)) for x, m in zip(xs, ms, strict=False)]
 
 
@@ -184,7 +193,7 @@ def train_predictor(spec: ModelSpec, pairs: list[tuple[np.ndarray, np.ndarray]],
         raise XpucError("--recall must be in [0.5, 1)")
     layers = []
     for i, (x, m) in enumerate(pairs):
-        gate = spec.weights[f"layers.{i}.gate_proj"]
+        gate = spec.weights[spec.config.ffn_prefix(i) + "gate_proj"]
         best: tuple[LayerPredictor, float] | None = None
         for r in sorted(ranks):
             lp, density = train_layer(x, m, gate, r, recall, epochs, seed + i)

@@ -59,7 +59,7 @@ class ProfileStats:
     def check_matches(self, config: ArchConfig, where: str = "profile") -> None:
         if self.fingerprint != config_fingerprint(config):
             raise XpucError(f"{where} was recorded on another model (architecture fingerprint differs)")
-        if len(self.frequency) != config.num_layers or any(len(f) != config.intermediate_size for f in self.frequency):
+        if len(self.frequency) != config.ffn_units or any(len(f) != config.intermediate_size for f in self.frequency):
             raise XpucError(f"{where}: shape does not match the model")
 
 
@@ -80,16 +80,17 @@ def read_text_files(paths: list[str | os.PathLike]) -> str:
 
 
 def ffn_activations(spec: ModelSpec, token_ids: list[int], window: int = 256):
-    """Yield ``(layer, x, g, u)`` per window of ``token_ids``: the RMSNorm'd FFN input and the gate and up
-    pre-activations of every layer, from the fp16-rounded numpy reference (windows restart the context)."""
+    """Yield ``(unit, x, g, u)`` per window of ``token_ids``: the RMSNorm'd input and the gate and up
+    pre-activations of every FFN unit (a layer's FFN; for MoE layers each expert on the tokens routed to it),
+    from the fp16-rounded numpy reference (windows restart the context)."""
     from xpuc.compiler.reference import ReferenceModel
 
     class Recording(ReferenceModel):
-        def ffn_block(self, i: int, x: np.ndarray) -> np.ndarray:
-            p = f"layers.{i}."
+        def unit_ffn(self, unit: int, x: np.ndarray) -> np.ndarray:
+            p = self.config.ffn_prefix(unit)
             g, u = x @ self.w[p + "gate_proj"].T, x @ self.w[p + "up_proj"].T
-            seen.append((i, x, g, u))
-            return super().ffn_block(i, x)
+            seen.append((unit, x, g, u))
+            return super().unit_ffn(unit, x)
 
     ref = Recording(spec, "float16")
     for s in range(0, len(token_ids), window):
@@ -115,7 +116,10 @@ def firing_mask(kind: str, g: np.ndarray, u: np.ndarray, threshold: float) -> np
 
 def profile_model(spec: ModelSpec, token_ids: list[int], target_sparsity: float | None = None,
                   window: int = 256) -> ProfileStats:
-    """Run the numpy reference over ``token_ids`` (in windows) and record firing frequencies per neuron."""
+    """Run the numpy reference over ``token_ids`` (in windows) and record firing frequencies per neuron.
+
+    A frequency is the share of all tokens for which the neuron fires: an expert's neurons only fire for
+    the tokens routed to it, so the frequencies of all units are comparable when the planner ranks them."""
     from xpuc.compiler.reference import silu
 
     c = spec.config
@@ -123,21 +127,26 @@ def profile_model(spec: ModelSpec, token_ids: list[int], target_sparsity: float 
         raise XpucError("a SwiGLU model needs --sparsity (it is made sparse by thresholding)")
     if len(token_ids) < 8:
         raise XpucError("calibration text too short (fewer than 8 tokens)")
-    acts: list[list[np.ndarray]] = [[] for _ in range(c.num_layers)]
+    acts: list[list[np.ndarray]] = [[] for _ in range(c.ffn_units)]
     for i, _x, g, u in ffn_activations(spec, token_ids, window):
         if c.ffn_kind == "swiglu":
             acts[i].append(np.abs(silu(g)).astype(np.float32))
         else:
             acts[i].append(firing_mask(c.ffn_kind, g, u, 0.0).astype(np.float32))
     thresholds, freq = [], []
-    for i in range(c.num_layers):
+    n = len(token_ids)
+    for i in range(c.ffn_units):
+        if not acts[i]:  # an expert no calibration token was routed to
+            thresholds.append(0.0)
+            freq.append([0.0] * c.intermediate_size)
+            continue
         a = np.concatenate(acts[i])
         if c.ffn_kind == "swiglu":
             t = float(np.quantile(a, target_sparsity))
             thresholds.append(t)
-            freq.append((a > t).mean(0).round(5).tolist())
+            freq.append(((a > t).sum(0) / n).round(5).tolist())
         else:
             thresholds.append(0.0)
-            freq.append(a.mean(0).round(5).tolist())
+            freq.append((a.sum(0) / n).round(5).tolist())
     return ProfileStats(config=c.to_dict(), fingerprint=config_fingerprint(c), tokens=len(token_ids),
                         target_sparsity=target_sparsity, thresholds=thresholds, frequency=freq)

@@ -7,6 +7,15 @@ import numpy as np
 from xpuc.compiler.spec import ArchConfig, ModelSpec
 
 
+def route_tokens(x: np.ndarray, router: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-``k`` experts per row of ``x`` and their weights: softmax over the chosen logits (Mixtral)."""
+    logits = x @ router.T
+    top = np.argsort(-logits, axis=1, kind="stable")[:, :k]
+    sel = np.take_along_axis(logits, top, 1)
+    w = np.exp(sel - sel.max(1, keepdims=True))
+    return top, (w / w.sum(1, keepdims=True)).astype(np.float32)
+
+
 def rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
     x = x.astype(np.float32)
     return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * w
@@ -109,8 +118,21 @@ class ReferenceModel:
         return h + self.ffn_block(i, x)
 
     def ffn_block(self, i: int, x: np.ndarray) -> np.ndarray:
-        """Layer ``i``'s FFN on its normalised input (subclasses make it sparse)."""
-        p = f"layers.{i}."
+        """Layer ``i``'s FFN on its normalised input: its unit, or the routed experts' units weighted."""
+        c = self.config
+        if not c.is_moe:
+            return self.unit_ffn(i, x)
+        top, weight = route_tokens(x, self.w[f"layers.{i}.router"], c.experts_per_token)
+        y = np.zeros_like(x)
+        for e in range(c.num_experts):
+            rows, slot = np.nonzero(top == e)
+            if rows.size:
+                y[rows] += self.unit_ffn(i * c.num_experts + e, x[rows]) * weight[rows, slot][:, None]
+        return y
+
+    def unit_ffn(self, u: int, x: np.ndarray) -> np.ndarray:
+        """FFN unit ``u`` (a layer's FFN or one expert) on the rows ``x`` (subclasses make it sparse)."""
+        p = self.config.ffn_prefix(u)
         return ffn(x, self.w[p + "gate_proj"], self.w[p + "up_proj"], self.w[p + "down_proj"], self.config.ffn_kind)
 
     def forward(self, ids: list[int] | np.ndarray) -> np.ndarray:

@@ -25,13 +25,13 @@ class SparseReference(ReferenceModel):
         super().__init__(spec, "float16")
         self.thresholds = thresholds
         self.predictor = predictor
-        self.cluster_of = cluster_of  # per layer: cluster of each neuron (the decode path selects clusters)
+        self.cluster_of = cluster_of  # per FFN unit: cluster of each neuron (the decode path selects clusters)
         self.computed: list[float] = []  # share of neurons computed, per FFN call
 
-    def ffn_block(self, i: int, x: np.ndarray) -> np.ndarray:
+    def unit_ffn(self, i: int, x: np.ndarray) -> np.ndarray:
         from xpuc.compiler.profiler import firing_mask
 
-        p, kind = f"layers.{i}.", self.config.ffn_kind
+        p, kind = self.config.ffn_prefix(i), self.config.ffn_kind
         g, u = x @ self.w[p + "gate_proj"].T, x @ self.w[p + "up_proj"].T
         keep = firing_mask(kind, g, u, self.thresholds[i])
         if self.predictor is not None:

@@ -13,6 +13,15 @@ Weights use canonical names and (out_features, in_features) layout, dequantized 
 ``layers.{i}.up_proj``      (d_ff, d)
 ``layers.{i}.down_proj``    (d, d_ff)
 ``final_norm``              (d,)
+
+A mixture-of-experts layer (``num_experts > 0``, Mixtral's routing: softmax over the top
+``experts_per_token`` router logits) has instead of the three FFN matrices
+
+``layers.{i}.router``                 (n_experts, d)
+``layers.{i}.experts.{e}.gate_proj``  (d_ff, d)      and ``up_proj``, ``down_proj`` per expert
+
+Every FFN — a dense layer's or one expert's — is an *FFN unit* ``u`` (``ffn_units``, ``ffn_prefix(u)``):
+profiles, predictors, plans and flash layouts are per unit.
 ``lm_head``                 (vocab, d), absent when embeddings are tied
 
 Q and K rows follow the Hugging Face "rotate half" RoPE convention.
@@ -48,9 +57,32 @@ class ArchConfig:
     tie_embeddings: bool = False
     qkv_bias: bool = False
     context_length: int = 2048
+    num_experts: int = 0  # 0: dense FFN layers
+    experts_per_token: int = 0
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if not self.num_experts:  # dense models keep the fields (and fingerprints) they always had
+            del d["num_experts"], d["experts_per_token"]
+        return d
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
+
+    @property
+    def ffn_units(self) -> int:
+        """FFNs of the model: one per layer, or one per expert of every layer."""
+        return self.num_layers * max(self.num_experts, 1)
+
+    def ffn_prefix(self, unit: int) -> str:
+        """Weight-name prefix of FFN unit ``unit`` (``layers.{i}.`` or ``layers.{i}.experts.{e}.``)."""
+        if not self.is_moe:
+            return f"layers.{unit}."
+        return f"layers.{unit // self.num_experts}.experts.{unit % self.num_experts}."
+
+    def unit_layer(self, unit: int) -> int:
+        return unit // max(self.num_experts, 1)
 
     @classmethod
     def from_dict(cls, d: Mapping) -> ArchConfig:
@@ -72,10 +104,12 @@ class ArchConfig:
                 p + "v_proj": (self.num_kv_heads * hd, d),
                 p + "o_proj": (d, self.num_heads * hd),
                 p + "ffn_norm": (d,),
-                p + "gate_proj": (f, d),
-                p + "up_proj": (f, d),
-                p + "down_proj": (d, f),
             })
+            if self.is_moe:
+                shapes[p + "router"] = (self.num_experts, d)
+            for e in range(max(self.num_experts, 1)):
+                q = self.ffn_prefix(i * max(self.num_experts, 1) + e)
+                shapes.update({q + "gate_proj": (f, d), q + "up_proj": (f, d), q + "down_proj": (d, f)})
             if self.qkv_bias:
                 shapes.update({p + "q_bias": (self.num_heads * hd,), p + "k_bias": (self.num_kv_heads * hd,),
                                p + "v_bias": (self.num_kv_heads * hd,)})

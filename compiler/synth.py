@@ -223,15 +223,6 @@ class MoESynthReport:
         return json.dumps(dataclasses.asdict(self), indent=1)
 
 
-def _route(x: np.ndarray, router: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k experts per token and their renormalised softmax weights (Mixtral's routing)."""
-    logits = x @ router.T
-    top = np.argsort(-logits, axis=1)[:, :k]
-    sel = np.take_along_axis(logits, top, 1)
-    w = np.exp(sel - sel.max(1, keepdims=True))
-    return top, w / w.sum(1, keepdims=True)
-
-
 def synthesize_moe(shape: str, sparsity: float, seed: int, out: str | os.PathLike, alpha: float = 1.0,
                    layers: int | None = None, calib_tokens: int = 256, quiet: bool = True) -> MoESynthReport:
     """Write a Mixtral-format HF directory whose experts are dReLU FFNs with ``sparsity`` inside each expert.
@@ -240,10 +231,10 @@ def synthesize_moe(shape: str, sparsity: float, seed: int, out: str | os.PathLik
     so the share of a layer's neurons that fire for a token is ``top_k / experts * (1 - sparsity)``: with
     top-2 of 8 and 0.88 inside an expert, 97 % of the layer's FFN neurons are inactive. Gate biases are
     calibrated per expert on the tokens routed to it, as in :func:`synthesize`. The numpy forward used for
-    calibration and measurement lives here: xpuc's compiler and runtime do not run MoE layers yet.
+    calibration runs here, layer by layer, before the model is complete.
     """
     from xpuc.compiler.model_writer import write_hf_dir
-    from xpuc.compiler.reference import ReferenceModel
+    from xpuc.compiler.reference import ReferenceModel, route_tokens
     from xpuc.compiler.spec import LazyWeights, ModelSpec
     from xpuc.runtime.artifact import staged_directory
 
@@ -289,7 +280,7 @@ def synthesize_moe(shape: str, sparsity: float, seed: int, out: str | os.PathLik
 
     class MoEReference(ReferenceModel):
         def ffn_block(self, i: int, x: np.ndarray) -> np.ndarray:
-            top, gw = _route(x, routers[i], top_k)
+            top, gw = route_tokens(x, routers[i], top_k)
             y = np.zeros_like(x)
             for e in range(n_exp):
                 rows, slot = np.nonzero(top == e)
@@ -310,7 +301,7 @@ def synthesize_moe(shape: str, sparsity: float, seed: int, out: str | os.PathLik
         for j in range(i):
             h = ref.layer(j, h, pos)
         x = _ffn_input(ref, i, h, calib_tokens)
-        top, _ = _route(x, routers[i], top_k)
+        top, _ = route_tokens(x, routers[i], top_k)
         bias_in = x[:, 0].mean()
         for e in range(n_exp):
             xe = x[np.any(top == e, axis=1)]
@@ -331,7 +322,7 @@ def synthesize_moe(shape: str, sparsity: float, seed: int, out: str | os.PathLik
     e_sp, l_sp, load = [], [], []
     for i in range(L):
         x = _ffn_input(ref, i, h, calib_tokens)
-        top, _ = _route(x, routers[i], top_k)
+        top, _ = route_tokens(x, routers[i], top_k)
         fired = 0.0
         for e in range(n_exp):
             xe = x[np.any(top == e, axis=1)]

@@ -16,8 +16,14 @@ One runtime, four modes that share the kernels, the flash file and the fixed seg
               (finer overlap; on the 2-vCPU development host the extra kernel launches contend with the I/O
               threads and it was slower, so it is off by default).
 
-The fixed segment (embeddings, attention, norms, LM head, KV cache, predictor) stays in memory; its
-projections run through xpuc's fp16 GEMV kernels, attention itself in numpy.
+The fixed segment (embeddings, attention, norms, LM head, KV cache, predictor, MoE routers) stays in
+memory; its projections run through xpuc's fp16 GEMV kernels, attention itself in numpy.
+
+Mixture-of-experts models: every expert is an FFN unit of its own (its flash region, cache segments,
+predictor). A layer's router picks the token's experts first (top-k, Mixtral's weights); only their
+units are predicted, read and computed, and their outputs are summed with the routing weights. In ``full``
+mode the next layer's experts are routed from the hidden state before attention and their predicted
+clusters prefetched, as for dense layers.
 """
 
 from __future__ import annotations
@@ -156,7 +162,8 @@ class OffloadModel:
             qkv = np.concatenate([w[p + "q_proj"], w[p + "k_proj"], w[p + "v_proj"]])
             self.layers.append({"qkv": _Linear(qkv, target), "o": _Linear(w[p + "o_proj"], target),
                                 "attn_norm": w[p + "attn_norm"].astype(np.float32),
-                                "ffn_norm": w[p + "ffn_norm"].astype(np.float32)})
+                                "ffn_norm": w[p + "ffn_norm"].astype(np.float32),
+                                "router": w[p + "router"].astype(np.float32) if c.is_moe else None})
         art.fixed = None  # the packed kernel copies are the only ones kept
         del w
         self.context = context
@@ -189,7 +196,7 @@ class OffloadModel:
         slots = int(ffn_fraction * L * fl.n_clusters)
         if slots < 2 * L:
             raise XpucError(f"FFN budget of {100 * ffn_fraction:.1f} % leaves fewer than two cluster slots per "
-                            "layer; raise the budget")
+                            f"{'expert' if self.config.is_moe else 'layer'}; raise the budget")
         cold_each = max(1, int(slots * cold_share) // L)
         n_hot = min(slots - cold_each * L, L * fl.n_clusters)
         freq = self._cluster_frequency()
@@ -245,6 +252,7 @@ class OffloadModel:
 
     def accounted_bytes(self) -> dict:
         fixed = self.head.nbytes + self.embed.nbytes + sum(d["qkv"].nbytes + d["o"].nbytes for d in self.layers)
+        fixed += sum(d["router"].nbytes for d in self.layers if d["router"] is not None)
         fixed += self.k_cache.nbytes + self.v_cache.nbytes
         if self.predictor is not None:
             fixed += sum(lp.w1.nbytes + lp.w2.nbytes for lp in self.predictor.layers)
@@ -255,6 +263,25 @@ class OffloadModel:
         return {"fixed": int(fixed), "ffn": int(ffn), "prefill": int(staged), "total": int(fixed + ffn + staged)}
 
     # --- FFN paths -------------------------------------------------------------------------------------------
+    def _units(self, layer: int, x: np.ndarray) -> tuple[list[int], list[float]]:
+        """FFN units of ``layer`` for one token's normalised input ``x`` and their output weights."""
+        c = self.config
+        if not c.is_moe:
+            return [layer], [1.0]
+        from xpuc.compiler.reference import route_tokens
+
+        top, w = route_tokens(x[None], self.layers[layer]["router"], c.experts_per_token)
+        return [layer * c.num_experts + int(e) for e in top[0]], [float(v) for v in w[0]]
+
+    def _ffn_layer(self, layer: int, x: np.ndarray, pending: dict) -> np.ndarray:
+        """Layer ``layer``'s FFN for one token: its unit(s) through the mode's path, weighted and summed."""
+        units, weights = self._units(layer, x)
+        y = np.zeros_like(x)
+        for u, wt in zip(units, weights, strict=True):
+            out = self._ffn_naive(u, x) if self.mode == "naive" else self._ffn_cached(u, x, pending)
+            y += out if wt == 1.0 else out * np.float32(wt)
+        return y
+
     def _predict(self, i: int, x: np.ndarray) -> np.ndarray:
         mask = self.predictor.layers[i].predict(x)
         return np.unique(self._cluster_of[i][mask]).astype(np.int32)
@@ -348,14 +375,19 @@ class OffloadModel:
                 y += self._run(i, x, np.concatenate([ss for _, ss in jobs]))
         return y
 
-    def _prefetch(self, i: int, h: np.ndarray, pending: dict) -> None:
-        """Predict layer ``i``'s clusters from the hidden state before attention and start their reads."""
-        if i >= len(self.layers) or self.cache.layers[i].n_cold == 0:
+    def _prefetch(self, layer: int, h: np.ndarray, pending: dict) -> None:
+        """Predict layer ``layer``'s clusters (of its routed experts, for MoE) from the hidden state before
+        attention and start their reads."""
+        if layer >= len(self.layers):
             return
-        guess = self._predict(i, rms_norm(h, self.layers[i]["ffn_norm"], self.config.rms_norm_eps)[0])
-        slots = self.cache.layers[i].slot_of[guess]
-        miss = guess[slots < 0][: self.cache.layers[i].n_cold // 2]
-        pending[i] = self._issue(i, miss, set(int(c) for c in guess), partial=True)
+        x = rms_norm(h, self.layers[layer]["ffn_norm"], self.config.rms_norm_eps)[0]
+        for i in self._units(layer, x)[0]:
+            if self.cache.layers[i].n_cold == 0:
+                continue
+            guess = self._predict(i, x)
+            slots = self.cache.layers[i].slot_of[guess]
+            miss = guess[slots < 0][: self.cache.layers[i].n_cold // 2]
+            pending[i] = self._issue(i, miss, set(int(c) for c in guess), partial=True)
 
     # --- decoding ------------------------------------------------------------------------------------------
     def reset(self) -> None:
@@ -398,8 +430,7 @@ class OffloadModel:
                 self._prefetch(i, h, pending)
             h = h + self._attention(i, h, rotate, self.pos)
             x = rms_norm(h, L["ffn_norm"], c.rms_norm_eps)[0].astype(np.float32)
-            y = self._ffn_naive(i, x) if self.mode == "naive" else self._ffn_cached(i, x, pending)
-            h = h + y[None]
+            h = h + self._ffn_layer(i, x, pending)[None]
         self.pos += 1
         if self.cache is not None:
             self.cache.next_token()
@@ -425,7 +456,7 @@ class OffloadModel:
         for i, L in enumerate(self.layers):
             for t in range(len(tokens)):
                 h[t:t + 1] += self._attention(i, h[t:t + 1], rotates[t], self.pos + t)
-            h += self._ffn_dense_batch(i, rms_norm(h, L["ffn_norm"], c.rms_norm_eps).astype(np.float32))
+            h += self._ffn_layer_batch(i, rms_norm(h, L["ffn_norm"], c.rms_norm_eps).astype(np.float32))
         self.pos += len(tokens)
         return self.head(rms_norm(h[-1:], self.final_norm, c.rms_norm_eps)[0].astype(np.float32))
 
@@ -459,8 +490,23 @@ class OffloadModel:
             offs = self.flash.cluster_offset(i, 0) + want.astype(np.int64) * self.flash.cluster_bytes
             self.reader.read(offs, [dest[j] for j in np.flatnonzero(missing)], self.crcs[i, want])
 
+    def _ffn_layer_batch(self, layer: int, x: np.ndarray) -> np.ndarray:
+        """Layer ``layer``'s dense FFN for a batch (T, d); MoE: each expert on the tokens routed to it."""
+        c = self.config
+        if not c.is_moe:
+            return self._ffn_dense_batch(layer, x)
+        from xpuc.compiler.reference import route_tokens
+
+        top, w = route_tokens(x, self.layers[layer]["router"], c.experts_per_token)
+        y = np.zeros_like(x)
+        for e in range(c.num_experts):
+            rows, slot = np.nonzero(top == e)
+            if rows.size:
+                y[rows] += self._ffn_dense_batch(layer * c.num_experts + e, x[rows]) * w[rows, slot][:, None]
+        return y
+
     def _ffn_dense_batch(self, i: int, x: np.ndarray) -> np.ndarray:
-        """Dense FFN of layer ``i`` for a batch ``x`` (T, d), numpy over dequantized chunks of clusters."""
+        """Dense FFN of unit ``i`` for a batch ``x`` (T, d), numpy over dequantized chunks of clusters."""
         from xpuc.schedules.neuron_bundle import activation, dequantize_bundle
 
         fl = self.flash

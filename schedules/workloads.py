@@ -77,6 +77,9 @@ def graph_from_source(source: str | os.PathLike):
     from xpuc.compiler.frontends import load_model
 
     spec = load_model(source, with_tokenizer=False)
+    if spec.config.is_moe:
+        raise XpucError(f"{source}: a mixture-of-experts model; prefill-graph tuning covers dense models "
+                        "(`xpuc tune --sparse` tunes its experts' kernels)")
     return _decoder_graph(spec.config), f"{spec.config.architecture} decoder prefill graph"
 
 
