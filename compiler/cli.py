@@ -82,16 +82,22 @@ def cmd_profile(args: argparse.Namespace) -> int:
     stats = profile_model(spec, ids, args.sparsity)
     stats.sources = [str(p) for p in args.text]
     stats.save(args.output)
-    print(f"wrote {args.output}: {len(ids)} tokens, sparsity per layer " +
-          " ".join(f"{s:.2f}" for s in stats.sparsity))
+    c = spec.config
+    per_layer = [float(sum(stats.sparsity[i:i + c.ffn_units // c.num_layers])) / (c.ffn_units // c.num_layers)
+                 for i in range(0, c.ffn_units, c.ffn_units // c.num_layers)]
+    print(f"wrote {args.output}: {len(ids)} tokens, sparsity per layer " + " ".join(f"{s:.2f}" for s in per_layer)
+          + (f" (all {c.num_experts} experts' neurons; a routed expert's: "
+             + " ".join(f"{1 - (1 - s) * c.num_experts / c.experts_per_token:.2f}" for s in per_layer) + ")"
+             if c.is_moe else ""))
     predictor = None
     if args.predictor:
         from xpuc.compiler.predictor import collect_pairs, evaluate_predictor, train_predictor
         from xpuc.compiler.progress import count
 
         pairs = collect_pairs(spec, ids, stats.thresholds)
+        unit = "FFN unit (expert)" if spec.config.is_moe else "layer"
         predictor = train_predictor(spec, pairs, args.recall,
-                                    progress=lambda i, n: count("training predictor, layer", i, n))
+                                    progress=lambda i, n: count(f"training predictor, {unit}", i, n))
         predictor.save(args.predictor)
         print(f"wrote {args.predictor}")
         if held is not None:
@@ -445,11 +451,12 @@ def _inspect_packed(path: Path, as_json: bool) -> int:
     fl, plan, c = art.flash, art.plan, art.config
     info = {
         "kind": "packed", "architecture": c.architecture, "layers": c.num_layers, "hidden": c.hidden_size,
+        **({"experts": c.num_experts, "experts_per_token": c.experts_per_token} if c.is_moe else {}),
         "ffn": c.intermediate_size, "ffn_kind": c.ffn_kind, "weight_dtype": fl.dtype, "cluster": fl.cluster,
         "record_bytes": fl.cluster_bytes, "ffn_file_mib": round(fl.file_bytes / 2**20, 1),
         "fixed_segment_mib": round(plan.fixed_bytes / 2**20, 1), "plan_device": plan.device,
         "plan_budget_mib": round(plan.budget_bytes / 2**20, 1),
-        "hot_clusters_per_layer": [r.hot_clusters for r in fl.layers],
+        ("hot_clusters_per_expert" if c.is_moe else "hot_clusters_per_layer"): [r.hot_clusters for r in fl.layers],
         "predictor_ranks": [lp.rank for lp in art.predictor.layers],
         "predictor_target_recall": art.predictor.recall_target,
         "profiled_sparsity": [round(x, 3) for x in art.stats.sparsity],

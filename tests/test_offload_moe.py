@@ -140,3 +140,13 @@ def test_moe_cli_run_and_compile_refusal(moe, tmp_path):
     assert r.returncode == 0, r.stderr
     assert_clean_error(xpuc("compile", str(d / "model"), "-o", str(tmp_path / "c")), "mixture-of-experts")
     assert not (tmp_path / "c").exists()
+
+
+def test_inspect_packed_moe(moe):
+    import json
+
+    r = xpuc("inspect", str(moe[0] / "art"), "--json")
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    assert info["experts"] == 8 and info["experts_per_token"] == 2
+    assert len(info["hot_clusters_per_expert"]) == 16 and len(info["predictor_ranks"]) == 16
