@@ -8,8 +8,9 @@ The graph (``xpuc.compiler.onnx_export.decoder_prefill_onnx``) has SmolLM2-135M'
 stack, without embedding and LM head). Both engines run in this process with the same thread count; tokens/s
 is the sequence length over the best of ``--rounds`` interleaved rounds (``timing.interleaved_best``).
 
-With ``--tuning-db DIR`` (from ``xpuc tune`` or ``benchmarks/tuning.py``) a second xpuc build applies the
-database (static copies for the ``--tokens`` lengths) and is timed in the same run next to the default build.
+A second xpuc build has a static copy of the graph per ``--tokens`` length (``xpuc compile --buckets``, same
+default schedules, no database). With ``--tuning-db DIR`` (from ``xpuc tune`` or ``benchmarks/tuning.py``) a
+third build applies the database to such static copies; all are timed in the same run.
 """
 
 from __future__ import annotations
@@ -56,6 +57,9 @@ def main() -> int:
         t0 = time.perf_counter()
         runner = GraphRunner(compile_onnx(path, d / "art", quiet=True))
         compile_s = time.perf_counter() - t0
+        lengths = tuple(int(t) for t in args.tokens.split(","))
+        # the same default schedules with a static copy of the graph per benchmarked length (no database)
+        static = GraphRunner(compile_onnx(path, d / "static", quiet=True, buckets=lengths))
         tuned = None
         if args.tuning_db:
             tuned = GraphRunner(compile_onnx(path, d / "tuned", quiet=True, tuning_db=args.tuning_db,
@@ -69,6 +73,7 @@ def main() -> int:
             mask = causal_mask(n)
             feeds = {"x": x, "cos": cos, "sin": sin, "mask": mask}
             engines = {"xpuc": lambda x=x, cos=cos, sin=sin, mask=mask: runner(x, cos, sin, mask),
+                       "static": lambda x=x, cos=cos, sin=sin, mask=mask: static(x, cos, sin, mask),
                        "ort": lambda feeds=feeds: sess.run(None, feeds)}
             if tuned is not None:
                 engines["tuned"] = lambda x=x, cos=cos, sin=sin, mask=mask: tuned(x, cos, sin, mask)
@@ -77,8 +82,10 @@ def main() -> int:
             got = runner(x, cos, sin, mask)[0]
             want = sess.run(None, {"x": x, "cos": cos, "sin": sin, "mask": mask})[0]
             err = float(np.abs(got - want).max() / np.abs(want).max())
+            got_s = static(x, cos, sin, mask)[0]
             r = {"tokens": n, "xpuc_tok_s": n / t_x, "onnxruntime_tok_s": n / t_o, "ratio": t_o / t_x,
-                 "max_rel_diff": err}
+                 "max_rel_diff": err, "static_tok_s": n / best["static"], "static_ratio": t_o / best["static"],
+                 "static_max_rel_diff": float(np.abs(got_s - want).max() / np.abs(want).max())}
             if tuned is not None:
                 t_t = best["tuned"]
                 got_t = tuned(x, cos, sin, mask)[0]
@@ -87,6 +94,7 @@ def main() -> int:
             rows.append(r)
             print(f"{n:4d} tokens: xpuc {r['xpuc_tok_s']:9.1f} tok/s | onnxruntime {r['onnxruntime_tok_s']:9.1f} tok/s"
                   f" | xpuc/ort {r['ratio']:.3f} | max rel diff {err:.1e}"
+                  f" | static copy {r['static_tok_s']:9.1f} tok/s ({r['static_ratio']:.3f}x ort)"
                   + (f" | tuned {r['tuned_tok_s']:9.1f} tok/s ({r['tuned_ratio']:.3f}x ort, {r['tuned_function']})"
                      if tuned is not None else ""))
     out = {"layers": args.layers, "threads": threads, "compile_s": compile_s, "rounds": args.rounds,

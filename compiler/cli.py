@@ -531,8 +531,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="processor for prefill (auto: the device's GPU when it has one; npu: Hexagon HVX)")
     p.add_argument("--debug-dump", metavar="DIR", default=None, help="write the IR after each lowering phase")
     p.add_argument("--tuning-db", metavar="DIR", default=None, help="apply tuned schedules from `xpuc tune` (ONNX)")
-    p.add_argument("--buckets", default=None, help="with --tuning-db: sequence lengths to specialize "
-                   "(default: the database's)")
+    p.add_argument("--buckets", default=None, help="ONNX: sequence lengths that get a static copy of the graph "
+                   "(with --tuning-db default: the database's)")
     p.set_defaults(fn=cmd_compile)
 
     p = sub.add_parser("synth", help="generate a sparse-activation (dReLU) model as a Hugging Face directory")
