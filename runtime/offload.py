@@ -41,7 +41,7 @@ from xpuc.compiler.reference import rms_norm
 MODES = ("naive", "llmflash", "cache", "full")
 CHUNK_BYTES = 1 << 20  # bytes of records per pipelined read batch (full mode)
 PREFILL_CHUNK_BYTES = 16 << 20  # dequantized float32 weights per prefill chunk
-DENSE_PREFILL_MIN_TOKENS = 16  # shorter prompts are stepped through the sparse path (see feed_prompt)
+DENSE_PREFILL_MIN_TOKENS = 6  # shorter prompts are stepped through the sparse path (see feed_prompt)
 
 
 @dataclass
@@ -172,6 +172,7 @@ class OffloadModel:
         self.pos = 0
         self._stall = 0.0
         self._prefill_chunk = None
+        self._dequantizers: dict = {}
         self.per_chunk = False  # full mode: compute each read chunk as it lands (see the module docstring)
         self.reader = FlashReader(art.path / fl.ffn_file, fl.cluster_bytes,
                                   io_threads or self.plan.io_threads, direct=True,
@@ -257,9 +258,9 @@ class OffloadModel:
         if self.predictor is not None:
             fixed += sum(lp.w1.nbytes + lp.w2.nbytes for lp in self.predictor.layers)
         ffn = self.scratch.nbytes if self.mode == "naive" else self.cache.nbytes
-        staged = 0  # the prefill's staging buffer and one dequantized chunk, once a prompt has been fed
+        staged = 0  # the prefill's staging buffer and its dequantized chunks, once a prompt has been fed
         if self._prefill_chunk is not None:
-            staged = self._prefill_chunk.nbytes + self._prefill_dequant_bytes
+            staged = self._prefill_chunk.nbytes + sum(d.out.nbytes for d in self._dequantizers.values())
         return {"fixed": int(fixed), "ffn": int(ffn), "prefill": int(staged), "total": int(fixed + ffn + staged)}
 
     # --- FFN paths -------------------------------------------------------------------------------------------
@@ -465,8 +466,9 @@ class OffloadModel:
         by token through :meth:`step`; returns the last token's logits.
 
         The dense path costs about the same for any short prompt (every layer's weights are fetched and
-        dequantized once), stepping costs per token: on the 7B-shaped benchmark model (4 layers, 2 vCPUs) dense
-        took 4.4 s for 8 tokens and 4.7 s for 32, stepping 2.3 s and 9.2 s.
+        dequantized once), stepping costs per token: on the 7B-shaped benchmark model (4 layers, cache mode,
+        2 vCPUs) dense took 1.7-1.9 s for 4 tokens, 2.1 s for 8 and 2.7-3.0 s for 32; stepping 1.3-1.5 s,
+        3.1 s and 10.4 s.
         """
         tokens = [int(t) for t in tokens]
         if len(tokens) >= DENSE_PREFILL_MIN_TOKENS:
@@ -506,8 +508,9 @@ class OffloadModel:
         return y
 
     def _ffn_dense_batch(self, i: int, x: np.ndarray) -> np.ndarray:
-        """Dense FFN of unit ``i`` for a batch ``x`` (T, d), numpy over dequantized chunks of clusters."""
-        from xpuc.schedules.neuron_bundle import activation, dequantize_bundle
+        """Dense FFN of unit ``i`` for a batch ``x`` (T, d): chunks of clusters dequantized by a compiled kernel
+        (:class:`~xpuc.runtime.sparse_ffn.BundleDequantizer`), multiplied by numpy/BLAS."""
+        from xpuc.schedules.neuron_bundle import activation
 
         fl = self.flash
         chunk = self._prefill_buffer()
@@ -517,13 +520,21 @@ class OffloadModel:
             buf = chunk[:ids.size]
             self._fetch_clusters(i, ids, buf)
             layout = fl.bundle_layout(ids.size)
-            w = dequantize_bundle(layout, buf).reshape(-1, layout.rows, layout.d_model)
+            w = self._dequantizer(ids.size)(buf).reshape(-1, layout.rows, layout.d_model)
             if layout.gated:
                 h = activation(layout.kind, x @ w[:, 0].T, x @ w[:, 1].T, self._thr[i])
             else:
                 h = activation(layout.kind, x @ w[:, 0].T, None)
             y += h.astype(np.float32) @ w[:, -1]
         return y
+
+    def _dequantizer(self, n: int):
+        """The compiled dequantizer for chunks of ``n`` clusters (the full chunk size and the tail)."""
+        from xpuc.runtime.sparse_ffn import BundleDequantizer
+
+        if n not in self._dequantizers:
+            self._dequantizers[n] = BundleDequantizer(self.flash.bundle_layout(n), threads=self.threads)
+        return self._dequantizers[n]
 
     def _prefill_buffer(self) -> np.ndarray:
         """Aligned staging buffer of the prefill's cluster chunks (about PREFILL_CHUNK_BYTES dequantized)."""
@@ -535,7 +546,6 @@ class OffloadModel:
             per_cluster = fl.cluster * layout.rows * layout.d_model * 4  # float32 after dequantization
             n = int(min(fl.n_clusters, max(1, PREFILL_CHUNK_BYTES // per_cluster)))
             self._prefill_chunk = aligned_empty((n, *layout.shape()[1:]), layout.storage_dtype)
-            self._prefill_dequant_bytes = n * per_cluster
         return self._prefill_chunk
 
     def generate(self, prompt: list[int], max_new_tokens: int, progress=None) -> tuple[list[int], RunMetrics]:

@@ -159,3 +159,33 @@ class SparseFFNKernel:
         u = np.einsum("ncd,d->nc", w[:, :, 1], x.astype(np.float32)) if self.layout.gated else None
         h = activation(self.layout.kind, g, u, self.threshold)
         return np.flatnonzero((h != 0).any(axis=1)).astype(np.int32)
+
+
+class BundleDequantizer:
+    """Compiled dequantization of bundled records to float32 (the dense prefill's weights).
+
+    ``dq(records)`` decodes ``records`` (``layout.shape()`` for ``layout.n_clusters`` clusters; 64-byte
+    aligned) into a float32 array (NCL, C, R, d) owned by the dequantizer, overwritten by the next call.
+    """
+
+    def __init__(self, layout: BundleLayout, target=None, threads: int = 2) -> None:
+        import tvm
+
+        from xpuc.schedules.sparse_ffn import dequantize_kernel
+        from xpuc.targets.profile import load_profile
+
+        self.layout = layout
+        func = dequantize_kernel(layout, threads).with_attr("global_symbol", "dequant")
+        self._fn = tvm.compile(tvm.IRModule({"dequant": func}),
+                               target=target or load_profile("host").cpu_target())["dequant"]
+        self.out = aligned_empty((layout.n_clusters, layout.cluster, layout.rows, layout.d_model), "float32")
+        self._out = tvm.runtime.from_dlpack(self.out)
+
+    def __call__(self, records: np.ndarray) -> np.ndarray:
+        import tvm
+
+        if tuple(records.shape) != self.layout.shape() or str(records.dtype) != self.layout.storage_dtype:
+            raise XpucError(f"records have shape {records.shape} {records.dtype}, expected "
+                            f"{self.layout.shape()} {self.layout.storage_dtype}")
+        self._fn(tvm.runtime.from_dlpack(np.ascontiguousarray(records)), self._out)
+        return self.out

@@ -253,3 +253,28 @@ def sparse_ffn_kernel(layout: BundleLayout, mode: str = "fused", threads: int = 
             reduce_partials(part, y)
 
     return updown
+
+
+@cache
+def dequantize_kernel(layout: BundleLayout, threads: int = 2) -> tirx.PrimFunc:
+    """``dequant(w, out)``: the bundle ``w`` (``layout.shape()``) as float32 ``out`` (NCL, C, R, d).
+
+    The dense prefill of the offloading runtime dequantizes a chunk of records with it, then multiplies the
+    whole prompt by the float32 weights (numpy/BLAS). Same element decoding as the sparse kernels; clusters in
+    parallel, 16 lanes vectorized.
+    """
+    D, C, R, NCL = layout.d_model, layout.cluster, layout.rows, layout.n_clusters
+    NB = D // QBLOCK
+    WSHAPE, WDT = layout.shape(), layout.storage_dtype
+    elem = _element_getter(layout)
+
+    @T.prim_func(private=True, s_tir=True)
+    def dequant(w: T.Buffer(WSHAPE, WDT), out: T.Buffer((NCL, C, R, D), "float32")):
+        T.func_attr({"tir.noalias": True})
+        for c in T.parallel(NCL):
+            for i, r, b in T.grid(C, R, NB):
+                for half in T.unroll(2):
+                    for lane in T.vectorized(LANES):
+                        out[c, i, r, b * QBLOCK + half * 16 + lane] = elem(w, c, i, r, b, half, lane)
+
+    return dequant

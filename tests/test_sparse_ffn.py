@@ -130,3 +130,22 @@ def test_bad_bundle_and_layout():
     layout = BundleLayout("reglu", 64, 128, 8, "float16")
     with pytest.raises(XpucError, match="bundle has shape"):
         SparseFFNKernel(layout, np.zeros((1, 2, 3), np.float16))
+
+
+@pytest.mark.parametrize("dtype", ["float16", "q4_0", "q4_1"])
+def test_compiled_dequantizer_equals_numpy(dtype):
+    """The dense prefill's compiled dequantization against the numpy decoding of the same records."""
+    from xpuc.runtime.flash_reader import aligned_empty
+    from xpuc.runtime.sparse_ffn import BundleDequantizer
+    from xpuc.schedules.neuron_bundle import BundleLayout, bundle_ffn, dequantize_bundle
+
+    layout = BundleLayout("swiglu", 64, 96, 8, dtype)
+    rng = np.random.default_rng(4)
+    up, gate = rng.standard_normal((96, 64)).astype(np.float32), rng.standard_normal((96, 64)).astype(np.float32)
+    down = rng.standard_normal((64, 96)).astype(np.float32)
+    records = aligned_empty(layout.shape(), layout.storage_dtype)
+    records[...] = bundle_ffn(layout, up, down, gate)
+    got = BundleDequantizer(layout)(records)
+    np.testing.assert_array_equal(got, dequantize_bundle(layout, records))
+    with pytest.raises(XpucError, match="expected"):
+        BundleDequantizer(layout)(records[:-1])
