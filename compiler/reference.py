@@ -16,6 +16,17 @@ def route_tokens(x: np.ndarray, router: np.ndarray, k: int) -> tuple[np.ndarray,
     return top, (w / w.sum(1, keepdims=True)).astype(np.float32)
 
 
+def apply_experts(x: np.ndarray, router: np.ndarray, k: int, expert) -> np.ndarray:
+    """Route the rows of ``x`` (:func:`route_tokens`) and sum ``expert(e, rows)`` weighted per row."""
+    top, weight = route_tokens(x, router, k)
+    y = np.zeros_like(x)
+    for e in range(router.shape[0]):
+        rows, slot = np.nonzero(top == e)
+        if rows.size:
+            y[rows] += expert(e, x[rows]) * weight[rows, slot][:, None]
+    return y
+
+
 def rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
     x = x.astype(np.float32)
     return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * w
@@ -122,13 +133,8 @@ class ReferenceModel:
         c = self.config
         if not c.is_moe:
             return self.unit_ffn(i, x)
-        top, weight = route_tokens(x, self.w[f"layers.{i}.router"], c.experts_per_token)
-        y = np.zeros_like(x)
-        for e in range(c.num_experts):
-            rows, slot = np.nonzero(top == e)
-            if rows.size:
-                y[rows] += self.unit_ffn(i * c.num_experts + e, x[rows]) * weight[rows, slot][:, None]
-        return y
+        return apply_experts(x, self.w[f"layers.{i}.router"], c.experts_per_token,
+                             lambda e, rows: self.unit_ffn(i * c.num_experts + e, rows))
 
     def unit_ffn(self, u: int, x: np.ndarray) -> np.ndarray:
         """FFN unit ``u`` (a layer's FFN or one expert) on the rows ``x`` (subclasses make it sparse)."""

@@ -497,15 +497,10 @@ class OffloadModel:
         c = self.config
         if not c.is_moe:
             return self._ffn_dense_batch(layer, x)
-        from xpuc.compiler.reference import route_tokens
+        from xpuc.compiler.reference import apply_experts
 
-        top, w = route_tokens(x, self.layers[layer]["router"], c.experts_per_token)
-        y = np.zeros_like(x)
-        for e in range(c.num_experts):
-            rows, slot = np.nonzero(top == e)
-            if rows.size:
-                y[rows] += self._ffn_dense_batch(layer * c.num_experts + e, x[rows]) * w[rows, slot][:, None]
-        return y
+        return apply_experts(x, self.layers[layer]["router"], c.experts_per_token,
+                             lambda e, rows: self._ffn_dense_batch(layer * c.num_experts + e, rows))
 
     def _ffn_dense_batch(self, i: int, x: np.ndarray) -> np.ndarray:
         """Dense FFN of unit ``i`` for a batch ``x`` (T, d): chunks of clusters dequantized by a compiled kernel
