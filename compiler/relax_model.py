@@ -23,6 +23,7 @@ from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedK
 
 from xpuc.compiler.spec import ArchConfig, ModelSpec
 from xpuc.schedules.linear import embedding_fp16, linear_fp16, pack_rows, packed_shape
+from xpuc.schedules.linear_quant import embedding_quant, gate_up_act_quant, linear_quant, quantize_rows, quantized_shape
 
 WEIGHT_DTYPE = "float16"
 ACT_DTYPE = "float32"
@@ -33,18 +34,32 @@ ACT_DTYPE = "float32"
 # dlight (GPU prefill) or left to the default pipeline.
 KERNELS = ("cpu", "generic")
 _FLAVOUR = {"value": "cpu"}
+# Quantized weights (cpu kernels only): GGML format of the projections, and of the embedding / LM head.
+QUANTIZATIONS = ("q4_0", "q4_1", "q8_0")
+EMBED_QUANT = "q8_0"
+_QUANT: dict[str, str | None] = {"linear": None, "embed": None}
 
 
-def _packed_param(out_f: int, in_f: int) -> nn.Parameter:
-    """An (out, in) fp16 matrix: row-block packed for :func:`linear_fp16` (cpu) or plain (generic)."""
-    shape = packed_shape(in_f, out_f) if _FLAVOUR["value"] == "cpu" else (out_f, in_f)
-    p = nn.Parameter(shape, WEIGHT_DTYPE)
+def _packed_param(out_f: int, in_f: int, fmt: str | None = None) -> nn.Parameter:
+    """An (out, in) matrix: fp16 row-block packed for :func:`linear_fp16` (cpu), plain fp16 (generic), or
+    rows of GGML blocks for :func:`linear_quant` when ``fmt`` is given."""
+    if fmt is not None:
+        p = nn.Parameter(quantized_shape(in_f, out_f, fmt), "uint8")
+        p.qfmt = fmt
+    else:
+        shape = packed_shape(in_f, out_f) if _FLAVOUR["value"] == "cpu" else (out_f, in_f)
+        p = nn.Parameter(shape, WEIGHT_DTYPE)
     p.logical_shape = (out_f, in_f)
     return p
 
 
 def _linear(x: nn.Tensor, weight: nn.Parameter, bias: nn.Tensor | None = None) -> nn.Tensor:
     out_f, in_f = weight.logical_shape
+    fmt = getattr(weight, "qfmt", None)
+    if fmt is not None:
+        y = op.tensor_ir_op(linear_quant(in_f, out_f, fmt), f"linear_{fmt}_{in_f}x{out_f}", args=[x, weight],
+                            out=nn.Tensor.placeholder([1, x.shape[1], out_f], ACT_DTYPE))
+        return y + bias.astype(ACT_DTYPE) if bias is not None else y
     if len(weight.shape) == 2:  # generic flavour
         y = op.matmul(x, op.permute_dims(weight.astype(ACT_DTYPE)))
         return y + bias.astype(ACT_DTYPE) if bias is not None else y
@@ -67,9 +82,9 @@ class Attention(nn.Module):
     def __init__(self, c: ArchConfig) -> None:
         self.c = c
         rows = (c.num_heads + 2 * c.num_kv_heads) * c.head_dim
-        self.qkv_weight = _packed_param(rows, c.hidden_size)
+        self.qkv_weight = _packed_param(rows, c.hidden_size, _QUANT["linear"])
         self.qkv_bias = nn.Parameter((rows,), WEIGHT_DTYPE) if c.qkv_bias else None
-        self.o_weight = _packed_param(c.hidden_size, c.num_heads * c.head_dim)
+        self.o_weight = _packed_param(c.hidden_size, c.num_heads * c.head_dim, _QUANT["linear"])
 
     def forward(self, x: nn.Tensor, kv: PagedKVCache, layer_id: int) -> nn.Tensor:
         c = self.c
@@ -81,12 +96,25 @@ class Attention(nn.Module):
 
 
 class FFN(nn.Module):
+    """Gated FFN. With quantized weights, decoding (one token) skips the up row of every neuron that does
+    not fire (``|silu(g)| <= threshold``, a per-layer parameter; 0 = exact) in one fused kernel; prefill is
+    always dense and exact."""
+
     def __init__(self, c: ArchConfig) -> None:
         self.kind = c.ffn_kind
-        self.gate_up_weight = _packed_param(2 * c.intermediate_size, c.hidden_size)
-        self.down_weight = _packed_param(c.hidden_size, c.intermediate_size)
+        self.d, self.d_ff = c.hidden_size, c.intermediate_size
+        self.gate_up_weight = _packed_param(2 * c.intermediate_size, c.hidden_size, _QUANT["linear"])
+        self.down_weight = _packed_param(c.hidden_size, c.intermediate_size, _QUANT["linear"])
+        self.threshold = nn.Parameter((1,), ACT_DTYPE) if _QUANT["linear"] else None
 
     def forward(self, x: nn.Tensor) -> nn.Tensor:
+        fmt = getattr(self.gate_up_weight, "qfmt", None)
+        if fmt is not None and isinstance(x.shape[1], int) and x.shape[1] == 1:
+            h = op.tensor_ir_op(gate_up_act_quant(self.d, self.d_ff, fmt, self.kind),
+                                f"gate_up_act_{fmt}_{self.d}x{self.d_ff}_{self.kind}",
+                                args=[x, self.gate_up_weight, self.threshold],
+                                out=nn.Tensor.placeholder([1, 1, self.d_ff], ACT_DTYPE))
+            return _linear(h, self.down_weight)
         g, u = op.split(_linear(x, self.gate_up_weight), 2, axis=-1)
         if self.kind == "swiglu":
             h = op.silu(g) * u
@@ -115,14 +143,19 @@ class DecoderModel(nn.Module):
     def __init__(self, c: ArchConfig, target) -> None:
         self.c = c
         self.target = target
-        self.embed = _packed_param(c.vocab_size, c.hidden_size)
+        self.embed = _packed_param(c.vocab_size, c.hidden_size, _QUANT["embed"])
         self.layers = nn.ModuleList([DecoderLayer(c) for _ in range(c.num_layers)])
         self.final_norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
-        self.lm_head = None if c.tie_embeddings else _packed_param(c.vocab_size, c.hidden_size)
+        self.lm_head = None if c.tie_embeddings else _packed_param(c.vocab_size, c.hidden_size, _QUANT["embed"])
 
     def _body(self, input_ids: nn.Tensor, kv: PagedKVCache) -> nn.Tensor:
         s = input_ids.shape[1]
-        if len(self.embed.shape) == 2:  # generic flavour
+        fmt = getattr(self.embed, "qfmt", None)
+        if fmt is not None:
+            h = op.tensor_ir_op(embedding_quant(self.c.vocab_size, self.c.hidden_size, fmt), f"embedding_{fmt}",
+                                args=[input_ids, self.embed],
+                                out=nn.Tensor.placeholder([1, s, self.c.hidden_size], ACT_DTYPE))
+        elif len(self.embed.shape) == 2:  # generic flavour
             h = op.take(self.embed, op.reshape(input_ids, (s,)), axis=0).astype(ACT_DTYPE)
             h = op.reshape(h, (1, s, self.c.hidden_size))
         else:
@@ -178,36 +211,53 @@ class DecoderModel(nn.Module):
 
 def export_model(config: ArchConfig, target, kernels: str = "cpu",
                  functions: tuple[str, ...] = ("prefill", "decode", "create_paged_kv_cache"),
-                 ) -> tuple[object, list[tuple[str, tuple, str]]]:
+                 quant: str | None = None) -> tuple[object, list[tuple[str, tuple, str]]]:
     """Build the Relax IRModule; returns (module, [(param name, shape, dtype)] in packing order).
 
-    ``kernels`` picks the flavour (see ``KERNELS``); ``functions`` the exported functions.
+    ``kernels`` picks the flavour (see ``KERNELS``); ``functions`` the exported functions; ``quant`` (cpu
+    kernels only) stores the projections in that GGML format and the embedding / LM head in ``q8_0``, and
+    adds a per-layer FFN activation threshold parameter (``layers.i.ffn.threshold``).
     """
     if kernels not in KERNELS:
         raise ValueError(f"kernels must be one of {KERNELS}")
+    if quant is not None and (quant not in QUANTIZATIONS or kernels != "cpu"):
+        raise ValueError(f"quant must be one of {QUANTIZATIONS} (cpu kernels only)")
     _FLAVOUR["value"] = kernels
+    _QUANT.update(linear=quant, embed=EMBED_QUANT if quant else None)
     try:
         model = DecoderModel(config, target)
     finally:
         _FLAVOUR["value"] = "cpu"
+        _QUANT.update(linear=None, embed=None)
     spec = {k: v for k, v in model.export_spec().items() if k in functions}
     mod, named_params = model.export_tvm(spec=spec)
     params = [(name, tuple(int(d) for d in p.shape), p.dtype) for name, p in named_params]
     return mod, params
 
 
-def param_arrays(spec: ModelSpec, kernels: str = "cpu") -> dict[str, np.ndarray]:
-    """Relax parameter name -> fp16 array (matrices row-block packed for ``cpu``), from the ModelSpec."""
+def param_arrays(spec: ModelSpec, kernels: str = "cpu", quant: str | None = None,
+                 thresholds: list[float] | None = None) -> dict[str, np.ndarray]:
+    """Relax parameter name -> array, from the ModelSpec: fp16 (matrices row-block packed for ``cpu``), or
+    with ``quant`` the matrices as GGML blocks (embedding / LM head ``q8_0``) and the FFN thresholds."""
     c, w = spec.config, spec.weights
 
-    def _packed(m: np.ndarray) -> np.ndarray:
+    def _packed(m: np.ndarray, fmt: str | None = quant) -> np.ndarray:
+        if fmt is not None:
+            return quantize_rows(m, fmt)
         m = m.astype(WEIGHT_DTYPE)
         return pack_rows(m) if kernels == "cpu" else np.ascontiguousarray(m)
 
-    out: dict[str, np.ndarray] = {"embed": _packed(w["embed_tokens"]),
+    embed_fmt = EMBED_QUANT if quant else None
+    out: dict[str, np.ndarray] = {"embed": _packed(w["embed_tokens"], embed_fmt),
                                   "final_norm.weight": w["final_norm"].astype(WEIGHT_DTYPE)}
     if not c.tie_embeddings:
-        out["lm_head"] = _packed(w["lm_head"])
+        out["lm_head"] = _packed(w["lm_head"], embed_fmt)
+    if quant:
+        t = list(thresholds) if thresholds is not None else [0.0] * c.num_layers
+        if len(t) != c.num_layers:
+            raise ValueError(f"{len(t)} FFN thresholds for {c.num_layers} layers")
+        for i in range(c.num_layers):
+            out[f"layers.{i}.ffn.threshold"] = np.array([t[i]], np.float32)
     for i in range(c.num_layers):
         p, q = f"layers.{i}.", f"layers.{i}."
         out[q + "attn_norm.weight"] = w[p + "attn_norm"].astype(WEIGHT_DTYPE)

@@ -21,8 +21,8 @@ class SparseReference(ReferenceModel):
     """The numpy reference with thresholded (and optionally predicted) FFN sparsity."""
 
     def __init__(self, spec: ModelSpec, thresholds: list[float], predictor=None,
-                 cluster_of: list[np.ndarray] | None = None) -> None:
-        super().__init__(spec, "float16")
+                 cluster_of: list[np.ndarray] | None = None, weight_dtype: str = "float16") -> None:
+        super().__init__(spec, weight_dtype)
         self.thresholds = thresholds
         self.predictor = predictor
         self.cluster_of = cluster_of  # per FFN unit: cluster of each neuron (the decode path selects clusters)

@@ -1,0 +1,269 @@
+"""Dense kernels over GGML-quantized weight rows (q4_0, q4_1, q8_0), written directly in TIR.
+
+A weight matrix ``W`` of shape (out, in) is stored as ``(out, in/32 * block_bytes)`` uint8: each row is a
+sequence of GGML blocks of 32 values along the input dimension, byte-identical to llama.cpp's
+``block_q4_0`` (fp16 scale, 16 bytes of nibbles: value ``(q - 8) * s``), ``block_q4_1`` (fp16 scale, fp16
+minimum, 16 bytes of nibbles: ``q * s + m``) and ``block_q8_0`` (fp16 scale, 32 int8: ``q * s``). A GGUF
+model's quantized matrices therefore keep their exact values (see :func:`quantize_rows`).
+
+Kernels (activations fp32, a symbolic number of tokens ``n``):
+
+* :func:`linear_quant` — ``y[0, t, i] = sum_k x[0, t, k] * W[i, k]``. One token (decode): parallel tasks
+  over blocks of ``R`` rows whose 16-lane accumulators share every activation load, weights unpacked in
+  registers. Several tokens (prefill): each task dequantizes its rows into an fp32 scratch once and reuses
+  them for every token.
+* :func:`embedding_quant` — gather of token rows, dequantized.
+* :func:`gate_up_act_quant` — the decode half of a gated FFN with **thresholded sparsity**: for each
+  neuron the gate row's dot product, then, only if the neuron fires (``|silu(g)| > thr`` for SwiGLU, ``g > 0``
+  for the ReLU kinds), its up row's dot product; the output is the activation ``h`` (zero where the neuron
+  did not fire), ready for the down projection.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+
+import numpy as np
+from tvm import tirx
+from tvm.script import tirx as T
+
+from xpuc.schedules.linear import largest_divisor
+from xpuc.schedules.neuron_bundle import QBLOCK, dequantize_q4, quantize_q4
+from xpuc.schedules.sparse_ffn import _activation_exprs
+
+QUANT_FORMATS = {"q4_0": 18, "q4_1": 20, "q8_0": 34}
+LANES = 16
+
+
+def _check(fmt: str, in_features: int) -> int:
+    if fmt not in QUANT_FORMATS:
+        raise ValueError(f"unknown quantized format '{fmt}' (known: {', '.join(QUANT_FORMATS)})")
+    if in_features % QBLOCK:
+        raise ValueError(f"{fmt} rows need a multiple of {QBLOCK} values, got {in_features}")
+    return QUANT_FORMATS[fmt]
+
+
+def quantized_shape(in_features: int, out_features: int, fmt: str) -> tuple[int, int]:
+    """Storage shape (uint8) of an (out, in) matrix in ``fmt``."""
+    return out_features, in_features // QBLOCK * _check(fmt, in_features)
+
+
+def quantize_rows(w: np.ndarray, fmt: str) -> np.ndarray:
+    """(out, in) float matrix -> (out, in/32 * block_bytes) uint8 GGML blocks.
+
+    The rounding follows llama.cpp's reference quantizers, so a matrix that was dequantized from the same
+    format is quantized back to the same values (the block's extreme values fix the scale and minimum).
+    """
+    _check(fmt, w.shape[-1])
+    if fmt in ("q4_0", "q4_1"):
+        return quantize_q4(w, with_min=fmt == "q4_1")
+    x = w.astype(np.float32).reshape(*w.shape[:-1], -1, QBLOCK)
+    amax = np.abs(x).max(-1)
+    s = (amax / 127.0).astype(np.float16)
+    s32 = s.astype(np.float32)
+    inv = np.where(s32 > 0, 1.0 / np.where(s32 > 0, s32, 1), 0.0)
+    q = np.clip(np.round(x * inv[..., None]), -127, 127).astype(np.int8)
+    blocks = np.concatenate([s.view(np.uint8).reshape(*s.shape, 2), q.view(np.uint8)], axis=-1)
+    return np.ascontiguousarray(blocks.reshape(*w.shape[:-1], -1))
+
+
+def dequantize_rows(data: np.ndarray, fmt: str) -> np.ndarray:
+    """Inverse of :func:`quantize_rows` (float32)."""
+    if fmt in ("q4_0", "q4_1"):
+        return dequantize_q4(data, with_min=fmt == "q4_1")
+    b = data.reshape(*data.shape[:-1], -1, QUANT_FORMATS["q8_0"])
+    s = np.ascontiguousarray(b[..., 0:2]).view(np.float16)[..., 0].astype(np.float32)[..., None]
+    v = np.ascontiguousarray(b[..., 2:]).view(np.int8).astype(np.float32) * s
+    return v.reshape(*data.shape[:-1], -1)
+
+
+def _row_elem(fmt: str):
+    """Builder of the fp32 value of row ``i``, block ``b``, half ``half`` (0/1), lane ``l`` (0..15)."""
+    bb = QUANT_FORMATS[fmt]
+
+    def half_float(w, i, at):
+        bits = T.Cast("uint16", w[i, at]) | T.shift_left(T.Cast("uint16", w[i, at + 1]), T.uint16(8))
+        return T.Cast("float32", T.reinterpret("float16", bits))
+
+    if fmt == "q8_0":
+
+        def elem(w, i, b, half, l):
+            q = T.Cast("float32", T.reinterpret("int8", w[i, b * bb + 2 + half * 16 + l]))
+            return q * half_float(w, i, b * bb)
+
+        return elem
+
+    def nibble(w, i, b, half, l):
+        byte = w[i, b * bb + (bb - 16) + l]
+        return T.Cast("float32", T.shift_right(byte, T.Cast("uint8", half * 4)) & T.uint8(15))
+
+    if fmt == "q4_0":
+
+        def elem(w, i, b, half, l):
+            return (nibble(w, i, b, half, l) - T.float32(8)) * half_float(w, i, b * bb)
+
+        return elem
+
+    def elem(w, i, b, half, l):
+        return nibble(w, i, b, half, l) * half_float(w, i, b * bb) + half_float(w, i, b * bb + 2)
+
+    return elem
+
+
+@cache
+def linear_quant(in_features: int, out_features: int, fmt: str, rows: int = 4) -> tirx.PrimFunc:
+    """Return the TIR PrimFunc of ``y = x @ W.T`` with ``W`` in GGML format ``fmt``.
+
+    Parameters
+    ----------
+    in_features, out_features:
+        Static matrix shape; ``in_features`` must be a multiple of 32.
+    fmt:
+        ``q4_0`` | ``q4_1`` | ``q8_0``.
+    rows:
+        Preferred output rows per parallel task (reduced to a power-of-two divisor of ``out_features``).
+
+    Returns
+    -------
+    func : tirx.PrimFunc
+        ``(x: (1, n, in) f32, w: quantized_shape(in, out) u8, y: (1, n, out) f32)``.
+    """
+    K, N = in_features, out_features
+    WSHAPE = quantized_shape(K, N, fmt)
+    R = largest_divisor(N, rows)
+    NB, NR = K // QBLOCK, N // R
+    elem = _row_elem(fmt)
+
+    @T.prim_func(private=True, s_tir=True)
+    def linear(var_x: T.handle, w: T.Buffer(WSHAPE, "uint8"), var_y: T.handle):
+        T.func_attr({"tir.noalias": True})
+        n = T.int64()
+        x = T.match_buffer(var_x, (1, n, K), "float32")
+        y = T.match_buffer(var_y, (1, n, N), "float32")
+        with T.sblock("root"):
+            for ib in T.parallel(NR):
+                acc = T.alloc_buffer((R, LANES), "float32", scope="global")
+                if n == T.int64(1):
+                    for r in T.unroll(R):
+                        for l in T.vectorized(LANES):
+                            acc[r, l] = T.float32(0)
+                    for b in range(NB):
+                        for half in T.unroll(2):
+                            for r in T.unroll(R):
+                                for l in T.vectorized(LANES):
+                                    acc[r, l] = acc[r, l] + x[0, 0, b * QBLOCK + half * 16 + l] * elem(
+                                        w, ib * R + r, b, half, l)
+                    for r in T.unroll(R):
+                        for l in T.vectorized(8):
+                            acc[r, l] = acc[r, l] + acc[r, l + 8]
+                        for l in T.vectorized(4):
+                            acc[r, l] = acc[r, l] + acc[r, l + 4]
+                        for l in T.vectorized(2):
+                            acc[r, l] = acc[r, l] + acc[r, l + 2]
+                        y[0, 0, ib * R + r] = acc[r, 0] + acc[r, 1]
+                else:
+                    wblk = T.alloc_buffer((R, K), "float32", scope="global")
+                    for r in range(R):
+                        for b in range(NB):
+                            for half in T.unroll(2):
+                                for l in T.vectorized(LANES):
+                                    wblk[r, b * QBLOCK + half * 16 + l] = elem(w, ib * R + r, b, half, l)
+                    for t in range(n):
+                        for r in T.unroll(R):
+                            for l in T.vectorized(LANES):
+                                acc[r, l] = T.float32(0)
+                        for kb in range(K // LANES):
+                            for r in T.unroll(R):
+                                for l in T.vectorized(LANES):
+                                    acc[r, l] = acc[r, l] + x[0, t, kb * LANES + l] * wblk[r, kb * LANES + l]
+                        for r in T.unroll(R):
+                            y[0, t, ib * R + r] = T.float32(0)
+                            for l in range(LANES):
+                                y[0, t, ib * R + r] = y[0, t, ib * R + r] + acc[r, l]
+
+    return linear
+
+
+@cache
+def embedding_quant(vocab: int, d: int, fmt: str) -> tirx.PrimFunc:
+    """``(ids: (1, n) i32, w: quantized_shape(d, vocab) u8, h: (1, n, d) f32)``: the tokens' rows, dequantized."""
+    WSHAPE = quantized_shape(d, vocab, fmt)
+    NB = d // QBLOCK
+    elem = _row_elem(fmt)
+
+    @T.prim_func(private=True, s_tir=True)
+    def embedding(var_ids: T.handle, w: T.Buffer(WSHAPE, "uint8"), var_h: T.handle):
+        T.func_attr({"tir.noalias": True})
+        n = T.int64()
+        ids = T.match_buffer(var_ids, (1, n), "int32")
+        h = T.match_buffer(var_h, (1, n, d), "float32")
+        with T.sblock("root"):
+            for t in range(n):
+                for b in range(NB):
+                    for half in T.unroll(2):
+                        for l in T.vectorized(LANES):
+                            h[0, t, b * QBLOCK + half * 16 + l] = elem(w, ids[0, t], b, half, l)
+
+    return embedding
+
+
+@cache
+def gate_up_act_quant(d: int, d_ff: int, fmt: str, kind: str, tasks: int = 16) -> tirx.PrimFunc:
+    """The gate/up half of a gated FFN for one token, skipping the up row of neurons that do not fire.
+
+    Parameters
+    ----------
+    d, d_ff:
+        Model width and number of neurons; the weight is the fused ``[gate; up]`` matrix (2 d_ff, d).
+    fmt:
+        ``q4_0`` | ``q4_1`` | ``q8_0``.
+    kind:
+        ``swiglu`` (fires when ``|silu(g)| > thr``), ``reglu`` or ``drelu`` (fire when ``g > 0``).
+    tasks:
+        Parallel tasks (contiguous ranges of neurons).
+
+    Returns
+    -------
+    func : tirx.PrimFunc
+        ``(x: (1, 1, d) f32, w: quantized_shape(d, 2 d_ff) u8, thr: (1,) f32, h: (1, 1, d_ff) f32)``.
+    """
+    if kind not in ("swiglu", "reglu", "drelu"):
+        raise ValueError(f"gate_up_act_quant needs a gated FFN kind, got '{kind}'")
+    WSHAPE = quantized_shape(d, 2 * d_ff, fmt)
+    NB, P = d // QBLOCK, tasks
+    elem = _row_elem(fmt)
+    fires, combine = _activation_exprs(kind)
+
+    @T.macro
+    def dot(x, acc, s, w, row, slot):
+        for l in T.vectorized(LANES):
+            acc[l] = T.float32(0)
+        for b in range(NB):
+            for half in T.unroll(2):
+                for l in T.vectorized(LANES):
+                    acc[l] = acc[l] + x[0, 0, b * QBLOCK + half * 16 + l] * elem(w, row, b, half, l)
+        for l in T.vectorized(8):
+            acc[l] = acc[l] + acc[l + 8]
+        for l in T.vectorized(4):
+            acc[l] = acc[l] + acc[l + 4]
+        for l in T.vectorized(2):
+            acc[l] = acc[l] + acc[l + 2]
+        s[slot] = acc[0] + acc[1]
+
+    @T.prim_func(private=True, s_tir=True)
+    def gate_up_act(x: T.Buffer((1, 1, d), "float32"), w: T.Buffer(WSHAPE, "uint8"),
+                    thr: T.Buffer((1,), "float32"), h: T.Buffer((1, 1, d_ff), "float32")):
+        T.func_attr({"tir.noalias": True})
+        with T.sblock("root"):
+            for p in T.parallel(P):
+                acc = T.alloc_buffer((LANES,), "float32", scope="global")
+                s = T.alloc_buffer((2,), "float32", scope="global")
+                for i in range(d_ff * p // P, d_ff * (p + 1) // P):
+                    dot(x, acc, s, w, i, 0)
+                    if fires(s[0], thr[0]):
+                        dot(x, acc, s, w, d_ff + i, 1)
+                        h[0, 0, i] = combine(s[0], s[1], thr[0])
+                    else:
+                        h[0, 0, i] = T.float32(0)
+
+    return gate_up_act
