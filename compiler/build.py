@@ -100,13 +100,17 @@ def _kernels_of(ex, target, mod) -> tuple[list[str], dict]:
 
 def compile_model(model: str | os.PathLike, output: str | os.PathLike, device: str = "host",
                   force: bool = False, quiet: bool = False, prefill_on: str = "auto",
-                  debug_dump: str | os.PathLike | None = None) -> Path:
+                  debug_dump: str | os.PathLike | None = None, quantize: str | None = None,
+                  ffn_stats: str | os.PathLike | None = None) -> Path:
     """Compile ``model`` (GGUF file or HF directory) for ``device`` into the artifact directory ``output``.
 
     Decode (and a CPU prefill) is always built for the device's CPU; with ``prefill_on="gpu"`` (the
     default where the profile has a GPU) a second module runs prefill on the GPU. ``debug_dump``
-    writes the IR after each lowering phase. The artifact is written to a temporary directory beside
-    ``output`` and renamed when complete.
+    writes the IR after each lowering phase. ``quantize`` stores the CPU module's projections as GGML
+    blocks (``q4_0``/``q4_1``/``q8_0``; embedding and LM head ``q8_0``); ``ffn_stats`` (a profile from
+    ``xpuc profile --sparsity``) gives its decode kernels per-layer activation thresholds (thresholded
+    sparsity: the up row of a neuron below its layer's threshold is skipped). The artifact is written to a
+    temporary directory beside ``output`` and renamed when complete.
     """
     import tvm
     from safetensors.numpy import save_file
@@ -131,11 +135,12 @@ def compile_model(model: str | os.PathLike, output: str | os.PathLike, device: s
         raise XpucError(f"{model}: a mixture-of-experts model ({spec.config.num_experts} experts); `xpuc compile` "
                         "builds dense models — run MoE models with `xpuc profile`, `plan`, `pack` and `run`")
     steps.done(f"{spec.config.architecture}, {spec.config.num_parameters() / 1e6:.0f} M parameters")
+    thresholds = _thresholds(spec, quantize, ffn_stats)
 
     with staged_directory(output, force) as tmp:
         steps.start("building the Relax module")
         target = profile.cpu_target()
-        mod, params = export_model(spec.config, target)
+        mod, params = export_model(spec.config, target, quant=quantize)
         steps.done(f"{len(params)} parameters")
 
         steps.start(f"compiling for {target.attrs.get('mtriple', 'host')} ({target.attrs.get('mcpu', '')})")
@@ -147,8 +152,8 @@ def compile_model(model: str | os.PathLike, output: str | os.PathLike, device: s
                          if isinstance(f, tvm.tirx.PrimFunc))
         steps.done(toolchain.name)
 
-        steps.start("converting weights to fp16")
-        arrays = param_arrays(spec)
+        steps.start(f"quantizing weights to {quantize} (embedding q8_0)" if quantize else "converting weights to fp16")
+        arrays = param_arrays(spec, quant=quantize, thresholds=thresholds)
         missing = [n for n, _, _ in params if n not in arrays]
         if missing:
             raise XpucError(f"internal: no weights for parameters {missing[:3]}")
@@ -163,7 +168,9 @@ def compile_model(model: str | os.PathLike, output: str | os.PathLike, device: s
         modules = [ModuleEntry(name="model", file=LIB_FILE,
                                role="prefill+decode" if prefill == "cpu" else "decode",
                                target=str(target), mtriple=str(target.attrs.get("mtriple", "")),
-                               toolchain=toolchain.name, kernels=kernels)]
+                               toolchain=toolchain.name, kernels=kernels,
+                               info={"weights": quantize or "float16",
+                                     **({"embedding": "q8_0", "ffn_thresholds": thresholds} if quantize else {})})]
         files = [LIB_FILE, WEIGHTS_FILE]
         if prefill != "cpu":
             xpu = profile.gpu if prefill == "gpu" else profile.npu
@@ -194,6 +201,19 @@ def compile_model(model: str | os.PathLike, output: str | os.PathLike, device: s
         steps.start(f"finishing {output}")
     steps.done()
     return output
+
+
+def _thresholds(spec, quantize: str | None, ffn_stats) -> list[float] | None:
+    """Per-layer FFN thresholds for the quantized decode kernels (zeros = exact) from a profile."""
+    if ffn_stats is None:
+        return [0.0] * spec.config.num_layers if quantize else None
+    from xpuc.compiler.profiler import ProfileStats
+
+    stats = ProfileStats.load(ffn_stats)
+    stats.check_matches(spec.config, f"profile {ffn_stats}")
+    if spec.config.ffn_kind != "swiglu":
+        return [0.0] * spec.config.num_layers  # ReLU kinds: a neuron fires when its gate is positive
+    return [float(t) for t in stats.thresholds]
 
 
 GRAPH_LIB_FILE = "graph.so"

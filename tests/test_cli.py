@@ -218,3 +218,18 @@ def test_console_script_installed():
     assert exe, "the `xpuc` console script is not installed next to the interpreter"
     r = subprocess.run([exe, "targets"], capture_output=True, text=True)
     assert r.returncode == 0
+
+
+def test_compile_quantized_runs_and_records_its_format(tmp_path, artifact):
+    r = xpuc("compile", str(artifact.parent / "tiny.gguf"), "-o", str(tmp_path / "q"), "--quantize", "q8_0")
+    assert r.returncode == 0, r.stderr
+    assert "quantizing weights to q8_0" in r.stderr
+    man = json.loads((tmp_path / "q" / "manifest.json").read_text())
+    info = man["modules"][0]["info"]
+    assert info["weights"] == "q8_0" and info["ffn_thresholds"] == [0.0, 0.0]
+    assert (tmp_path / "q" / "params.safetensors").stat().st_size < (artifact / "params.safetensors").stat().st_size
+    a = json.loads(xpuc("run", str(tmp_path / "q"), "--prompt", "hello world", "--max-tokens", "4", "--json").stdout)
+    assert 1 <= len(a["tokens"]) <= 4
+    assert_clean_error(xpuc("compile", str(artifact.parent / "tiny.gguf"), "-o", str(tmp_path / "x"),
+                            "--ffn-stats", "p.json"), "add --quantize")
+    assert not (tmp_path / "x").exists()
