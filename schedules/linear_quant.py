@@ -111,7 +111,7 @@ def _row_elem(fmt: str):
 
 
 @cache
-def linear_quant(in_features: int, out_features: int, fmt: str, rows: int = 4) -> tirx.PrimFunc:
+def linear_quant(in_features: int, out_features: int, fmt: str, rows: int = 8) -> tirx.PrimFunc:
     """Return the TIR PrimFunc of ``y = x @ W.T`` with ``W`` in GGML format ``fmt``.
 
     Parameters
@@ -208,7 +208,7 @@ def embedding_quant(vocab: int, d: int, fmt: str) -> tirx.PrimFunc:
 
 
 @cache
-def gate_up_act_quant(d: int, d_ff: int, fmt: str, kind: str, tasks: int = 16) -> tirx.PrimFunc:
+def gate_up_act_quant(d: int, d_ff: int, fmt: str, kind: str, group: int = 8) -> tirx.PrimFunc:
     """The gate/up half of a gated FFN for one token, skipping the up row of neurons that do not fire.
 
     Parameters
@@ -219,8 +219,9 @@ def gate_up_act_quant(d: int, d_ff: int, fmt: str, kind: str, tasks: int = 16) -
         ``q4_0`` | ``q4_1`` | ``q8_0``.
     kind:
         ``swiglu`` (fires when ``|silu(g)| > thr``), ``reglu`` or ``drelu`` (fire when ``g > 0``).
-    tasks:
-        Parallel tasks (contiguous ranges of neurons).
+    group:
+        Neurons per parallel task (reduced to a power-of-two divisor of ``d_ff``): their gate rows share
+        every activation load; then the up row of each firing neuron is read.
 
     Returns
     -------
@@ -230,40 +231,53 @@ def gate_up_act_quant(d: int, d_ff: int, fmt: str, kind: str, tasks: int = 16) -
     if kind not in ("swiglu", "reglu", "drelu"):
         raise ValueError(f"gate_up_act_quant needs a gated FFN kind, got '{kind}'")
     WSHAPE = quantized_shape(d, 2 * d_ff, fmt)
-    NB, P = d // QBLOCK, tasks
+    G = largest_divisor(d_ff, group)
+    NB = d // QBLOCK
     elem = _row_elem(fmt)
     fires, combine = _activation_exprs(kind)
-
-    @T.macro
-    def dot(x, acc, s, w, row, slot):
-        for l in T.vectorized(LANES):
-            acc[l] = T.float32(0)
-        for b in range(NB):
-            for half in T.unroll(2):
-                for l in T.vectorized(LANES):
-                    acc[l] = acc[l] + x[0, 0, b * QBLOCK + half * 16 + l] * elem(w, row, b, half, l)
-        for l in T.vectorized(8):
-            acc[l] = acc[l] + acc[l + 8]
-        for l in T.vectorized(4):
-            acc[l] = acc[l] + acc[l + 4]
-        for l in T.vectorized(2):
-            acc[l] = acc[l] + acc[l + 2]
-        s[slot] = acc[0] + acc[1]
 
     @T.prim_func(private=True, s_tir=True)
     def gate_up_act(x: T.Buffer((1, 1, d), "float32"), w: T.Buffer(WSHAPE, "uint8"),
                     thr: T.Buffer((1,), "float32"), h: T.Buffer((1, 1, d_ff), "float32")):
         T.func_attr({"tir.noalias": True})
         with T.sblock("root"):
-            for p in T.parallel(P):
-                acc = T.alloc_buffer((LANES,), "float32", scope="global")
-                s = T.alloc_buffer((2,), "float32", scope="global")
-                for i in range(d_ff * p // P, d_ff * (p + 1) // P):
-                    dot(x, acc, s, w, i, 0)
-                    if fires(s[0], thr[0]):
-                        dot(x, acc, s, w, d_ff + i, 1)
-                        h[0, 0, i] = combine(s[0], s[1], thr[0])
+            for grp in T.parallel(d_ff // G):
+                acc = T.alloc_buffer((G, LANES), "float32", scope="global")
+                up = T.alloc_buffer((LANES,), "float32", scope="global")
+                for r in T.unroll(G):
+                    for l in T.vectorized(LANES):
+                        acc[r, l] = T.float32(0)
+                for b in range(NB):
+                    for half in T.unroll(2):
+                        for r in T.unroll(G):
+                            for l in T.vectorized(LANES):
+                                acc[r, l] = acc[r, l] + x[0, 0, b * QBLOCK + half * 16 + l] * elem(
+                                    w, grp * G + r, b, half, l)
+                for r in T.unroll(G):
+                    for l in T.vectorized(8):
+                        acc[r, l] = acc[r, l] + acc[r, l + 8]
+                    for l in T.vectorized(4):
+                        acc[r, l] = acc[r, l] + acc[r, l + 4]
+                    for l in T.vectorized(2):
+                        acc[r, l] = acc[r, l] + acc[r, l + 2]
+                    acc[r, 0] = acc[r, 0] + acc[r, 1]
+                for r in range(G):
+                    if fires(acc[r, 0], thr[0]):
+                        for l in T.vectorized(LANES):
+                            up[l] = T.float32(0)
+                        for b in range(NB):
+                            for half in T.unroll(2):
+                                for l in T.vectorized(LANES):
+                                    up[l] = up[l] + x[0, 0, b * QBLOCK + half * 16 + l] * elem(
+                                        w, d_ff + grp * G + r, b, half, l)
+                        for l in T.vectorized(8):
+                            up[l] = up[l] + up[l + 8]
+                        for l in T.vectorized(4):
+                            up[l] = up[l] + up[l + 4]
+                        for l in T.vectorized(2):
+                            up[l] = up[l] + up[l + 2]
+                        h[0, 0, grp * G + r] = combine(acc[r, 0], up[0] + up[1], thr[0])
                     else:
-                        h[0, 0, i] = T.float32(0)
+                        h[0, 0, grp * G + r] = T.float32(0)
 
     return gate_up_act
