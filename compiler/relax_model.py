@@ -23,7 +23,13 @@ from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedK
 
 from xpuc.compiler.spec import ArchConfig, ModelSpec
 from xpuc.schedules.linear import embedding_fp16, linear_fp16, pack_rows, packed_shape
-from xpuc.schedules.linear_quant import embedding_quant, gate_up_act_quant, linear_quant, quantize_rows, quantized_shape
+from xpuc.schedules.linear_quant import (
+    embedding_quant,
+    gate_up_act_quant,
+    linear_quant,
+    quantize_matrix,
+    quantized_shape,
+)
 
 WEIGHT_DTYPE = "float16"
 ACT_DTYPE = "float32"
@@ -243,7 +249,7 @@ def param_arrays(spec: ModelSpec, kernels: str = "cpu", quant: str | None = None
 
     def _packed(m: np.ndarray, fmt: str | None = quant) -> np.ndarray:
         if fmt is not None:
-            return quantize_rows(m, fmt)
+            return quantize_matrix(m, fmt)
         m = m.astype(WEIGHT_DTYPE)
         return pack_rows(m) if kernels == "cpu" else np.ascontiguousarray(m)
 

@@ -1,10 +1,13 @@
 """Dense kernels over GGML-quantized weight rows (q4_0, q4_1, q8_0), written directly in TIR.
 
-A weight matrix ``W`` of shape (out, in) is stored as ``(out, in/32 * block_bytes)`` uint8: each row is a
-sequence of GGML blocks of 32 values along the input dimension, byte-identical to llama.cpp's
-``block_q4_0`` (fp16 scale, 16 bytes of nibbles: value ``(q - 8) * s``), ``block_q4_1`` (fp16 scale, fp16
-minimum, 16 bytes of nibbles: ``q * s + m``) and ``block_q8_0`` (fp16 scale, 32 int8: ``q * s``). A GGUF
-model's quantized matrices therefore keep their exact values (see :func:`quantize_rows`).
+Each row of a weight matrix ``W`` (out, in) is a sequence of GGML blocks of 32 values along the input
+dimension, byte-identical to llama.cpp's ``block_q4_0`` (fp16 scale, 16 bytes of nibbles: value
+``(q - 8) * s``), ``block_q4_1`` (fp16 scale, fp16 minimum, 16 bytes of nibbles: ``q * s + m``) and
+``block_q8_0`` (fp16 scale, 32 int8: ``q * s``); a GGUF model's quantized matrices keep their exact values
+(see :func:`quantize_rows`). The kernels take the blocks of ``R`` = 8 consecutive rows interleaved
+(:func:`quantize_matrix`): storage ``(out/R, in/32, R, block_bytes)`` uint8, so that a task computing those
+``R`` rows reads one sequential stream (measured on the 576x1536 q4_1 GEMV with weights streamed from memory:
+6.4 GB/s against 3.9-4.8 GB/s for row-after-row storage).
 
 Kernels (activations fp32, a symbolic number of tokens ``n``):
 
@@ -13,9 +16,9 @@ Kernels (activations fp32, a symbolic number of tokens ``n``):
   registers. Several tokens (prefill): each task dequantizes its rows into an fp32 scratch once and reuses
   them for every token.
 * :func:`embedding_quant` — gather of token rows, dequantized.
-* :func:`gate_up_act_quant` — the decode half of a gated FFN with **thresholded sparsity**: for each
-  neuron the gate row's dot product, then, only if the neuron fires (``|silu(g)| > thr`` for SwiGLU, ``g > 0``
-  for the ReLU kinds), its up row's dot product; the output is the activation ``h`` (zero where the neuron
+* :func:`gate_up_act_quant` — the decode half of a gated FFN with **thresholded sparsity**: the gate rows'
+  dot products of a group of neurons, then, only if one of them fires (``|silu(g)| > thr`` for SwiGLU,
+  ``g > 0`` for the ReLU kinds), the group's up rows; the output is the activation ``h`` (zero where a neuron
   did not fire), ready for the down projection.
 """
 
@@ -43,9 +46,36 @@ def _check(fmt: str, in_features: int) -> int:
     return QUANT_FORMATS[fmt]
 
 
-def quantized_shape(in_features: int, out_features: int, fmt: str) -> tuple[int, int]:
-    """Storage shape (uint8) of an (out, in) matrix in ``fmt``."""
-    return out_features, in_features // QBLOCK * _check(fmt, in_features)
+ROW_GROUP = 8
+# Software prefetch: while computing block b of row group g, fetch block b of group g + PREFETCH_GROUPS (one
+# group = R * in/32 * block bytes ahead, ~3 KiB for SmolLM2). Measured on the 576x1536 q4_1 GEMV with weights
+# streamed from memory: 47 us instead of 82 us (11.8 vs 6.6 GB/s) on 2 vCPUs.
+PREFETCH_GROUPS = 2
+
+
+def row_group(out_features: int) -> int:
+    """Rows whose blocks are interleaved (``R``): 8, or the largest power of two dividing ``out_features``."""
+    return largest_divisor(out_features, ROW_GROUP)
+
+
+def quantized_shape(in_features: int, out_features: int, fmt: str) -> tuple[int, int, int, int]:
+    """Storage shape (uint8) of an (out, in) matrix in ``fmt``: (out/R, in/32, R, block bytes)."""
+    bb = _check(fmt, in_features)
+    R = row_group(out_features)
+    return out_features // R, in_features // QBLOCK, R, bb
+
+
+def quantize_matrix(w: np.ndarray, fmt: str) -> np.ndarray:
+    """(out, in) float matrix -> the kernels' storage (:func:`quantized_shape`): GGML blocks, rows interleaved."""
+    n, k = w.shape
+    nr, nb, r, bb = quantized_shape(k, n, fmt)
+    return np.ascontiguousarray(quantize_rows(w, fmt).reshape(nr, r, nb, bb).transpose(0, 2, 1, 3))
+
+
+def dequantize_matrix(data: np.ndarray, fmt: str) -> np.ndarray:
+    """Inverse of :func:`quantize_matrix` (float32, (out, in))."""
+    nr, nb, r, bb = data.shape
+    return dequantize_rows(np.ascontiguousarray(data.transpose(0, 2, 1, 3)).reshape(nr * r, nb * bb), fmt)
 
 
 def quantize_rows(w: np.ndarray, fmt: str) -> np.ndarray:
@@ -78,40 +108,49 @@ def dequantize_rows(data: np.ndarray, fmt: str) -> np.ndarray:
 
 
 def _row_elem(fmt: str):
-    """Builder of the fp32 value of row ``i``, block ``b``, half ``half`` (0/1), lane ``l`` (0..15)."""
+    """Builder of the fp32 value at row group ``g``, block ``b``, row ``r`` of the group, half ``half`` (0/1),
+    lane ``l`` (0..15)."""
     bb = QUANT_FORMATS[fmt]
 
-    def half_float(w, i, at):
-        bits = T.Cast("uint16", w[i, at]) | T.shift_left(T.Cast("uint16", w[i, at + 1]), T.uint16(8))
+    def half_float(w, g, b, r, at):
+        bits = T.Cast("uint16", w[g, b, r, at]) | T.shift_left(T.Cast("uint16", w[g, b, r, at + 1]), T.uint16(8))
         return T.Cast("float32", T.reinterpret("float16", bits))
 
     if fmt == "q8_0":
 
-        def elem(w, i, b, half, l):
-            q = T.Cast("float32", T.reinterpret("int8", w[i, b * bb + 2 + half * 16 + l]))
-            return q * half_float(w, i, b * bb)
+        def elem(w, g, b, r, half, l):
+            q = T.Cast("float32", T.reinterpret("int8", w[g, b, r, 2 + half * 16 + l]))
+            return q * half_float(w, g, b, r, 0)
 
         return elem
 
-    def nibble(w, i, b, half, l):
-        byte = w[i, b * bb + (bb - 16) + l]
+    def nibble(w, g, b, r, half, l):
+        byte = w[g, b, r, (bb - 16) + l]
         return T.Cast("float32", T.shift_right(byte, T.Cast("uint8", half * 4)) & T.uint8(15))
 
     if fmt == "q4_0":
 
-        def elem(w, i, b, half, l):
-            return (nibble(w, i, b, half, l) - T.float32(8)) * half_float(w, i, b * bb)
+        def elem(w, g, b, r, half, l):
+            return (nibble(w, g, b, r, half, l) - T.float32(8)) * half_float(w, g, b, r, 0)
 
         return elem
 
-    def elem(w, i, b, half, l):
-        return nibble(w, i, b, half, l) * half_float(w, i, b * bb) + half_float(w, i, b * bb + 2)
+    def elem(w, g, b, r, half, l):
+        return nibble(w, g, b, r, half, l) * half_float(w, g, b, r, 0) + half_float(w, g, b, r, 2)
 
     return elem
 
 
+def _prefetch_block(w, g, b, last: int, R: int, bb: int) -> None:
+    """Emit prefetches of block ``b`` of row group ``min(g, last)`` (its R * bb bytes, one per cache line)."""
+    for j in range((R * bb + 63) // 64):
+        T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0",
+                                      T.address_of(w[T.min(g, last), b, j * 64 // bb, j * 64 % bb]),
+                                      T.int32(0), T.int32(3), T.int32(1)))
+
+
 @cache
-def linear_quant(in_features: int, out_features: int, fmt: str, rows: int = 8) -> tirx.PrimFunc:
+def linear_quant(in_features: int, out_features: int, fmt: str) -> tirx.PrimFunc:
     """Return the TIR PrimFunc of ``y = x @ W.T`` with ``W`` in GGML format ``fmt``.
 
     Parameters
@@ -120,19 +159,21 @@ def linear_quant(in_features: int, out_features: int, fmt: str, rows: int = 8) -
         Static matrix shape; ``in_features`` must be a multiple of 32.
     fmt:
         ``q4_0`` | ``q4_1`` | ``q8_0``.
-    rows:
-        Preferred output rows per parallel task (reduced to a power-of-two divisor of ``out_features``).
 
     Returns
     -------
     func : tirx.PrimFunc
-        ``(x: (1, n, in) f32, w: quantized_shape(in, out) u8, y: (1, n, out) f32)``.
+        ``(x: (1, n, in) f32, w: quantized_shape(in, out) u8, y: (1, n, out) f32)``; one parallel task per
+        group of ``R`` interleaved rows.
     """
     K, N = in_features, out_features
     WSHAPE = quantized_shape(K, N, fmt)
-    R = largest_divisor(N, rows)
-    NB, NR = K // QBLOCK, N // R
+    NR, NB, R, BB = WSHAPE
     elem = _row_elem(fmt)
+
+    @T.macro
+    def prefetch(w, g, b):
+        _prefetch_block(w, g, b, NR - 1, R, BB)
 
     @T.prim_func(private=True, s_tir=True)
     def linear(var_x: T.handle, w: T.Buffer(WSHAPE, "uint8"), var_y: T.handle):
@@ -148,11 +189,12 @@ def linear_quant(in_features: int, out_features: int, fmt: str, rows: int = 8) -
                         for l in T.vectorized(LANES):
                             acc[r, l] = T.float32(0)
                     for b in range(NB):
+                        prefetch(w, ib + PREFETCH_GROUPS, b)
                         for half in T.unroll(2):
                             for r in T.unroll(R):
                                 for l in T.vectorized(LANES):
                                     acc[r, l] = acc[r, l] + x[0, 0, b * QBLOCK + half * 16 + l] * elem(
-                                        w, ib * R + r, b, half, l)
+                                        w, ib, b, r, half, l)
                     for r in T.unroll(R):
                         for l in T.vectorized(8):
                             acc[r, l] = acc[r, l] + acc[r, l + 8]
@@ -167,7 +209,7 @@ def linear_quant(in_features: int, out_features: int, fmt: str, rows: int = 8) -
                         for b in range(NB):
                             for half in T.unroll(2):
                                 for l in T.vectorized(LANES):
-                                    wblk[r, b * QBLOCK + half * 16 + l] = elem(w, ib * R + r, b, half, l)
+                                    wblk[r, b * QBLOCK + half * 16 + l] = elem(w, ib, b, r, half, l)
                     for t in range(n):
                         for r in T.unroll(R):
                             for l in T.vectorized(LANES):
@@ -188,7 +230,7 @@ def linear_quant(in_features: int, out_features: int, fmt: str, rows: int = 8) -
 def embedding_quant(vocab: int, d: int, fmt: str) -> tirx.PrimFunc:
     """``(ids: (1, n) i32, w: quantized_shape(d, vocab) u8, h: (1, n, d) f32)``: the tokens' rows, dequantized."""
     WSHAPE = quantized_shape(d, vocab, fmt)
-    NB = d // QBLOCK
+    _, NB, R, _ = WSHAPE
     elem = _row_elem(fmt)
 
     @T.prim_func(private=True, s_tir=True)
@@ -202,13 +244,14 @@ def embedding_quant(vocab: int, d: int, fmt: str) -> tirx.PrimFunc:
                 for b in range(NB):
                     for half in T.unroll(2):
                         for l in T.vectorized(LANES):
-                            h[0, t, b * QBLOCK + half * 16 + l] = elem(w, ids[0, t], b, half, l)
+                            h[0, t, b * QBLOCK + half * 16 + l] = elem(w, ids[0, t] // R, b, ids[0, t] % R, half,
+                                                                       l)
 
     return embedding
 
 
 @cache
-def gate_up_act_quant(d: int, d_ff: int, fmt: str, kind: str, group: int = 8) -> tirx.PrimFunc:
+def gate_up_act_quant(d: int, d_ff: int, fmt: str, kind: str) -> tirx.PrimFunc:
     """The gate/up half of a gated FFN for one token, skipping the up row of neurons that do not fire.
 
     Parameters
@@ -219,9 +262,10 @@ def gate_up_act_quant(d: int, d_ff: int, fmt: str, kind: str, group: int = 8) ->
         ``q4_0`` | ``q4_1`` | ``q8_0``.
     kind:
         ``swiglu`` (fires when ``|silu(g)| > thr``), ``reglu`` or ``drelu`` (fire when ``g > 0``).
-    group:
-        Neurons per parallel task (reduced to a power-of-two divisor of ``d_ff``): their gate rows share
-        every activation load; then the up row of each firing neuron is read.
+
+    One parallel task per group of ``R`` neurons (the interleaved row group): their gate rows share every
+    activation load; the group's up rows are read only when one of its neurons fires (they are interleaved,
+    so reading them is one sequential stream), and a neuron that does not fire outputs 0.
 
     Returns
     -------
@@ -231,8 +275,15 @@ def gate_up_act_quant(d: int, d_ff: int, fmt: str, kind: str, group: int = 8) ->
     if kind not in ("swiglu", "reglu", "drelu"):
         raise ValueError(f"gate_up_act_quant needs a gated FFN kind, got '{kind}'")
     WSHAPE = quantized_shape(d, 2 * d_ff, fmt)
-    G = largest_divisor(d_ff, group)
-    NB = d // QBLOCK
+    NR, NB, G, BB = WSHAPE
+    if d_ff % G:
+        raise ValueError(f"d_ff={d_ff} is not a multiple of the row group {G}")
+    UP = d_ff // G  # first row group of the up rows
+
+    @T.macro
+    def prefetch(w, g, b, last):
+        _prefetch_block(w, g, b, last, G, BB)
+
     elem = _row_elem(fmt)
     fires, combine = _activation_exprs(kind)
 
@@ -243,16 +294,17 @@ def gate_up_act_quant(d: int, d_ff: int, fmt: str, kind: str, group: int = 8) ->
         with T.sblock("root"):
             for grp in T.parallel(d_ff // G):
                 acc = T.alloc_buffer((G, LANES), "float32", scope="global")
-                up = T.alloc_buffer((LANES,), "float32", scope="global")
+                up = T.alloc_buffer((G, LANES), "float32", scope="global")
                 for r in T.unroll(G):
                     for l in T.vectorized(LANES):
                         acc[r, l] = T.float32(0)
                 for b in range(NB):
+                    prefetch(w, grp + PREFETCH_GROUPS, b, UP - 1)
                     for half in T.unroll(2):
                         for r in T.unroll(G):
                             for l in T.vectorized(LANES):
                                 acc[r, l] = acc[r, l] + x[0, 0, b * QBLOCK + half * 16 + l] * elem(
-                                    w, grp * G + r, b, half, l)
+                                    w, grp, b, r, half, l)
                 for r in T.unroll(G):
                     for l in T.vectorized(8):
                         acc[r, l] = acc[r, l] + acc[r, l + 8]
@@ -261,23 +313,33 @@ def gate_up_act_quant(d: int, d_ff: int, fmt: str, kind: str, group: int = 8) ->
                     for l in T.vectorized(2):
                         acc[r, l] = acc[r, l] + acc[r, l + 2]
                     acc[r, 0] = acc[r, 0] + acc[r, 1]
+                fired = T.alloc_buffer((1,), "int32", scope="global")
+                fired[0] = 0
                 for r in range(G):
                     if fires(acc[r, 0], thr[0]):
+                        fired[0] = 1
+                if fired[0] == 1:
+                    for r in T.unroll(G):
                         for l in T.vectorized(LANES):
-                            up[l] = T.float32(0)
-                        for b in range(NB):
-                            for half in T.unroll(2):
+                            up[r, l] = T.float32(0)
+                    for b in range(NB):
+                        prefetch(w, UP + grp + PREFETCH_GROUPS, b, NR - 1)
+                        for half in T.unroll(2):
+                            for r in T.unroll(G):
                                 for l in T.vectorized(LANES):
-                                    up[l] = up[l] + x[0, 0, b * QBLOCK + half * 16 + l] * elem(
-                                        w, d_ff + grp * G + r, b, half, l)
+                                    up[r, l] = up[r, l] + x[0, 0, b * QBLOCK + half * 16 + l] * elem(
+                                        w, UP + grp, b, r, half, l)
+                    for r in T.unroll(G):
                         for l in T.vectorized(8):
-                            up[l] = up[l] + up[l + 8]
+                            up[r, l] = up[r, l] + up[r, l + 8]
                         for l in T.vectorized(4):
-                            up[l] = up[l] + up[l + 4]
+                            up[r, l] = up[r, l] + up[r, l + 4]
                         for l in T.vectorized(2):
-                            up[l] = up[l] + up[l + 2]
-                        h[0, 0, grp * G + r] = combine(acc[r, 0], up[0] + up[1], thr[0])
-                    else:
+                            up[r, l] = up[r, l] + up[r, l + 2]
+                    for r in range(G):
+                        h[0, 0, grp * G + r] = combine(acc[r, 0], up[r, 0] + up[r, 1], thr[0])
+                else:
+                    for r in range(G):
                         h[0, 0, grp * G + r] = T.float32(0)
 
     return gate_up_act

@@ -12,7 +12,15 @@ from xpuc.compiler.reference import ReferenceModel
 from xpuc.compiler.relax_model import EMBED_QUANT, export_model, param_arrays
 from xpuc.compiler.sparse_quality import SparseReference
 from xpuc.runtime.session import DecoderSession
-from xpuc.schedules.linear_quant import dequantize_rows, embedding_quant, gate_up_act_quant, linear_quant, quantize_rows
+from xpuc.schedules.linear_quant import (
+    dequantize_matrix,
+    dequantize_rows,
+    embedding_quant,
+    gate_up_act_quant,
+    linear_quant,
+    quantize_matrix,
+    quantize_rows,
+)
 from xpuc.schedules.neuron_bundle import activation
 from xpuc.targets.profile import load_profile
 
@@ -41,8 +49,9 @@ def test_quantize_rows_round_trip_is_exact(fmt):
 def test_linear_and_embedding_kernels_match_numpy(fmt):
     rng = np.random.default_rng(2)
     K, N = 96, 40
-    q = quantize_rows(rng.standard_normal((N, K)).astype(np.float32), fmt)
-    wd = dequantize_rows(q, fmt)
+    q = quantize_matrix(rng.standard_normal((N, K)).astype(np.float32), fmt)
+    wd = dequantize_matrix(q, fmt)
+    np.testing.assert_array_equal(wd, dequantize_rows(quantize_rows(dequantize_matrix(q, fmt), fmt), fmt))
     f = _build(linear_quant(K, N, fmt))
     for n in (1, 3):  # decode branch and prefill branch
         x = rng.standard_normal((1, n, K)).astype(np.float32)
@@ -60,8 +69,8 @@ def test_linear_and_embedding_kernels_match_numpy(fmt):
 def test_gate_up_act_skips_exactly_the_neurons_below_threshold(kind):
     rng = np.random.default_rng(3)
     d, F = 64, 96
-    q = quantize_rows(rng.standard_normal((2 * F, d)).astype(np.float32) * 0.3, "q4_1")
-    wd = dequantize_rows(q, "q4_1")
+    q = quantize_matrix(rng.standard_normal((2 * F, d)).astype(np.float32) * 0.3, "q4_1")
+    wd = dequantize_matrix(q, "q4_1")
     x = rng.standard_normal((1, 1, d)).astype(np.float32)
     g, u = x[0, 0] @ wd[:F].T, x[0, 0] @ wd[F:].T
     a = np.sort(np.abs(g / (1 + np.exp(-g))))
