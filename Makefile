@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: $(VENV)/.installed
-	$(BIN)/xpuc compile smollm2-135m -o artifacts/smollm2-135m --device host --force
+	$(BIN)/xpuc compile smollm2-135m -o artifacts/smollm2-135m --device host --quantize q4_1 --force
 	$(BIN)/xpuc run artifacts/smollm2-135m --chat --prompt "$(PROMPT)" --max-tokens 64
 
 lint: $(VENV)/.installed
