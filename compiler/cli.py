@@ -415,8 +415,16 @@ def _inspect_artifact(path: Path, as_json: bool) -> int:
               f"{size / 2**20:.1f} MiB, {len(mod.kernels)} kernels{extra}")
         for k in mod.kernels:
             print(f"             {k}")
-    total = sum(int(__import__('numpy').prod(p['shape'])) * (2 if p['dtype'] == 'float16' else 4) for p in m.params)
-    print(f"weights    {m.weights_file}: {len(m.params)} tensors, {total / 2**20:.1f} MiB")
+    import numpy as np
+
+    total = sum(int(np.prod(p["shape"])) * np.dtype(p["dtype"]).itemsize for p in m.params)
+    info = m.modules[0].info if m.modules else {}
+    fmt = info.get("weights", "float16")
+    if "embedding" in info:
+        t = info.get("ffn_thresholds") or [0.0]
+        fmt += (f" (embedding / LM head {info['embedding']}; FFN thresholds "
+                + (f"{min(t):.3g}-{max(t):.3g}: thresholded sparse decode)" if any(t) else "0: dense decode)"))
+    print(f"weights    {m.weights_file}: {len(m.params)} tensors, {total / 2**20:.1f} MiB, {fmt}")
     for name in m.files:
         print(f"file       {name}  sha256 {m.files[name][:16]}…")
     return 0

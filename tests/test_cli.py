@@ -228,6 +228,8 @@ def test_compile_quantized_runs_and_records_its_format(tmp_path, artifact):
     info = man["modules"][0]["info"]
     assert info["weights"] == "q8_0" and info["ffn_thresholds"] == [0.0, 0.0]
     assert (tmp_path / "q" / "params.safetensors").stat().st_size < (artifact / "params.safetensors").stat().st_size
+    shown = xpuc("inspect", str(tmp_path / "q")).stdout
+    assert "q8_0 (embedding / LM head q8_0; FFN thresholds 0: dense decode)" in shown
     a = json.loads(xpuc("run", str(tmp_path / "q"), "--prompt", "hello world", "--max-tokens", "4", "--json").stdout)
     assert 1 <= len(a["tokens"]) <= 4
     assert_clean_error(xpuc("compile", str(artifact.parent / "tiny.gguf"), "-o", str(tmp_path / "x"),
