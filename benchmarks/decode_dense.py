@@ -1,8 +1,9 @@
-"""Dense fp16 decode on SmolLM2-135M: xpuc vs llama.cpp in one run, and xpuc's fraction of the roofline.
+"""Dense decode on SmolLM2-135M: xpuc vs llama.cpp in one run, and xpuc's fraction of the roofline.
 
-Usage:  python benchmarks/decode_dense.py [--tokens 128] [--threads N] [--out benchmarks/results/decode_dense.json]
+Usage:  python benchmarks/decode_dense.py [--tokens 128] [--threads N] [--quantize q4_1] [--out FILE]
 
-* xpuc: the compiled artifact (fp16 weights, fp32 compute) built from the bundled GGUF.
+* xpuc: the compiled artifact built from the bundled GGUF: fp16 weights, fp32 compute; with ``--quantize q4_1``
+  the GGUF's own Q4_1 / Q8_0 blocks (results then go to ``decode_dense_q4_1.json`` by default).
 * llama.cpp: llama-cpp-python on the same GGUF (Q4_1 weights), same thread count; skipped with a note
   when llama-cpp-python is not installed (``pip install 'xpuc[peer]'``).
 * roofline: weight bytes read per decoded token / time per token, against the read bandwidth
@@ -23,13 +24,13 @@ from pathlib import Path
 from xpuc.runtime.prompts import PEER_AGREE, PEER_ALL
 
 
-def xpuc_engine(model: Path, work: Path):
+def xpuc_engine(model: Path, work: Path, quantize: str | None = None):
     from xpuc.compiler.build import compile_model
     from xpuc.runtime.engine import Engine
 
-    art = work / "smollm2-135m"
+    art = work / ("smollm2-135m" + (f"-{quantize}" if quantize else ""))
     if not (art / "manifest.json").exists():
-        compile_model(model, art, quiet=True)
+        compile_model(model, art, quiet=True, quantize=quantize)
     return Engine(art, max_context=1024)
 
 
@@ -67,8 +68,10 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--work", default="artifacts/bench")
-    ap.add_argument("--out", default="benchmarks/results/decode_dense.json")
+    ap.add_argument("--quantize", default=None, choices=["q4_0", "q4_1", "q8_0"])
+    ap.add_argument("--out", default=None, help="default: benchmarks/results/decode_dense[_FORMAT].json")
     args = ap.parse_args()
+    args.out = args.out or f"benchmarks/results/decode_dense{'_' + args.quantize if args.quantize else ''}.json"
 
     from xpuc.targets.threads import configure_tvm_threads
 
@@ -80,7 +83,7 @@ def main() -> int:
     work = Path(args.work)
     print(f"threads: {threads}", file=sys.stderr)
     print("compiling / loading xpuc artifact ...", file=sys.stderr)
-    engine = xpuc_engine(model, work)
+    engine = xpuc_engine(model, work, args.quantize)
     llm = llama_cpp_model(model, threads)
     bw = measure_read_bandwidth()
     prompt = engine.encode_prompt("Explain what a compiler does in one paragraph.", chat=True)
@@ -108,7 +111,8 @@ def main() -> int:
                               "first_difference": next((i for i, (u, v) in enumerate(zip(a, b, strict=False))
                                                         if u != v), None)})
     result = {
-        "model": "SmolLM2-135M-Instruct (GGUF Q4_1; xpuc runs it as fp16 weights)",
+        "model": "SmolLM2-135M-Instruct (GGUF Q4_1; xpuc runs it as "
+                 + (f"{args.quantize} blocks, embedding q8_0)" if args.quantize else "fp16 weights)"),
         "threads": threads, "tokens": args.tokens, "cpu": os.uname().machine,
         "xpuc_decode_tok_s": round(x_tps, 2),
         "llama_cpp_decode_tok_s": round(statistics.median(ls), 2) if ls else None,
@@ -121,7 +125,7 @@ def main() -> int:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(f"xpuc decode        {x_tps:8.1f} tok/s   ({roof * 100:.0f} % of the {bw:.1f} GB/s roofline, "
-          f"{bytes_per_token / 2**20:.0f} MiB of fp16 weights per token)")
+          f"{bytes_per_token / 2**20:.0f} MiB of {args.quantize or 'fp16'} weights per token)")
     if ls:
         print(f"llama.cpp decode   {statistics.median(ls):8.1f} tok/s   (Q4_1 weights)")
         agree = [a for a in agreement if a["agreement_set"]]
