@@ -4,7 +4,8 @@ naive vs LLM-in-a-flash vs xpuc.
 Generates the model (``xpuc synth --shape turbosparse-mistral-7b --layers N``: the 7B layer shapes, fewer
 layers so that it fits this machine's time budget), profiles it on a license text, trains the predictor,
 plans for ``--budget`` of the FFN in memory (int4 q4_0 records, one neuron per record: 6912 bytes), packs
-it and runs ``xpuc bench`` over the modes in one process. Every step is cached under ``--work``.
+it (``--fixed-dtype``: the in-memory attention / embedding / LM head, default q8_0) and runs ``xpuc bench`` over
+the modes. Every step is cached under ``--work``.
 
     python benchmarks/offload.py --layers 4 --budget 50% --tokens 32
     python benchmarks/offload.py --shape mixtral-8x7b-sparse --layers 1 --budget 10% --tokens 16
@@ -38,6 +39,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--modes", default="naive,llmflash,cache,full")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--fixed-dtype", default="q8_0", choices=["float16", "q8_0", "q4_0", "q4_1"])
     ap.add_argument("--work", default=str(ROOT / ".cache" / "xpuc" / "bench-offload"))
     ap.add_argument("-o", "--output", default=None, help="default: benchmarks/results/offload_7b.json / _moe.json")
     args = ap.parse_args()
@@ -52,13 +54,15 @@ def main() -> None:
         xpuc("profile", str(w / "model"), "--text", TEXT, "--max-tokens", "1024", "--eval-text", EVAL,
              "--max-eval-tokens", "256", "--recall", "0.98", "-o", str(w / "stats.json"),
              "--predictor", str(w / "pred.safetensors"))
-    if not (w / "art").exists():
+    art = w / ("art" if args.fixed_dtype == "float16" else f"art-{args.fixed_dtype}")
+    if not (w / "plan.json").exists():
         xpuc("plan", str(w / "model"), "--stats", str(w / "stats.json"), "--device", "oneplus-12",
              "--memory-budget", "64GiB", "--weight-dtype", "q4_0", "--cluster", "1", "--context", "512",
              "-o", str(w / "plan.json"))
+    if not art.exists():
         xpuc("pack", str(w / "model"), "--stats", str(w / "stats.json"), "--plan", str(w / "plan.json"),
-             "--predictor", str(w / "pred.safetensors"), "-o", str(w / "art"))
-    xpuc("bench", str(w / "art"), "--budget", args.budget, "--modes", args.modes, "--tokens", str(args.tokens),
+             "--predictor", str(w / "pred.safetensors"), "--fixed-dtype", args.fixed_dtype, "-o", str(art))
+    xpuc("bench", str(art), "--budget", args.budget, "--modes", args.modes, "--tokens", str(args.tokens),
          "--repeats", str(args.repeats), "-o", out)
 
 

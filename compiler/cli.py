@@ -152,7 +152,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def cmd_pack(args: argparse.Namespace) -> int:
     from xpuc.compiler.offload_pack import pack_offload
 
-    out = pack_offload(args.model, args.stats, args.plan, args.predictor, args.output, args.force, args.quiet)
+    out = pack_offload(args.model, args.stats, args.plan, args.predictor, args.output, args.force, args.quiet,
+                       fixed_dtype=args.fixed_dtype)
     print(f"wrote {out}")
     return 0
 
@@ -463,7 +464,8 @@ def _inspect_packed(path: Path, as_json: bool) -> int:
     info = {
         "kind": "packed", "architecture": c.architecture, "layers": c.num_layers, "hidden": c.hidden_size,
         **({"experts": c.num_experts, "experts_per_token": c.experts_per_token} if c.is_moe else {}),
-        "ffn": c.intermediate_size, "ffn_kind": c.ffn_kind, "weight_dtype": fl.dtype, "cluster": fl.cluster,
+        "ffn": c.intermediate_size, "ffn_kind": c.ffn_kind, "weight_dtype": fl.dtype,
+        "fixed_dtype": art.fixed_dtype, "cluster": fl.cluster,
         "record_bytes": fl.cluster_bytes, "ffn_file_mib": round(fl.file_bytes / 2**20, 1),
         "fixed_segment_mib": round(plan.fixed_bytes / 2**20, 1), "plan_device": plan.device,
         "plan_budget_mib": round(plan.budget_bytes / 2**20, 1),
@@ -582,6 +584,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plan", required=True, help="plan.json from `xpuc plan`")
     p.add_argument("--predictor", required=True, help="predictor from `xpuc profile --predictor`")
     p.add_argument("-o", "--output", required=True)
+    p.add_argument("--fixed-dtype", default="float16", choices=["float16", "q8_0", "q4_0", "q4_1"],
+                   help="format of the in-memory attention / embedding / LM head matrices (default float16)")
     p.add_argument("--force", action="store_true", help="replace an existing directory")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(fn=cmd_pack)

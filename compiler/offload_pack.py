@@ -3,7 +3,8 @@
 Contents::
 
     offload.json          versioned manifest: config, versions, SHA-256 of every small file, ffn.bin size
-    fixed.safetensors     the fixed segment in fp16: embeddings, attention, norms, LM head
+    fixed.safetensors     the fixed segment: embeddings, attention, LM head in fp16 or GGML blocks (``fixed_dtype``:
+                          one (rows, in/32 * block bytes) uint8 matrix each), norms and routers fp32
     ffn.bin               FFN neuron-cluster records (see flash_layout), checked per record by CRC-32
     ffn.crc32.npy         the per-record CRC-32s
     flash.json            flash layout (neuron order and offsets per layer)
@@ -26,14 +27,22 @@ from xpuc.compiler.errors import XpucError
 
 OFFLOAD_FORMAT = "xpuc-offload"
 OFFLOAD_SCHEMA = 1
+FIXED_DTYPES = ("float16", "q8_0", "q4_0", "q4_1")
 SMALL_FILES = ("fixed.safetensors", "ffn.crc32.npy", "flash.json", "plan.json", "profile.json",
                "predictor.safetensors")
 
 
 def pack_offload(model: str, stats_path: str, plan_path: str, predictor_path: str, out: str | Path,
-                 force: bool = False, quiet: bool = False) -> Path:
+                 force: bool = False, quiet: bool = False, fixed_dtype: str = "float16") -> Path:
+    """Write the packed model; ``fixed_dtype`` is the format of the fixed segment's matrices (attention
+    projections, embedding, LM head; MoE routers stay fp32): fp16, or GGML blocks run by the quantized
+    GEMV kernels (:mod:`xpuc.schedules.linear_quant`)."""
     from safetensors.numpy import save_file
 
+    from xpuc.schedules.linear_quant import quantize_rows
+
+    if fixed_dtype not in FIXED_DTYPES:
+        raise XpucError(f"--fixed-dtype must be one of {', '.join(FIXED_DTYPES)}")
     from xpuc.compiler.flash_layout import write_flash_layout
     from xpuc.compiler.frontends import load_model
     from xpuc.compiler.planner import Plan
@@ -63,7 +72,13 @@ def pack_offload(model: str, stats_path: str, plan_path: str, predictor_path: st
         for k in c.weight_shapes():
             if k.split(".")[-1] not in ffn:
                 w = spec.weights[k]
-                fixed[k] = np.ascontiguousarray(w.astype(np.float16 if w.ndim == 2 else np.float32))
+                if w.ndim == 2 and fixed_dtype != "float16" and not k.endswith("router"):
+                    if w.shape[1] % 32:
+                        raise XpucError(f"--fixed-dtype {fixed_dtype}: '{k}' has {w.shape[1]} columns, not a "
+                                        "multiple of 32; use --fixed-dtype float16")
+                    fixed[k] = quantize_rows(w, fixed_dtype)
+                else:
+                    fixed[k] = np.ascontiguousarray(w.astype(np.float16 if w.ndim == 2 else np.float32))
         save_file(fixed, str(tmp / "fixed.safetensors"))
         plan.save(tmp / "plan.json")
         stats.save(tmp / "profile.json")
@@ -78,7 +93,7 @@ def pack_offload(model: str, stats_path: str, plan_path: str, predictor_path: st
                 files[n] = sha256_file(tmp / n)
             sample = tok.encode("The cache keeps the hot neurons in memory and reads the others from flash.")
         manifest = {"format": OFFLOAD_FORMAT, "schema": OFFLOAD_SCHEMA, "versions": versions(), "config": c.to_dict(),
-                    "files": files, "ffn_bytes": fl.file_bytes, "sample_prompt": sample}
+                    "files": files, "ffn_bytes": fl.file_bytes, "sample_prompt": sample, "fixed_dtype": fixed_dtype}
         (tmp / "offload.json").write_text(json.dumps(manifest, indent=1))
     return out
 
@@ -94,6 +109,7 @@ class OffloadArtifact:
     crcs: np.ndarray
     fixed: dict
     sample_prompt: list[int]
+    fixed_dtype: str = "float16"
 
 
 def load_offload_artifact(path: Path) -> OffloadArtifact:
@@ -125,4 +141,4 @@ def load_offload_artifact(path: Path) -> OffloadArtifact:
     return OffloadArtifact(path, config, FlashLayout.load(path / "flash.json"), Plan.load(path / "plan.json"),
                            ProfileStats.load(path / "profile.json"), Predictor.load(path / "predictor.safetensors"),
                            np.load(path / "ffn.crc32.npy"), load_file(str(path / "fixed.safetensors")),
-                           d.get("sample_prompt", []))
+                           d.get("sample_prompt", []), d.get("fixed_dtype", "float16"))

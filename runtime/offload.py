@@ -72,25 +72,40 @@ class RunMetrics:
 
 
 class _Linear:
-    """``y = x @ W.T`` through xpuc's fp16 GEMV kernel (weights row-block packed once)."""
+    """``y = x @ W.T`` through xpuc's fp16 GEMV kernel (weights row-block packed once), or, with ``fmt``, the
+    quantized one (``w`` given as GGML rows (n, k/32 * block bytes), interleaved once for the kernel)."""
 
     _cache: dict = {}
 
-    def __init__(self, w: np.ndarray, target) -> None:
+    def __init__(self, w: np.ndarray, target, fmt: str = "float16") -> None:
         import tvm
 
         from xpuc.runtime.flash_reader import aligned_empty
         from xpuc.schedules.linear import linear_fp16, pack_rows
+        from xpuc.schedules.linear_quant import QBLOCK, QUANT_FORMATS, linear_quant, quantized_shape
 
-        n, k = w.shape
-        key = (k, n, str(target))
+        self.fmt = fmt
+        if fmt == "float16":
+            n, k = w.shape
+            data = pack_rows(w.astype(np.float16))
+        else:
+            n, k = w.shape[0], w.shape[1] // QUANT_FORMATS[fmt] * QBLOCK
+            nr, nb, r, bb = quantized_shape(k, n, fmt)
+            data = np.ascontiguousarray(w.reshape(nr, r, nb, bb).transpose(0, 2, 1, 3))
+        key = (k, n, fmt, str(target))
         if key not in self._cache:
-            f = linear_fp16(k, n).with_attr("global_symbol", "linear")
+            f = linear_fp16(k, n) if fmt == "float16" else linear_quant(k, n, fmt)
+            f = f.with_attr("global_symbol", "linear")
             self._cache[key] = tvm.compile(tvm.IRModule({"linear": f}), target=target)["linear"]
         self.fn = self._cache[key]
-        self.w = tvm.runtime.tensor(pack_rows(w.astype(np.float16)), tvm.cpu())
+        if fmt == "float16":
+            self.w = tvm.runtime.tensor(data, tvm.cpu())
+        else:  # shared with numpy, so that a tied embedding can be read from it (see rows)
+            self._data = aligned_empty(data.shape, "uint8")
+            self._data[...] = data
+            self.w = tvm.runtime.from_dlpack(self._data)
         self.y = tvm.runtime.tensor(np.zeros((1, 1, n), np.float32), tvm.cpu())
-        self.nbytes = w.size * 2
+        self.nbytes = data.nbytes
         # the input and output live in buffers shared with the kernel (no per-call tensor conversions)
         self._x = aligned_empty((1, 1, k), "float32")
         self._xt = tvm.runtime.from_dlpack(self._x)
@@ -100,6 +115,28 @@ class _Linear:
         self._x[0, 0] = x
         self.fn(self._xt, self.w, self.y)
         return self._y.copy()
+
+    def rows(self, ids: np.ndarray) -> np.ndarray:
+        """Rows ``ids`` of a quantized matrix as float32 (a tied embedding read from the LM head's copy)."""
+        from xpuc.schedules.linear_quant import dequantize_rows
+
+        _, nb, r, bb = self._data.shape
+        return dequantize_rows(self._data[ids // r, :, ids % r, :].reshape(len(ids), nb * bb), self.fmt)
+
+
+class _Embedding:
+    """Token rows of the embedding table: fp16 rows, or GGML rows dequantized on lookup."""
+
+    def __init__(self, w: np.ndarray, fmt: str) -> None:
+        self.w, self.fmt = (w.astype(np.float16) if fmt == "float16" else w), fmt
+        self.nbytes = self.w.nbytes
+
+    def rows(self, ids: np.ndarray) -> np.ndarray:
+        from xpuc.schedules.linear_quant import dequantize_rows
+
+        if self.fmt == "float16":
+            return self.w[ids].astype(np.float32)
+        return dequantize_rows(self.w[ids], self.fmt)
 
 
 class _RopeAt:
@@ -152,15 +189,17 @@ class OffloadModel:
         self.threads = threads or self.plan.compute_threads
         self.split_kernel = self.plan.ffn_kernel == "split" and art.flash.bundle_layout(1).gated
         target = load_profile("host").cpu_target()
-        w = art.fixed
-        self.embed = w["embed_tokens"].astype(np.float16)
+        w, fmt = art.fixed, art.fixed_dtype
         self.final_norm = w["final_norm"].astype(np.float32)
-        self.head = _Linear(w["embed_tokens"] if c.tie_embeddings else w["lm_head"], target)
+        self.head = _Linear(w["embed_tokens"] if c.tie_embeddings else w["lm_head"], target, fmt)
+        # a tied quantized embedding is read from the LM head's copy (one table in memory)
+        tied = c.tie_embeddings and fmt != "float16"
+        self.embed = self.head if tied else _Embedding(w["embed_tokens"], fmt)
         self.layers = []
         for i in range(c.num_layers):
             p = f"layers.{i}."
             qkv = np.concatenate([w[p + "q_proj"], w[p + "k_proj"], w[p + "v_proj"]])
-            self.layers.append({"qkv": _Linear(qkv, target), "o": _Linear(w[p + "o_proj"], target),
+            self.layers.append({"qkv": _Linear(qkv, target, fmt), "o": _Linear(w[p + "o_proj"], target, fmt),
                                 "attn_norm": w[p + "attn_norm"].astype(np.float32),
                                 "ffn_norm": w[p + "ffn_norm"].astype(np.float32),
                                 "router": w[p + "router"].astype(np.float32) if c.is_moe else None})
@@ -252,7 +291,8 @@ class OffloadModel:
         self.reader.reset_counters()
 
     def accounted_bytes(self) -> dict:
-        fixed = self.head.nbytes + self.embed.nbytes + sum(d["qkv"].nbytes + d["o"].nbytes for d in self.layers)
+        embed = 0 if self.embed is self.head else self.embed.nbytes
+        fixed = self.head.nbytes + embed + sum(d["qkv"].nbytes + d["o"].nbytes for d in self.layers)
         fixed += sum(d["router"].nbytes for d in self.layers if d["router"] is not None)
         fixed += self.k_cache.nbytes + self.v_cache.nbytes
         if self.predictor is not None:
@@ -423,7 +463,7 @@ class OffloadModel:
         """Feed one token (sparse decode path); returns the next-token logits."""
         c = self.config
         self._check_tokens([token])
-        h = self.embed[token].astype(np.float32)[None]
+        h = self.embed.rows(np.array([token]))
         rotate = _RopeAt(self.pos, c.head_dim, c.rope_theta)  # one table for every layer of this token
         pending: dict = {}
         for i, L in enumerate(self.layers):
@@ -452,7 +492,7 @@ class OffloadModel:
         if not tokens:
             raise XpucError("the prompt is empty")
         self._check_tokens(tokens)
-        h = self.embed[np.asarray(tokens)].astype(np.float32)
+        h = self.embed.rows(np.asarray(tokens))
         rotates = [_RopeAt(self.pos + t, c.head_dim, c.rope_theta) for t in range(len(tokens))]
         for i, L in enumerate(self.layers):
             for t in range(len(tokens)):

@@ -356,3 +356,41 @@ def test_inspect_packed_model(packed):
     info = json.loads(r.stdout)
     assert info["kind"] == "packed" and info["layers"] == spec.config.num_layers
     assert info["weight_dtype"] == "float16" and len(info["predictor_ranks"]) == spec.config.num_layers
+
+
+@pytest.mark.parametrize("fmt", ["q8_0", "q4_1"])
+def test_quantized_fixed_segment_matches_numpy(packed, tmp_path, fmt):
+    """`xpuc pack --fixed-dtype`: attention, embedding and LM head in GGML blocks, run by the quantized GEMV."""
+    from xpuc.compiler.offload_pack import load_offload_artifact
+    from xpuc.runtime.offload import OffloadModel
+    from xpuc.schedules.linear_quant import dequantize_rows, quantize_rows
+
+    d, spec = packed
+    r = xpuc("pack", str(d / "model"), "--stats", str(d / "stats.json"), "--plan", str(d / "plan.json"),
+             "--predictor", str(d / "pred.safetensors"), "--fixed-dtype", fmt, "-o", str(tmp_path / "art"))
+    assert r.returncode == 0, r.stderr
+    art = load_offload_artifact(tmp_path / "art")
+    assert art.fixed_dtype == fmt and art.fixed["layers.0.q_proj"].dtype == np.uint8
+    w = dict(spec.weights.items())
+    for k in list(w):
+        if w[k].ndim == 2 and k.split(".")[-1] not in ("gate_proj", "up_proj", "down_proj"):
+            w[k] = dequantize_rows(quantize_rows(w[k], fmt), fmt)
+    from conftest import spec_from
+
+    ref = ReferenceModel(spec_from(spec.config, w), "float32")
+    ref.w.update({k: v.astype(np.float16).astype(np.float32) for k, v in spec.weights.items()
+                  if k.split(".")[-1] in ("gate_proj", "up_proj", "down_proj")})  # fp16 FFN records
+    with OffloadModel(tmp_path / "art", "naive", ffn_fraction=0.4, threads=2) as m:
+        got, want = m.feed_prompt([5, 77, 300, 12, 9, 401, 33]), ref.forward([5, 77, 300, 12, 9, 401, 33])[-1]
+        np.testing.assert_allclose(got, want, rtol=2e-3, atol=2e-3 * np.abs(want).max())
+        for t in (2, 61):
+            got, want = m.step(t), ref.forward([t])[0]
+            np.testing.assert_allclose(got, want, rtol=2e-3, atol=2e-3 * np.abs(want).max())
+        fixed = _matrix_bytes(m)
+    with OffloadModel(d / "art", "naive", ffn_fraction=0.4, threads=2) as m16:
+        assert fixed < 0.6 * _matrix_bytes(m16)  # the fixed segment's matrices shrank
+
+
+def _matrix_bytes(m) -> int:
+    embed = 0 if m.embed is m.head else m.embed.nbytes
+    return m.head.nbytes + embed + sum(d["qkv"].nbytes + d["o"].nbytes for d in m.layers)
