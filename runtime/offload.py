@@ -223,8 +223,9 @@ class OffloadModel:
         # numpy's BLAS (OpenBLAS) keeps its threads spinning after each call, taking the cores from TVM's kernels
         # (measured on the 7B-shaped model, everything in memory: 8.0 tok/s with two BLAS threads, 11.9 with
         # one). Decoding multiplies only small matrices with numpy: one BLAS thread; prefill gets them all.
-        from threadpoolctl import threadpool_limits
+        from threadpoolctl import threadpool_info, threadpool_limits
 
+        self._blas_threads = max([i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"], default=1)
         self._blas_limit = threadpool_limits(1, user_api="blas")
 
     # --- FFN memory ---------------------------------------------------------------------------------------
@@ -488,11 +489,11 @@ class OffloadModel:
     def prefill(self, tokens: list[int]) -> np.ndarray:
         """Feed a whole prompt through the dense path (PowerInfer-2's prefill); returns the last token's logits.
 
-        Its FFN matrix products run through numpy's BLAS with all of the model's compute threads.
+        Its FFN matrix products run through numpy's BLAS with the threads it had before this model limited it.
         """
         from threadpoolctl import threadpool_limits
 
-        with threadpool_limits(self.threads, user_api="blas"):
+        with threadpool_limits(self._blas_threads, user_api="blas"):
             return self._prefill(tokens)
 
     def _prefill(self, tokens: list[int]) -> np.ndarray:
