@@ -149,6 +149,34 @@ def _prefetch_block(w, g, b, last: int, R: int, bb: int) -> None:
                                       T.int32(0), T.int32(3), T.int32(1)))
 
 
+def _group_dot(elem, NB: int, R: int, bb: int):
+    """Macro ``group_dot(x, acc, w, g, last)``: the dot products of x with the ``R`` rows of group ``g``, each
+    left in ``acc[r, 0]`` (16-lane accumulators sharing every activation load; group ``g + PREFETCH_GROUPS``,
+    at most ``last``, prefetched block by block)."""
+
+    @T.macro
+    def group_dot(x, acc, w, g, last):
+        for r in T.unroll(R):
+            for l in T.vectorized(LANES):
+                acc[r, l] = T.float32(0)
+        for b in range(NB):
+            _prefetch_block(w, g + PREFETCH_GROUPS, b, last, R, bb)
+            for half in T.unroll(2):
+                for r in T.unroll(R):
+                    for l in T.vectorized(LANES):
+                        acc[r, l] = acc[r, l] + x[0, 0, b * QBLOCK + half * 16 + l] * elem(w, g, b, r, half, l)
+        for r in T.unroll(R):
+            for l in T.vectorized(8):
+                acc[r, l] = acc[r, l] + acc[r, l + 8]
+            for l in T.vectorized(4):
+                acc[r, l] = acc[r, l] + acc[r, l + 4]
+            for l in T.vectorized(2):
+                acc[r, l] = acc[r, l] + acc[r, l + 2]
+            acc[r, 0] = acc[r, 0] + acc[r, 1]
+
+    return group_dot
+
+
 @cache
 def linear_quant(in_features: int, out_features: int, fmt: str) -> tirx.PrimFunc:
     """Return the TIR PrimFunc of ``y = x @ W.T`` with ``W`` in GGML format ``fmt``.
@@ -170,10 +198,7 @@ def linear_quant(in_features: int, out_features: int, fmt: str) -> tirx.PrimFunc
     WSHAPE = quantized_shape(K, N, fmt)
     NR, NB, R, BB = WSHAPE
     elem = _row_elem(fmt)
-
-    @T.macro
-    def prefetch(w, g, b):
-        _prefetch_block(w, g, b, NR - 1, R, BB)
+    group_dot = _group_dot(elem, NB, R, BB)
 
     @T.prim_func(private=True, s_tir=True)
     def linear(var_x: T.handle, w: T.Buffer(WSHAPE, "uint8"), var_y: T.handle):
@@ -185,24 +210,9 @@ def linear_quant(in_features: int, out_features: int, fmt: str) -> tirx.PrimFunc
             for ib in T.parallel(NR):
                 acc = T.alloc_buffer((R, LANES), "float32", scope="global")
                 if n == T.int64(1):
+                    group_dot(x, acc, w, ib, NR - 1)
                     for r in T.unroll(R):
-                        for l in T.vectorized(LANES):
-                            acc[r, l] = T.float32(0)
-                    for b in range(NB):
-                        prefetch(w, ib + PREFETCH_GROUPS, b)
-                        for half in T.unroll(2):
-                            for r in T.unroll(R):
-                                for l in T.vectorized(LANES):
-                                    acc[r, l] = acc[r, l] + x[0, 0, b * QBLOCK + half * 16 + l] * elem(
-                                        w, ib, b, r, half, l)
-                    for r in T.unroll(R):
-                        for l in T.vectorized(8):
-                            acc[r, l] = acc[r, l] + acc[r, l + 8]
-                        for l in T.vectorized(4):
-                            acc[r, l] = acc[r, l] + acc[r, l + 4]
-                        for l in T.vectorized(2):
-                            acc[r, l] = acc[r, l] + acc[r, l + 2]
-                        y[0, 0, ib * R + r] = acc[r, 0] + acc[r, 1]
+                        y[0, 0, ib * R + r] = acc[r, 0]
                 else:
                     wblk = T.alloc_buffer((R, K), "float32", scope="global")
                     for r in range(R):
@@ -279,12 +289,7 @@ def gate_up_act_quant(d: int, d_ff: int, fmt: str, kind: str) -> tirx.PrimFunc:
     if d_ff % G:
         raise ValueError(f"d_ff={d_ff} is not a multiple of the row group {G}")
     UP = d_ff // G  # first row group of the up rows
-
-    @T.macro
-    def prefetch(w, g, b, last):
-        _prefetch_block(w, g, b, last, G, BB)
-
-    elem = _row_elem(fmt)
+    group_dot = _group_dot(_row_elem(fmt), NB, G, BB)
     fires, combine = _activation_exprs(kind)
 
     @T.prim_func(private=True, s_tir=True)
@@ -295,49 +300,16 @@ def gate_up_act_quant(d: int, d_ff: int, fmt: str, kind: str) -> tirx.PrimFunc:
             for grp in T.parallel(d_ff // G):
                 acc = T.alloc_buffer((G, LANES), "float32", scope="global")
                 up = T.alloc_buffer((G, LANES), "float32", scope="global")
-                for r in T.unroll(G):
-                    for l in T.vectorized(LANES):
-                        acc[r, l] = T.float32(0)
-                for b in range(NB):
-                    prefetch(w, grp + PREFETCH_GROUPS, b, UP - 1)
-                    for half in T.unroll(2):
-                        for r in T.unroll(G):
-                            for l in T.vectorized(LANES):
-                                acc[r, l] = acc[r, l] + x[0, 0, b * QBLOCK + half * 16 + l] * elem(
-                                    w, grp, b, r, half, l)
-                for r in T.unroll(G):
-                    for l in T.vectorized(8):
-                        acc[r, l] = acc[r, l] + acc[r, l + 8]
-                    for l in T.vectorized(4):
-                        acc[r, l] = acc[r, l] + acc[r, l + 4]
-                    for l in T.vectorized(2):
-                        acc[r, l] = acc[r, l] + acc[r, l + 2]
-                    acc[r, 0] = acc[r, 0] + acc[r, 1]
+                group_dot(x, acc, w, grp, UP - 1)
                 fired = T.alloc_buffer((1,), "int32", scope="global")
                 fired[0] = 0
                 for r in range(G):
                     if fires(acc[r, 0], thr[0]):
                         fired[0] = 1
                 if fired[0] == 1:
-                    for r in T.unroll(G):
-                        for l in T.vectorized(LANES):
-                            up[r, l] = T.float32(0)
-                    for b in range(NB):
-                        prefetch(w, UP + grp + PREFETCH_GROUPS, b, NR - 1)
-                        for half in T.unroll(2):
-                            for r in T.unroll(G):
-                                for l in T.vectorized(LANES):
-                                    up[r, l] = up[r, l] + x[0, 0, b * QBLOCK + half * 16 + l] * elem(
-                                        w, UP + grp, b, r, half, l)
-                    for r in T.unroll(G):
-                        for l in T.vectorized(8):
-                            up[r, l] = up[r, l] + up[r, l + 8]
-                        for l in T.vectorized(4):
-                            up[r, l] = up[r, l] + up[r, l + 4]
-                        for l in T.vectorized(2):
-                            up[r, l] = up[r, l] + up[r, l + 2]
+                    group_dot(x, up, w, UP + grp, NR - 1)
                     for r in range(G):
-                        h[0, 0, grp * G + r] = combine(acc[r, 0], up[r, 0] + up[r, 1], thr[0])
+                        h[0, 0, grp * G + r] = combine(acc[r, 0], up[r, 0], thr[0])
                 else:
                     for r in range(G):
                         h[0, 0, grp * G + r] = T.float32(0)
