@@ -9,13 +9,14 @@ Each layer owns a contiguous range of the pool:
   tokens are evicted first).
 
 Evicted weights are simply overwritten. The pool is the only FFN memory the runtime holds, so the bytes it
-accounts (``nbytes``) are exact.
+accounts (``nbytes``) are exact. Recency is kept in arrays (a use stamp and the token of the last use per
+cluster), so lookups, evictions and fills are numpy operations over a token's thousands of clusters, not
+Python loops.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -28,7 +29,8 @@ class LayerSegment:
     n_hot: int
     n_cold: int
     slot_of: np.ndarray  # (n_clusters,) int32, -1 = not resident; global slot ids
-    recency: OrderedDict = field(default_factory=OrderedDict)  # cold cluster -> last token used
+    stamp: np.ndarray  # (n_clusters,) int64: order of the last use of a resident cold cluster (-1: none)
+    used: np.ndarray  # (n_clusters,) int64: token of that last use
     hits: int = 0
     misses: int = 0
 
@@ -69,9 +71,11 @@ class NeuronCache:
             slot_of = np.full(n_clusters, -1, np.int32)
             slot_of[:h] = np.arange(start, start + h, dtype=np.int32)
             self.owner[start:start + h] = np.arange(h)
-            self.layers.append(LayerSegment(start, int(h), int(c), slot_of))
+            self.layers.append(LayerSegment(start, int(h), int(c), slot_of, np.full(n_clusters, -1, np.int64),
+                                            np.full(n_clusters, -1, np.int64)))
             start += h + c
         self.token = 0
+        self._clock = 0  # use stamps: later uses, and later positions within one call, get larger ones
 
     @property
     def nbytes(self) -> int:
@@ -86,36 +90,48 @@ class NeuronCache:
         seg = self.layers[layer]
         slots = seg.slot_of[clusters]
         hit = slots >= 0
-        for c in clusters[hit & (clusters >= seg.n_hot)]:
-            seg.recency[int(c)] = self.token
-            seg.recency.move_to_end(int(c))
+        self._touch(seg, clusters[hit & (clusters >= seg.n_hot)])
         seg.hits += int(hit.sum())
         seg.misses += int((~hit).sum())
         return np.sort(slots[hit]), clusters[~hit]
 
-    def victims(self, layer: int, n: int, keep: set[int]) -> list[int]:
-        """Up to ``n`` cold slots to (re)fill, emptiest/oldest first; ``keep``: clusters in use this token."""
+    def _touch(self, seg: LayerSegment, clusters: np.ndarray) -> None:
+        seg.stamp[clusters] = self._clock + np.arange(len(clusters))
+        seg.used[clusters] = self.token
+        self._clock += len(clusters)
+
+    def victims(self, layer: int, n: int, keep: np.ndarray) -> list[int]:
+        """Up to ``n`` cold slots to (re)fill: empty ones first, then the least recently used (``window``: those
+        not used in the last W tokens before the others); ``keep``: clusters in use this token, never evicted."""
         seg = self.layers[layer]
         cold = self.owner[seg.cold_start:seg.cold_start + seg.n_cold]
-        free = (np.flatnonzero(cold < 0) + seg.cold_start)[:n].tolist()
-        order = [c for c in seg.recency if c not in keep]  # least recently used first
+        free = np.flatnonzero(cold < 0)[:n] + seg.cold_start
+        if len(free) >= n:
+            return free.tolist()
+        occupied = np.flatnonzero(cold >= 0)
+        owners = cold[occupied]
+        keep = np.asarray(keep, np.int64)
+        if keep.size:
+            in_use = np.zeros(self.n_clusters, bool)
+            in_use[keep] = True
+            occupied, owners = occupied[~in_use[owners]], owners[~in_use[owners]]
+        key = seg.stamp[owners]
         if self.policy == "window":  # clusters used within the last W tokens go last
-            order = ([c for c in order if self.token - seg.recency[c] >= self.window]
-                     + [c for c in order if self.token - seg.recency[c] < self.window])
-        out = free[:n] + [int(seg.slot_of[c]) for c in order[: max(0, n - len(free))]]
-        return out
+            key = key + (self.token - seg.used[owners] < self.window) * (np.int64(1) << 62)
+        oldest = occupied[np.argsort(key, kind="stable")[: n - len(free)]] + seg.cold_start
+        return free.tolist() + oldest.tolist()
 
-    def assign(self, layer: int, cluster: int, slot: int) -> None:
-        """Record that ``slot`` now holds ``cluster`` (its previous owner is dropped)."""
+    def assign(self, layer: int, clusters: np.ndarray, slots: np.ndarray) -> None:
+        """Record that ``slots[k]`` now holds ``clusters[k]`` (their previous owners are dropped)."""
         seg = self.layers[layer]
-        prev = int(self.owner[slot])
-        if prev >= 0:
-            seg.slot_of[prev] = -1
-            seg.recency.pop(prev, None)
-        self.owner[slot] = cluster
-        seg.slot_of[cluster] = slot
-        seg.recency[int(cluster)] = self.token
-        seg.recency.move_to_end(int(cluster))
+        clusters, slots = np.asarray(clusters, np.int64), np.asarray(slots, np.int64)
+        prev = self.owner[slots]
+        prev = prev[prev >= 0]
+        seg.slot_of[prev] = -1
+        seg.stamp[prev] = -1
+        self.owner[slots] = clusters
+        seg.slot_of[clusters] = slots
+        self._touch(seg, clusters)
 
     def next_token(self) -> None:
         self.token += 1

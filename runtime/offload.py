@@ -332,7 +332,9 @@ class OffloadModel:
 
     def _predict(self, i: int, x: np.ndarray) -> np.ndarray:
         mask = self.predictor.layers[i].predict(x)
-        return np.unique(self._cluster_of[i][mask]).astype(np.int32)
+        sel = np.zeros(self.flash.n_clusters, bool)  # the predicted neurons' clusters, sorted, each once
+        sel[self._cluster_of[i][mask]] = True
+        return np.flatnonzero(sel).astype(np.int32)
 
     def _run(self, i: int, x: np.ndarray, slots: np.ndarray) -> np.ndarray:
         if slots.size == 0:
@@ -350,7 +352,7 @@ class OffloadModel:
         self.kernel.set_threshold(self._thr[i])
         return self.kernel.dense(x)
 
-    def _issue(self, i: int, miss: np.ndarray, keep: set[int], partial: bool = False
+    def _issue(self, i: int, miss: np.ndarray, keep: np.ndarray, partial: bool = False
                ) -> list[tuple[object, np.ndarray]]:
         """Assign slots to missing clusters and submit their reads in chunks; returns (future, slots).
         ``partial``: read only as many as there are evictable slots (prefetch)."""
@@ -365,8 +367,7 @@ class OffloadModel:
                 return []
         out = []
         slots = np.asarray(victims[: miss.size], np.int32)
-        for c, s in zip(miss, slots, strict=False):
-            self.cache.assign(i, int(c), int(s))
+        self.cache.assign(i, miss, slots)
         base = self.flash.cluster_offset(i, 0)
         pool = self.cache.pool
         chunk = max(1, CHUNK_BYTES // self.flash.cluster_bytes) if self.per_chunk else miss.size
@@ -393,7 +394,7 @@ class OffloadModel:
         y = np.zeros_like(x)
         pipelined = self.mode == "full"
         if miss.size <= room:  # one wave; resident clusters stay protected
-            jobs = self._issue(i, miss, set(int(c) for c in need))
+            jobs = self._issue(i, miss, need)
             if pipelined:  # compute what is resident while the reads are in flight, then what arrived
                 y += self._run(i, x, hit_slots)
                 if self.per_chunk:
@@ -413,7 +414,7 @@ class OffloadModel:
         y += self._run(i, x, hit_slots)
         for a in range(0, miss.size, max(seg.n_cold, 1)):
             part = miss[a:a + seg.n_cold]
-            jobs = self._issue(i, part, set(int(c) for c in part))
+            jobs = self._issue(i, part, part)
             if pipelined:
                 for job in jobs:
                     self._wait([job])
@@ -435,7 +436,7 @@ class OffloadModel:
             guess = self._predict(i, x)
             slots = self.cache.layers[i].slot_of[guess]
             miss = guess[slots < 0][: self.cache.layers[i].n_cold // 2]
-            pending[i] = self._issue(i, miss, set(int(c) for c in guess), partial=True)
+            pending[i] = self._issue(i, miss, guess, partial=True)
 
     # --- decoding ------------------------------------------------------------------------------------------
     def reset(self) -> None:

@@ -394,3 +394,25 @@ def test_quantized_fixed_segment_matches_numpy(packed, tmp_path, fmt):
 def _matrix_bytes(m) -> int:
     embed = 0 if m.embed is m.head else m.embed.nbytes
     return m.head.nbytes + embed + sum(d["qkv"].nbytes + d["o"].nbytes for d in m.layers)
+
+
+def test_neuron_cache_evicts_least_recent_and_never_in_use():
+    from xpuc.runtime.neuron_cache import NeuronCache
+
+    cache = NeuronCache((1, 1, 4), "float32", n_clusters=20, hot=[2], cold=[4])
+    seg = cache.layers[0]
+    none = np.array([], np.int64)
+    assert cache.victims(0, 3, none) == [2, 3, 4]  # empty slots first, in order
+    cache.assign(0, np.array([10, 11, 12, 13]), np.array([2, 3, 4, 5]))  # token 0
+    cache.next_token()
+    hits, miss = cache.lookup(0, np.array([0, 12, 10, 7]))  # token 1: hot 0, cold 12 then 10; 7 missing
+    assert hits.tolist() == [0, 2, 4] and miss.tolist() == [7]
+    # least recent first: 11, 13 (filled in that order), then 12 before 10 (used in that order)
+    assert cache.victims(0, 4, none) == [3, 5, 4, 2]
+    assert cache.victims(0, 4, np.array([13, 12])) == [3, 2]  # clusters in use this token are kept
+    cache.next_token()
+    cache.lookup(0, np.array([11]))
+    assert cache.victims(0, 2, none) == [5, 4]
+    cache.assign(0, np.array([7]), np.array([5]))  # 13 evicted, 7 in its slot
+    assert seg.slot_of[13] == -1 and seg.slot_of[7] == 5 and cache.owner[5] == 7
+    assert cache.victims(0, 4, none) == [4, 2, 3, 5]
