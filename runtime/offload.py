@@ -88,10 +88,10 @@ class _Linear:
         if fmt == "float16":
             n, k = w.shape
             data = pack_rows(w.astype(np.float16))
-        else:
+        else:  # interleaved by the copy into the kernel's buffer below (no contiguous temporary)
             n, k = w.shape[0], w.shape[1] // QUANT_FORMATS[fmt] * QBLOCK
             nr, nb, r, bb = quantized_shape(k, n, fmt)
-            data = np.ascontiguousarray(w.reshape(nr, r, nb, bb).transpose(0, 2, 1, 3))
+            data = w.reshape(nr, r, nb, bb).transpose(0, 2, 1, 3)
         key = (k, n, fmt, str(target))
         if key not in self._cache:
             f = linear_fp16(k, n) if fmt == "float16" else linear_quant(k, n, fmt)
@@ -104,8 +104,9 @@ class _Linear:
             self._data = aligned_empty(data.shape, "uint8")
             self._data[...] = data
             self.w = tvm.runtime.from_dlpack(self._data)
-        self.y = tvm.runtime.tensor(np.zeros((1, 1, n), np.float32), tvm.cpu())
         self.nbytes = data.nbytes
+        del data
+        self.y = tvm.runtime.tensor(np.zeros((1, 1, n), np.float32), tvm.cpu())
         # the input and output live in buffers shared with the kernel (no per-call tensor conversions)
         self._x = aligned_empty((1, 1, k), "float32")
         self._xt = tvm.runtime.from_dlpack(self._x)
@@ -137,6 +138,17 @@ class _Embedding:
         if self.fmt == "float16":
             return self.w[ids].astype(np.float32)
         return dequantize_rows(self.w[ids], self.fmt)
+
+
+def _return_freed_memory() -> None:
+    """Give the heap's free pages back to the OS (glibc keeps them after large frees; RSS would count them)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 class _RopeAt:
@@ -189,22 +201,29 @@ class OffloadModel:
         self.threads = threads or self.plan.compute_threads
         self.split_kernel = self.plan.ffn_kernel == "split" and art.flash.bundle_layout(1).gated
         target = load_profile("host").cpu_target()
+        # each matrix is dropped from the loaded file's dict once its kernel copy exists (the peak stays near
+        # one copy of the fixed segment)
         w, fmt = art.fixed, art.fixed_dtype
-        self.final_norm = w["final_norm"].astype(np.float32)
-        self.head = _Linear(w["embed_tokens"] if c.tie_embeddings else w["lm_head"], target, fmt)
+        art.fixed = None
+        self.final_norm = w.pop("final_norm").astype(np.float32)
+        head = w.pop("lm_head", None)
+        self.head = _Linear(w["embed_tokens"] if c.tie_embeddings else head, target, fmt)
+        del head
         # a tied quantized embedding is read from the LM head's copy (one table in memory)
         tied = c.tie_embeddings and fmt != "float16"
-        self.embed = self.head if tied else _Embedding(w["embed_tokens"], fmt)
+        self.embed = self.head if tied else _Embedding(w.pop("embed_tokens"), fmt)
+        w.pop("embed_tokens", None)
         self.layers = []
         for i in range(c.num_layers):
             p = f"layers.{i}."
-            qkv = np.concatenate([w[p + "q_proj"], w[p + "k_proj"], w[p + "v_proj"]])
-            self.layers.append({"qkv": _Linear(qkv, target, fmt), "o": _Linear(w[p + "o_proj"], target, fmt),
-                                "attn_norm": w[p + "attn_norm"].astype(np.float32),
-                                "ffn_norm": w[p + "ffn_norm"].astype(np.float32),
-                                "router": w[p + "router"].astype(np.float32) if c.is_moe else None})
-        art.fixed = None  # the packed kernel copies are the only ones kept
+            qkv = np.concatenate([w.pop(p + "q_proj"), w.pop(p + "k_proj"), w.pop(p + "v_proj")])
+            self.layers.append({"qkv": _Linear(qkv, target, fmt), "o": _Linear(w.pop(p + "o_proj"), target, fmt),
+                                "attn_norm": w.pop(p + "attn_norm").astype(np.float32),
+                                "ffn_norm": w.pop(p + "ffn_norm").astype(np.float32),
+                                "router": w.pop(p + "router").astype(np.float32) if c.is_moe else None})
+            del qkv
         del w
+        _return_freed_memory()
         self.context = context
         shape = (c.num_layers, context, c.num_kv_heads, c.head_dim)
         self.k_cache, self.v_cache = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
