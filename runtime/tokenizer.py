@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from xpuc.compiler.errors import XpucError
+from xpuc.runtime.chat_template import render_chat_template
 
 # Pre-tokenizer regular expressions of llama.cpp's pre-tokenizer types (tokenizer.ggml.pre).
 _QWEN2_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -100,16 +101,12 @@ class XpucTokenizer:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special)
 
     def apply_chat_template(self, prompt: str, system: str | None = None) -> str:
-        """Render a one-turn conversation with the model's template (Jinja2), ready for generation."""
+        """Render a one-turn conversation with the model's template (sandboxed Jinja2), ready for generation."""
         if not self.chat_template:
             raise XpucError("this model has no chat template; run without --chat")
-        import jinja2
-
         messages = ([{"role": "system", "content": system}] if system else []) + [
             {"role": "user", "content": prompt}]
-        env = jinja2.Environment(trim_blocks=False, lstrip_blocks=False)
-        env.globals["raise_exception"] = lambda msg: (_ for _ in ()).throw(XpucError(msg))
         bos = self.token_text(self.bos_token_id) if self.bos_token_id is not None else ""
         eos = self.token_text(self.eos_token_ids[0]) if self.eos_token_ids else ""
-        return env.from_string(self.chat_template).render(
-            messages=messages, add_generation_prompt=True, bos_token=bos, eos_token=eos)
+        return render_chat_template(self.chat_template, messages, add_generation_prompt=True,
+                                    bos_token=bos or "", eos_token=eos or "")

@@ -235,3 +235,19 @@ def test_compile_quantized_runs_and_records_its_format(tmp_path, artifact):
     assert_clean_error(xpuc("compile", str(artifact.parent / "tiny.gguf"), "-o", str(tmp_path / "x"),
                             "--ffn-stats", "p.json"), "add --quantize")
     assert not (tmp_path / "x").exists()
+
+
+def test_chat_template_from_model_file_cannot_run_commands(tmp_path):
+    """A GGUF whose chat template tries to run a shell command: `run --chat` refuses in one line, nothing runs."""
+    from conftest import random_weights, tiny_config, tiny_tokenizer
+
+    from xpuc.compiler.model_writer import write_gguf
+
+    cfg = tiny_config()
+    tok = dict(tiny_tokenizer(), chat_template="{{ cycler.__init__.__globals__.os.system('touch PWNED') }}")
+    model = write_gguf(tmp_path / "evil.gguf", cfg, random_weights(cfg, 3), "F32", tok)
+    r = xpuc("compile", str(model), "-o", str(tmp_path / "art"))
+    assert r.returncode == 0, r.stderr
+    r = xpuc("run", str(tmp_path / "art"), "--prompt", "hi", "--chat", "--max-tokens", "2", cwd=tmp_path)
+    assert_clean_error(r, "refused by the sandbox")
+    assert not (tmp_path / "PWNED").exists()
