@@ -15,6 +15,7 @@ from xpuc.compiler.errors import XpucError
 ARTIFACT_FORMAT = "xpuc-artifact"
 MANIFEST_SCHEMA = 1
 MANIFEST = "manifest.json"
+MANIFEST_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
 def versions() -> dict[str, str]:
@@ -88,7 +89,7 @@ def read_manifest(path: Path) -> Manifest:
                         "recompile the model")
     try:
         return Manifest.from_dict(d)
-    except TypeError as e:
+    except (TypeError, KeyError, AttributeError) as e:
         raise XpucError(f"{mf}: malformed ({e})") from None
 
 
@@ -101,15 +102,47 @@ def verify(path: Path, manifest: Manifest, check_versions: bool = True) -> None:
             if manifest.versions.get(key) != now[key]:
                 raise XpucError(f"{path}: built with {key} {manifest.versions.get(key)}, this is {key} {now[key]}; "
                                 "recompile the model with this xpuc")
-    verify_files(path, manifest.files, "recompile")
+    used = [t for t in MANIFEST_TOKENIZER_FILES if (path / t).exists()]  # read when present
+    used += [manifest.weights_file] + [m.file for m in manifest.modules] + [m.weights for m in manifest.modules
+                                                                          if m.weights]
+    verify_files(path, manifest.files, "recompile", required=[u for u in used if u])
 
 
-def verify_files(path: Path, files: dict[str, str], fix: str) -> None:
-    """Every listed file exists and has its SHA-256; ``fix`` ends the error line (e.g. "recompile")."""
+def member_path(path: Path, name: object) -> Path:
+    """``path / name`` for a file named by a manifest, refusing any name that could leave the artifact.
+
+    The name must be a relative, normalized POSIX path (no ``..``, no absolute path, no empty or ``.`` parts), and
+    the file it names, symlinks resolved, must lie inside ``path``.
+    """
+    if not isinstance(name, str) or not name:
+        raise XpucError(f"{path}: manifest names a file with a bad name ({name!r})")
+    parts = name.split("/")
+    if (name.startswith("/") or "\\" in name or ":" in parts[0] or "\0" in name
+            or any(p in ("", ".", "..") for p in parts)):
+        raise XpucError(f"{path}: manifest names a file outside the artifact ({name!r})")
+    f = path / name
+    root = path.resolve()
+    if not f.resolve().is_relative_to(root):
+        raise XpucError(f"{path}: '{name}' leads outside the artifact (a symbolic link)")
+    return f
+
+
+def verify_files(path: Path, files: dict[str, str], fix: str, required: list[str] = ()) -> None:
+    """Every listed file exists and has its SHA-256; ``fix`` ends the error line (e.g. "recompile").
+
+    ``required`` names the files the loader will open: each must be listed, so that no byte escapes the digests.
+    """
     from xpuc.compiler.zoo import sha256_file
 
+    if not isinstance(files, dict) or not files:
+        raise XpucError(f"{path}: manifest lists no files and digests; {fix}")
+    for name in required:
+        if name not in files:
+            raise XpucError(f"{path}: '{name}' is used but not listed with a digest in the manifest; {fix}")
     for name, digest in files.items():
-        f = path / name
+        f = member_path(path, name)
+        if not isinstance(digest, str):
+            raise XpucError(f"{path}: manifest gives no digest for '{name}'; {fix}")
         if not f.is_file():
             raise XpucError(f"{path}: file '{name}' listed in the manifest is missing")
         if sha256_file(f) != digest:

@@ -13,7 +13,7 @@ import numpy as np
 
 from xpuc.compiler.errors import XpucError
 from xpuc.compiler.spec import ArchConfig
-from xpuc.runtime.artifact import read_manifest, verify
+from xpuc.runtime.artifact import member_path, read_manifest, verify
 from xpuc.runtime.kv_handoff import HandoffStats
 from xpuc.runtime.sampler import Sampler, SamplingParams
 from xpuc.runtime.session import DecoderSession, SplitSession
@@ -95,7 +95,7 @@ class Engine:
         if not _host_can_run(module.mtriple):
             raise XpucError(f"{self.path}: compiled for {module.mtriple}; this machine is {platform.machine()} "
                             "(copy the artifact to the device, or compile with --device host)")
-        lib = tvm.runtime.load_module(str(self.path / module.file))
+        lib = tvm.runtime.load_module(str(member_path(self.path, module.file)))
         params = self._load_params(self.manifest.params, self.manifest.weights_file, tvm.cpu())
         self.weight_bytes = int(sum(int(np.prod(p["shape"])) * np.dtype(p["dtype"]).itemsize
                                     for p in self.manifest.params))
@@ -105,7 +105,7 @@ class Engine:
         if pre is not None:
             dev, self.prefill_note = prefill_device(pre)
             if dev is not None:
-                pre_lib = tvm.runtime.load_module(str(self.path / pre.file))
+                pre_lib = tvm.runtime.load_module(str(member_path(self.path, pre.file)))
                 pre_params = self._load_params(pre.info["params"], pre.weights, dev)
                 self.session = SplitSession(DecoderSession(pre_lib, pre_params, max_context, device=dev),
                                             self.session)
@@ -118,7 +118,7 @@ class Engine:
 
         names = [p["name"] for p in entries]
         params = []
-        for p, (_, arr) in zip(entries, iter_tensors(self.path / weights_file, names), strict=True):
+        for p, (_, arr) in zip(entries, iter_tensors(member_path(self.path, weights_file), names), strict=True):
             if list(arr.shape) != list(p["shape"]) or str(arr.dtype) != p["dtype"]:
                 raise XpucError(f"{self.path}: weight '{p['name']}' does not match the manifest")
             params.append(tvm.runtime.tensor(arr, dev))

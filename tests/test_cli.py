@@ -251,3 +251,42 @@ def test_chat_template_from_model_file_cannot_run_commands(tmp_path):
     r = xpuc("run", str(tmp_path / "art"), "--prompt", "hi", "--chat", "--max-tokens", "2", cwd=tmp_path)
     assert_clean_error(r, "refused by the sandbox")
     assert not (tmp_path / "PWNED").exists()
+
+
+def _edit_manifest(art: Path, edit) -> None:
+    mf = art / "manifest.json"
+    m = json.loads(mf.read_text())
+    edit(m)
+    mf.write_text(json.dumps(m))
+
+
+@pytest.mark.parametrize("case", ["module_abs", "module_dotdot", "weights_elsewhere", "files_emptied",
+                                  "file_key_outside", "unlisted_module", "symlink_out", "files_not_a_dict"])
+def test_manifest_cannot_point_outside_the_artifact(artifact_copy, tmp_path, case):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    shutil.copy(artifact_copy / "model.so", outside / "evil.so")
+    files = json.loads((artifact_copy / "manifest.json").read_text())["files"]
+    if case == "module_abs":
+        _edit_manifest(artifact_copy, lambda m: (m["modules"][0].update(file=str(outside / "evil.so")),
+                                                 m["files"].update({str(outside / "evil.so"): files["model.so"]})))
+    elif case == "module_dotdot":
+        _edit_manifest(artifact_copy, lambda m: m["modules"][0].update(file="../outside/evil.so"))
+    elif case == "weights_elsewhere":
+        _edit_manifest(artifact_copy, lambda m: m.update(weights_file="/etc/passwd"))
+    elif case == "files_emptied":
+        _edit_manifest(artifact_copy, lambda m: m.update(files={}))
+    elif case == "file_key_outside":
+        _edit_manifest(artifact_copy, lambda m: m["files"].update({"../outside/evil.so": "0" * 64}))
+    elif case == "unlisted_module":
+        shutil.copy(outside / "evil.so", artifact_copy / "other.so")
+        _edit_manifest(artifact_copy, lambda m: m["modules"][0].update(file="other.so"))
+    elif case == "symlink_out":
+        (artifact_copy / "model.so").unlink()
+        (artifact_copy / "model.so").symlink_to(outside / "evil.so")
+    elif case == "files_not_a_dict":
+        _edit_manifest(artifact_copy, lambda m: m.update(files=["model.so"]))
+    r = xpuc("run", str(artifact_copy), "--prompt", "hi", "--max-tokens", "1")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.count("xpuc: error:") == 1 and (
+        "outside the artifact" in r.stderr or "not listed" in r.stderr or "no files" in r.stderr), r.stderr
