@@ -153,7 +153,7 @@ def cmd_pack(args: argparse.Namespace) -> int:
     from xpuc.compiler.offload_pack import pack_offload
 
     out = pack_offload(args.model, args.stats, args.plan, args.predictor, args.output, args.force, args.quiet,
-                       fixed_dtype=args.fixed_dtype)
+                       fixed_dtype=args.fixed_dtype, device=args.device)
     print(f"wrote {out}")
     return 0
 
@@ -457,15 +457,17 @@ def _inspect_model(path: Path, as_json: bool) -> int:
 
 def _inspect_packed(path: Path, as_json: bool) -> int:
     """A packed (offloading) model: layout, plan, predictor and sizes; checksums verified on load."""
-    from xpuc.compiler.offload_pack import load_offload_artifact
+    from xpuc.runtime.packed import load_packed
 
-    art = load_offload_artifact(path)
+    art = load_packed(path, check_device=False)
     fl, plan, c = art.flash, art.plan, art.config
     info = {
         "kind": "packed", "architecture": c.architecture, "layers": c.num_layers, "hidden": c.hidden_size,
         **({"experts": c.num_experts, "experts_per_token": c.experts_per_token} if c.is_moe else {}),
         "ffn": c.intermediate_size, "ffn_kind": c.ffn_kind, "weight_dtype": fl.dtype,
         "fixed_dtype": art.fixed_dtype, "cluster": fl.cluster,
+        "modules": f"{art.modules['decode']}, {art.modules['ffn']} for {art.modules['mtriple']} "
+                   f"({art.modules.get('toolchain')}; FFN kernels for {art.modules.get('threads')} threads)",
         "record_bytes": fl.cluster_bytes, "ffn_file_mib": round(fl.file_bytes / 2**20, 1),
         "fixed_segment_mib": round(plan.fixed_bytes / 2**20, 1), "plan_device": plan.device,
         "plan_budget_mib": round(plan.budget_bytes / 2**20, 1),
@@ -586,6 +588,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--fixed-dtype", default="float16", choices=["float16", "q8_0", "q4_0", "q4_1"],
                    help="format of the in-memory attention / embedding / LM head matrices (default float16)")
+    p.add_argument("--device", default="host",
+                   help="device profile to compile the decode and FFN modules for (default host; see xpuc targets)")
     p.add_argument("--force", action="store_true", help="replace an existing directory")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(fn=cmd_pack)
@@ -649,7 +653,7 @@ def main(argv: list[str] | None = None) -> int:
     import os
 
     args = build_parser().parse_args(argv)
-    if args.command == "run" and "tvm" not in sys.modules and not (Path(args.artifact) / "offload.json").is_file():
+    if args.command == "run" and "tvm" not in sys.modules:
         # running needs only TVM's runtime library (~80 MiB resident instead of ~260 MiB with the compiler)
         os.environ.setdefault("TVM_USE_RUNTIME_LIB", "1")
     from xpuc.targets.threads import configure_tvm_threads

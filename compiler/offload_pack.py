@@ -1,16 +1,18 @@
-"""`xpuc pack`: everything the offloading runtime needs, in one verified directory.
+"""`xpuc pack`: everything the offloading runtime needs, compiled and verified, in one directory.
 
 Contents::
 
-    offload.json          versioned manifest: config, versions, SHA-256 of every small file, ffn.bin size
-    fixed.safetensors     the fixed segment: embeddings, attention, LM head in fp16 or GGML blocks (``fixed_dtype``:
-                          one (rows, in/32 * block bytes) uint8 matrix each), norms and routers fp32
+    offload.json          versioned manifest: config, versions, target, SHA-256 of every file but ffn.bin, its size
+    decode.so, ffn.so     the compiled modules for the device (see :mod:`xpuc.compiler.offload_build`)
+    fixed.safetensors     the fixed segment in the kernels' storage: embedding, attention, LM head (fp16 row-block
+                          packed, or GGML blocks with ``fixed_dtype``), norms and routers fp32, the activation
+                          predictor (fp16 packed; its output rows in flash order)
     ffn.bin               FFN neuron-cluster records (see flash_layout), checked per record by CRC-32
     ffn.crc32.npy         the per-record CRC-32s
     flash.json            flash layout (neuron order and offsets per layer)
     plan.json             the planner's decisions
     profile.json          the profiler's statistics (frequencies and thresholds)
-    predictor.safetensors the activation predictor
+    predictor.safetensors the activation predictor as trained (for inspection and tests)
     tokenizer.json, tokenizer_config.json   when the model has a tokenizer
 """
 
@@ -18,40 +20,70 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from xpuc.compiler.errors import XpucError
+from xpuc.runtime.packed import FIXED_DTYPES, OFFLOAD_FORMAT, OFFLOAD_SCHEMA, SMALL_FILES
 
-OFFLOAD_FORMAT = "xpuc-offload"
-OFFLOAD_SCHEMA = 1
-FIXED_DTYPES = ("float16", "q8_0", "q4_0", "q4_1")
-SMALL_FILES = ("fixed.safetensors", "ffn.crc32.npy", "flash.json", "plan.json", "profile.json",
-               "predictor.safetensors")
+
+def fixed_segment(spec, predictor, flash, fixed_dtype: str) -> dict[str, np.ndarray]:
+    """The in-memory weights, each in the storage its compiled kernel reads."""
+    from xpuc.compiler.offload_build import matrix_storage
+
+    c, w = spec.config, spec.weights
+    out = {"final_norm": w["final_norm"].astype(np.float32),
+           "embed": matrix_storage(w["embed_tokens"], fixed_dtype)}
+    if not c.tie_embeddings:
+        out["lm_head"] = matrix_storage(w["lm_head"], fixed_dtype)
+    for i in range(c.num_layers):
+        p = f"layers.{i}."
+        out[p + "attn_norm"] = w[p + "attn_norm"].astype(np.float32)
+        out[p + "ffn_norm"] = w[p + "ffn_norm"].astype(np.float32)
+        out[p + "qkv"] = matrix_storage(np.concatenate([w[p + "q_proj"], w[p + "k_proj"], w[p + "v_proj"]]),
+                                        fixed_dtype)
+        if c.qkv_bias:
+            out[p + "qkv_bias"] = np.concatenate([w[p + "q_bias"], w[p + "k_bias"], w[p + "v_bias"]]).astype(
+                np.float16)
+        out[p + "o"] = matrix_storage(w[p + "o_proj"], fixed_dtype)
+        if c.is_moe:
+            out[p + "router"] = w[p + "router"].astype(np.float32)
+    for u, lp in enumerate(predictor.layers):
+        order = np.asarray(flash.layers[u].order)
+        q = f"units.{u}."
+        out[q + "w1"] = matrix_storage(lp.w1, "float16")
+        out[q + "b1"] = lp.b1.astype(np.float32)
+        out[q + "w2"] = matrix_storage(lp.w2[order], "float16")
+        out[q + "b2"] = lp.b2[order].astype(np.float32)
+        out[q + "thr"] = np.array([lp.threshold], np.float32)
+    return out
 
 
 def pack_offload(model: str, stats_path: str, plan_path: str, predictor_path: str, out: str | Path,
-                 force: bool = False, quiet: bool = False, fixed_dtype: str = "float16") -> Path:
-    """Write the packed model; ``fixed_dtype`` is the format of the fixed segment's matrices (attention
-    projections, embedding, LM head; MoE routers stay fp32): fp16, or GGML blocks run by the quantized
-    GEMV kernels (:mod:`xpuc.schedules.linear_quant`)."""
-    from safetensors.numpy import save_file
+                 force: bool = False, quiet: bool = False, fixed_dtype: str = "float16", device: str = "host") -> Path:
+    """Write the packed model and compile its modules for ``device``.
 
-    from xpuc.schedules.linear_quant import quantize_rows
+    ``fixed_dtype`` is the format of the fixed segment's matrices (attention projections, embedding, LM head;
+    MoE routers stay fp32): fp16, or GGML blocks run by the quantized GEMV kernels
+    (:mod:`xpuc.schedules.linear_quant`).
+    """
+    from safetensors.numpy import save_file
 
     if fixed_dtype not in FIXED_DTYPES:
         raise XpucError(f"--fixed-dtype must be one of {', '.join(FIXED_DTYPES)}")
     from xpuc.compiler.flash_layout import write_flash_layout
     from xpuc.compiler.frontends import load_model
+    from xpuc.compiler.offload_build import export_offload_modules
     from xpuc.compiler.planner import Plan
     from xpuc.compiler.predictor import Predictor
     from xpuc.compiler.profiler import ProfileStats
-    from xpuc.compiler.progress import count
+    from xpuc.compiler.progress import Steps, count
     from xpuc.compiler.zoo import resolve_model, sha256_file
     from xpuc.runtime.artifact import staged_directory, versions
+    from xpuc.targets.profile import load_profile
 
+    profile = load_profile(device)
     spec = load_model(resolve_model(model))
     c = spec.config
     stats = ProfileStats.load(stats_path)
@@ -63,27 +95,23 @@ def pack_offload(model: str, stats_path: str, plan_path: str, predictor_path: st
     predictor.check_matches(spec)
     if len(predictor.layers) != c.ffn_units:
         raise XpucError("--predictor: FFN unit count does not match the model")
+    if fixed_dtype != "float16" and c.hidden_size % 32:
+        raise XpucError(f"--fixed-dtype {fixed_dtype}: hidden size {c.hidden_size} is not a multiple of 32; "
+                        "use --fixed-dtype float16")
     out = Path(out)
     with staged_directory(out, force) as tmp:
         fl = write_flash_layout(spec, plan.hot_neurons, stats.frequency, plan.cluster, plan.weight_dtype, tmp,
                                 progress=None if quiet else lambda i, n: count("writing FFN records, unit", i, n))
-        ffn = {"gate_proj", "up_proj", "down_proj"}
-        fixed = {}
-        for k in c.weight_shapes():
-            if k.split(".")[-1] not in ffn:
-                w = spec.weights[k]
-                if w.ndim == 2 and fixed_dtype != "float16" and not k.endswith("router"):
-                    if w.shape[1] % 32:
-                        raise XpucError(f"--fixed-dtype {fixed_dtype}: '{k}' has {w.shape[1]} columns, not a "
-                                        "multiple of 32; use --fixed-dtype float16")
-                    fixed[k] = quantize_rows(w, fixed_dtype)
-                else:
-                    fixed[k] = np.ascontiguousarray(w.astype(np.float16 if w.ndim == 2 else np.float32))
-        save_file(fixed, str(tmp / "fixed.safetensors"))
+        save_file(fixed_segment(spec, predictor, fl, fixed_dtype), str(tmp / "fixed.safetensors"))
         plan.save(tmp / "plan.json")
         stats.save(tmp / "profile.json")
         shutil.copyfile(predictor_path, tmp / "predictor.safetensors")
-        files = {n: sha256_file(tmp / n) for n in SMALL_FILES}
+        steps = Steps(1, quiet)
+        steps.start(f"compiling the decode and FFN modules for {profile.name}")
+        modules = export_offload_modules(c, fl.bundle_layout(fl.n_clusters), fixed_dtype,
+                                         predictor.layers[0].rank, plan.compute_threads, profile, tmp)
+        steps.done(modules["toolchain"])
+        files = {n: sha256_file(tmp / n) for n in (*SMALL_FILES, modules["decode"], modules["ffn"])}
         sample: list[int] = []
         if spec.tokenizer is not None:
             from xpuc.runtime.tokenizer import XpucTokenizer
@@ -93,52 +121,14 @@ def pack_offload(model: str, stats_path: str, plan_path: str, predictor_path: st
                 files[n] = sha256_file(tmp / n)
             sample = tok.encode("The cache keeps the hot neurons in memory and reads the others from flash.")
         manifest = {"format": OFFLOAD_FORMAT, "schema": OFFLOAD_SCHEMA, "versions": versions(), "config": c.to_dict(),
-                    "files": files, "ffn_bytes": fl.file_bytes, "sample_prompt": sample, "fixed_dtype": fixed_dtype}
+                    "files": files, "ffn_bytes": fl.file_bytes, "sample_prompt": sample, "fixed_dtype": fixed_dtype,
+                    "modules": modules, "predictor_rank": predictor.layers[0].rank}
         (tmp / "offload.json").write_text(json.dumps(manifest, indent=1))
     return out
 
 
-@dataclass
-class OffloadArtifact:
-    path: Path
-    config: object
-    flash: object
-    plan: object
-    stats: object
-    predictor: object
-    crcs: np.ndarray
-    fixed: dict
-    sample_prompt: list[int]
-    fixed_dtype: str = "float16"
+def load_offload_artifact(path):
+    """Kept for callers of the compiler side: see :func:`xpuc.runtime.packed.load_packed`."""
+    from xpuc.runtime.packed import load_packed
 
-
-def load_offload_artifact(path: Path) -> OffloadArtifact:
-    from safetensors.numpy import load_file
-
-    from xpuc.compiler.flash_layout import FlashLayout
-    from xpuc.compiler.planner import Plan
-    from xpuc.compiler.predictor import Predictor
-    from xpuc.compiler.profiler import ProfileStats
-    from xpuc.compiler.spec import ArchConfig
-
-    mf = path / "offload.json"
-    if not mf.is_file():
-        raise XpucError(f"{path}: not a packed xpuc model (no offload.json; create one with `xpuc pack`)")
-    try:
-        d = json.loads(mf.read_text())
-    except json.JSONDecodeError as e:
-        raise XpucError(f"{mf}: corrupted ({e})") from None
-    if d.get("format") != OFFLOAD_FORMAT or d.get("schema") != OFFLOAD_SCHEMA:
-        raise XpucError(f"{mf}: not an xpuc offload manifest of schema {OFFLOAD_SCHEMA}; repack the model")
-    from xpuc.runtime.artifact import verify_files
-
-    verify_files(path, d["files"], "repack the model")
-    ffn = path / "ffn.bin"
-    if not ffn.is_file() or ffn.stat().st_size != d["ffn_bytes"]:
-        size = ffn.stat().st_size if ffn.is_file() else 0
-        raise XpucError(f"{ffn}: {size} bytes, expected {d['ffn_bytes']} (truncated or replaced); repack the model")
-    config = ArchConfig.from_dict(d["config"])
-    return OffloadArtifact(path, config, FlashLayout.load(path / "flash.json"), Plan.load(path / "plan.json"),
-                           ProfileStats.load(path / "profile.json"), Predictor.load(path / "predictor.safetensors"),
-                           np.load(path / "ffn.crc32.npy"), load_file(str(path / "fixed.safetensors")),
-                           d.get("sample_prompt", []), d.get("fixed_dtype", "float16"))
+    return load_packed(Path(path))

@@ -66,9 +66,9 @@ def run_bench(artifact: Path, modes: list[str], ffn_share: float | None, total_b
               output: str, plot: str | None = None, threads: int | None = None, quiet: bool = False,
               prompt: list[int] | None = None, io_threads: int = 2, repeats: int = 1) -> str:
     from xpuc.compiler.jsonfile import write_json_atomic
-    from xpuc.compiler.offload_pack import load_offload_artifact
+    from xpuc.runtime.packed import load_packed
 
-    art = load_offload_artifact(artifact)
+    art = load_packed(Path(artifact))
     fl = art.flash
     ffn_total = len(fl.layers) * fl.n_clusters * fl.cluster_bytes
     if total_budget is not None:
@@ -82,7 +82,8 @@ def run_bench(artifact: Path, modes: list[str], ffn_share: float | None, total_b
     for _rep, mode in ((r, m) for r in range(repeats) for m in modes):  # interleaved rounds; one process per mode
         cmd = [sys.executable, "-m", "xpuc.runtime.bench", str(artifact), mode, repr(ffn_share), str(tokens),
                ",".join(map(str, prompt)), str(threads or 0), "1" if quiet else "0", str(io_threads)]
-        r = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+        # the runtime needs TVM's runtime library only (the compiler library is not loaded)
+        r = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env={**os.environ, "TVM_USE_RUNTIME_LIB": "1"})
         last = (r.stdout.strip().splitlines() or ["{}"])[-1]
         try:
             row = json.loads(last)

@@ -90,7 +90,8 @@ def _activation_exprs(kind: str):
 
 
 @cache
-def sparse_ffn_kernel(layout: BundleLayout, mode: str = "fused", threads: int = 2) -> tirx.PrimFunc:
+def sparse_ffn_kernel(layout: BundleLayout, mode: str = "fused", threads: int = 2,
+                      symbolic: bool = False) -> tirx.PrimFunc:
     """Generate the TIR PrimFunc for ``layout`` in ``mode`` with ``threads`` parallel tasks.
 
     Parameters
@@ -101,6 +102,9 @@ def sparse_ffn_kernel(layout: BundleLayout, mode: str = "fused", threads: int = 
         ``fused`` | ``gate`` | ``updown`` | ``dense`` (see the module docstring).
     threads:
         Number of parallel tasks (each with a private partial output of ``d_model`` floats).
+    symbolic:
+        The bundle's cluster count is a variable (``w`` of shape ``(n, C, R, row)``): one build serves a
+        neuron cache's pool of any size (``layout.n_clusters`` is then ignored).
 
     Returns
     -------
@@ -117,7 +121,8 @@ def sparse_ffn_kernel(layout: BundleLayout, mode: str = "fused", threads: int = 
     D, C, R, NCL, P = layout.d_model, layout.cluster, layout.rows, layout.n_clusters, threads
     NB = D // QBLOCK
     DOWN = R - 1
-    WSHAPE, WDT = layout.shape(), layout.storage_dtype
+    WSHAPE, WDT = _weight_shape(layout, symbolic), layout.storage_dtype
+    NCL = WSHAPE[0]
     elem = _element_getter(layout)
     fires, combine = _activation_exprs(layout.kind)
 
@@ -255,17 +260,24 @@ def sparse_ffn_kernel(layout: BundleLayout, mode: str = "fused", threads: int = 
     return updown
 
 
+def _weight_shape(layout: BundleLayout, symbolic: bool) -> tuple:
+    """The bundle's buffer shape; with ``symbolic`` its cluster count is a TIR variable."""
+    shape = layout.shape()
+    return (tirx.Var("n_slots", "int32"), *shape[1:]) if symbolic else shape
+
+
 @cache
-def dequantize_kernel(layout: BundleLayout, threads: int = 2) -> tirx.PrimFunc:
+def dequantize_kernel(layout: BundleLayout, threads: int = 2, symbolic: bool = False) -> tirx.PrimFunc:
     """``dequant(w, out)``: the bundle ``w`` (``layout.shape()``) as float32 ``out`` (NCL, C, R, d).
 
     The dense prefill of the offloading runtime dequantizes a chunk of records with it, then multiplies the
     whole prompt by the float32 weights (numpy/BLAS). Same element decoding as the sparse kernels; clusters in
     parallel, 16 lanes vectorized.
     """
-    D, C, R, NCL = layout.d_model, layout.cluster, layout.rows, layout.n_clusters
+    D, C, R = layout.d_model, layout.cluster, layout.rows
     NB = D // QBLOCK
-    WSHAPE, WDT = layout.shape(), layout.storage_dtype
+    WSHAPE, WDT = _weight_shape(layout, symbolic), layout.storage_dtype
+    NCL = WSHAPE[0]
     elem = _element_getter(layout)
 
     @T.prim_func(private=True, s_tir=True)

@@ -284,7 +284,7 @@ def test_oracle_mask_sparse_equals_dense(packed):
             g, u = ref.w[p + "gate_proj"] @ x, ref.w[p + "up_proj"] @ x
             return np.unique(m._cluster_of[i][(g > 0) & (u > 0)]).astype(np.int32)
 
-        m._predict = oracle
+        m.cluster_selector = oracle
         for t in [11, 250, 3, 97, 64]:
             want = ref.forward([t])[0]
             np.testing.assert_allclose(m.step(t), want, rtol=2e-3, atol=2e-3 * np.abs(want).max())
@@ -370,7 +370,7 @@ def test_quantized_fixed_segment_matches_numpy(packed, tmp_path, fmt):
              "--predictor", str(d / "pred.safetensors"), "--fixed-dtype", fmt, "-o", str(tmp_path / "art"))
     assert r.returncode == 0, r.stderr
     art = load_offload_artifact(tmp_path / "art")
-    assert art.fixed_dtype == fmt and art.fixed["layers.0.q_proj"].dtype == np.uint8
+    assert art.fixed_dtype == fmt and art.fixed["layers.0.qkv"].dtype == np.uint8
     w = dict(spec.weights.items())
     for k in list(w):
         if w[k].ndim == 2 and k.split(".")[-1] not in ("gate_proj", "up_proj", "down_proj"):
@@ -392,8 +392,11 @@ def test_quantized_fixed_segment_matches_numpy(packed, tmp_path, fmt):
 
 
 def _matrix_bytes(m) -> int:
-    embed = 0 if m.embed is m.head else m.embed.nbytes
-    return m.head.nbytes + embed + sum(d["qkv"].nbytes + d["o"].nbytes for d in m.layers)
+    def nbytes(t):
+        return int(np.prod(t.shape)) * np.dtype(str(t.dtype)).itemsize
+
+    tables = [m.embed_table] + ([] if m.head_table is m.embed_table else [m.head_table])
+    return sum(nbytes(t) for t in tables) + sum(nbytes(d["attn"][1]) + nbytes(d["attn"][2]) for d in m.layers)
 
 
 def test_neuron_cache_evicts_least_recent_and_never_in_use():
@@ -416,3 +419,40 @@ def test_neuron_cache_evicts_least_recent_and_never_in_use():
     cache.assign(0, np.array([7]), np.array([5]))  # 13 evicted, 7 in its slot
     assert seg.slot_of[13] == -1 and seg.slot_of[7] == 5 and cache.owner[5] == 7
     assert cache.victims(0, 4, none) == [4, 2, 3, 5]
+
+
+RUNTIME_ONLY_SCRIPT = r"""
+import ctypes, os, sys
+real_init = ctypes.CDLL.__init__
+def guarded(self, name, *a, **k):
+    if name and ("tvm_compiler" in str(name) or os.path.basename(str(name)) == "libtvm.so"):
+        raise OSError("the compiler library must not be loaded by the runtime")
+    real_init(self, name, *a, **k)
+ctypes.CDLL.__init__ = guarded
+import numpy as np
+from xpuc.runtime.offload import OffloadModel
+with OffloadModel(sys.argv[1], "full", 0.4, threads=2) as m:
+    toks, _ = m.generate([5, 77, 300, 12], 6)
+maps = open("/proc/self/maps").read()
+assert "libtvm_runtime" in maps and "libtvm_compiler" not in maps, "compiler library mapped"
+assert "xpuc.compiler.reference" not in sys.modules and "tvm.relax.transform" not in sys.modules
+print(",".join(map(str, toks)))
+"""
+
+
+def test_packed_model_runs_with_the_runtime_library_only(packed):
+    """The packed model's modules were compiled ahead of time: a process that cannot load TVM's compiler
+    library runs it and produces the tokens of an in-process run."""
+    import subprocess
+    import sys
+
+    from xpuc.runtime.offload import OffloadModel
+
+    d, _ = packed
+    env = {**os.environ, "TVM_USE_RUNTIME_LIB": "1"}
+    r = subprocess.run([sys.executable, "-c", RUNTIME_ONLY_SCRIPT, str(d / "art")], capture_output=True, text=True,
+                       env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    with OffloadModel(d / "art", "full", 0.4, threads=2) as m:
+        want, _ = m.generate([5, 77, 300, 12], 6)
+    assert r.stdout.strip().splitlines()[-1] == ",".join(map(str, want))

@@ -1,0 +1,291 @@
+"""The FFN side of offloaded decoding: which clusters a token needs, where they are, reads, kernel calls.
+
+:class:`FFNPaths` is the part of :class:`xpuc.runtime.offload.OffloadModel` that owns the neuron cache, the
+flash reads and the calls into the compiled neuron-cluster kernels (``ffn.so``). Every kernel writes one
+output part (a row of the parts buffer) that the next compiled layer call adds, weighted.
+"""
+
+from __future__ import annotations
+
+import time
+import zlib
+
+import numpy as np
+
+from xpuc.compiler.errors import XpucError
+from xpuc.runtime.flash_reader import aligned_empty
+from xpuc.schedules.neuron_bundle import activation
+
+MODES = ("naive", "llmflash", "cache", "full")
+CHUNK_BYTES = 1 << 20  # bytes of records per pipelined read batch (full mode, per_chunk)
+PREFILL_CHUNK_BYTES = 16 << 20  # dequantized float32 weights per prefill chunk
+
+
+class FFNPaths:
+    """Cache, reads and sparse kernel calls (mixed into ``OffloadModel``)."""
+
+    # --- FFN memory ---------------------------------------------------------------------------------------
+    def _cluster_frequency(self) -> np.ndarray:
+        fl = self.flash
+        f = np.asarray(self.art.stats.frequency, np.float64)
+        out = np.zeros((len(fl.layers), fl.n_clusters))
+        for i, r in enumerate(fl.layers):
+            out[i] = f[i][np.asarray(r.order)].reshape(fl.n_clusters, fl.cluster).max(1)
+        return out
+
+    def split_budget(self, ffn_fraction: float, cold_share: float = 0.25) -> tuple[list[int], list[int]]:
+        """Hot clusters per layer (globally most frequent first) and cold slots per layer for a budget."""
+        fl, L = self.flash, len(self.flash.layers)
+        slots = int(ffn_fraction * L * fl.n_clusters)
+        if slots < 2 * L:
+            raise XpucError(f"FFN budget of {100 * ffn_fraction:.1f} % leaves fewer than two cluster slots per "
+                            f"{'expert' if self.config.is_moe else 'layer'}; raise the budget")
+        cold_each = max(1, int(slots * cold_share) // L)
+        n_hot = min(slots - cold_each * L, L * fl.n_clusters)
+        order = np.argsort(-self._cluster_frequency(), axis=None, kind="stable")[:n_hot]
+        hot = np.bincount(order // fl.n_clusters, minlength=L)
+        cold = [min(cold_each, fl.n_clusters - int(h)) for h in hot]
+        # slots a layer cannot use (all its clusters fit) go to the cold segments of layers that still miss
+        spare = slots - int(hot.sum()) - sum(cold)
+        for i in np.argsort([int(h) + c - fl.n_clusters for h, c in zip(hot, cold, strict=True)], kind="stable"):
+            add = min(spare, fl.n_clusters - int(hot[i]) - cold[i])
+            cold[i] += add
+            spare -= add
+        return [int(h) for h in hot], cold
+
+    def _setup_ffn(self, ffn_fraction: float | None) -> None:
+        from threadpoolctl import threadpool_info, threadpool_limits
+
+        from xpuc.runtime.neuron_cache import NeuronCache
+
+        fl, L = self.flash, len(self.flash.layers)
+        rec_layout = fl.bundle_layout(1)
+        rec_shape = rec_layout.shape()[1:]
+        if ffn_fraction is None:
+            ffn_fraction = (self.plan.budget_bytes - self.plan.fixed_bytes) / (L * fl.n_clusters * fl.cluster_bytes)
+        ffn_fraction = float(min(max(ffn_fraction, 0.0), 1.0))
+        self.ffn_fraction = ffn_fraction
+        self.cache = None
+        if self.mode == "naive":
+            self.scratch = aligned_empty((fl.n_clusters, *rec_shape), rec_layout.storage_dtype)
+            pool = self.scratch
+            waves = 1
+        else:
+            hot, cold = self.split_budget(ffn_fraction)
+            if self.mode == "llmflash":  # no hot segment: the same memory as one windowed cache
+                cold, hot = [h + c for h, c in zip(hot, cold, strict=False)], [0] * L
+            self.cache = NeuronCache(rec_shape, rec_layout.storage_dtype, fl.n_clusters, hot, cold,
+                                     "window" if self.mode == "llmflash" else "lru")
+            pool = self.cache.pool
+            for i, seg in enumerate(self.cache.layers):  # load the hot segments
+                if seg.n_hot:
+                    self.reader.read_span(fl.cluster_offset(i, 0), pool[seg.start:seg.start + seg.n_hot])
+                    crc = self.crcs[i, :seg.n_hot]
+                    bad = [j for j in range(seg.n_hot) if zlib.crc32(pool[seg.start + j]) != int(crc[j])]
+                    if bad:
+                        raise XpucError(f"{self.art.path / fl.ffn_file}: hot cluster {bad[0]} of layer {i} fails "
+                                        "its checksum (corrupted flash file)")
+            waves = max(-(-fl.n_clusters // max(seg.n_cold, 1)) for seg in self.cache.layers)
+        self.pool_t = self._view(pool)
+        self._idx = aligned_empty((pool.shape[0],), "int32")
+        self._g = aligned_empty((pool.shape[0], fl.cluster), "float32")
+        self._thr = [float(t) for t in self.art.stats.thresholds]
+        self._thr_t = [self._tensor(np.array([t], np.float32), self._dev) for t in self._thr]
+        self._cluster_of = [fl.cluster_of_neuron(i) for i in range(L)]
+        self.max_parts = (self.config.experts_per_token if self.config.is_moe else 1) * (waves + 2)
+        self._prefill_chunk_buf = None
+        self._dequant_out: dict[int, tuple] = {}
+        self.reader.reset_counters()
+        # numpy's BLAS (prefill only) keeps its threads spinning after each call, taking the cores from TVM's
+        # kernels: one BLAS thread while decoding, all of them while prefilling
+        self._blas_threads = max([i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"], default=1)
+        self._blas_limit = threadpool_limits(1, user_api="blas")
+
+    def prefill_staged_bytes(self) -> int:
+        if self._prefill_chunk_buf is None:
+            return 0
+        return self._prefill_chunk_buf.nbytes + sum(o.nbytes for o, _ in self._dequant_out.values())
+
+    # --- one token ---------------------------------------------------------------------------------------
+    def _mask_clusters(self, mask) -> np.ndarray:
+        return np.flatnonzero(np.from_dlpack(mask)).astype(np.int32)
+
+    def _predict(self, i: int, x) -> np.ndarray:
+        """Clusters of unit ``i`` predicted to fire for the FFN input ``x`` (sorted ids), by the compiled
+        predictor."""
+        if isinstance(x, np.ndarray):
+            x = self._tensor(np.ascontiguousarray(x, np.float32).reshape(-1), self._dev)
+        return self._mask_clusters(self.fn["predict"](x, *self.pred[i]))
+
+    def _select(self, i: int, x, mask) -> np.ndarray:
+        """Clusters unit ``i`` computes: a substituted selector's (e.g. the tests' oracle mask), else the compiled
+        predictor's (its mask from the layer call when there is one)."""
+        if self.cluster_selector is not None:
+            return np.asarray(self.cluster_selector(i, np.from_dlpack(x).copy()), np.int32)
+        return self._mask_clusters(mask) if mask is not None else self._predict(i, x)
+
+    def _units(self, layer: int, x) -> tuple[list[int], list[float]]:
+        c = self.config
+        if not c.is_moe:
+            return [layer], [1.0]
+        experts, weights = self.fn["route"](x, self.layers[layer]["router"])
+        e, w = np.from_dlpack(experts)[0], np.from_dlpack(weights)[0]
+        return [layer * c.num_experts + int(k) for k in e], [float(v) for v in w]
+
+    def _ffn_layer(self, layer: int, x, mask, pending: dict) -> None:
+        """Layer ``layer``'s FFN for one token: each unit's kernels write weighted output parts."""
+        units, weights = self._units(layer, x)
+        for u, wt in zip(units, weights, strict=True):
+            if self.mode == "naive":
+                self._ffn_naive(u, x, wt)
+            else:
+                self._ffn_cached(u, x, self._select(u, x, mask), wt, pending)
+
+    def _run(self, i: int, x, slots: np.ndarray, weight: float) -> None:
+        if slots.size == 0:
+            return
+        k = slots.size
+        self._idx[:k] = np.sort(slots)
+        idx = self._view(self._idx[:k])
+        out = self._new_part(weight)
+        if self.split_kernel:  # the plan's tuned choice: gate first, then up/down of the neurons that fired
+            g = self._view(self._g[:k])
+            self.kernel["gate"](x, idx, self.pool_t, g)
+            self.kernel["updown"](x, idx, g, self._thr_t[i], self.pool_t, out)
+        else:
+            self.kernel["fused"](x, idx, self._thr_t[i], self.pool_t, out)
+
+    def _ffn_naive(self, i: int, x, weight: float) -> None:
+        t0 = time.perf_counter()
+        self.reader.read_span(self.flash.cluster_offset(i, 0), self.scratch)
+        self._stall += time.perf_counter() - t0
+        self.kernel["dense"](x, self._thr_t[i], self.pool_t, self._new_part(weight))
+
+    def _issue(self, i: int, miss: np.ndarray, keep: np.ndarray, partial: bool = False) -> list:
+        """Assign slots to missing clusters and submit their reads; returns [(future, slots)].
+        ``partial``: read only as many as there are evictable slots (prefetch)."""
+        if miss.size == 0:
+            return []
+        victims = self.cache.victims(i, miss.size, keep)
+        if len(victims) < miss.size:
+            if not partial:
+                raise XpucError("internal: cold segment smaller than one token's misses")
+            miss = miss[: len(victims)]
+            if miss.size == 0:
+                return []
+        slots = np.asarray(victims[: miss.size], np.int32)
+        self.cache.assign(i, miss, slots)
+        base, pool, cb = self.flash.cluster_offset(i, 0), self.cache.pool, self.flash.cluster_bytes
+        offs = base + miss.astype(np.int64) * cb
+        return [(self.reader.submit(offs, [pool[s] for s in slots], self.crcs[i, miss]), slots)]
+
+    def _wait(self, jobs: list) -> None:
+        t0 = time.perf_counter()
+        for fut, _ in jobs:
+            fut.result()
+        self._stall += time.perf_counter() - t0
+
+    def _ffn_cached(self, i: int, x, need: np.ndarray, weight: float, pending: dict) -> None:
+        seg = self.cache.layers[i]
+        self._wait(pending.pop(i, []))  # prefetched reads land before their slots can be reused
+        hit_slots, miss = self.cache.lookup(i, need)
+        room = seg.n_cold - int((hit_slots >= seg.cold_start).sum())
+        pipelined = self.mode == "full"
+        if miss.size <= room:  # one wave; resident clusters stay protected
+            jobs = self._issue(i, miss, need)
+            if pipelined:  # compute what is resident while the reads are in flight, then what arrived
+                self._run(i, x, hit_slots, weight)
+                self._wait(jobs)
+                for _, ss in jobs:
+                    self._run(i, x, ss, weight)
+            else:
+                self._wait(jobs)
+                self._run(i, x, np.concatenate([hit_slots, *[ss for _, ss in jobs]]), weight)
+            return
+        # more misses than free cold slots: compute the resident clusters, then stream the misses through
+        # the whole cold segment wave by wave (each wave computed before its slots are reused)
+        self._run(i, x, hit_slots, weight)
+        for a in range(0, miss.size, max(seg.n_cold, 1)):
+            part = miss[a:a + seg.n_cold]
+            jobs = self._issue(i, part, part)
+            self._wait(jobs)
+            self._run(i, x, np.concatenate([ss for _, ss in jobs]), weight)
+
+    def _prefetch(self, layer: int, h, ys, yw, pending: dict) -> None:
+        """Predict layer ``layer``'s clusters (of its routed experts, for MoE) from the hidden state before
+        attention and start their reads."""
+        x = self.fn["pre_norm"](h, ys, yw, self.layers[layer]["ffn_norm"])
+        for i in self._units(layer, x)[0]:
+            if self.cache.layers[i].n_cold == 0:
+                continue
+            guess = self._select(i, x, None)
+            slots = self.cache.layers[i].slot_of[guess]
+            miss = guess[slots < 0][: self.cache.layers[i].n_cold // 2]
+            pending[i] = self._issue(i, miss, guess, partial=True)
+
+    # --- a batch of tokens (prefill) ----------------------------------------------------------------------
+    def _ffn_layer_batch(self, layer: int, x: np.ndarray) -> np.ndarray:
+        """Layer ``layer``'s dense FFN for a batch (T, d); MoE: each expert on the tokens routed to it."""
+        from threadpoolctl import threadpool_limits
+
+        c = self.config
+        with threadpool_limits(self._blas_threads, user_api="blas"):
+            if not c.is_moe:
+                return self._ffn_dense_batch(layer, x)
+            experts, weights = self.fn["route"](self._tensor(x.reshape(-1), self._dev), self.layers[layer]["router"])
+            top, w = np.from_dlpack(experts), np.from_dlpack(weights)
+            y = np.zeros_like(x)
+            for e in np.unique(top):
+                rows = np.flatnonzero((top == e).any(axis=1))
+                scale = (w[rows] * (top[rows] == e)).sum(axis=1, keepdims=True).astype(np.float32)
+                y[rows] += scale * self._ffn_dense_batch(layer * c.num_experts + int(e), x[rows])
+            return y
+
+    def _ffn_dense_batch(self, i: int, x: np.ndarray) -> np.ndarray:
+        """Dense FFN of unit ``i`` for a batch ``x`` (T, d): chunks of clusters dequantized by the compiled
+        kernel, multiplied by numpy/BLAS."""
+        fl = self.flash
+        chunk = self._prefill_buffer()
+        layout = fl.bundle_layout(1)
+        y = np.zeros_like(x)
+        for a in range(0, fl.n_clusters, chunk.shape[0]):
+            ids = np.arange(a, min(a + chunk.shape[0], fl.n_clusters), dtype=np.int64)
+            buf = chunk[:ids.size]
+            self._fetch_clusters(i, ids, buf)
+            w = self._dequantize(buf).reshape(-1, layout.rows, layout.d_model)
+            g = x @ w[:, 0].T
+            u = x @ w[:, 1].T if layout.gated else None
+            y += activation(layout.kind, g, u, self._thr[i]).astype(np.float32) @ w[:, -1]
+        return y
+
+    def _dequantize(self, records: np.ndarray) -> np.ndarray:
+        n = records.shape[0]
+        if n not in self._dequant_out:
+            lay = self.flash.bundle_layout(n)
+            out = aligned_empty((n, lay.cluster, lay.rows, lay.d_model), "float32")
+            self._dequant_out[n] = (out, self._view(out))
+        out, out_t = self._dequant_out[n]
+        self.kernel["dequant"](self._view(records), out_t)
+        return out
+
+    def _fetch_clusters(self, i: int, ids: np.ndarray, dest: np.ndarray) -> None:
+        """Records of layer ``i``'s clusters ``ids`` (sorted) into ``dest``: from the cache when resident."""
+        missing = np.ones(ids.size, bool)
+        if self.cache is not None:
+            slots = self.cache.layers[i].slot_of[ids]
+            missing = slots < 0
+            dest[~missing] = self.cache.pool[slots[~missing]]
+        if missing.any():
+            want = ids[missing]
+            offs = self.flash.cluster_offset(i, 0) + want.astype(np.int64) * self.flash.cluster_bytes
+            self.reader.read(offs, [dest[j] for j in np.flatnonzero(missing)], self.crcs[i, want])
+
+    def _prefill_buffer(self) -> np.ndarray:
+        """Aligned staging buffer of the prefill's cluster chunks (about PREFILL_CHUNK_BYTES dequantized)."""
+        if self._prefill_chunk_buf is None:
+            fl = self.flash
+            layout = fl.bundle_layout(1)
+            per_cluster = fl.cluster * layout.rows * layout.d_model * 4  # float32 after dequantization
+            n = int(min(fl.n_clusters, max(1, PREFILL_CHUNK_BYTES // per_cluster)))
+            self._prefill_chunk_buf = aligned_empty((n, *layout.shape()[1:]), layout.storage_dtype)
+        return self._prefill_chunk_buf
