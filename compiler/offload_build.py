@@ -40,6 +40,7 @@ from xpuc.schedules.linear import embedding_fp16, linear_fp16, pack_rows, packed
 from xpuc.schedules.linear_quant import embedding_quant, linear_quant, quantize_matrix, quantized_shape
 
 DECODE_LIB = "decode.so"
+EMBED_QUANT = "q8_0"  # embedding / LM head format when the fixed segment is quantized (as `compile --quantize`)
 FFN_LIB = "ffn.so"
 F32 = "float32"
 
@@ -54,6 +55,11 @@ def matrix_spec(out_f: int, in_f: int, fmt: str) -> nn.spec.Tensor:
 def matrix_storage(w: np.ndarray, fmt: str) -> np.ndarray:
     """The array :func:`matrix_spec` describes, from an (out, in) float matrix."""
     return pack_rows(w.astype(np.float16)) if fmt == "float16" else quantize_matrix(w, fmt)
+
+
+def embed_format(fixed_dtype: str) -> str:
+    """Storage of the embedding and LM head for a fixed segment in ``fixed_dtype``."""
+    return "float16" if fixed_dtype == "float16" else EMBED_QUANT
 
 
 def _linear(x: nn.Tensor, w: nn.Tensor, in_f: int, out_f: int, fmt: str, bias: nn.Tensor | None = None):
@@ -72,6 +78,7 @@ class OffloadStep(nn.Module):
 
     def __init__(self, c: ArchConfig, fixed_dtype: str, cluster: int, rank: int, target) -> None:
         self.c, self.fmt, self.cluster, self.rank, self.target = c, fixed_dtype, cluster, rank, target
+        self.embed_fmt = embed_format(fixed_dtype)
         self.n_clusters = c.intermediate_size // cluster
 
     # --- pieces ----------------------------------------------------------------------------------------
@@ -109,10 +116,10 @@ class OffloadStep(nn.Module):
     def embed(self, ids: nn.Tensor, table: nn.Tensor) -> nn.Tensor:
         c, s = self.c, ids.shape[1]
         out = nn.Tensor.placeholder([1, s, c.hidden_size], F32)
-        if self.fmt == "float16":
+        if self.embed_fmt == "float16":
             return op.tensor_ir_op(embedding_fp16(c.vocab_size, c.hidden_size), "embedding", [ids, table], out)
-        return op.tensor_ir_op(embedding_quant(c.vocab_size, c.hidden_size, self.fmt), f"embedding_{self.fmt}",
-                               [ids, table], out)
+        return op.tensor_ir_op(embedding_quant(c.vocab_size, c.hidden_size, self.embed_fmt),
+                               f"embedding_{self.embed_fmt}", [ids, table], out)
 
     def layer(self, h, ys, yw, kv, layer_id, attn_norm, qkv, o, ffn_norm, qkv_bias=None):
         h, x = self._attend(h, ys, yw, kv, layer_id, attn_norm, qkv, qkv_bias, o, ffn_norm)
@@ -142,7 +149,7 @@ class OffloadStep(nn.Module):
         last = op.tensor_expr_op(
             lambda x: te.compute((1, 1, c.hidden_size), lambda b, t, j: x[b, x.shape[1] - 1, j], name="last"),
             "last_token", [h])
-        return _linear(self._norm(last, final_norm), head, c.hidden_size, c.vocab_size, self.fmt)
+        return _linear(self._norm(last, final_norm), head, c.hidden_size, c.vocab_size, self.embed_fmt)
 
     def create_paged_kv_cache(self, max_batch_size: int, max_total_seq_len: int, prefill_chunk_size: int,
                               page_size: int, support_sliding_window: int) -> PagedKVCache:
@@ -171,13 +178,14 @@ class OffloadStep(nn.Module):
                 "thr": T([1], F32)}
         bias = {"qkv_bias": T([q_rows], "float16")} if c.qkv_bias else {}
         spec = {
-            "embed": {"ids": T([1, "s"], "int32"), "table": matrix_spec(c.vocab_size, d, fmt), "$": none},
+            "embed": {"ids": T([1, "s"], "int32"), "table": matrix_spec(c.vocab_size, d, self.embed_fmt), "$": none},
             "layer": {**parts, **attn, **bias, "$": none},
             "layer_predict": {**parts, **attn, **pred, **bias, "$": none},
             "predict": {"x": T([d], F32), **pred, "$": none},
             "pre_norm": {"h": T([1, 1, d], F32), "ys": T(["m", 1, 1, d], F32), "yw": T(["m"], F32),
                          "ffn_norm": T([d], F32), "$": none},
-            "head": {**parts, "final_norm": T([d], F32), "head": matrix_spec(c.vocab_size, d, fmt), "$": none},
+            "head": {**parts, "final_norm": T([d], F32), "head": matrix_spec(c.vocab_size, d, self.embed_fmt),
+                     "$": none},
             "create_paged_kv_cache": {"max_batch_size": int, "max_total_seq_len": int, "prefill_chunk_size": int,
                                       "page_size": int, "support_sliding_window": int, "$": none},
         }

@@ -30,13 +30,13 @@ from xpuc.runtime.packed import FIXED_DTYPES, OFFLOAD_FORMAT, OFFLOAD_SCHEMA, SM
 
 def fixed_segment(spec, predictor, flash, fixed_dtype: str) -> dict[str, np.ndarray]:
     """The in-memory weights, each in the storage its compiled kernel reads."""
-    from xpuc.compiler.offload_build import matrix_storage
+    from xpuc.compiler.offload_build import embed_format, matrix_storage
 
     c, w = spec.config, spec.weights
-    out = {"final_norm": w["final_norm"].astype(np.float32),
-           "embed": matrix_storage(w["embed_tokens"], fixed_dtype)}
+    efmt = embed_format(fixed_dtype)
+    out = {"final_norm": w["final_norm"].astype(np.float32), "embed": matrix_storage(w["embed_tokens"], efmt)}
     if not c.tie_embeddings:
-        out["lm_head"] = matrix_storage(w["lm_head"], fixed_dtype)
+        out["lm_head"] = matrix_storage(w["lm_head"], efmt)
     for i in range(c.num_layers):
         p = f"layers.{i}."
         out[p + "attn_norm"] = w[p + "attn_norm"].astype(np.float32)
