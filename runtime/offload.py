@@ -150,7 +150,8 @@ class OffloadModel(FFNPaths):
             self.layers.append({"attn": attn, "ffn_norm": attn[3], "id": ShapeTuple([i]),
                                 "router": t(p + "router") if c.is_moe else None})
         self.pred = [[t(f"units.{u}.{k}") for k in ("w1", "b1", "w2", "b2", "thr")] for u in range(c.ffn_units)]
-        del w
+        if w:
+            raise XpucError(f"{art.path}: fixed.safetensors holds unexpected tensors ({', '.join(sorted(w)[:3])})")
         _return_freed_memory()
         self.context = context
         self.kv = self.vm["create_paged_kv_cache"](ShapeTuple([1]), ShapeTuple([context]),
