@@ -41,7 +41,7 @@ def worker(kind: str, path: str, tokens: int, threads: int) -> None:
 
     from xpuc.targets.threads import configure_tvm_threads
 
-    if kind.startswith("xpuc-compiled"):
+    if kind.startswith("xpuc"):
         os.environ.setdefault("TVM_USE_RUNTIME_LIB", "1")  # as `xpuc run` does: no compiler in the process
     configure_tvm_threads(threads)
     if kind.startswith("xpuc-compiled"):
@@ -108,7 +108,7 @@ def main() -> None:
         xpuc("plan", "smollm2-135m", "--stats", str(w / "stats.json"), "--device", "host", "--memory-budget",
              "4GiB", "--weight-dtype", "q4_0", "--cluster", "32", "--context", "512", "-o", str(w / "plan.json"))
         xpuc("pack", "smollm2-135m", "--stats", str(w / "stats.json"), "--plan", str(w / "plan.json"),
-             "--predictor", str(w / "pred.safetensors"), "-o", str(w / "art"))
+             "--predictor", str(w / "pred.safetensors"), "--fixed-dtype", "q4_1", "-o", str(w / "art"))
     if not (w / "compiled").exists():
         xpuc("compile", "smollm2-135m", "-o", str(w / "compiled"), "--quantize", "q4_1", "--ffn-stats",
              str(w / "stats.json"))

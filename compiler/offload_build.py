@@ -34,6 +34,7 @@ from tvm import relax, te
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import op
 from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedKVCache
+from tvm.script import tirx as T
 
 from xpuc.compiler.spec import ArchConfig
 from xpuc.schedules.linear import embedding_fp16, linear_fp16, pack_rows, packed_shape
@@ -71,6 +72,46 @@ def _linear(x: nn.Tensor, w: nn.Tensor, in_f: int, out_f: int, fmt: str, bias: n
         return op.tensor_ir_op(func, f"linear_{in_f}x{out_f}" + ("_bias" if bias is not None else ""), args, out)
     y = op.tensor_ir_op(linear_quant(in_f, out_f, fmt), f"linear_{fmt}_{in_f}x{out_f}", [x, w], out)
     return y + bias.astype(F32) if bias is not None else y
+
+
+def route_topk(n_experts: int, k: int):
+    """TIR ``route(logits[s, E], experts[s, k], weights[s, k])``: each token's ``k`` largest router logits
+    (ties to the lower expert id), then a softmax over them — Mixtral's routing. Written here rather than with
+    Relax's ``topk``, whose CPU lowering calls a sort from TVM's compiler library."""
+    E, K = n_experts, k
+
+    @T.prim_func(private=True, s_tir=True)
+    def route(var_logits: T.handle, var_ids: T.handle, var_w: T.handle):
+        T.func_attr({"tir.noalias": True})
+        s = T.int64()
+        logits = T.match_buffer(var_logits, (s, E), "float32")
+        ids = T.match_buffer(var_ids, (s, K), "int32")
+        w = T.match_buffer(var_w, (s, K), "float32")
+        with T.sblock("root"):
+            best = T.alloc_buffer((2,), "float32", scope="global")
+            pick = T.alloc_buffer((1,), "int32", scope="global")
+            for t in range(s):
+                for j in range(K):
+                    pick[0] = -1
+                    best[0] = T.float32(-3.4e38)
+                    for e in range(E):
+                        best[1] = T.float32(0)  # 1 when expert e is already taken
+                        for q in range(j):
+                            if ids[t, q] == e:
+                                best[1] = T.float32(1)
+                        if best[1] == T.float32(0) and (pick[0] < 0 or logits[t, e] > best[0]):
+                            best[0] = logits[t, e]
+                            pick[0] = e
+                    ids[t, j] = pick[0]
+                    w[t, j] = best[0]
+                best[0] = w[t, 0]  # the largest
+                best[1] = T.float32(0)
+                for j in range(K):
+                    best[1] = best[1] + T.exp(w[t, j] - best[0])
+                for j in range(K):
+                    w[t, j] = T.exp(w[t, j] - best[0]) / best[1]
+
+    return route
 
 
 class OffloadStep(nn.Module):
@@ -140,8 +181,9 @@ class OffloadStep(nn.Module):
         c = self.c
         s = x.shape[0] // c.hidden_size
         logits = op.matmul(op.reshape(x, (s, c.hidden_size)), op.permute_dims(router))
-        top, experts = op.topk(logits, c.experts_per_token, axis=-1, ret_type="both", largest=True, dtype="int32")
-        return experts, op.softmax(top, axis=-1)
+        k = c.experts_per_token
+        return op.tensor_ir_op(route_topk(c.num_experts, k), f"route_top{k}", [logits],
+                               [nn.Tensor.placeholder([s, k], "int32"), nn.Tensor.placeholder([s, k], F32)])
 
     def head(self, h, ys, yw, final_norm, head):
         c = self.c
