@@ -457,3 +457,30 @@ def test_packed_model_runs_with_the_runtime_library_only(packed):
     with OffloadModel(d / "art", "full", 0.4, threads=2) as m:
         want, _ = m.generate([5, 77, 300, 12], 6)
     assert r.stdout.strip().splitlines()[-1] == ",".join(map(str, want))
+
+
+@pytest.mark.arm
+def test_pack_for_a_phone_cross_links_android_libraries_and_is_refused_here(packed, tmp_path):
+    """`xpuc pack --device oneplus-12`: both modules are AArch64 Android shared objects (no glibc symbol
+    versions, NEON code, only TVM runtime / libc / libm left undefined); this x86 host refuses to run them in one
+    line, before reading a weight, and `inspect` still describes them."""
+    from xpuc.targets.arm_build import inspect_elf
+
+    if shutil.which("clang") is None or shutil.which("ld.lld") is None:
+        if os.environ.get("CI"):
+            pytest.fail("CI must provide clang and lld (.ci/system-deps installs them)")
+        pytest.skip("clang / lld missing")
+    d, _ = packed
+    r = xpuc("pack", str(d / "model"), "--stats", str(d / "stats.json"), "--plan", str(d / "plan.json"),
+             "--predictor", str(d / "pred.safetensors"), "--device", "oneplus-12", "-o", str(tmp_path / "phone"))
+    assert r.returncode == 0, r.stderr
+    allowed = {"TVMFFIErrorSetRaisedFromCStrParts", "memcpy", "memset", "cosf", "sinf", "expf", "exp2f", "log2f",
+               "powf", "tanhf", "sqrtf", "logf"}
+    for lib in ("decode.so", "ffn.so"):
+        rep = inspect_elf(tmp_path / "phone" / lib)
+        assert rep.machine == "AArch64" and not rep.glibc_versions and rep.neon_fp_ops > 0
+        assert rep.exported_ffi and set(rep.undefined) <= allowed, rep.undefined
+    if not os.uname().machine.startswith("aarch64"):
+        assert_clean_error(xpuc("run", str(tmp_path / "phone"), "--prompt", "hi"), "compiled for aarch64-linux-android")
+    shown = xpuc("inspect", str(tmp_path / "phone"))
+    assert shown.returncode == 0 and "aarch64-linux-android" in shown.stdout
