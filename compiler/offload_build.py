@@ -30,12 +30,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from tvm import relax, te
+from tvm import te
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import op
-from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedKVCache
+from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache
 from tvm.script import tirx as T
 
+from xpuc.compiler.relax_model import paged_kv_cache
 from xpuc.compiler.spec import ArchConfig
 from xpuc.schedules.linear import embedding_fp16, linear_fp16, pack_rows, packed_shape
 from xpuc.schedules.linear_quant import embedding_quant, linear_quant, quantize_matrix, quantized_shape
@@ -195,17 +196,8 @@ class OffloadStep(nn.Module):
 
     def create_paged_kv_cache(self, max_batch_size: int, max_total_seq_len: int, prefill_chunk_size: int,
                               page_size: int, support_sliding_window: int) -> PagedKVCache:
-        c = self.c
-        return TIRPagedKVCache(
-            attn_kind="mha", max_batch_size=max_batch_size, max_total_seq_len=max_total_seq_len,
-            prefill_chunk_size=prefill_chunk_size, page_size=page_size,
-            support_sliding_window=support_sliding_window,
-            layer_partition=relax.ShapeExpr([0, c.num_layers]), num_hidden_layers=c.num_layers,
-            num_attention_heads=c.num_heads, num_key_value_heads=c.num_kv_heads,
-            qk_head_dim=c.head_dim, v_head_dim=c.head_dim, mla_original_qk_head_dim=0,
-            mla_original_v_head_dim=0, rope_mode=RopeMode.NORMAL, rope_scale=1, rope_theta=c.rope_theta,
-            rope_scaling={}, rope_ext_factors=relax.prim_value(0), rotary_dim=c.head_dim,
-            enable_disaggregation=False, dtype=F32, target=self.target)
+        return paged_kv_cache(self.c, self.target, max_batch_size, max_total_seq_len, prefill_chunk_size,
+                              page_size, support_sliding_window)
 
     def export_spec(self) -> dict:
         c, fmt, T = self.c, self.fmt, nn.spec.Tensor

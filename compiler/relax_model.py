@@ -143,6 +143,22 @@ class DecoderLayer(nn.Module):
         return h + self.ffn(self.ffn_norm(h))
 
 
+def paged_kv_cache(c: ArchConfig, target, max_batch_size, max_total_seq_len, prefill_chunk_size, page_size,
+                   support_sliding_window) -> PagedKVCache:
+    """TVM's paged KV cache for ``c`` (fp32, rotate-half RoPE applied in the cache): the compiled decoder's and the
+    offloading engine's."""
+    return TIRPagedKVCache(
+        attn_kind="mha", max_batch_size=max_batch_size, max_total_seq_len=max_total_seq_len,
+        prefill_chunk_size=prefill_chunk_size, page_size=page_size,
+        support_sliding_window=support_sliding_window,
+        layer_partition=relax.ShapeExpr([0, c.num_layers]), num_hidden_layers=c.num_layers,
+        num_attention_heads=c.num_heads, num_key_value_heads=c.num_kv_heads,
+        qk_head_dim=c.head_dim, v_head_dim=c.head_dim, mla_original_qk_head_dim=0,
+        mla_original_v_head_dim=0, rope_mode=RopeMode.NORMAL, rope_scale=1, rope_theta=c.rope_theta,
+        rope_scaling={}, rope_ext_factors=relax.prim_value(0), rotary_dim=c.head_dim,
+        enable_disaggregation=False, dtype=ACT_DTYPE, target=target)
+
+
 class DecoderModel(nn.Module):
     """A llama/mistral/qwen2 decoder with fp16 weights and a paged KV cache."""
 
@@ -189,17 +205,8 @@ class DecoderModel(nn.Module):
     def create_paged_kv_cache(self, max_batch_size: int, max_total_seq_len: int,
                               prefill_chunk_size: int, page_size: int,
                               support_sliding_window: int) -> PagedKVCache:
-        c = self.c
-        return TIRPagedKVCache(
-            attn_kind="mha", max_batch_size=max_batch_size, max_total_seq_len=max_total_seq_len,
-            prefill_chunk_size=prefill_chunk_size, page_size=page_size,
-            support_sliding_window=support_sliding_window,
-            layer_partition=relax.ShapeExpr([0, c.num_layers]), num_hidden_layers=c.num_layers,
-            num_attention_heads=c.num_heads, num_key_value_heads=c.num_kv_heads,
-            qk_head_dim=c.head_dim, v_head_dim=c.head_dim, mla_original_qk_head_dim=0,
-            mla_original_v_head_dim=0, rope_mode=RopeMode.NORMAL, rope_scale=1, rope_theta=c.rope_theta,
-            rope_scaling={}, rope_ext_factors=relax.prim_value(0), rotary_dim=c.head_dim,
-            enable_disaggregation=False, dtype=ACT_DTYPE, target=self.target)
+        return paged_kv_cache(self.c, self.target, max_batch_size, max_total_seq_len, prefill_chunk_size,
+                              page_size, support_sliding_window)
 
     def export_spec(self) -> dict:
         kv = nn.spec.Object(object_type=PagedKVCache)

@@ -63,6 +63,10 @@ def read_packed_manifest(path: Path) -> dict:
         raise XpucError(f"{mf}: malformed (no compiled modules); repack the model")
     if not isinstance(d.get("ffn_bytes"), int) or d.get("fixed_dtype") not in FIXED_DTYPES:
         raise XpucError(f"{mf}: malformed (ffn_bytes / fixed_dtype); repack the model")
+    sample = d.get("sample_prompt", [])
+    if (not isinstance(d.get("versions"), dict) or not isinstance(d.get("config"), dict)
+            or not isinstance(sample, list) or not all(isinstance(t, int) for t in sample)):
+        raise XpucError(f"{mf}: malformed (versions / config / sample_prompt); repack the model")
     return d
 
 
@@ -80,7 +84,7 @@ def load_packed(path: Path, check_device: bool = True) -> PackedModel:
     d = read_packed_manifest(path)
     now = versions()
     for key in ("xpuc", "tvm"):
-        got = (d.get("versions") or {}).get(key)
+        got = d["versions"].get(key)
         if got != now[key]:
             raise XpucError(f"{path}: packed with {key} {got}, this is {key} {now[key]}; repack the model")
     mods = d["modules"]

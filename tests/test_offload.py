@@ -484,3 +484,19 @@ def test_pack_for_a_phone_cross_links_android_libraries_and_is_refused_here(pack
         assert_clean_error(xpuc("run", str(tmp_path / "phone"), "--prompt", "hi"), "compiled for aarch64-linux-android")
     shown = xpuc("inspect", str(tmp_path / "phone"))
     assert shown.returncode == 0 and "aarch64-linux-android" in shown.stdout
+
+
+@pytest.mark.parametrize("edit", ["versions_list", "config_str", "sample_str", "modules_none", "decode_abs",
+                                  "files_empty", "config_missing_key", "not_an_object"])
+def test_malformed_packed_manifest_is_one_line(packed, tmp_path, edit):
+    import json
+
+    art = _copy_art(packed[0], tmp_path)
+    m = json.loads((art / "offload.json").read_text())
+    {"versions_list": lambda: m.update(versions=[1]), "config_str": lambda: m.update(config="x"),
+     "sample_str": lambda: m.update(sample_prompt="ab"), "modules_none": lambda: m.update(modules=None),
+     "decode_abs": lambda: m["modules"].update(decode="/etc/passwd"), "files_empty": lambda: m.update(files={}),
+     "config_missing_key": lambda: m["config"].pop("hidden_size"), "not_an_object": lambda: None}[edit]()
+    (art / "offload.json").write_text(json.dumps([m] if edit == "not_an_object" else m))
+    r = xpuc("run", str(art), "--prompt", "hi", "--max-tokens", "1")
+    assert r.returncode == 2 and "Traceback" not in r.stderr and r.stderr.count("xpuc: error:") == 1, r.stderr
