@@ -90,7 +90,8 @@ class OffloadModel(FFNPaths):
     ffn_fraction:
         Share of the FFN weights allowed in memory (the rest stays on flash). Default: the plan's budget.
     threads, io_threads:
-        Compute threads of TVM's thread pool (default: the plan's), I/O threads of the reader.
+        Compute threads (validated; the kernels were built for the plan's task count and run on TVM's thread
+        pool, sized by ``TVM_NUM_THREADS`` / ``xpuc --threads``), I/O threads of the reader.
     context:
         KV cache length.
     """
@@ -173,14 +174,6 @@ class OffloadModel(FFNPaths):
         self._ids_t = self._view(self._ids)
         self._setup_ffn(ffn_fraction)
         self._setup_parts()
-        self._set_threads(self.threads)
-
-    def _set_threads(self, n: int) -> None:
-        import tvm
-
-        cfg = tvm.get_global_func("runtime.config_threadpool", allow_missing=True)
-        if cfg is not None:
-            cfg(1, n)
 
     # --- the FFN output parts handed to the next compiled call -------------------------------------------
     def _setup_parts(self) -> None:
