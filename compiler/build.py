@@ -210,7 +210,7 @@ def _thresholds(spec, quantize: str | None, ffn_stats) -> list[float] | None:
     from xpuc.compiler.profiler import ProfileStats
 
     stats = ProfileStats.load(ffn_stats)
-    stats.check_matches(spec.config, f"profile {ffn_stats}")
+    stats.check_matches(spec.config, f"profile {ffn_stats}", spec.fingerprint())
     if spec.config.ffn_kind != "swiglu":
         return [0.0] * spec.config.num_layers  # ReLU kinds: a neuron fires when its gate is positive
     return [float(t) for t in stats.thresholds]

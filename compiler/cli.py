@@ -9,6 +9,7 @@ import resource
 import sys
 from pathlib import Path
 
+from xpuc.compiler.cli_args import NON_NEGATIVE, POSITIVE, SHARE, XpucArgumentParser, float_in, int_at_least
 from xpuc.compiler.errors import XpucError
 
 EPILOG = """examples:
@@ -70,8 +71,12 @@ def cmd_profile(args: argparse.Namespace) -> int:
     from xpuc.compiler.frontends import load_model
     from xpuc.compiler.profiler import profile_model, read_text_files
     from xpuc.compiler.zoo import resolve_model
+    from xpuc.runtime.artifact import check_output_file
     from xpuc.runtime.tokenizer import XpucTokenizer
 
+    for out in (args.output, args.predictor):
+        if out:
+            check_output_file(out)
     spec = load_model(resolve_model(args.model))
     tok = XpucTokenizer.from_source(spec.tokenizer)
     ids = tok.encode(read_text_files(args.text))[: args.max_tokens]
@@ -124,8 +129,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from xpuc.compiler.planner import parse_size, plan_neurons
     from xpuc.compiler.profiler import ProfileStats
     from xpuc.compiler.zoo import resolve_model
+    from xpuc.runtime.artifact import check_output_file
     from xpuc.targets.profile import load_profile
 
+    check_output_file(args.output)
     spec = load_model(resolve_model(args.model), with_tokenizer=False)
     stats = ProfileStats.load(args.stats)
     profile = load_profile(args.device)
@@ -140,7 +147,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         cluster = tuned["cluster"]
         print(f"cluster size {cluster}, {tuned['threads']} compute threads, {tuned['mode']} kernel: {tuned['why']}")
     plan = plan_neurons(spec.config, stats, profile, parse_size(args.memory_budget),
-                        args.weight_dtype, cluster or 32, args.context)
+                        args.weight_dtype, cluster or 32, args.context, fingerprint=spec.fingerprint())
     if tuned is not None:  # the runtime builds its kernels with these threads and runs this kernel form
         plan = dataclasses.replace(plan, compute_threads=tuned["threads"], ffn_kernel=tuned["mode"])
     plan.save(args.output)
@@ -259,15 +266,16 @@ def _run_offload(args: argparse.Namespace) -> int:
         raise XpucError("--prompt is required")
     if not (art / "tokenizer.json").is_file():
         raise XpucError(f"{art}: packed model has no tokenizer")
-    if args.max_tokens < 1:
-        raise XpucError("--max-tokens must be at least 1")
     share, total = _parse_budget(args.budget) if args.budget else (None, None)
     tok = XpucTokenizer.from_artifact_dir(art)
     ids = tok.encode(tok.apply_chat_template(args.prompt, args.system) if args.chat else args.prompt)
     sampler = Sampler(SamplingParams(args.temperature, args.top_p, args.seed))
     if total is not None:
         raise XpucError("xpuc run takes --budget as a share of the FFN (e.g. 50%)")
-    with OffloadModel(art, _parse_modes(args.mode)[0], share, context=args.max_context) as m:
+    from xpuc.runtime.packed import read_packed_manifest
+
+    context = _max_context(args, read_packed_manifest(art)["config"].get("context_length", 2048))
+    with OffloadModel(art, _parse_modes(args.mode)[0], share, context=context) as m:
         if len(ids) + args.max_tokens > m.context:
             raise XpucError(f"prompt + --max-tokens exceed the context of {m.context} tokens (--max-context)")
         t0 = time.perf_counter()
@@ -317,6 +325,16 @@ def _run_offload(args: argparse.Namespace) -> int:
     return 0
 
 
+def _max_context(args: argparse.Namespace, model_context: int) -> int:
+    """--max-context, or 2048 capped at the model's context length; more than the model's is refused."""
+    if args.max_context is None:
+        return min(2048, int(model_context))
+    if args.max_context > model_context:
+        raise XpucError(f"--max-context {args.max_context} exceeds the model's context length of {model_context} "
+                        "tokens")
+    return args.max_context
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from xpuc.runtime.artifact import read_manifest
     from xpuc.runtime.engine import Engine
@@ -324,14 +342,19 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     if (Path(args.artifact) / "offload.json").is_file():
         return _run_offload(args)
-    if read_manifest(Path(args.artifact)).kind == "graph":
+    manifest = read_manifest(Path(args.artifact))
+    if manifest.kind == "graph":
         return _run_graph(args)
-    engine = Engine(args.artifact, max_context=args.max_context)
     if args.prompt is None:
         raise XpucError("--prompt is required")
+    context = _max_context(args, manifest.config.get("context_length", 2048))
+    engine = Engine(args.artifact, max_context=context)
     if engine.prefill_note and not args.json:
         print(f"xpuc: prefill on the CPU ({engine.prefill_note})", file=sys.stderr)
     ids = engine.encode_prompt(args.prompt, chat=args.chat, system=args.system)
+    if len(ids) >= context:
+        raise XpucError(f"the prompt is {len(ids)} tokens; the context holds {context} (--max-context, up to the "
+                        f"model's {manifest.config.get('context_length')})")
     printed = [""]
 
     def stream(_tok: int) -> None:
@@ -523,9 +546,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="xpuc", description="Compile LLMs for phones' CPU/GPU/NPU with TVM, "
+    ap = XpucArgumentParser(prog="xpuc", description="Compile LLMs for phones' CPU/GPU/NPU with TVM, "
                                  "and run them.", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--threads", type=int, default=None, help="CPU threads for compiled kernels (default: all)")
+    ap.add_argument("--threads", type=POSITIVE, default=None, help="CPU threads for compiled kernels (default: all)")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("targets", help="list device profiles")
@@ -557,10 +580,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("synth", help="generate a sparse-activation (dReLU) model as a Hugging Face directory")
     p.add_argument("--shape", default="tiny",
                    help="tiny | small | turbosparse-mistral-7b | tiny-moe | mixtral-8x7b-sparse (MoE, Mixtral format)")
-    p.add_argument("--sparsity", type=float, default=0.9, help="target share of inactive FFN neurons")
-    p.add_argument("--alpha", type=float, default=1.0, help="power-law exponent of neuron firing rates")
-    p.add_argument("--layers", type=int, default=None, help="override the shape's layer count")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sparsity", type=SHARE, default=0.9, help="target share of inactive FFN neurons")
+    p.add_argument("--alpha", type=float_in(0.0, 100.0, low_open=True), default=1.0,
+                   help="power-law exponent of neuron firing rates")
+    p.add_argument("--layers", type=POSITIVE, default=None, help="override the shape's layer count")
+    p.add_argument("--seed", type=NON_NEGATIVE, default=0)
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(fn=cmd_synth)
@@ -568,15 +592,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("profile", help="record FFN neuron firing statistics on calibration text")
     p.add_argument("model")
     p.add_argument("--text", nargs="+", required=True, help="calibration text file(s)")
-    p.add_argument("--sparsity", type=float, default=None, help="SwiGLU models: target sparsity of the threshold")
-    p.add_argument("--max-tokens", type=int, default=1024, help="calibration tokens to use (default 1024)")
+    p.add_argument("--sparsity", type=float_in(0.0, 1.0, True, True), default=None,
+                   help="SwiGLU models: target sparsity of the threshold")
+    p.add_argument("--max-tokens", type=int_at_least(8), default=1024, help="calibration tokens to use (default 1024)")
     p.add_argument("--eval-text", nargs="+", default=None,
                    help="held-out text file(s): report predictor recall/precision and sparse-vs-dense quality")
-    p.add_argument("--max-eval-tokens", type=int, default=512)
+    p.add_argument("--max-eval-tokens", type=int_at_least(8), default=512)
     p.add_argument("--predictor", metavar="FILE", default=None,
                    help="train the activation predictor and write it here (safetensors)")
-    p.add_argument("--recall", type=float, default=0.97, help="predictor target recall per layer (default 0.97)")
-    p.add_argument("--cluster", type=int, default=16, help="neuron cluster size of the decode path (default 16)")
+    p.add_argument("--recall", type=float_in(0.5, 1.0, high_open=True), default=0.97,
+                   help="predictor target recall per layer (default 0.97)")
+    p.add_argument("--cluster", type=POSITIVE, default=16, help="neuron cluster size of the decode path (default 16)")
     p.add_argument("-o", "--output", default="profile.json")
     p.set_defaults(fn=cmd_profile)
 
@@ -599,11 +625,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", default="50%",
                    help="share of the FFN weights kept in memory (50%%) or a total memory budget (2GiB)")
     p.add_argument("--modes", default="naive,llmflash,cache,full", help="comma-separated: naive,llmflash,cache,full")
-    p.add_argument("--tokens", type=int, default=32, help="tokens to generate per mode (default 32)")
+    p.add_argument("--tokens", type=POSITIVE, default=32, help="tokens to generate per mode (default 32)")
     p.add_argument("-o", "--output", default="bench.json", help="JSON report")
     p.add_argument("--plot", default=None, help="PNG of the ablation (default: next to the JSON)")
-    p.add_argument("--io-threads", type=int, default=2, help="threads issuing flash reads (default 2)")
-    p.add_argument("--repeats", type=int, default=1, help="interleaved rounds over the modes; the median counts")
+    p.add_argument("--io-threads", type=POSITIVE, default=2, help="threads issuing flash reads (default 2)")
+    p.add_argument("--repeats", type=POSITIVE, default=1, help="interleaved rounds over the modes; the median counts")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(fn=cmd_bench)
 
@@ -613,10 +639,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="oneplus-12")
     p.add_argument("--memory-budget", required=True, help="e.g. 4GiB, 512MiB")
     p.add_argument("--weight-dtype", default="q4_0", choices=["float32", "float16", "q4_0", "q4_1"])
-    p.add_argument("--cluster", type=int, default=None, help="neurons per cluster (default 32)")
+    p.add_argument("--cluster", type=POSITIVE, default=None, help="neurons per cluster (default 32)")
     p.add_argument("--tuning-db", default=None, metavar="DIR",
                    help="take the cluster size from `xpuc tune --sparse` records for this device")
-    p.add_argument("--context", type=int, default=2048)
+    p.add_argument("--context", type=POSITIVE, default=2048)
     p.add_argument("-o", "--output", default="plan.json")
     p.set_defaults(fn=cmd_plan)
 
@@ -625,11 +651,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", help="prompt text")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--system", default=None, help="system message for --chat")
-    p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--max-context", type=int, default=2048, help="KV-cache capacity in tokens")
+    p.add_argument("--max-tokens", type=POSITIVE, default=64)
+    p.add_argument("--temperature", type=float_in(0.0, 100.0), default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float_in(0.0, 1.0, low_open=True), default=1.0)
+    p.add_argument("--seed", type=NON_NEGATIVE, default=None)
+    p.add_argument("--max-context", type=POSITIVE, default=None,
+                   help="KV-cache capacity in tokens (default: 2048 or the model's context length if shorter)")
     p.add_argument("--no-stream", action="store_true", help="print the text only when done")
     p.add_argument("--json", action="store_true", help="print text, tokens and metrics as JSON")
     p.add_argument("--mode", default="full", help="packed models: naive | llmflash | cache | full (default full)")
@@ -661,8 +688,11 @@ def main(argv: list[str] | None = None) -> int:
     configure_tvm_threads(args.threads)
     from xpuc.compiler.progress import end_open_line
 
+    interrupted, restore = _watch_interrupts()
     try:
         return args.fn(args)
+    except KeyboardInterrupt:
+        return _interrupted()
     except XpucError as e:
         end_open_line()
         print(f"xpuc: error: {e}", file=sys.stderr)
@@ -670,9 +700,46 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:  # sampling parameters and similar argument values
         print(f"xpuc: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("xpuc: interrupted", file=sys.stderr)
-        return 130
+    except BrokenPipeError:  # `xpuc inspect ... | head -1`: the reader is gone; say so once, on stderr
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at interpreter exit
+        print("xpuc: error: output closed early (broken pipe)", file=sys.stderr)
+        return 2
+    except OSError as e:  # missing / unwritable / full output and the like: the path and the reason
+        end_open_line()
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"xpuc: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 2
+    except Exception:
+        if interrupted():  # Ctrl-C inside TVM's passes surfaces as the FFI's own error type
+            return _interrupted()
+        raise
+    finally:
+        restore()
+
+
+def _watch_interrupts():
+    """Record SIGINT (then raise KeyboardInterrupt as Python does); returns 'was there one?' and 'restore'."""
+    import signal
+
+    seen = []
+
+    def on_sigint(signum, frame):
+        seen.append(signum)
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGINT, on_sigint)
+    except ValueError:  # not the main thread (an embedding application): keep its handler
+        return (lambda: False), (lambda: None)
+    return (lambda: bool(seen)), (lambda: signal.signal(signal.SIGINT, previous))
+
+
+def _interrupted() -> int:
+    from xpuc.compiler.progress import end_open_line
+
+    end_open_line()
+    print("xpuc: interrupted", file=sys.stderr)
+    return 130
 
 
 if __name__ == "__main__":

@@ -7,7 +7,10 @@ import json
 import sys
 from pathlib import Path
 
+from xpuc.compiler.cli_args import POSITIVE, SECONDS, int_in
 from xpuc.compiler.errors import XpucError
+
+PORT = int_in(1, 65535)
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
@@ -187,14 +190,14 @@ def add_parsers(sub) -> None:
     p.add_argument("source", nargs="+", help="model, ONNX file or artifact directory (or: merge DB DB …)")
     p.add_argument("--device", default="host", help="device profile whose CPU is tuned (default: host)")
     p.add_argument("--db", default=None, help="tuning database directory (created, or resumed when it exists)")
-    p.add_argument("--trials", type=int, default=64, help="measured candidates per workload in total (default 64)")
-    p.add_argument("--trials-per-iter", type=int, default=16, help="candidates per search round (default 16)")
+    p.add_argument("--trials", type=POSITIVE, default=64, help="measured candidates per workload in total (default 64)")
+    p.add_argument("--trials-per-iter", type=POSITIVE, default=16, help="candidates per search round (default 16)")
     p.add_argument("--buckets", default="16,64,256,512", help="sequence lengths to tune for (default 16,64,256,512)")
     p.add_argument("--only", default=None, help="tune only workloads whose name contains this text")
     p.add_argument("--rpc-tracker", default=None, metavar="HOST:PORT", help="measure on devices of this tracker")
     p.add_argument("--rpc-key", default="xpuc", help="device key at the tracker (default xpuc)")
-    p.add_argument("--rpc-timeout", type=float, default=60.0, help="seconds to wait for the tracker / a device")
-    p.add_argument("--build-timeout", type=float, default=60.0, help="seconds per candidate build")
+    p.add_argument("--rpc-timeout", type=SECONDS, default=60.0, help="seconds to wait for the tracker / a device")
+    p.add_argument("--build-timeout", type=SECONDS, default=60.0, help="seconds per candidate build")
     p.add_argument("--sparse", action="store_true",
                    help="tune the sparse FFN kernels' knobs (cluster size, threads, fused/split) of a model instead")
     p.add_argument("--sparsity", default="0.9,0.7", help="--sparse: share of inactive neurons to tune at")
@@ -207,15 +210,15 @@ def add_parsers(sub) -> None:
 
     p = sub.add_parser("rpc-tracker", help="run a TVM RPC tracker (device farm)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 for a LAN)")
-    p.add_argument("--port", type=int, default=9190)
-    p.add_argument("--port-end", type=int, default=9299)
+    p.add_argument("--port", type=PORT, default=9190)
+    p.add_argument("--port-end", type=PORT, default=9299)
     p.set_defaults(fn=cmd_rpc_tracker)
 
     p = sub.add_parser("rpc-server", help="serve this device (or an emulated aarch64 one) to a tracker")
     p.add_argument("--tracker", default=None, metavar="HOST:PORT")
     p.add_argument("--key", default="xpuc", help="device key (default xpuc)")
     p.add_argument("--host", default="0.0.0.0")
-    p.add_argument("--port", type=int, default=9090)
+    p.add_argument("--port", type=PORT, default=9090)
     p.add_argument("--custom-addr", default=None, help="address to report to the tracker")
     p.add_argument("--emulate", choices=["aarch64"], default=None,
                    help="serve an aarch64 device emulated with QEMU user mode")

@@ -150,6 +150,37 @@ def _tokenizer_from_gguf(path: Path, reader) -> TokenizerSource:
     )
 
 
+def _config_from_gguf(path: Path, reader, arch: str, tensors: dict) -> ArchConfig:
+    def key(k, default=None):
+        return _field(reader, f"{arch}.{k}", default)
+
+    n_heads = int(key("attention.head_count"))
+    n_kv = int(key("attention.head_count_kv", n_heads))
+    hidden = int(key("embedding_length"))
+    tokens = _field(reader, "tokenizer.ggml.tokens")
+    vocab = int(key("vocab_size", 0) or (len(tokens) if tokens is not None else 0)
+                or tensors["token_embd.weight"].shape[1])
+    ffn_kind = _field(reader, "xpuc.ffn_kind", "swiglu")
+    if ffn_kind not in FFN_KINDS:
+        raise XpucError(f"{path}: unknown FFN kind '{ffn_kind}' (supported: {', '.join(FFN_KINDS)})")
+    return ArchConfig(
+        architecture=arch,
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=int(key("feed_forward_length")),
+        num_layers=int(key("block_count")),
+        num_heads=n_heads,
+        num_kv_heads=n_kv,
+        head_dim=int(key("attention.key_length", hidden // n_heads)),
+        rope_theta=_f32(key("rope.freq_base", 10000.0)),
+        rms_norm_eps=_f32(key("attention.layer_norm_rms_epsilon", 1e-5)),
+        ffn_kind=ffn_kind,
+        tie_embeddings="output.weight" not in tensors,
+        qkv_bias="blk.0.attn_q.bias" in tensors,
+        context_length=int(key("context_length", 2048)),
+    )
+
+
 def load_gguf(path: str | os.PathLike, with_tokenizer: bool = True) -> ModelSpec:
     """Read a GGUF file into a ModelSpec.
 
@@ -171,35 +202,12 @@ def load_gguf(path: str | os.PathLike, with_tokenizer: bool = True) -> ModelSpec
         raise XpucError(f"{path}: unsupported architecture '{arch}' "
                         f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
 
-    def key(k, default=None):
-        return _field(reader, f"{arch}.{k}", default)
-
-    n_heads = int(key("attention.head_count"))
-    n_kv = int(key("attention.head_count_kv", n_heads))
-    hidden = int(key("embedding_length"))
     tensors = {t.name: t for t in reader.tensors}
-    tokens = _field(reader, "tokenizer.ggml.tokens")
-    vocab = int(key("vocab_size", 0) or (len(tokens) if tokens is not None else 0)
-                or tensors["token_embd.weight"].shape[1])
-    ffn_kind = _field(reader, "xpuc.ffn_kind", "swiglu")
-    if ffn_kind not in FFN_KINDS:
-        raise XpucError(f"{path}: unknown FFN kind '{ffn_kind}' (supported: {', '.join(FFN_KINDS)})")
-    config = ArchConfig(
-        architecture=arch,
-        vocab_size=vocab,
-        hidden_size=hidden,
-        intermediate_size=int(key("feed_forward_length")),
-        num_layers=int(key("block_count")),
-        num_heads=n_heads,
-        num_kv_heads=n_kv,
-        head_dim=int(key("attention.key_length", hidden // n_heads)),
-        rope_theta=_f32(key("rope.freq_base", 10000.0)),
-        rms_norm_eps=_f32(key("attention.layer_norm_rms_epsilon", 1e-5)),
-        ffn_kind=ffn_kind,
-        tie_embeddings="output.weight" not in tensors,
-        qkv_bias="blk.0.attn_q.bias" in tensors,
-        context_length=int(key("context_length", 2048)),
-    )
+    try:
+        config = _config_from_gguf(path, reader, arch, tensors)
+    except (TypeError, ValueError, KeyError, ZeroDivisionError, OverflowError, AttributeError, IndexError) as e:
+        raise XpucError(f"{path}: malformed GGUF metadata ({type(e).__name__}: {e})") from None
+    n_heads, n_kv = config.num_heads, config.num_kv_heads
     # llama.cpp permutes Q/K rows of llama-family models; qwen2 is stored in rotate-half order.
     permuted = arch in ("llama", "mistral")
     loaders, meta = {}, {}

@@ -74,7 +74,18 @@ def hf_name(canonical: str) -> str:
     raise KeyError(canonical)
 
 
+_MALFORMED = (TypeError, ValueError, KeyError, ZeroDivisionError, OverflowError, AttributeError)
+
+
 def config_from_hf(cfg: dict, where: str) -> ArchConfig:
+    """The ArchConfig of a Hugging Face ``config.json``; a missing or ill-typed field is one XpucError."""
+    try:
+        return _config_from_hf(cfg, where)
+    except _MALFORMED as e:
+        raise XpucError(f"{where}: malformed config ({type(e).__name__}: {e})") from None
+
+
+def _config_from_hf(cfg: dict, where: str) -> ArchConfig:
     mt = cfg.get("model_type")
     experts, top_k = int(cfg.get("num_local_experts") or 0), int(cfg.get("num_experts_per_tok") or 0)
     if experts and not 1 <= top_k <= experts:
@@ -112,7 +123,8 @@ def config_from_hf(cfg: dict, where: str) -> ArchConfig:
 def _tokenizer_from_dir(path: Path) -> TokenizerSource:
     tj = path / "tokenizer.json"
     if not tj.is_file():
-        raise XpucError(f"{path}: missing tokenizer (no tokenizer.json); pass --no-tokenizer to compile anyway")
+        raise XpucError(f"{path}: missing tokenizer (no tokenizer.json); copy the model's tokenizer.json into "
+                        "the directory")
     meta = {}
     if (path / "tokenizer_config.json").is_file():
         meta = json.loads((path / "tokenizer_config.json").read_text())

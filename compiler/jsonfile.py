@@ -11,11 +11,11 @@ from xpuc.compiler.errors import XpucError
 
 def write_json_atomic(path: str | os.PathLike, obj) -> Path:
     """Write ``obj`` as JSON to ``path`` through a temporary file and a rename (never half-written)."""
-    path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".part")
-    tmp.write_text(json.dumps(obj))
-    os.replace(tmp, path)
-    return path
+    from xpuc.runtime.artifact import atomic_path
+
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj))
+    return Path(path)
 
 
 def read_versioned(path: str | os.PathLike, schema: int, what: str) -> dict:

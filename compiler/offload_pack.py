@@ -80,19 +80,21 @@ def pack_offload(model: str, stats_path: str, plan_path: str, predictor_path: st
     from xpuc.compiler.profiler import ProfileStats
     from xpuc.compiler.progress import Steps, count
     from xpuc.compiler.zoo import resolve_model, sha256_file
-    from xpuc.runtime.artifact import staged_directory, versions
+    from xpuc.runtime.artifact import seal_manifest, staged_directory, versions
     from xpuc.targets.profile import load_profile
 
     profile = load_profile(device)
     spec = load_model(resolve_model(model))
     c = spec.config
+    fingerprint = spec.fingerprint()
     stats = ProfileStats.load(stats_path)
-    stats.check_matches(c, "--stats")
+    stats.check_matches(c, "--stats", fingerprint)
     plan = Plan.load(plan_path)
-    if plan.model != c.to_dict():
-        raise XpucError("--plan was made for another model")
+    if plan.model != json.loads(json.dumps(c.to_dict())) or plan.fingerprint != fingerprint:
+        raise XpucError(f"--plan was made for another model (fingerprint {plan.fingerprint or 'none'} is not this "
+                        f"model's {fingerprint}); run xpuc plan with this model file and its profile")
     predictor = Predictor.load(predictor_path)
-    predictor.check_matches(spec)
+    predictor.check_matches(fingerprint, "--predictor")
     if len(predictor.layers) != c.ffn_units:
         raise XpucError("--predictor: FFN unit count does not match the model")
     if fixed_dtype != "float16" and c.hidden_size % 32:
@@ -122,8 +124,8 @@ def pack_offload(model: str, stats_path: str, plan_path: str, predictor_path: st
             sample = tok.encode("The cache keeps the hot neurons in memory and reads the others from flash.")
         manifest = {"format": OFFLOAD_FORMAT, "schema": OFFLOAD_SCHEMA, "versions": versions(), "config": c.to_dict(),
                     "files": files, "ffn_bytes": fl.file_bytes, "sample_prompt": sample, "fixed_dtype": fixed_dtype,
-                    "modules": modules, "predictor_rank": predictor.layers[0].rank}
-        (tmp / "offload.json").write_text(json.dumps(manifest, indent=1))
+                    "modules": modules, "predictor_rank": predictor.layers[0].rank, "fingerprint": fingerprint}
+        (tmp / "offload.json").write_text(json.dumps(seal_manifest(manifest), indent=1))
     return out
 
 

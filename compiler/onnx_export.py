@@ -121,8 +121,9 @@ def decoder_prefill_onnx(path: str | os.PathLike, config: ArchConfig, weights: d
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], producer_name="xpuc",
                               ir_version=9)  # readable by every onnxruntime release of the last years
     onnx.checker.check_model(model)
+    from xpuc.runtime.artifact import atomic_path
+
     path = Path(path)
-    tmp = path.with_suffix(".onnx.part")
-    onnx.save(model, str(tmp))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        onnx.save(model, str(tmp))
     return path

@@ -33,7 +33,7 @@ from xpuc.compiler.jsonfile import read_versioned, write_json_atomic
 from xpuc.compiler.profiler import ProfileStats
 from xpuc.compiler.spec import ArchConfig
 
-PLAN_SCHEMA = 1
+PLAN_SCHEMA = 2  # 2: records the model's weights fingerprint
 _BYTES = {"float32": 4.0, "float16": 2.0, "q4_0": 18 / 32, "q4_1": 20 / 32}
 
 
@@ -73,6 +73,7 @@ class Plan:
     expected_read_bytes_per_token: float
     model: dict = field(default_factory=dict)
     ffn_kernel: str = "fused"  # "fused" or "split" (gate, then up/down of the neurons that fired)
+    fingerprint: str = ""  # ModelSpec.fingerprint of the model the statistics were recorded on
     schema: int = PLAN_SCHEMA
 
     @property
@@ -142,9 +143,13 @@ def _queue_depth(profile, block: int) -> int:
 
 
 def plan_neurons(config: ArchConfig, stats: ProfileStats, profile, budget_bytes: int, weight_dtype: str = "q4_0",
-                 cluster: int = 32, context: int = 2048, cold_share: float = 0.1) -> Plan:
-    """Place every FFN neuron (hot or cold) under ``budget_bytes``; see the module docstring."""
-    stats.check_matches(config)
+                 cluster: int = 32, context: int = 2048, cold_share: float = 0.1,
+                 fingerprint: str | None = None) -> Plan:
+    """Place every FFN neuron (hot or cold) under ``budget_bytes``; see the module docstring.
+
+    ``fingerprint`` (ModelSpec.fingerprint), when given, must be the one ``stats`` were recorded on.
+    """
+    stats.check_matches(config, "--stats", fingerprint)
     if weight_dtype not in _BYTES:
         raise XpucError(f"unknown weight dtype '{weight_dtype}' (known: {', '.join(_BYTES)})")
     record = int(np.ceil(3 * config.hidden_size * _BYTES[weight_dtype]))
@@ -180,4 +185,4 @@ def plan_neurons(config: ArchConfig, stats: ProfileStats, profile, budget_bytes:
         read_block_bytes=block, queue_depth=_queue_depth(profile, block),
         compute_threads=max(1, big_mid - 1), io_threads=1, prefill_on=prefill, decode_on="cpu",
         expected_hit_rate=float(hit), expected_read_bytes_per_token=float(miss_freq * block),
-        model=config.to_dict())
+        model=config.to_dict(), fingerprint=stats.fingerprint)

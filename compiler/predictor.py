@@ -27,7 +27,7 @@ import numpy as np
 from xpuc.compiler.errors import XpucError
 from xpuc.compiler.spec import ModelSpec
 
-PREDICTOR_SCHEMA = "1"
+PREDICTOR_SCHEMA = "2"  # 2: the fingerprint is the model's (ModelSpec.fingerprint)
 MIN_UNIT_TOKENS = 16  # calibration rows an FFN unit needs for its predictor (train + validation split)
 
 
@@ -60,16 +60,18 @@ class Predictor:
     def save(self, path: str | os.PathLike) -> Path:
         from safetensors.numpy import save_file
 
+        from xpuc.runtime.artifact import atomic_path
+
         path = Path(path)
         tensors = {}
         for i, lp in enumerate(self.layers):
             for k in ("w1", "b1", "w2", "b2"):
                 tensors[f"layers.{i}.{k}"] = np.ascontiguousarray(getattr(lp, k), np.float32)
             tensors[f"layers.{i}.threshold"] = np.array([lp.threshold], np.float32)
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(tensors, str(tmp), metadata={"xpuc_predictor": PREDICTOR_SCHEMA, "fingerprint": self.fingerprint,
-                                               "recall_target": str(self.recall_target)})
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata={"xpuc_predictor": PREDICTOR_SCHEMA,
+                                                   "fingerprint": self.fingerprint,
+                                                   "recall_target": str(self.recall_target)})
         return path
 
     @classmethod
@@ -91,11 +93,11 @@ class Predictor:
             raise XpucError(f"{path}: corrupted predictor file ({e})") from None
         return cls(layers, meta["fingerprint"], float(meta["recall_target"]))
 
-    def check_matches(self, spec: ModelSpec) -> None:
-        from xpuc.compiler.profiler import config_fingerprint
-
-        if self.fingerprint != config_fingerprint(spec.config):
-            raise XpucError("predictor was trained on another model (architecture fingerprint differs)")
+    def check_matches(self, fingerprint: str, where: str = "predictor") -> None:
+        """The predictor was trained on the model with ``fingerprint`` (ModelSpec.fingerprint)."""
+        if self.fingerprint != fingerprint:
+            raise XpucError(f"{where} was trained on another model (weights fingerprint {self.fingerprint} is not "
+                            f"this model's {fingerprint}); run xpuc profile --predictor on this model file")
 
 
 def collect_pairs(spec: ModelSpec, token_ids: list[int], thresholds: list[float], window: int = 256
@@ -187,8 +189,6 @@ def train_predictor(spec: ModelSpec, pairs: list[tuple[np.ndarray, np.ndarray]],
                     ranks: tuple[int, ...] = (32, 96), epochs: int = 6, seed: int = 0,
                     progress=None) -> Predictor:
     """Train every layer's predictor (see the module docstring for rank and threshold choice)."""
-    from xpuc.compiler.profiler import config_fingerprint
-
     if not 0.5 <= recall < 1.0:
         raise XpucError("--recall must be in [0.5, 1)")
     layers = []
@@ -202,7 +202,7 @@ def train_predictor(spec: ModelSpec, pairs: list[tuple[np.ndarray, np.ndarray]],
         layers.append(best[0])
         if progress:
             progress(i + 1, len(pairs))
-    return Predictor(layers, config_fingerprint(spec.config), recall)
+    return Predictor(layers, spec.fingerprint(), recall)
 
 
 @dataclass

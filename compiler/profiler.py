@@ -9,7 +9,6 @@ statistics are the planner's input (hot/cold split, expected reads per token).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -21,11 +20,7 @@ from xpuc.compiler.errors import XpucError
 from xpuc.compiler.jsonfile import read_versioned, write_json_atomic
 from xpuc.compiler.spec import ArchConfig, ModelSpec
 
-STATS_SCHEMA = 1
-
-
-def config_fingerprint(config: ArchConfig) -> str:
-    return hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+STATS_SCHEMA = 2  # 2: ``fingerprint`` is the model's (ModelSpec.fingerprint), not only its config's
 
 
 @dataclass
@@ -56,9 +51,13 @@ class ProfileStats:
         except TypeError:
             raise XpucError(f"{path}: not a readable xpuc profile (unexpected fields)") from None
 
-    def check_matches(self, config: ArchConfig, where: str = "profile") -> None:
-        if self.fingerprint != config_fingerprint(config):
-            raise XpucError(f"{where} was recorded on another model (architecture fingerprint differs)")
+    def check_matches(self, config: ArchConfig, where: str = "profile", fingerprint: str | None = None) -> None:
+        """The statistics describe ``config`` (and, when given, the model with ``fingerprint``)."""
+        if self.config != json.loads(json.dumps(config.to_dict())):
+            raise XpucError(f"{where} was recorded on a model with another architecture config")
+        if fingerprint is not None and self.fingerprint != fingerprint:
+            raise XpucError(f"{where} was recorded on another model (weights fingerprint {self.fingerprint} is not "
+                            f"this model's {fingerprint}); run xpuc profile on this model file")
         if len(self.frequency) != config.ffn_units or any(len(f) != config.intermediate_size for f in self.frequency):
             raise XpucError(f"{where}: shape does not match the model")
 
@@ -148,5 +147,5 @@ def profile_model(spec: ModelSpec, token_ids: list[int], target_sparsity: float 
         else:
             thresholds.append(0.0)
             freq.append((a.sum(0) / n).round(5).tolist())
-    return ProfileStats(config=c.to_dict(), fingerprint=config_fingerprint(c), tokens=len(token_ids),
+    return ProfileStats(config=c.to_dict(), fingerprint=spec.fingerprint(), tokens=len(token_ids),
                         target_sparsity=target_sparsity, thresholds=thresholds, frequency=freq)

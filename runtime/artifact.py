@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -13,7 +14,7 @@ from pathlib import Path
 from xpuc.compiler.errors import XpucError
 
 ARTIFACT_FORMAT = "xpuc-artifact"
-MANIFEST_SCHEMA = 1
+MANIFEST_SCHEMA = 2  # 2: the manifest carries its own digest (``manifest_sha256``)
 MANIFEST = "manifest.json"
 MANIFEST_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
@@ -63,13 +64,33 @@ class Manifest:
     io: dict = field(default_factory=dict)  # graph artifacts: {"inputs": [...], "outputs": [...]}
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=1)
+        return json.dumps(seal_manifest(asdict(self)), indent=1)
 
     @classmethod
     def from_dict(cls, d: dict) -> Manifest:
         d = dict(d)
         d["modules"] = [ModuleEntry(**m) for m in d["modules"]]
         return cls(**d)
+
+
+DIGEST_KEY = "manifest_sha256"
+
+
+def manifest_digest(d: dict) -> str:
+    """SHA-256 of a manifest's canonical JSON without its own digest: it covers the config and every field."""
+    body = {k: v for k, v in d.items() if k != DIGEST_KEY}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, ensure_ascii=True).encode()).hexdigest()
+
+
+def seal_manifest(d: dict) -> dict:
+    """``d`` with its digest added (every writer of a manifest calls this last)."""
+    return {**{k: v for k, v in d.items() if k != DIGEST_KEY}, DIGEST_KEY: manifest_digest(d)}
+
+
+def check_manifest_digest(mf: Path, d: dict, fix: str) -> None:
+    """A manifest edited after it was written (a config field, a file name, a digest) is refused."""
+    if d.get(DIGEST_KEY) != manifest_digest(d):
+        raise XpucError(f"{mf}: the manifest was altered after it was written (its digest does not match); {fix}")
 
 
 def read_manifest(path: Path) -> Manifest:
@@ -80,15 +101,16 @@ def read_manifest(path: Path) -> Manifest:
         raise XpucError(f"{path}: not an xpuc artifact (no {MANIFEST})")
     try:
         d = json.loads(mf.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise XpucError(f"{mf}: corrupted ({e})") from None
-    if d.get("format") != ARTIFACT_FORMAT:
+    if not isinstance(d, dict) or d.get("format") != ARTIFACT_FORMAT:
         raise XpucError(f"{mf}: not an xpuc manifest")
     if d.get("schema") != MANIFEST_SCHEMA:
         raise XpucError(f"{mf}: manifest schema {d.get('schema')} is not supported (expected {MANIFEST_SCHEMA}); "
                         "recompile the model")
+    check_manifest_digest(mf, d, "recompile the model")
     try:
-        return Manifest.from_dict(d)
+        return Manifest.from_dict({k: v for k, v in d.items() if k != DIGEST_KEY})
     except (TypeError, KeyError, AttributeError) as e:
         raise XpucError(f"{mf}: malformed ({e})") from None
 
@@ -149,13 +171,42 @@ def verify_files(path: Path, files: dict[str, str], fix: str, required: list[str
             raise XpucError(f"{path}: file '{name}' fails its checksum (altered or corrupted); {fix}")
 
 
+def check_output_file(path: str | os.PathLike) -> Path:
+    """``path`` can be written as a file: its directory exists and it is not itself a directory.
+
+    Commands call this before long work, so a typo in ``-o`` costs a second, not the whole run.
+    """
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise XpucError(f"{path.parent}: no such directory (create it first)")
+    if path.is_dir():
+        raise XpucError(f"{path}: is a directory; give a file name")
+    return path
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str = ".part"):
+    """Yield a temporary path next to ``path``; it becomes ``path`` only if the block succeeds.
+
+    On any failure (an exception, a full disk, Ctrl-C) the temporary file is removed, so an output is either the
+    complete new file or whatever was there before -- never half-written.
+    """
+    path = check_output_file(path)
+    tmp = path.with_name(f".{path.name}{suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 @contextmanager
 def staged_directory(output: Path, force: bool = False):
     """Yield a temporary directory next to ``output``; it becomes ``output`` only if the block succeeds."""
     output = Path(output)
     if output.exists() and not force:
         raise XpucError(f"{output}: already exists (use --force to replace it)")
-    if output.exists() and not (output / MANIFEST).is_file():
+    if output.exists() and not any((output / m).is_file() for m in (MANIFEST, "offload.json")):
         raise XpucError(f"{output}: exists and is not an xpuc artifact; refusing to replace it")
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent))

@@ -30,10 +30,11 @@ def _plot(rows: list[dict], png: Path, title: str) -> None:
     ax[1].set_ylabel("flash MiB read / token")
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    tmp = png.with_name(png.name + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    from xpuc.runtime.artifact import atomic_path
+
+    with atomic_path(png, ".tmp.png") as tmp:
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
-    os.replace(tmp, png)
 
 
 def run_mode(artifact: Path, mode: str, ffn_share: float, tokens: int, prompt: list[int], threads: int | None,

@@ -10,9 +10,10 @@ from pathlib import Path
 import numpy as np
 
 from xpuc.compiler.errors import XpucError
+from xpuc.runtime.artifact import check_manifest_digest
 
 OFFLOAD_FORMAT = "xpuc-offload"
-OFFLOAD_SCHEMA = 2
+OFFLOAD_SCHEMA = 3  # 3: sealed by its own digest, records the model fingerprint
 FIXED_DTYPES = ("float16", "q8_0", "q4_0", "q4_1")
 SMALL_FILES = ("fixed.safetensors", "ffn.crc32.npy", "flash.json", "plan.json", "profile.json",
                "predictor.safetensors")
@@ -58,6 +59,7 @@ def read_packed_manifest(path: Path) -> dict:
         raise XpucError(f"{mf}: corrupted ({e})") from None
     if not isinstance(d, dict) or d.get("format") != OFFLOAD_FORMAT or d.get("schema") != OFFLOAD_SCHEMA:
         raise XpucError(f"{mf}: not an xpuc offload manifest of schema {OFFLOAD_SCHEMA}; repack the model")
+    check_manifest_digest(mf, d, "repack the model")
     mods = d.get("modules")
     if not isinstance(mods, dict) or not all(isinstance(mods.get(k), str) for k in ("decode", "ffn", "mtriple")):
         raise XpucError(f"{mf}: malformed (no compiled modules); repack the model")
@@ -100,11 +102,15 @@ def load_packed(path: Path, check_device: bool = True) -> PackedModel:
         config = ArchConfig.from_dict(d["config"])
     except (TypeError, KeyError, ValueError) as e:
         raise XpucError(f"{path / MANIFEST}: malformed config ({e}); repack the model") from None
-    plan = Plan.load(path / "plan.json")
+    plan, stats = Plan.load(path / "plan.json"), ProfileStats.load(path / "profile.json")
+    fingerprint = d.get("fingerprint")
+    if not isinstance(fingerprint, str) or plan.fingerprint != fingerprint or stats.fingerprint != fingerprint:
+        raise XpucError(f"{path}: its plan, profile and manifest name different models (fingerprints "
+                        f"{plan.fingerprint}, {stats.fingerprint}, {fingerprint}); repack the model")
     if mods.get("threads") != plan.compute_threads:
         raise XpucError(f"{path}: the FFN kernels were built for {mods.get('threads')} threads, the plan asks for "
                         f"{plan.compute_threads}; repack the model")
     return PackedModel(path, config, FlashLayout.load(path / "flash.json"), plan,
-                       ProfileStats.load(path / "profile.json"), np.load(path / "ffn.crc32.npy", allow_pickle=False),
+                       stats, np.load(path / "ffn.crc32.npy", allow_pickle=False),
                        load_file(str(path / "fixed.safetensors")), list(d.get("sample_prompt", [])),
                        d["fixed_dtype"], mods, int(d.get("predictor_rank", 0)))

@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from xpuc.compiler.errors import XpucError
+from xpuc.runtime.artifact import atomic_path
 
 WORKLOADS = "database_workload.json"
 RECORDS = "database_tuning_record.json"
@@ -98,9 +99,8 @@ def _check_lines(path: Path, what: str, valid=None, invalid_msg: str = "") -> in
             last = i == len(lines) and not data.endswith(b"\n")
             if last:  # killed mid-append: nothing complete is lost by dropping it
                 keep = data[: len(data) - len(line)]
-                tmp = path.with_suffix(".json.part")
-                tmp.write_bytes(keep)
-                os.replace(tmp, path)
+                with atomic_path(path) as tmp:
+                    tmp.write_bytes(keep)
                 print(f"xpuc: {path}: dropped a half-written last {what} line", file=sys.stderr)
                 continue
             raise XpucError(f"{path}: line {i} is not a valid {what} (corrupted file); remove the line or "
@@ -158,9 +158,8 @@ class TuningDatabase:
         return self._ms
 
     def save_index(self) -> None:
-        tmp = self.path / (INDEX + ".part")
-        tmp.write_text(self.index.to_json())
-        os.replace(tmp, self.path / INDEX)
+        with atomic_path(self.path / INDEX) as tmp:
+            tmp.write_text(self.index.to_json())
 
     def trials_by_workload(self) -> dict[str, int]:
         """Structural hash (hex) of each workload -> records measured for it."""

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from xpuc.runtime.artifact import seal_manifest
+
 XPUC = [sys.executable, "-m", "xpuc.compiler.cli"]
 
 
@@ -200,8 +202,23 @@ def test_artifact_other_version(artifact_copy, key):
     mf = artifact_copy / "manifest.json"
     m = json.loads(mf.read_text())
     m["versions"][key] = "0.0.1"
-    mf.write_text(json.dumps(m))
+    mf.write_text(json.dumps(seal_manifest(m)))  # a consistent manifest written by another version
     assert_clean_error(xpuc("run", str(artifact_copy), "--prompt", "hi"), f"built with {key} 0.0.1")
+
+
+@pytest.mark.parametrize("field", ["num_layers", "hidden_size", "weights_file", "file_digest"])
+def test_manifest_edited_after_writing_is_refused(artifact_copy, field):
+    """Any field changed after compile (a config size, a file name, a digest) fails the manifest's own digest."""
+    mf = artifact_copy / "manifest.json"
+    m = json.loads(mf.read_text())
+    if field in ("num_layers", "hidden_size"):
+        m["config"][field] += 1
+    elif field == "weights_file":
+        m["weights_file"] = "params2.safetensors"
+    else:
+        m["files"]["model.so"] = "0" * 64
+    mf.write_text(json.dumps(m))
+    assert_clean_error(xpuc("run", str(artifact_copy), "--prompt", "hi"), "altered after it was written")
 
 
 def test_not_an_artifact(tmp_path):
@@ -257,7 +274,7 @@ def _edit_manifest(art: Path, edit) -> None:
     mf = art / "manifest.json"
     m = json.loads(mf.read_text())
     edit(m)
-    mf.write_text(json.dumps(m))
+    mf.write_text(json.dumps(seal_manifest(m)))  # as an attacker would: the digest detects accidents only
 
 
 @pytest.mark.parametrize("case", ["module_abs", "module_dotdot", "weights_elsewhere", "files_emptied",

@@ -17,6 +17,7 @@ from conftest import random_weights, spec_from, tiny_config
 
 from xpuc.compiler.errors import XpucError
 from xpuc.compiler.relax_model import export_model, param_arrays
+from xpuc.runtime.artifact import seal_manifest
 from xpuc.runtime.session import DecoderSession, SplitSession
 from xpuc.targets.profile import load_profile
 
@@ -84,7 +85,7 @@ def test_engine_runs_a_separate_prefill_module_and_hands_off(tmp_path, tiny_gguf
     m["modules"].append(dataclasses.asdict(entry))
     for f in (entry.file, entry.weights):
         m["files"][f] = sha256_file(art / f)
-    (art / "manifest.json").write_text(json.dumps(m))
+    (art / "manifest.json").write_text(json.dumps(seal_manifest(m)))
     eng = Engine(art)
     assert isinstance(eng.session, SplitSession) and eng.prefill_on == "prefill_twin"
     res = eng.generate_ids([5, 9, 14, 3, 7] * 4, 6)

@@ -16,6 +16,7 @@ from xpuc.compiler.predictor import collect_pairs, train_predictor
 from xpuc.compiler.profiler import profile_model
 from xpuc.compiler.reference import ReferenceModel
 from xpuc.compiler.synth import synthesize
+from xpuc.runtime.artifact import seal_manifest
 
 LICENSE = "/usr/share/common-licenses/Apache-2.0"
 
@@ -497,6 +498,48 @@ def test_malformed_packed_manifest_is_one_line(packed, tmp_path, edit):
      "sample_str": lambda: m.update(sample_prompt="ab"), "modules_none": lambda: m.update(modules=None),
      "decode_abs": lambda: m["modules"].update(decode="/etc/passwd"), "files_empty": lambda: m.update(files={}),
      "config_missing_key": lambda: m["config"].pop("hidden_size"), "not_an_object": lambda: None}[edit]()
-    (art / "offload.json").write_text(json.dumps([m] if edit == "not_an_object" else m))
+    (art / "offload.json").write_text(json.dumps([m] if edit == "not_an_object" else seal_manifest(m)))
     r = xpuc("run", str(art), "--prompt", "hi", "--max-tokens", "1")
     assert r.returncode == 2 and "Traceback" not in r.stderr and r.stderr.count("xpuc: error:") == 1, r.stderr
+
+
+def test_packed_manifest_edited_after_packing_is_refused(packed, tmp_path):
+    import json
+
+    art = _copy_art(packed[0], tmp_path)
+    m = json.loads((art / "offload.json").read_text())
+    m["config"]["intermediate_size"] += 32  # type-valid, so only the digest can catch it
+    (art / "offload.json").write_text(json.dumps(m))
+    assert_clean_error(xpuc("run", str(art), "--prompt", "hi", "--max-tokens", "1"), "altered after it was written")
+
+
+@pytest.fixture(scope="module")
+def other_model(tmp_path_factory):
+    """Another generated model with the same config (another seed), with its own profile, predictor and plan."""
+    from xpuc.compiler.planner import plan_neurons
+    from xpuc.runtime.tokenizer import XpucTokenizer
+    from xpuc.targets.profile import load_profile
+
+    d = tmp_path_factory.mktemp("other")
+    synthesize("tiny", 0.9, 4, d / "model")
+    spec = load_model(str(d / "model"))
+    ids = XpucTokenizer.from_source(spec.tokenizer).encode(open(LICENSE).read())[:256]
+    stats = profile_model(spec, ids)
+    stats.save(d / "stats.json")
+    train_predictor(spec, collect_pairs(spec, ids, stats.thresholds), 0.97).save(d / "pred.safetensors")
+    plan_neurons(spec.config, stats, load_profile("oneplus-12"), 4 << 20, "float16", 16,
+                 fingerprint=spec.fingerprint()).save(d / "plan.json")
+    return d, spec
+
+
+@pytest.mark.parametrize("part", ["stats", "plan", "predictor"])
+def test_pack_refuses_statistics_of_another_model_with_the_same_config(packed, other_model, tmp_path, part):
+    """Each of profile, plan and predictor, taken from a model with the same config but other weights, is refused."""
+    d, o = packed[0], other_model[0]
+    assert other_model[1].config == packed[1].config and other_model[1].fingerprint() != packed[1].fingerprint()
+    args = {"stats": o / "stats.json", "plan": o / "plan.json", "predictor": o / "pred.safetensors"}
+    args[part] = {"stats": d / "stats.json", "plan": d / "plan.json", "predictor": d / "pred.safetensors"}[part]
+    r = xpuc("pack", str(o / "model"), *(f"--{k}={v}" for k, v in args.items()), "-o", str(tmp_path / "art"))
+    assert_clean_error(r, "another model")
+    assert f"--{part}" in r.stderr
+    assert not (tmp_path / "art").exists()

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from xpuc.compiler.errors import XpucError
 from xpuc.compiler.planner import Plan, fixed_bytes, parse_size, plan_neurons
-from xpuc.compiler.profiler import ProfileStats, config_fingerprint
+from xpuc.compiler.profiler import ProfileStats
 from xpuc.compiler.spec import ArchConfig
 from xpuc.targets.profile import load_profile
 
@@ -19,7 +19,7 @@ PROFILES = {n: load_profile(n) for n in ("oneplus-12", "oneplus-ace2")}
 
 
 def _stats(freq: np.ndarray, cfg: ArchConfig = CFG) -> ProfileStats:
-    return ProfileStats(cfg.to_dict(), config_fingerprint(cfg), 100, None, [0.0] * cfg.num_layers,
+    return ProfileStats(cfg.to_dict(), "0" * 16, 100, None, [0.0] * cfg.num_layers,
                         freq.tolist())
 
 
@@ -57,8 +57,11 @@ def test_budget_too_small_states_the_minimum():
 def test_stats_from_another_model_rejected():
     other = ArchConfig("mistral", 1000, 256, 512, 2, 4, 2, 64, 1e4, 1e-5, "drelu", False, False, 512)
     freq = np.full((other.num_layers, other.intermediate_size), 0.1)
-    with pytest.raises(XpucError, match="another model"):
+    with pytest.raises(XpucError, match="another architecture config"):
         plan_neurons(CFG, _stats(freq, other), PROFILES["oneplus-12"], 2**30)
+    with pytest.raises(XpucError, match="recorded on another model"):  # same config, other weights
+        plan_neurons(CFG, _stats(np.full((CFG.num_layers, CFG.intermediate_size), 0.1)), PROFILES["oneplus-12"],
+                     2**30, fingerprint="1" * 16)
 
 
 def test_plan_roundtrip_and_explain(tmp_path):

@@ -325,11 +325,12 @@ def test_tune_sparse_measures_real_kernels_and_resumes(tmp_path, capsys):
     assert cli(["tune", str(model), "--sparse", "--db", str(db), "--sparsity", "1.5"]) == 2
 
     # xpuc plan takes the cluster size of the fastest record nearest the profiled sparsity
-    from xpuc.compiler.profiler import ProfileStats, config_fingerprint
+    from xpuc.compiler.frontends import load_model
+    from xpuc.compiler.profiler import ProfileStats
     from xpuc.schedules.sparse_tuning import best_records
 
     freq = np.full((cfg.num_layers, cfg.intermediate_size), 0.1)
-    ProfileStats(cfg.to_dict(), config_fingerprint(cfg), 100, None, [0.0] * cfg.num_layers,
+    ProfileStats(cfg.to_dict(), load_model(model, with_tokenizer=False).fingerprint(), 100, None, [0.0] * cfg.num_layers,
                  freq.tolist()).save(tmp_path / "stats.json")
     best = min((b for b in best_records(index["sparse"]) if b["dtype"] == "q4_0"),
                key=lambda b: abs(b["sparsity"] - 0.9))
