@@ -274,7 +274,7 @@ def _run_offload(args: argparse.Namespace) -> int:
         raise XpucError("xpuc run takes --budget as a share of the FFN (e.g. 50%)")
     from xpuc.runtime.packed import read_packed_manifest
 
-    context = _max_context(args, read_packed_manifest(art)["config"].get("context_length", 2048))
+    context = _max_context(args, read_packed_manifest(art).config.get("context_length", 2048))
     with OffloadModel(art, _parse_modes(args.mode)[0], share, context=context) as m:
         if len(ids) + args.max_tokens > m.context:
             raise XpucError(f"prompt + --max-tokens exceed the context of {m.context} tokens (--max-context)")
@@ -340,9 +340,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     from xpuc.runtime.engine import Engine
     from xpuc.runtime.sampler import SamplingParams
 
-    if (Path(args.artifact) / "offload.json").is_file():
-        return _run_offload(args)
     manifest = read_manifest(Path(args.artifact))
+    if manifest.kind == "packed":
+        return _run_offload(args)
     if manifest.kind == "graph":
         return _run_graph(args)
     if args.prompt is None:
@@ -538,9 +538,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     p = resolve_model(args.path)
     if p.is_dir() and (p / "xpuc-tuning.json").exists():
         return _inspect_tuning(p, args.json)
-    if p.is_dir() and (p / "offload.json").exists():
-        return _inspect_packed(p, args.json)
     if p.is_dir() and (p / "manifest.json").exists():
+        from xpuc.runtime.artifact import read_manifest
+
+        if read_manifest(p).kind == "packed":
+            return _inspect_packed(p, args.json)
         return _inspect_artifact(p, args.json)
     return _inspect_model(p, args.json)
 

@@ -2,7 +2,8 @@
 
 Contents::
 
-    offload.json          versioned manifest: config, versions, target, SHA-256 of every file but ffn.bin, its size
+    manifest.json         the artifact manifest (kind ``packed``, :mod:`xpuc.runtime.manifest`): config, versions,
+                          target, both modules, SHA-256 of every file but ffn.bin and its size, the fingerprint
     decode.so, ffn.so     the compiled modules for the device (see :mod:`xpuc.compiler.offload_build`)
     fixed.safetensors     the fixed segment in the kernels' storage: embedding, attention, LM head (fp16 row-block
                           packed, or GGML blocks with ``fixed_dtype``), norms and routers fp32, the activation
@@ -18,6 +19,7 @@ Contents::
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -25,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from xpuc.compiler.errors import XpucError
-from xpuc.runtime.packed import FIXED_DTYPES, OFFLOAD_FORMAT, OFFLOAD_SCHEMA, SMALL_FILES
+from xpuc.runtime.packed import FIXED_DTYPES, SMALL_FILES
 
 
 def fixed_segment(spec, predictor, flash, fixed_dtype: str) -> dict[str, np.ndarray]:
@@ -80,7 +82,8 @@ def pack_offload(model: str, stats_path: str, plan_path: str, predictor_path: st
     from xpuc.compiler.profiler import ProfileStats
     from xpuc.compiler.progress import Steps, count
     from xpuc.compiler.zoo import resolve_model, sha256_file
-    from xpuc.runtime.artifact import seal_manifest, staged_directory, versions
+    from xpuc.runtime.artifact import staged_directory, versions
+    from xpuc.runtime.manifest import MANIFEST, Manifest, ModuleEntry, OffloadInfo
     from xpuc.targets.profile import load_profile
 
     profile = load_profile(device)
@@ -122,10 +125,16 @@ def pack_offload(model: str, stats_path: str, plan_path: str, predictor_path: st
             for n in tok.save(tmp):
                 files[n] = sha256_file(tmp / n)
             sample = tok.encode("The cache keeps the hot neurons in memory and reads the others from flash.")
-        manifest = {"format": OFFLOAD_FORMAT, "schema": OFFLOAD_SCHEMA, "versions": versions(), "config": c.to_dict(),
-                    "files": files, "ffn_bytes": fl.file_bytes, "sample_prompt": sample, "fixed_dtype": fixed_dtype,
-                    "modules": modules, "predictor_rank": predictor.layers[0].rank, "fingerprint": fingerprint}
-        (tmp / "offload.json").write_text(json.dumps(seal_manifest(manifest), indent=1))
+        entries = [ModuleEntry(name=role, file=modules[role], role=role, target=modules["target"],
+                               mtriple=modules["mtriple"], toolchain=modules["toolchain"],
+                               info={"threads": modules["threads"]}) for role in ("decode", "ffn")]
+        info = OffloadInfo(ffn_bytes=fl.file_bytes, fixed_dtype=fixed_dtype, predictor_rank=predictor.layers[0].rank,
+                           fingerprint=fingerprint, sample_prompt=sample)
+        manifest = Manifest(versions=versions(), device={"name": profile.name, "mtriple": profile.mtriple},
+                            config=c.to_dict(), source={"model": str(model), "fingerprint": fingerprint},
+                            modules=entries, params=[], weights_file="fixed.safetensors", files=files, kind="packed",
+                            offload=dataclasses.asdict(info))
+        (tmp / MANIFEST).write_text(manifest.to_json())
     return out
 
 

@@ -112,7 +112,16 @@ class ArchConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping) -> ArchConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
+        """The config of a manifest, plan or profile; a missing field is an XpucError like a bad value."""
+        from xpuc.compiler.errors import XpucError
+
+        fields = dataclasses.fields(cls)
+        if not isinstance(d, Mapping):
+            raise XpucError(f"config: expected an object, got {type(d).__name__}")
+        missing = [f.name for f in fields if f.name not in d and f.default is dataclasses.MISSING]
+        if missing:
+            raise XpucError(f"config: missing field '{missing[0]}'")
+        names = {f.name for f in fields}
         return cls(**{k: v for k, v in d.items() if k in names})
 
     def weight_shapes(self) -> dict[str, tuple[int, ...]]:

@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import shutil
 import tempfile
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from xpuc.compiler.errors import XpucError
+from xpuc.runtime.manifest import (  # noqa: F401 - the artifact API re-exports the manifest model
+    ARTIFACT_FORMAT,
+    MANIFEST,
+    MANIFEST_SCHEMA,
+    Manifest,
+    ModuleEntry,
+    read_manifest,
+    seal_manifest,
+)
 
-ARTIFACT_FORMAT = "xpuc-artifact"
-MANIFEST_SCHEMA = 2  # 2: the manifest carries its own digest (``manifest_sha256``)
-MANIFEST = "manifest.json"
 MANIFEST_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
@@ -33,101 +36,23 @@ def versions() -> dict[str, str]:
     return {"xpuc": v("xpuc"), "tvm": tvm.__version__, "tvm_ffi": v("apache-tvm-ffi")}
 
 
-@dataclass
-class ModuleEntry:
-    name: str
-    file: str
-    role: str
-    target: str
-    mtriple: str
-    toolchain: str
-    kernels: list[str] = field(default_factory=list)
-    weights: str = ""  # weights file of this module ("" = the manifest's weights_file)
-    info: dict = field(default_factory=dict)  # e.g. device kernel count and source size
+def verify(path: Path, manifest: Manifest, check_versions: bool = True, also: tuple[str, ...] = (),
+           fix: str = "recompile the model") -> None:
+    """Check versions and every file's SHA-256; raise XpucError on the first problem.
 
-
-@dataclass
-class Manifest:
-    """``manifest.json``: what an artifact holds and how to check it."""
-
-    versions: dict
-    device: dict
-    config: dict
-    source: dict
-    modules: list[ModuleEntry]
-    params: list[dict]
-    weights_file: str
-    files: dict[str, str]
-    format: str = ARTIFACT_FORMAT
-    schema: int = MANIFEST_SCHEMA
-    kind: str = "llm"  # "llm" (decoder with tokenizer) or "graph" (an imported ONNX graph)
-    io: dict = field(default_factory=dict)  # graph artifacts: {"inputs": [...], "outputs": [...]}
-
-    def to_json(self) -> str:
-        return json.dumps(seal_manifest(asdict(self)), indent=1)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> Manifest:
-        d = dict(d)
-        d["modules"] = [ModuleEntry(**m) for m in d["modules"]]
-        return cls(**d)
-
-
-DIGEST_KEY = "manifest_sha256"
-
-
-def manifest_digest(d: dict) -> str:
-    """SHA-256 of a manifest's canonical JSON without its own digest: it covers the config and every field."""
-    body = {k: v for k, v in d.items() if k != DIGEST_KEY}
-    return hashlib.sha256(json.dumps(body, sort_keys=True, ensure_ascii=True).encode()).hexdigest()
-
-
-def seal_manifest(d: dict) -> dict:
-    """``d`` with its digest added (every writer of a manifest calls this last)."""
-    return {**{k: v for k, v in d.items() if k != DIGEST_KEY}, DIGEST_KEY: manifest_digest(d)}
-
-
-def check_manifest_digest(mf: Path, d: dict, fix: str) -> None:
-    """A manifest edited after it was written (a config field, a file name, a digest) is refused."""
-    if d.get(DIGEST_KEY) != manifest_digest(d):
-        raise XpucError(f"{mf}: the manifest was altered after it was written (its digest does not match); {fix}")
-
-
-def read_manifest(path: Path) -> Manifest:
-    mf = path / MANIFEST
-    if not path.is_dir():
-        raise XpucError(f"{path}: not an artifact directory")
-    if not mf.is_file():
-        raise XpucError(f"{path}: not an xpuc artifact (no {MANIFEST})")
-    try:
-        d = json.loads(mf.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise XpucError(f"{mf}: corrupted ({e})") from None
-    if not isinstance(d, dict) or d.get("format") != ARTIFACT_FORMAT:
-        raise XpucError(f"{mf}: not an xpuc manifest")
-    if d.get("schema") != MANIFEST_SCHEMA:
-        raise XpucError(f"{mf}: manifest schema {d.get('schema')} is not supported (expected {MANIFEST_SCHEMA}); "
-                        "recompile the model")
-    check_manifest_digest(mf, d, "recompile the model")
-    try:
-        return Manifest.from_dict({k: v for k, v in d.items() if k != DIGEST_KEY})
-    except (TypeError, KeyError, AttributeError) as e:
-        raise XpucError(f"{mf}: malformed ({e})") from None
-
-
-def verify(path: Path, manifest: Manifest, check_versions: bool = True) -> None:
-    """Check versions and every file's SHA-256; raise XpucError on the first problem."""
-
+    The files that must be listed with a digest: tokenizer files that are present, the weights file, every
+    module and module weights file, and ``also`` (what a kind's loader opens besides).
+    """
     if check_versions:
         now = versions()
         for key in ("xpuc", "tvm"):
             if manifest.versions.get(key) != now[key]:
                 raise XpucError(f"{path}: built with {key} {manifest.versions.get(key)}, this is {key} {now[key]}; "
-                                "recompile the model with this xpuc")
+                                f"{fix} with this xpuc")
     used = [t for t in MANIFEST_TOKENIZER_FILES if (path / t).exists()]  # read when present
     used += [manifest.weights_file] + [m.file for m in manifest.modules] + [m.weights for m in manifest.modules
                                                                           if m.weights]
-    verify_files(path, manifest.files, "recompile", required=[u for u in used if u])
+    verify_files(path, manifest.files, fix, required=[u for u in [*used, *also] if u])
 
 
 def member_path(path: Path, name: object) -> Path:
@@ -206,7 +131,7 @@ def staged_directory(output: Path, force: bool = False):
     output = Path(output)
     if output.exists() and not force:
         raise XpucError(f"{output}: already exists (use --force to replace it)")
-    if output.exists() and not any((output / m).is_file() for m in (MANIFEST, "offload.json")):
+    if output.exists() and not (output / MANIFEST).is_file():
         raise XpucError(f"{output}: exists and is not an xpuc artifact; refusing to replace it")
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent))

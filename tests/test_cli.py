@@ -306,4 +306,5 @@ def test_manifest_cannot_point_outside_the_artifact(artifact_copy, tmp_path, cas
     r = xpuc("run", str(artifact_copy), "--prompt", "hi", "--max-tokens", "1")
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert r.stderr.count("xpuc: error:") == 1 and (
-        "outside the artifact" in r.stderr or "not listed" in r.stderr or "no files" in r.stderr), r.stderr
+        "outside the artifact" in r.stderr or "not listed" in r.stderr or "no files" in r.stderr
+        or "malformed (field 'files'" in r.stderr), r.stderr

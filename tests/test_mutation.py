@@ -3,7 +3,8 @@
 Each example copies a small valid input, damages it (hypothesis chooses how), and runs the command that reads it
 through ``xpuc.compiler.cli.main``. Allowed outcomes: success (a flipped weight byte is still a model) or exit 2
 with exactly one ``xpuc: error:`` line; never an exception escaping main, never a temporary file left behind, never
-longer than ``SLOW_S``. ``XPUC_MUTATION_EXAMPLES`` sets the examples per kind (CI: 60 per kind, about 540 cases; ``benchmarks/mutation_soak.py`` runs more).
+longer than ``SLOW_S``. ``XPUC_MUTATION_EXAMPLES`` sets the examples per kind (CI: 60 per kind, about 540
+cases; ``benchmarks/mutation_soak.py`` runs more).
 """
 
 from __future__ import annotations
@@ -117,7 +118,7 @@ CASES = {
     "hf_config": ("hf", "hf/config.json", lambda w: ["inspect", str(w / "hf")]),
     "manifest": ("art", "art/manifest.json", lambda w: ["run", str(w / "art"), "--prompt", "a b",
                                                        "--max-tokens", "1"]),
-    "packed_manifest": ("packed", "packed/offload.json", lambda w: ["run", str(w / "packed"), "--prompt", "a",
+    "packed_manifest": ("packed", "packed/manifest.json", lambda w: ["run", str(w / "packed"), "--prompt", "a",
                                                                     "--max-tokens", "1"]),
     "plan_in_packed": ("packed", "packed/plan.json", lambda w: ["run", str(w / "packed"), "--prompt", "a",
                                                                 "--max-tokens", "1"]),

@@ -328,8 +328,8 @@ def test_xpuc_run_on_packed_model_and_ctrl_c(packed):
     assert_clean_error(xpuc("run", str(d / "art"), "--prompt", "x", "--mode", "fast"), "unknown mode")
     # stdout to /dev/null: a pipe nobody reads fills up and blocks the generator; SIGINT restored to its
     # default in the child in case the test runner was started with it ignored (a background job)
-    p = subprocess.Popen([*XPUC, "run", str(d / "art"), "--prompt", "a", "--max-tokens", "16000",
-                          "--max-context", "16384"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    p = subprocess.Popen([*XPUC, "run", str(d / "art"), "--prompt", "a", "--max-tokens", "1000",
+                          "--budget", "40%"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         seen = []
@@ -338,7 +338,7 @@ def test_xpuc_run_on_packed_model_and_ctrl_c(packed):
             if "generating" in line:
                 break
         assert seen and "generating" in seen[-1], seen
-        time.sleep(1.0)
+        time.sleep(0.3)
         p.send_signal(signal.SIGINT)
         _, err = p.communicate(timeout=120)
     finally:
@@ -488,17 +488,22 @@ def test_pack_for_a_phone_cross_links_android_libraries_and_is_refused_here(pack
 
 
 @pytest.mark.parametrize("edit", ["versions_list", "config_str", "sample_str", "modules_none", "decode_abs",
-                                  "files_empty", "config_missing_key", "not_an_object"])
+                                  "files_empty", "config_missing_key", "not_an_object", "offload_missing_key",
+                                  "unknown_field", "kind_other", "threads_str"])
 def test_malformed_packed_manifest_is_one_line(packed, tmp_path, edit):
+    """Consistent (re-sealed) manifests with wrong types or keys: one line, exit 2, before anything is loaded."""
     import json
 
     art = _copy_art(packed[0], tmp_path)
-    m = json.loads((art / "offload.json").read_text())
+    m = json.loads((art / "manifest.json").read_text())
     {"versions_list": lambda: m.update(versions=[1]), "config_str": lambda: m.update(config="x"),
-     "sample_str": lambda: m.update(sample_prompt="ab"), "modules_none": lambda: m.update(modules=None),
-     "decode_abs": lambda: m["modules"].update(decode="/etc/passwd"), "files_empty": lambda: m.update(files={}),
-     "config_missing_key": lambda: m["config"].pop("hidden_size"), "not_an_object": lambda: None}[edit]()
-    (art / "offload.json").write_text(json.dumps([m] if edit == "not_an_object" else seal_manifest(m)))
+     "sample_str": lambda: m["offload"].update(sample_prompt="ab"), "modules_none": lambda: m.update(modules=None),
+     "decode_abs": lambda: m["modules"][0].update(file="/etc/passwd"), "files_empty": lambda: m.update(files={}),
+     "config_missing_key": lambda: m["config"].pop("hidden_size"), "not_an_object": lambda: None,
+     "offload_missing_key": lambda: m["offload"].pop("ffn_bytes"), "unknown_field": lambda: m.update(extra=1),
+     "kind_other": lambda: m.update(kind="rootkit"), "threads_str": lambda: m["modules"][1]["info"].update(threads="2"),
+     }[edit]()
+    (art / "manifest.json").write_text(json.dumps([m] if edit == "not_an_object" else seal_manifest(m)))
     r = xpuc("run", str(art), "--prompt", "hi", "--max-tokens", "1")
     assert r.returncode == 2 and "Traceback" not in r.stderr and r.stderr.count("xpuc: error:") == 1, r.stderr
 
@@ -507,9 +512,9 @@ def test_packed_manifest_edited_after_packing_is_refused(packed, tmp_path):
     import json
 
     art = _copy_art(packed[0], tmp_path)
-    m = json.loads((art / "offload.json").read_text())
+    m = json.loads((art / "manifest.json").read_text())
     m["config"]["intermediate_size"] += 32  # type-valid, so only the digest can catch it
-    (art / "offload.json").write_text(json.dumps(m))
+    (art / "manifest.json").write_text(json.dumps(m))
     assert_clean_error(xpuc("run", str(art), "--prompt", "hi", "--max-tokens", "1"), "altered after it was written")
 
 

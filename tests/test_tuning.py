@@ -330,8 +330,9 @@ def test_tune_sparse_measures_real_kernels_and_resumes(tmp_path, capsys):
     from xpuc.schedules.sparse_tuning import best_records
 
     freq = np.full((cfg.num_layers, cfg.intermediate_size), 0.1)
-    ProfileStats(cfg.to_dict(), load_model(model, with_tokenizer=False).fingerprint(), 100, None, [0.0] * cfg.num_layers,
-                 freq.tolist()).save(tmp_path / "stats.json")
+    fingerprint = load_model(model, with_tokenizer=False).fingerprint()
+    stats = ProfileStats(cfg.to_dict(), fingerprint, 100, None, [0.0] * cfg.num_layers, freq.tolist())
+    stats.save(tmp_path / "stats.json")
     best = min((b for b in best_records(index["sparse"]) if b["dtype"] == "q4_0"),
                key=lambda b: abs(b["sparsity"] - 0.9))
     want = best["cluster"]
