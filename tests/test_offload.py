@@ -102,7 +102,7 @@ def test_modes_match_numpy(packed, mode):
     with OffloadModel(d / "art", mode, ffn_fraction=0.4, threads=2) as m:
         ref = ReferenceModel(spec, "float16") if mode == "naive" else _ClusterMaskedReference(spec, m)
         for t in tokens:
-            got = m.step(t)
+            got = m.decode(t)
             want = ref.forward([t])[0]
             np.testing.assert_allclose(got, want, rtol=2e-3, atol=2e-3 * np.abs(want).max())
         acct = m.accounted_bytes()
@@ -122,7 +122,7 @@ def test_dense_prefill_matches_numpy_in_every_mode_and_reads_each_layer_once(pac
     for mode in ("naive", "llmflash", "cache", "full"):
         with OffloadModel(d / "art", mode, ffn_fraction=0.4, threads=2) as m:
             before = m.reader.metrics()["bytes_read"]
-            got[mode] = m.prefill(prompt)
+            got[mode] = m.prefill_dense(prompt)
             read = m.reader.metrics()["bytes_read"] - before
             fl = m.flash
             # every layer's records once at most (resident ones come from the cache), not once per token
@@ -133,23 +133,23 @@ def test_dense_prefill_matches_numpy_in_every_mode_and_reads_each_layer_once(pac
             nxt = int(np.argmax(got[mode]))
             stepped = ReferenceModel(spec, "float16")
             stepped.forward(prompt)
-            after = m.step(nxt)
+            after = m.decode(nxt)
             if mode == "naive":  # the dense decode step continues exactly where the dense reference is
                 np.testing.assert_allclose(after, stepped.forward([nxt])[0], rtol=5e-3,
                                            atol=5e-3 * np.abs(want).max())
     for mode in ("llmflash", "cache", "full"):
         np.testing.assert_allclose(got[mode], got["naive"], rtol=1e-5, atol=1e-5 * np.abs(want).max())
-    # feed_prompt: dense from DENSE_PREFILL_MIN_TOKENS tokens on, stepped below (same logits in naive mode)
+    # prefill: dense from DENSE_PREFILL_MIN_TOKENS tokens on, stepped below (same logits in naive mode)
     from xpuc.runtime import offload
 
     long = (prompt * 4)[:offload.DENSE_PREFILL_MIN_TOKENS]
     with OffloadModel(d / "art", "naive", ffn_fraction=0.4, threads=2) as m:
         calls = []
-        dense_path = m.prefill
-        m.prefill = lambda toks: calls.append(len(toks)) or dense_path(toks)
-        dense = m.feed_prompt(long)
+        dense_path = m.prefill_dense
+        m.prefill_dense = lambda toks: calls.append(len(toks)) or dense_path(toks)
+        dense = m.prefill(long)
         m.reset()
-        short = m.feed_prompt(long[:-1])
+        short = m.prefill(long[:-1])
         assert calls == [len(long)] and m.pos == len(long) - 1  # the shorter prompt was stepped
     ref = ReferenceModel(spec, "float16")
     np.testing.assert_allclose(dense, ref.forward(long)[-1], rtol=2e-3, atol=2e-3 * np.abs(want).max())
@@ -157,9 +157,9 @@ def test_dense_prefill_matches_numpy_in_every_mode_and_reads_each_layer_once(pac
                                atol=2e-3 * np.abs(want).max())
     with OffloadModel(d / "art", "cache", ffn_fraction=0.4, threads=2) as m:
         with pytest.raises(XpucError, match="empty"):
-            m.prefill([])
+            m.prefill_dense([])
         with pytest.raises(XpucError, match="outside the vocabulary"):
-            m.prefill([1, spec.config.vocab_size])
+            m.prefill_dense([1, spec.config.vocab_size])
         assert m.pos == 0
 
 
@@ -173,7 +173,7 @@ def test_split_kernel_form_equals_the_fused_one(packed):
         with OffloadModel(d / "art", "cache", ffn_fraction=0.4, threads=2) as m:
             assert m.split_kernel is False  # the packed plan keeps the default form
             m.split_kernel = split
-            out[split] = [m.step(t) for t in (5, 77, 300)]
+            out[split] = [m.decode(t) for t in (5, 77, 300)]
     for a, b in zip(out[False], out[True], strict=True):
         np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4 * np.abs(a).max())
 
@@ -237,12 +237,12 @@ def test_read_errors_and_short_reads_surface_cleanly(packed):
         m.reader._preadv = failing
         with pytest.raises(XpucError, match="read error"):
             for t in range(40):  # until a miss has to be read
-                m.step(t)
+                m.decode(t)
     with OffloadModel(d / "art", "cache", 0.3) as m:
         m.reader._preadv = lambda bufs, offset: 17
         with pytest.raises(XpucError, match="short read"):
             for t in range(40):
-                m.step(t)
+                m.decode(t)
 
 
 def test_bad_artifacts_and_arguments(packed, tmp_path):
@@ -288,7 +288,7 @@ def test_oracle_mask_sparse_equals_dense(packed):
         m.cluster_selector = oracle
         for t in [11, 250, 3, 97, 64]:
             want = ref.forward([t])[0]
-            np.testing.assert_allclose(m.step(t), want, rtol=2e-3, atol=2e-3 * np.abs(want).max())
+            np.testing.assert_allclose(m.decode(t), want, rtol=2e-3, atol=2e-3 * np.abs(want).max())
 
 
 def test_native_and_python_readers_agree(packed):
@@ -383,10 +383,10 @@ def test_quantized_fixed_segment_matches_numpy(packed, tmp_path, fmt):
     ref.w.update({k: v.astype(np.float16).astype(np.float32) for k, v in spec.weights.items()
                   if k.split(".")[-1] in ("gate_proj", "up_proj", "down_proj")})  # fp16 FFN records
     with OffloadModel(tmp_path / "art", "naive", ffn_fraction=0.4, threads=2) as m:
-        got, want = m.feed_prompt([5, 77, 300, 12, 9, 401, 33]), ref.forward([5, 77, 300, 12, 9, 401, 33])[-1]
+        got, want = m.prefill([5, 77, 300, 12, 9, 401, 33]), ref.forward([5, 77, 300, 12, 9, 401, 33])[-1]
         np.testing.assert_allclose(got, want, rtol=2e-3, atol=2e-3 * np.abs(want).max())
         for t in (2, 61):
-            got, want = m.step(t), ref.forward([t])[0]
+            got, want = m.decode(t), ref.forward([t])[0]
             np.testing.assert_allclose(got, want, rtol=2e-3, atol=2e-3 * np.abs(want).max())
         fixed = _matrix_bytes(m)
     with OffloadModel(d / "art", "naive", ffn_fraction=0.4, threads=2) as m16:

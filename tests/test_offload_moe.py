@@ -102,7 +102,7 @@ def test_moe_modes_match_numpy_under_a_quarter_of_the_ffn(moe, mode):
         ref = ReferenceModel(spec, "float16") if mode == "naive" else _MaskedMoE(spec, m)
         for t in PROMPT:
             want = ref.forward([t])[0]
-            np.testing.assert_allclose(m.step(t), want, rtol=2e-3, atol=2e-3 * np.abs(want).max())
+            np.testing.assert_allclose(m.decode(t), want, rtol=2e-3, atol=2e-3 * np.abs(want).max())
         fl = m.flash
         total = len(fl.layers) * fl.n_clusters * fl.cluster_bytes
         assert len(fl.layers) == 16  # one flash region per expert
@@ -121,7 +121,7 @@ def test_moe_oracle_mask_equals_dense_and_prefill_matches(moe):
     ref = ReferenceModel(spec, "float16")
     want = ref.forward(PROMPT)[-1]
     with OffloadModel(d / "art", "full", 0.2) as m:
-        np.testing.assert_allclose(m.prefill(PROMPT), want, rtol=2e-3, atol=2e-3 * np.abs(want).max())
+        np.testing.assert_allclose(m.prefill_dense(PROMPT), want, rtol=2e-3, atol=2e-3 * np.abs(want).max())
 
         def oracle(u, x):
             p = spec.config.ffn_prefix(u)
@@ -131,7 +131,7 @@ def test_moe_oracle_mask_equals_dense_and_prefill_matches(moe):
         m.cluster_selector = oracle
         for t in [11, 250, 3]:
             w = ref.forward([t])[0]
-            np.testing.assert_allclose(m.step(t), w, rtol=2e-3, atol=2e-3 * np.abs(w).max())
+            np.testing.assert_allclose(m.decode(t), w, rtol=2e-3, atol=2e-3 * np.abs(w).max())
 
 
 def test_moe_cli_run_and_compile_refusal(moe, tmp_path):
