@@ -44,28 +44,21 @@ def worker(kind: str, path: str, tokens: int, threads: int) -> None:
     if kind.startswith("xpuc"):
         os.environ.setdefault("TVM_USE_RUNTIME_LIB", "1")  # as `xpuc run` does: no compiler in the process
     configure_tvm_threads(threads)
-    if kind.startswith("xpuc-compiled"):
-        import numpy as np
-
-        from xpuc.runtime.engine import Engine
-
-        eng = Engine(path, max_context=512)
-        ids = eng.encode_prompt(PROMPT)
-        tok = int(np.argmax(eng.session.prefill(ids)))
-        out, t_first = [tok], time.perf_counter()
-        while len(out) < tokens:
-            tok = int(np.argmax(eng.session.decode(tok)))
-            out.append(tok)
-        tps = (len(out) - 1) / (time.perf_counter() - t_first)
-    elif kind == "xpuc-offload":
-        from xpuc.runtime.offload import OffloadModel
+    if kind.startswith("xpuc"):  # both engines through the one generation loop, greedy, no stop token
+        from xpuc.runtime.generation import generate
         from xpuc.runtime.tokenizer import XpucTokenizer
 
-        tok = XpucTokenizer.from_artifact_dir(Path(path))
-        ids = tok.encode(PROMPT)
-        with OffloadModel(path, "cache", 1.0, threads=threads) as m:
-            out, met = m.generate(ids, tokens)
-            tps = met.summary()["tok_per_s"]
+        if kind == "xpuc-offload":
+            from xpuc.runtime.offload import OffloadModel
+
+            session = OffloadModel(path, "cache", 1.0, threads=threads, context=512)
+        else:
+            from xpuc.runtime.engine import Engine
+
+            session = Engine(path, max_context=512).session
+        ids = XpucTokenizer.from_artifact_dir(Path(path)).encode(PROMPT)
+        res = generate(session, ids, tokens)
+        out, tps = res.tokens, res.decode_tok_s
     else:
         from llama_cpp import Llama
 
@@ -79,7 +72,12 @@ def worker(kind: str, path: str, tokens: int, threads: int) -> None:
                 break
         tps = (len(out) - 1) / (time.perf_counter() - t_first)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"tok_per_s": tps, "peak_rss_mib": rss, "tokens": out}))
+    row = {"tok_per_s": tps, "peak_rss_mib": rss, "tokens": out}
+    if kind == "llama.cpp":
+        import llama_cpp
+
+        row["system_info"] = llama_cpp.llama_print_system_info().decode().strip()
+    print(json.dumps(row))
 
 
 def main() -> None:
@@ -138,6 +136,7 @@ def main() -> None:
             rss_ratio=rows[kind]["peak_rss_mib"] / ref["peak_rss_mib"],
             identical_prefix_tokens=next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y),
                                          min(len(a), len(b))))
+    print(f"llama.cpp system_info: {ref.get('system_info')}")
     quality = _quality(gguf, w / "stats.json", args.eval_tokens)
     report = {"sparsity": args.sparsity, "threads": args.threads, "tokens": args.tokens, "repeats": args.repeats,
               "rows": rows,

@@ -109,7 +109,8 @@ class Plan:
             ("neuron record", f"{self.record_bytes} B ({self.weight_dtype})", "gate | up | down column"),
             ("flash reads", f"{self.read_block_bytes // 1024} KiB blocks, queue depth {self.queue_depth}",
              "record size, device read curve"),
-            ("threads", f"{self.compute_threads} compute + {self.io_threads} I/O", "big+mid cores, I/O on a big core"),
+            ("threads", f"{self.compute_threads} compute + {self.io_threads} I/O",
+             "big+mid cores; one kept for I/O unless every neuron fits in memory"),
             ("prefill / decode", f"{self.prefill_on} / {self.decode_on}", "profile XPUs"),
             ("expected FFN hit rate", f"{100 * self.expected_hit_rate:.1f} %", "profile frequencies"),
             ("expected flash reads", f"{self.expected_read_bytes_per_token / 1024:.1f} KiB/token", ""),
@@ -183,6 +184,7 @@ def plan_neurons(config: ArchConfig, stats: ProfileStats, profile, budget_bytes:
         device=profile.name, budget_bytes=int(budget_bytes), weight_dtype=weight_dtype, cluster=cluster,
         fixed_bytes=fixed, record_bytes=record, hot_neurons=[sorted(h) for h in hot], cold_cache_bytes=cold_cache,
         read_block_bytes=block, queue_depth=_queue_depth(profile, block),
-        compute_threads=max(1, big_mid - 1), io_threads=1, prefill_on=prefill, decode_on="cpu",
+        compute_threads=big_mid if miss_freq == 0 else max(1, big_mid - 1), io_threads=1, prefill_on=prefill,
+        decode_on="cpu",
         expected_hit_rate=float(hit), expected_read_bytes_per_token=float(miss_freq * block),
         model=config.to_dict(), fingerprint=stats.fingerprint)

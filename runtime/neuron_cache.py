@@ -86,8 +86,11 @@ class NeuronCache:
         return np.arange(seg.start, seg.start + seg.n_hot, dtype=np.int32)
 
     def lookup(self, layer: int, clusters: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Split needed clusters into resident slots and missing clusters; marks hits as used now."""
+        """Split needed clusters into resident slots (sorted) and missing clusters; marks hits as used now."""
         seg = self.layers[layer]
+        if clusters.size and clusters.max() < seg.n_hot:  # all hot: their slots follow the storage order
+            seg.hits += clusters.size
+            return np.sort(clusters) + np.int32(seg.start), clusters[:0]
         slots = seg.slot_of[clusters]
         hit = slots >= 0
         self._touch(seg, clusters[hit & (clusters >= seg.n_hot)])

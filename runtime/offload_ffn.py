@@ -37,6 +37,8 @@ class FFNPaths:
         """Hot clusters per layer (globally most frequent first) and cold slots per layer for a budget."""
         fl, L = self.flash, len(self.flash.layers)
         slots = int(ffn_fraction * L * fl.n_clusters)
+        if slots >= L * fl.n_clusters:  # everything fits: all of it hot, loaded once, no cold bookkeeping
+            return [fl.n_clusters] * L, [0] * L
         if slots < 2 * L:
             raise XpucError(f"FFN budget of {100 * ffn_fraction:.1f} % leaves fewer than two cluster slots per "
                             f"{'expert' if self.config.is_moe else 'layer'}; raise the budget")
@@ -108,7 +110,7 @@ class FFNPaths:
 
     # --- one token ---------------------------------------------------------------------------------------
     def _mask_clusters(self, mask) -> np.ndarray:
-        return np.flatnonzero(np.from_dlpack(mask)).astype(np.int32)
+        return np.flatnonzero(np.from_dlpack(mask)).astype(np.int32)  # sorted
 
     def _predict(self, i: int, x) -> np.ndarray:
         """Clusters of unit ``i`` predicted to fire for the FFN input ``x`` (sorted ids), by the compiled
@@ -121,7 +123,7 @@ class FFNPaths:
         """Clusters unit ``i`` computes: a substituted selector's (e.g. the tests' oracle mask), else the compiled
         predictor's (its mask from the layer call when there is one)."""
         if self.cluster_selector is not None:
-            return np.asarray(self.cluster_selector(i, np.from_dlpack(x).copy()), np.int32)
+            return np.unique(np.asarray(self.cluster_selector(i, np.from_dlpack(x).copy()), np.int32))  # sorted
         return self._mask_clusters(mask) if mask is not None else self._predict(i, x)
 
     def _units(self, layer: int, x) -> tuple[list[int], list[float]]:
@@ -141,11 +143,11 @@ class FFNPaths:
             else:
                 self._ffn_cached(u, x, self._select(u, x, mask), wt, pending)
 
-    def _run(self, i: int, x, slots: np.ndarray, weight: float) -> None:
+    def _run(self, i: int, x, slots: np.ndarray, weight: float, ordered: bool = False) -> None:
         if slots.size == 0:
             return
         k = slots.size
-        self._idx[:k] = np.sort(slots)
+        self._idx[:k] = slots if ordered else np.sort(slots)
         idx = self._view(self._idx[:k])
         out = self._new_part(weight)
         if self.split_kernel:  # the plan's tuned choice: gate first, then up/down of the neurons that fired
@@ -187,8 +189,12 @@ class FFNPaths:
 
     def _ffn_cached(self, i: int, x, need: np.ndarray, weight: float, pending: dict) -> None:
         seg = self.cache.layers[i]
-        self._wait(pending.pop(i, []))  # prefetched reads land before their slots can be reused
+        if i in pending:
+            self._wait(pending.pop(i))  # prefetched reads land before their slots can be reused
         hit_slots, miss = self.cache.lookup(i, need)
+        if miss.size == 0:  # every cluster resident (the common case with a large budget): compute, done
+            self._run(i, x, hit_slots, weight, ordered=True)
+            return
         room = seg.n_cold - int((hit_slots >= seg.cold_start).sum())
         pipelined = self.mode == "full"
         if miss.size <= room:  # one wave; resident clusters stay protected
