@@ -487,6 +487,7 @@ def test_pack_for_a_phone_cross_links_android_libraries_and_is_refused_here(pack
     assert shown.returncode == 0 and "aarch64-linux-android" in shown.stdout
 
 
+@pytest.mark.parametrize("packed", [16], indirect=True, ids=["C16-aligned"])  # the manifest checks do not depend on C
 @pytest.mark.parametrize("edit", ["versions_list", "config_str", "sample_str", "modules_none", "decode_abs",
                                   "files_empty", "config_missing_key", "not_an_object", "offload_missing_key",
                                   "unknown_field", "kind_other", "threads_str"])
@@ -508,6 +509,7 @@ def test_malformed_packed_manifest_is_one_line(packed, tmp_path, edit):
     assert r.returncode == 2 and "Traceback" not in r.stderr and r.stderr.count("xpuc: error:") == 1, r.stderr
 
 
+@pytest.mark.parametrize("packed", [16], indirect=True, ids=["C16-aligned"])  # the manifest checks do not depend on C
 def test_packed_manifest_edited_after_packing_is_refused(packed, tmp_path):
     import json
 
@@ -537,6 +539,7 @@ def other_model(tmp_path_factory):
     return d, spec
 
 
+@pytest.mark.parametrize("packed", [16], indirect=True, ids=["C16-aligned"])  # the manifest checks do not depend on C
 @pytest.mark.parametrize("part", ["stats", "plan", "predictor"])
 def test_pack_refuses_statistics_of_another_model_with_the_same_config(packed, other_model, tmp_path, part):
     """Each of profile, plan and predictor, taken from a model with the same config but other weights, is refused."""
