@@ -7,6 +7,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import platform
 import shutil
 import subprocess
 import tempfile
@@ -26,7 +27,8 @@ def batch_reader() -> ctypes.CDLL | None:
     if cc is None:
         return None
     src = SOURCE.read_bytes()
-    out = cache_dir() / "native" / f"batch_read-{hashlib.sha256(src).hexdigest()[:16]}.so"
+    # keyed by the source and the machine: a cache shared with an emulated aarch64 run holds both builds
+    out = cache_dir() / "native" / f"batch_read-{platform.machine()}-{hashlib.sha256(src).hexdigest()[:16]}.so"
     if not out.is_file():
         out.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)

@@ -29,7 +29,8 @@ from pathlib import Path
 from xpuc.compiler.errors import XpucError
 
 PY = "python3.11"
-WHEELS = ["apache-tvm==0.27.0.post1", "apache-tvm-ffi==0.1.14.post1", "numpy", "ml_dtypes", "cloudpickle", "psutil"]
+WHEELS = ["apache-tvm==0.27.0.post1", "apache-tvm-ffi==0.1.14.post1", "numpy", "ml_dtypes", "cloudpickle", "psutil",
+          "safetensors", "threadpoolctl"]  # the last two: what the offloading runtime reads packed models with
 DEFAULT_CPU = "cortex-a76"
 HOST_TOOLS = ("qemu-aarch64-static", "aarch64-linux-gnu-gcc")
 
@@ -106,8 +107,8 @@ def ensure_sysroot(quiet: bool = True) -> tuple[Path, Path]:
             print("xpuc: installing aarch64 wheels …", file=sys.stderr)
         tmp = Path(tempfile.mkdtemp(dir=root, prefix="pyarm."))
         _run([sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check", "--target", str(tmp),
-              "--platform", "manylinux_2_28_aarch64", "--python-version", "3.11", "--implementation", "cp",
-              "--abi", "cp311", "--only-binary=:all:", *WHEELS])
+              "--platform", "manylinux_2_28_aarch64", "--platform", "manylinux2014_aarch64", "--python-version", "3.11",
+              "--implementation", "cp", "--abi", "cp311", "--abi", "abi3", "--only-binary=:all:", *WHEELS])
         for lib in (tmp / "tvm" / "lib").glob("libtvm_compiler*.so"):
             lib.unlink()
         shutil.rmtree(site, ignore_errors=True)
@@ -121,6 +122,33 @@ def run_aarch64(script: str, args: list[str] | None = None, cpu: str = DEFAULT_C
     """Run a Python ``script`` (file path) with the emulated arm64 interpreter and TVM runtime."""
     return subprocess.run([*emulated_python(), script, *(args or [])], env=emulated_env(cpu, extra_path),
                           capture_output=True, text=True, timeout=timeout)
+
+
+def xpuc_package(dest: Path) -> Path:
+    """A folder for the emulated interpreter's path holding this checkout as the ``xpuc`` package.
+
+    The sub-packages are symlinks to the installed sources (pure Python, arch-independent), and a ``dist-info``
+    carries the installed version, so artifacts verify their xpuc version as they do on the host.
+    """
+    from importlib.metadata import version
+
+    import xpuc.compiler
+    import xpuc.runtime
+    import xpuc.schedules
+    import xpuc.targets
+
+    pkg = Path(dest) / "xpuc"
+    pkg.mkdir(parents=True, exist_ok=True)
+    (pkg / "__init__.py").write_text("")
+    for mod in (xpuc.compiler, xpuc.runtime, xpuc.schedules, xpuc.targets):
+        link = pkg / mod.__name__.split(".")[-1]
+        if not link.exists():
+            link.symlink_to(Path(mod.__file__).parent, target_is_directory=True)
+    v = version("xpuc")
+    info = Path(dest) / f"xpuc-{v}.dist-info"
+    info.mkdir(exist_ok=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: xpuc\nVersion: {v}\n")
+    return Path(dest)
 
 
 def emulated_python() -> list[str]:
