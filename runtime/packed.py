@@ -56,7 +56,7 @@ def read_packed_manifest(path: Path) -> Manifest:
     if m.offload_info.fixed_dtype not in FIXED_DTYPES:
         raise XpucError(f"{path / MANIFEST}: malformed (fixed_dtype {m.offload_info.fixed_dtype!r}); repack the model")
     roles = {e.role: e for e in m.modules}
-    if set(roles) != {"decode", "ffn"}:
+    if len(m.modules) != 2 or set(roles) != {"decode", "ffn"}:
         raise XpucError(f"{path / MANIFEST}: malformed (needs one decode and one ffn module); repack the model")
     return m
 
