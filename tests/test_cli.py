@@ -308,3 +308,12 @@ def test_manifest_cannot_point_outside_the_artifact(artifact_copy, tmp_path, cas
     assert r.stderr.count("xpuc: error:") == 1 and (
         "outside the artifact" in r.stderr or "not listed" in r.stderr or "no files" in r.stderr
         or "malformed (field 'files'" in r.stderr), r.stderr
+
+
+def test_run_stops_at_a_full_context_and_refuses_more_than_the_model_has(artifact):
+    r = xpuc("run", str(artifact), "--prompt", "hello world", "--max-tokens", "100", "--max-context", "16", "--json")
+    assert r.returncode == 0, r.stderr
+    rep = json.loads(r.stdout)
+    assert rep["stop"] == "context" and rep["prompt_tokens"] + rep["generated_tokens"] == 17  # 16 fed + 1 sampled
+    assert_clean_error(xpuc("run", str(artifact), "--prompt", "hi", "--max-context", "100000"),
+                       "exceeds the model's context length")
