@@ -117,7 +117,8 @@ def atomic_path(path: str | os.PathLike, suffix: str = ".part"):
     complete new file or whatever was there before -- never half-written.
     """
     path = check_output_file(path)
-    tmp = path.with_name(f".{path.name}{suffix}")
+    # unique per writer: two processes writing the same output never share a temporary file; the last rename wins
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}{suffix}")
     try:
         yield tmp
         os.replace(tmp, path)
