@@ -258,7 +258,7 @@ class OffloadModel(FFNPaths):
             ys, yw = self._parts()
             if self.mode == "full":
                 self._prefetch(i, h, ys, yw, pending)
-            if predict_in_layer:
+            if predict_in_layer and not self.always_active[i]:
                 h, x, mask, self.kv = fn["layer_predict"](h, ys, yw, self.kv, L["id"], *L["attn"][:4],
                                                           *self.pred[i], *L["attn"][4:])
             else:

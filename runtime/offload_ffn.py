@@ -17,6 +17,8 @@ from xpuc.runtime.flash_reader import aligned_empty
 from xpuc.schedules.neuron_bundle import activation
 
 MODES = ("naive", "llmflash", "cache", "full")
+PREDICTOR_MIN_IDLE = 0.01  # a unit whose clusters are expected idle on fewer than 1 % of (cluster, token) pairs
+
 CHUNK_BYTES = 1 << 20  # bytes of records per pipelined read batch (full mode, per_chunk)
 PREFILL_CHUNK_BYTES = 16 << 20  # dequantized float32 weights per prefill chunk
 
@@ -32,6 +34,23 @@ class FFNPaths:
         for i, r in enumerate(fl.layers):
             out[i] = f[i][np.asarray(r.order)].reshape(fl.n_clusters, fl.cluster).max(1)
         return out
+
+    def _always_active_units(self) -> np.ndarray:
+        """Units whose predictor cannot pay: every cluster is expected to fire on nearly every token.
+
+        A cluster is idle when none of its neurons fires; with the profile's firing frequencies ``f`` and
+        neurons taken as independent, that happens with probability ``prod(1 - f)``. Where the expected share
+        of idle clusters is below ``PREDICTOR_MIN_IDLE`` (SmolLM2 thresholded at 10 %: ~0), the runtime computes
+        all of the unit's clusters and skips the predictor call: exact, and cheaper than predicting a mask of
+        ones.
+        """
+        fl = self.flash
+        f = np.clip(np.asarray(self.art.stats.frequency, np.float64), 0.0, 1.0 - 1e-12)
+        idle = np.zeros(len(fl.layers))
+        for i, r in enumerate(fl.layers):
+            logs = np.log1p(-f[i][np.asarray(r.order)]).reshape(fl.n_clusters, fl.cluster).sum(1)
+            idle[i] = np.exp(logs).mean()
+        return idle < PREDICTOR_MIN_IDLE
 
     def split_budget(self, ffn_fraction: float, cold_share: float = 0.25) -> tuple[list[int], list[int]]:
         """Hot clusters per layer (globally most frequent first) and cold slots per layer for a budget."""
@@ -61,6 +80,8 @@ class FFNPaths:
         from xpuc.runtime.neuron_cache import NeuronCache
 
         fl, L = self.flash, len(self.flash.layers)
+        self.always_active = self._always_active_units()
+        self._all_clusters = np.arange(fl.n_clusters, dtype=np.int32)
         rec_layout = fl.bundle_layout(1)
         rec_shape = rec_layout.shape()[1:]
         if ffn_fraction is None:
@@ -124,6 +145,8 @@ class FFNPaths:
         predictor's (its mask from the layer call when there is one)."""
         if self.cluster_selector is not None:
             return np.unique(np.asarray(self.cluster_selector(i, np.from_dlpack(x).copy()), np.int32))  # sorted
+        if self.always_active[i]:
+            return self._all_clusters
         return self._mask_clusters(mask) if mask is not None else self._predict(i, x)
 
     def _units(self, layer: int, x) -> tuple[list[int], list[float]]:

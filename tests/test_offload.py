@@ -291,6 +291,25 @@ def test_oracle_mask_sparse_equals_dense(packed):
             np.testing.assert_allclose(m.decode(t), want, rtol=2e-3, atol=2e-3 * np.abs(want).max())
 
 
+def test_units_whose_clusters_always_fire_skip_the_predictor(packed, monkeypatch):
+    """The generated model is sparse, so every unit runs its predictor; a unit expected to fire everywhere computes
+    all its clusters without one (exact: the dense model), and the predictor is never called for it."""
+    from xpuc.runtime import offload_ffn
+    from xpuc.runtime.offload import OffloadModel
+
+    d, spec = packed
+    with OffloadModel(d / "art", "cache", 0.5) as m:
+        assert not m.always_active.any()
+    monkeypatch.setattr(offload_ffn, "PREDICTOR_MIN_IDLE", 2.0)  # every unit counts as always active
+    ref = ReferenceModel(spec, "float16")
+    with OffloadModel(d / "art", "full", 0.5) as m:
+        assert m.always_active.all()
+        monkeypatch.setattr(m, "_mask_clusters", lambda mask: pytest.fail("the predictor's mask was used"))
+        for t in [11, 250, 3]:
+            want = ref.forward([t])[0]
+            np.testing.assert_allclose(m.decode(t), want, rtol=2e-3, atol=2e-3 * np.abs(want).max())
+
+
 def test_native_and_python_readers_agree(packed):
     from xpuc.compiler.flash_layout import FlashLayout
     from xpuc.runtime.flash_reader import FlashReader, aligned_empty
