@@ -83,3 +83,27 @@ def smollm2_engine(smollm2_path, tmp_path_factory):
 
     out = compile_model(smollm2_path, tmp_path_factory.mktemp("smol") / "art", quiet=True)
     return Engine(out, max_context=512)
+
+
+CALIBRATION_TEXT = "/usr/share/common-licenses/Apache-2.0"
+
+
+def profile_predict_plan(d: Path, tokens: int, device: str, budget: int, dtype: str, cluster: int):
+    """Profile the generated model in ``d/model`` on license text, train its predictor and plan it for ``device``:
+    writes ``stats.json``, ``pred.safetensors`` and ``plan.json`` into ``d``; returns (spec, stats, plan)."""
+    from xpuc.compiler.frontends import load_model
+    from xpuc.compiler.planner import plan_neurons
+    from xpuc.compiler.predictor import collect_pairs, train_predictor
+    from xpuc.compiler.profiler import profile_model
+    from xpuc.runtime.tokenizer import XpucTokenizer
+    from xpuc.targets.profile import load_profile
+
+    spec = load_model(str(d / "model"))
+    ids = XpucTokenizer.from_source(spec.tokenizer).encode(open(CALIBRATION_TEXT).read())[:tokens]
+    stats = profile_model(spec, ids)
+    stats.save(d / "stats.json")
+    train_predictor(spec, collect_pairs(spec, ids, stats.thresholds), 0.97).save(d / "pred.safetensors")
+    plan = plan_neurons(spec.config, stats, load_profile(device), budget, dtype, cluster,
+                        fingerprint=spec.fingerprint())
+    plan.save(d / "plan.json")
+    return spec, stats, plan

@@ -11,9 +11,6 @@ import pytest
 from test_cli import assert_clean_error, xpuc
 
 from xpuc.compiler.errors import XpucError
-from xpuc.compiler.frontends import load_model
-from xpuc.compiler.predictor import collect_pairs, train_predictor
-from xpuc.compiler.profiler import profile_model
 from xpuc.compiler.reference import ReferenceModel
 from xpuc.compiler.synth import synthesize
 from xpuc.runtime.artifact import seal_manifest
@@ -25,21 +22,13 @@ LICENSE = "/usr/share/common-licenses/Apache-2.0"
 def packed(tmp_path_factory, request):
     """A tiny generated dReLU model, profiled, with a predictor, planned and packed (fp16; clusters of 16:
     12 KiB records, read in place; clusters of 2: 1.5 KiB records, read through aligned spans)."""
+    from conftest import profile_predict_plan
+
     from xpuc.compiler.offload_pack import pack_offload
-    from xpuc.compiler.planner import plan_neurons
-    from xpuc.runtime.tokenizer import XpucTokenizer
-    from xpuc.targets.profile import load_profile
 
     d = tmp_path_factory.mktemp("offload")
     synthesize("tiny", 0.9, 3, d / "model")
-    spec = load_model(str(d / "model"))
-    ids = XpucTokenizer.from_source(spec.tokenizer).encode(open(LICENSE).read())[:1024]
-    stats = profile_model(spec, ids)
-    stats.save(d / "stats.json")
-    pred = train_predictor(spec, collect_pairs(spec, ids, stats.thresholds), 0.97)
-    pred.save(d / "pred.safetensors")
-    plan = plan_neurons(spec.config, stats, load_profile("oneplus-12"), 4 << 20, "float16", request.param)
-    plan.save(d / "plan.json")
+    spec, _, _ = profile_predict_plan(d, 1024, "oneplus-12", 4 << 20, "float16", request.param)
     pack_offload(str(d / "model"), str(d / "stats.json"), str(d / "plan.json"), str(d / "pred.safetensors"),
                  d / "art", quiet=True)
     return d, spec
@@ -542,19 +531,11 @@ def test_packed_manifest_edited_after_packing_is_refused(packed, tmp_path):
 @pytest.fixture(scope="module")
 def other_model(tmp_path_factory):
     """Another generated model with the same config (another seed), with its own profile, predictor and plan."""
-    from xpuc.compiler.planner import plan_neurons
-    from xpuc.runtime.tokenizer import XpucTokenizer
-    from xpuc.targets.profile import load_profile
+    from conftest import profile_predict_plan
 
     d = tmp_path_factory.mktemp("other")
     synthesize("tiny", 0.9, 4, d / "model")
-    spec = load_model(str(d / "model"))
-    ids = XpucTokenizer.from_source(spec.tokenizer).encode(open(LICENSE).read())[:256]
-    stats = profile_model(spec, ids)
-    stats.save(d / "stats.json")
-    train_predictor(spec, collect_pairs(spec, ids, stats.thresholds), 0.97).save(d / "pred.safetensors")
-    plan_neurons(spec.config, stats, load_profile("oneplus-12"), 4 << 20, "float16", 16,
-                 fingerprint=spec.fingerprint()).save(d / "plan.json")
+    spec, _, _ = profile_predict_plan(d, 256, "oneplus-12", 4 << 20, "float16", 16)
     return d, spec
 
 

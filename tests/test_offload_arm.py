@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-LICENSE = "/usr/share/common-licenses/Apache-2.0"
 PROMPT = [5, 77, 300, 12, 9, 401]
 TOKENS = 8
 
@@ -31,27 +30,17 @@ def _require_emulation() -> None:
 @pytest.mark.parametrize("shape", ["tiny", "tiny-moe"])
 def test_packed_twin_under_qemu_decodes_the_host_tokens(tmp_path, shape, monkeypatch):
     _require_emulation()
-    from xpuc.compiler.frontends import load_model
+    from conftest import profile_predict_plan
+
     from xpuc.compiler.offload_pack import pack_offload
-    from xpuc.compiler.planner import plan_neurons
-    from xpuc.compiler.predictor import collect_pairs, train_predictor
-    from xpuc.compiler.profiler import profile_model
     from xpuc.compiler.synth import synthesize, synthesize_moe
     from xpuc.runtime.generation import generate
     from xpuc.runtime.offload import OffloadModel
-    from xpuc.runtime.tokenizer import XpucTokenizer
     from xpuc.targets.arm_build import inspect_elf
-    from xpuc.targets.profile import load_profile
     from xpuc.targets.qemu import run_aarch64, xpuc_package
 
     (synthesize if shape == "tiny" else synthesize_moe)(shape, 0.9, 5, tmp_path / "model")
-    spec = load_model(str(tmp_path / "model"))
-    ids = XpucTokenizer.from_source(spec.tokenizer).encode(open(LICENSE).read())[:1024]
-    stats = profile_model(spec, ids)
-    stats.save(tmp_path / "stats.json")
-    train_predictor(spec, collect_pairs(spec, ids, stats.thresholds), 0.97).save(tmp_path / "pred.safetensors")
-    plan_neurons(spec.config, stats, load_profile("linux-arm64"), 4 << 20, "q4_0", 16,
-                 fingerprint=spec.fingerprint()).save(tmp_path / "plan.json")
+    profile_predict_plan(tmp_path, 1024, "linux-arm64", 4 << 20, "q4_0", 16)
     parts = [str(tmp_path / n) for n in ("stats.json", "plan.json", "pred.safetensors")]
     for device in ("host", "linux-arm64"):
         pack_offload(str(tmp_path / "model"), *parts, tmp_path / device, device=device, quiet=True)

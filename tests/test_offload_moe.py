@@ -9,31 +9,21 @@ import numpy as np
 import pytest
 from test_cli import assert_clean_error, xpuc
 
-from xpuc.compiler.frontends import load_model
-from xpuc.compiler.predictor import collect_pairs, train_predictor
-from xpuc.compiler.profiler import profile_model
 from xpuc.compiler.reference import ReferenceModel, ffn, route_tokens
 
-LICENSE = "/usr/share/common-licenses/Apache-2.0"
 PROMPT = [5, 77, 300, 12, 9, 401, 33, 2]
 
 
 @pytest.fixture(scope="module")
 def moe(tmp_path_factory):
+    from conftest import profile_predict_plan
+
     from xpuc.compiler.offload_pack import pack_offload
-    from xpuc.compiler.planner import plan_neurons
     from xpuc.compiler.synth import synthesize_moe
-    from xpuc.runtime.tokenizer import XpucTokenizer
-    from xpuc.targets.profile import load_profile
 
     d = tmp_path_factory.mktemp("moe")
     synthesize_moe("tiny-moe", 0.88, 3, d / "model")
-    spec = load_model(str(d / "model"))
-    ids = XpucTokenizer.from_source(spec.tokenizer).encode(open(LICENSE).read())[:1024]
-    stats = profile_model(spec, ids)
-    stats.save(d / "stats.json")
-    train_predictor(spec, collect_pairs(spec, ids, stats.thresholds), 0.97).save(d / "pred.safetensors")
-    plan_neurons(spec.config, stats, load_profile("oneplus-12"), 3 << 20, "float16", 16).save(d / "plan.json")
+    spec, _, _ = profile_predict_plan(d, 1024, "oneplus-12", 3 << 20, "float16", 16)
     pack_offload(str(d / "model"), str(d / "stats.json"), str(d / "plan.json"), str(d / "pred.safetensors"),
                  d / "art", quiet=True)
     return d, spec
