@@ -20,8 +20,12 @@ demo: $(VENV)/.installed
 	$(BIN)/xpuc compile smollm2-135m -o artifacts/smollm2-135m --device host --quantize q4_1 --force
 	$(BIN)/xpuc run artifacts/smollm2-135m --chat --prompt "$(PROMPT)" --max-tokens 64
 
+# lint-imports checks the layering (pyproject.toml, [tool.importlinter]) over the sources seen as the xpuc package
 lint: $(VENV)/.installed
 	$(BIN)/ruff check compiler runtime schedules targets tests benchmarks
+	mkdir -p .cache/layers/xpuc
+	for d in compiler runtime schedules targets; do ln -sfn $(CURDIR)/$$d .cache/layers/xpuc/$$d; done
+	PYTHONPATH=.cache/layers $(BIN)/lint-imports --no-cache
 
 test: $(VENV)/.installed lint
 	bash .ci/system-deps

@@ -35,7 +35,7 @@ def main() -> int:
     ap.add_argument("--out", default="benchmarks/results/arm_mix.json")
     args = ap.parse_args()
 
-    from xpuc.schedules.neuron_bundle import BundleLayout
+    from xpuc.runtime.formats.bundle import BundleLayout
     from xpuc.schedules.sparse_ffn import sparse_ffn_kernel
     from xpuc.targets.arm_build import android_target, build_library, inspect_elf
     from xpuc.targets.profile import load_profile

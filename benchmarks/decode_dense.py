@@ -73,11 +73,12 @@ def main() -> int:
     args = ap.parse_args()
     args.out = args.out or f"benchmarks/results/decode_dense{'_' + args.quantize if args.quantize else ''}.json"
 
-    from xpuc.targets.threads import configure_tvm_threads
+    from xpuc.runtime.threads import configure_tvm_threads
 
     threads = configure_tvm_threads(args.threads)
+    from bandwidth import measure_read_bandwidth
+
     from xpuc.compiler.zoo import fetch
-    from xpuc.runtime.bandwidth import measure_read_bandwidth
 
     model = fetch("smollm2-135m")
     work = Path(args.work)

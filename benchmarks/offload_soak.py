@@ -51,9 +51,9 @@ def main() -> None:
     args = ap.parse_args()
     import psutil
 
-    from xpuc.compiler.jsonfile import write_json_atomic
+    from xpuc.runtime.formats.jsonfile import write_json_atomic
     from xpuc.runtime.offload import OffloadModel
-    from xpuc.targets.threads import configure_tvm_threads
+    from xpuc.runtime.threads import configure_tvm_threads
 
     configure_tvm_threads(None)
     art = packed_tiny(Path(args.work))

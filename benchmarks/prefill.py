@@ -36,14 +36,14 @@ def main() -> int:
     ap.add_argument("--tuning-db", default=None, help="also time a build that applies this tuning database")
     args = ap.parse_args()
 
-    from xpuc.targets.threads import configure_tvm_threads
+    from xpuc.runtime.threads import configure_tvm_threads
 
     threads = configure_tvm_threads(args.threads)
     import onnxruntime as ort
 
     from xpuc.compiler.build import compile_onnx
     from xpuc.compiler.onnx_export import causal_mask, decoder_prefill_onnx, rope_tables
-    from xpuc.compiler.spec import ArchConfig
+    from xpuc.runtime.formats.arch import ArchConfig
     from xpuc.runtime.graph import GraphRunner
 
     cfg = ArchConfig("llama", 49152, 576, 1536, args.layers, 9, 3, 64, 1e5, 1e-5, "swiglu", True, False, 8192)

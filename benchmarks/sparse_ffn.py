@@ -40,12 +40,13 @@ def main() -> int:
     ap.add_argument("--out", default="benchmarks/results/sparse_ffn.json")
     args = ap.parse_args()
 
-    from xpuc.targets.threads import configure_tvm_threads
+    from xpuc.runtime.threads import configure_tvm_threads
 
     threads = configure_tvm_threads(args.threads)
-    from xpuc.runtime.bandwidth import measure_read_bandwidth
-    from xpuc.runtime.sparse_ffn import SparseFFNKernel
-    from xpuc.schedules.neuron_bundle import BundleLayout, bundle_ffn, dequantize_bundle
+    from bandwidth import measure_read_bandwidth
+
+    from xpuc.runtime.formats.bundle import BundleLayout, bundle_ffn, dequantize_bundle
+    from xpuc.schedules.sparse_ffn_host import SparseFFNKernel
 
     bw = measure_read_bandwidth()
     print(f"threads {threads}, measured read bandwidth {bw:.1f} GB/s", file=sys.stderr)

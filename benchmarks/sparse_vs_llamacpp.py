@@ -39,7 +39,7 @@ def worker(kind: str, path: str, tokens: int, threads: int) -> None:
     import resource
     import time
 
-    from xpuc.targets.threads import configure_tvm_threads
+    from xpuc.runtime.threads import configure_tvm_threads
 
     if kind.startswith("xpuc"):
         os.environ.setdefault("TVM_USE_RUNTIME_LIB", "1")  # as `xpuc run` does: no compiler in the process
@@ -141,7 +141,7 @@ def main() -> None:
     report = {"sparsity": args.sparsity, "threads": args.threads, "tokens": args.tokens, "repeats": args.repeats,
               "rows": rows,
               "quality": quality}
-    from xpuc.compiler.jsonfile import write_json_atomic
+    from xpuc.runtime.formats.jsonfile import write_json_atomic
 
     write_json_atomic(args.output, report)
     for kind in xpuc_rows:
@@ -155,8 +155,9 @@ def main() -> None:
 def _quality(gguf: str, stats: Path, max_tokens: int) -> dict:
     """Top-1 agreement of the thresholded model with the dense one, teacher-forced on held-out text."""
     from xpuc.compiler.frontends import load_model
-    from xpuc.compiler.profiler import ProfileStats, read_text_files
+    from xpuc.compiler.profiler import read_text_files
     from xpuc.compiler.sparse_quality import measure_quality
+    from xpuc.runtime.formats.profile_stats import ProfileStats
     from xpuc.runtime.tokenizer import XpucTokenizer
 
     spec = load_model(gguf)

@@ -43,7 +43,7 @@ def main() -> int:
     ap.add_argument("--out", default="benchmarks/results/tuning.json")
     args = ap.parse_args()
 
-    from xpuc.targets.threads import configure_tvm_threads
+    from xpuc.runtime.threads import configure_tvm_threads
 
     threads = configure_tvm_threads(args.threads)
     import tvm
@@ -52,11 +52,11 @@ def main() -> int:
     from xpuc.compiler.frontend_onnx import import_onnx
     from xpuc.compiler.passes.apply_tuning_database import ApplyTuningDatabase
     from xpuc.compiler.pipeline import default_cpu_schedule, simd_lanes
-    from xpuc.compiler.spec import ArchConfig
-    from xpuc.compiler.zoo import cache_dir
-    from xpuc.schedules.tune import time_kernel, tune_workloads
-    from xpuc.schedules.tuning_db import TuningDatabase
-    from xpuc.schedules.workloads import _decoder_graph, extract_workloads
+    from xpuc.compiler.tuning.tune import time_kernel, tune_workloads
+    from xpuc.compiler.tuning.tuning_db import TuningDatabase
+    from xpuc.compiler.tuning.workloads import _decoder_graph, extract_workloads
+    from xpuc.runtime.artifact import cache_dir
+    from xpuc.runtime.formats.arch import ArchConfig
     from xpuc.targets.profile import load_profile
 
     target = load_profile("host").cpu_target()

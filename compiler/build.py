@@ -8,10 +8,10 @@ from pathlib import Path
 
 import numpy as np
 
-from xpuc.compiler.errors import XpucError
 from xpuc.compiler.frontends import load_model
-from xpuc.compiler.progress import Steps
 from xpuc.runtime.artifact import MANIFEST, Manifest, ModuleEntry, staged_directory, versions
+from xpuc.runtime.errors import XpucError
+from xpuc.runtime.progress import Steps
 from xpuc.targets.profile import load_profile
 
 LIB_FILE = "model.so"
@@ -116,7 +116,7 @@ def compile_model(model: str | os.PathLike, output: str | os.PathLike, device: s
     from safetensors.numpy import save_file
 
     from xpuc.compiler.relax_model import export_model, param_arrays
-    from xpuc.compiler.zoo import sha256_file
+    from xpuc.runtime.artifact import sha256_file
     from xpuc.runtime.tokenizer import XpucTokenizer
 
     output = Path(output)
@@ -207,7 +207,7 @@ def _thresholds(spec, quantize: str | None, ffn_stats) -> list[float] | None:
     """Per-layer FFN thresholds for the quantized decode kernels (zeros = exact) from a profile."""
     if ffn_stats is None:
         return [0.0] * spec.config.num_layers if quantize else None
-    from xpuc.compiler.profiler import ProfileStats
+    from xpuc.runtime.formats.profile_stats import ProfileStats
 
     stats = ProfileStats.load(ffn_stats)
     stats.check_matches(spec.config, f"profile {ffn_stats}", spec.fingerprint())
@@ -230,7 +230,7 @@ def compile_onnx(model: str | os.PathLike, output: str | os.PathLike, device: st
     """
     from xpuc.compiler.frontend_onnx import import_onnx, read_onnx
     from xpuc.compiler.pipeline import build
-    from xpuc.compiler.zoo import sha256_file
+    from xpuc.runtime.artifact import sha256_file
 
     output = Path(output)
     profile = load_profile(device)
@@ -296,7 +296,7 @@ def compile_onnx(model: str | os.PathLike, output: str | os.PathLike, device: st
 def _open_tuning(path, target, buckets):
     """(ApplyTuningDatabase pass, buckets, manifest info) for a tuning database checked against ``target``."""
     from xpuc.compiler.passes.apply_tuning_database import ApplyTuningDatabase
-    from xpuc.schedules.tuning_db import TuningDatabase
+    from xpuc.compiler.tuning.tuning_db import TuningDatabase
 
     db = TuningDatabase(path, target=target)
     if not buckets:

@@ -3,7 +3,7 @@
 Per layer, neurons are stored in the order *hot first* (the plan's hot neurons, most frequent first), then
 cold (most frequent first, so neurons often read together lie side by side and their reads merge). Every
 ``C`` consecutive neurons form a cluster record ``[C, R, row]`` in the bundled format of
-:mod:`xpuc.schedules.neuron_bundle` (gate | up | down column per neuron, fp16 or GGML q4_0/q4_1 blocks).
+:mod:`xpuc.runtime.formats.bundle` (gate | up | down column per neuron, fp16 or GGML q4_0/q4_1 blocks).
 Layer regions start on 4 KiB boundaries and the file ends on one, so a layer can be streamed with
 ``O_DIRECT``; single records are read as the 4 KiB-aligned span that covers them (records of neighbouring
 neurons share pages, and their reads merge). Every cluster
@@ -17,77 +17,14 @@ saves little at cluster granularity; the fused record keeps one read per cluster
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import zlib
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from xpuc.compiler.errors import XpucError
-from xpuc.compiler.jsonfile import read_versioned, write_json_atomic
-from xpuc.schedules.neuron_bundle import BundleLayout, bundle_ffn
-
-FLASH_SCHEMA = 1
-ALIGN = 4096
-
-
-@dataclass
-class LayerRegion:
-    offset: int  # byte offset of the layer's first cluster record
-    hot_clusters: int  # clusters [0, hot_clusters) hold the plan's hot neurons
-    order: list[int]  # neuron ids in storage order (a permutation of range(d_ff))
-
-
-@dataclass
-class FlashLayout:
-    kind: str
-    d_model: int
-    d_ff: int
-    cluster: int
-    dtype: str
-    cluster_bytes: int
-    layers: list[LayerRegion]
-    file_bytes: int = 0
-    ffn_file: str = "ffn.bin"
-    crc_file: str = "ffn.crc32.npy"
-    schema: int = FLASH_SCHEMA
-    extra: dict = field(default_factory=dict)
-
-    @property
-    def n_clusters(self) -> int:
-        return self.d_ff // self.cluster
-
-    @property
-    def aligned(self) -> bool:
-        """Cluster records are whole 4 KiB blocks (O_DIRECT reads straight into cache slots)."""
-        return self.cluster_bytes % ALIGN == 0
-
-    def bundle_layout(self, n_clusters: int) -> BundleLayout:
-        """Layout of an array of ``n_clusters`` cluster records (a cache segment, or the whole layer)."""
-        return BundleLayout(self.kind, self.d_model, n_clusters * self.cluster, self.cluster, self.dtype)
-
-    def cluster_offset(self, layer: int, j: int) -> int:
-        return self.layers[layer].offset + j * self.cluster_bytes
-
-    def cluster_of_neuron(self, layer: int) -> np.ndarray:
-        """(d_ff,) int32: the cluster holding each neuron id."""
-        pos = np.empty(self.d_ff, np.int32)
-        pos[np.asarray(self.layers[layer].order)] = np.arange(self.d_ff, dtype=np.int32)
-        return pos // self.cluster
-
-    def save(self, path: str | os.PathLike) -> Path:
-        return write_json_atomic(path, dataclasses.asdict(self))
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> FlashLayout:
-        d = read_versioned(path, FLASH_SCHEMA, "flash layout")
-        try:
-            d["layers"] = [LayerRegion(**r) for r in d["layers"]]
-            return cls(**d)
-        except TypeError:
-            raise XpucError(f"{path}: not a readable xpuc flash layout (unexpected fields)") from None
+from xpuc.runtime.formats.bundle import BundleLayout, bundle_ffn
+from xpuc.runtime.formats.flash import ALIGN, FlashLayout, LayerRegion
 
 
 def storage_order(hot: list[int], frequency: np.ndarray) -> list[int]:

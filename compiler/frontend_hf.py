@@ -8,15 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
-from xpuc.compiler.errors import XpucError
-from xpuc.compiler.spec import (
-    FFN_KINDS,
-    SUPPORTED_ARCHITECTURES,
-    ArchConfig,
-    LazyWeights,
-    ModelSpec,
-    TokenizerSource,
-)
+from xpuc.compiler.spec import LazyWeights, ModelSpec, TokenizerSource
+from xpuc.runtime.errors import XpucError
+from xpuc.runtime.formats.arch import FFN_KINDS, SUPPORTED_ARCHITECTURES, ArchConfig
 
 _MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "mixtral": "mistral"}
 _ACTIVATIONS = {"silu": "swiglu", "swish": "swiglu", "relu": "reglu", "drelu": "drelu"}

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from xpuc.compiler.errors import XpucError
+from xpuc.runtime.errors import XpucError
 
 # Operators xpuc claims: every single-operator node test that the `onnx` package ships for them passes
 # through xpuc's ONNX path on the host (tests/test_onnx_node_cases.py), with the inputs that exporters

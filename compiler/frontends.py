@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from xpuc.compiler.errors import XpucError
 from xpuc.compiler.spec import ModelSpec
+from xpuc.runtime.errors import XpucError
 
 
 def load_model(path: str | os.PathLike, with_tokenizer: bool = True) -> ModelSpec:

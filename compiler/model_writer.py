@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from xpuc.compiler.spec import ArchConfig
+from xpuc.runtime.formats.arch import ArchConfig
 
 _GGUF_LAYER = {
     "attn_norm": "attn_norm.weight", "q_proj": "attn_q.weight", "k_proj": "attn_k.weight",

@@ -37,7 +37,7 @@ from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache
 from tvm.script import tirx as T
 
 from xpuc.compiler.relax_model import paged_kv_cache
-from xpuc.compiler.spec import ArchConfig
+from xpuc.runtime.formats.arch import ArchConfig
 from xpuc.schedules.linear import embedding_fp16, linear_fp16, pack_rows, packed_shape
 from xpuc.schedules.linear_quant import embedding_quant, linear_quant, quantize_matrix, quantized_shape
 
@@ -252,7 +252,7 @@ def build_ffn_module(layout, threads: int, target):
 def export_offload_modules(config: ArchConfig, layout, fixed_dtype: str, rank: int, threads: int, profile,
                            out: Path) -> dict:
     """Build and link both libraries for ``profile``'s CPU into ``out``; returns their manifest entries."""
-    from xpuc.compiler.errors import XpucError
+    from xpuc.runtime.errors import XpucError
 
     target, toolchain = profile.cpu_target(), profile.toolchain()
     if not toolchain.available():

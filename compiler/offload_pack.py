@@ -2,8 +2,9 @@
 
 Contents::
 
-    manifest.json         the artifact manifest (kind ``packed``, :mod:`xpuc.runtime.manifest`): config, versions,
-                          target, both modules, SHA-256 of every file but ffn.bin and its size, the fingerprint
+    manifest.json         the artifact manifest (kind ``packed``, :mod:`xpuc.runtime.formats.manifest`): config,
+                          versions, target, both modules, SHA-256 of every file but ffn.bin and its size, the
+                          fingerprint
     decode.so, ffn.so     the compiled modules for the device (see :mod:`xpuc.compiler.offload_build`)
     fixed.safetensors     the fixed segment in the kernels' storage: embedding, attention, LM head (fp16 row-block
                           packed, or GGML blocks with ``fixed_dtype``), norms and routers fp32, the activation
@@ -26,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from xpuc.compiler.errors import XpucError
+from xpuc.runtime.errors import XpucError
 from xpuc.runtime.packed import FIXED_DTYPES, SMALL_FILES
 
 
@@ -77,13 +78,13 @@ def pack_offload(model: str, stats_path: str, plan_path: str, predictor_path: st
     from xpuc.compiler.flash_layout import write_flash_layout
     from xpuc.compiler.frontends import load_model
     from xpuc.compiler.offload_build import export_offload_modules
-    from xpuc.compiler.planner import Plan
-    from xpuc.compiler.predictor import Predictor
-    from xpuc.compiler.profiler import ProfileStats
-    from xpuc.compiler.progress import Steps, count
-    from xpuc.compiler.zoo import resolve_model, sha256_file
-    from xpuc.runtime.artifact import staged_directory, versions
-    from xpuc.runtime.manifest import MANIFEST, Manifest, ModuleEntry, OffloadInfo
+    from xpuc.compiler.zoo import resolve_model
+    from xpuc.runtime.artifact import sha256_file, staged_directory, versions
+    from xpuc.runtime.formats.manifest import MANIFEST, Manifest, ModuleEntry, OffloadInfo
+    from xpuc.runtime.formats.plan import Plan
+    from xpuc.runtime.formats.predictor import Predictor
+    from xpuc.runtime.formats.profile_stats import ProfileStats
+    from xpuc.runtime.progress import Steps, count
     from xpuc.targets.profile import load_profile
 
     profile = load_profile(device)

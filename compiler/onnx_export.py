@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from xpuc.compiler.spec import ArchConfig
+from xpuc.runtime.formats.arch import ArchConfig
 
 
 def rope_tables(seq: int, head_dim: int, theta: float) -> tuple[np.ndarray, np.ndarray]:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from xpuc.compiler.spec import ArchConfig, ModelSpec
+from xpuc.compiler.spec import ModelSpec
+from xpuc.runtime.formats.arch import ArchConfig
 
 
 def route_tokens(x: np.ndarray, router: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

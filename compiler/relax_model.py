@@ -21,7 +21,8 @@ from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import op
 from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedKVCache
 
-from xpuc.compiler.spec import ArchConfig, ModelSpec
+from xpuc.compiler.spec import ModelSpec
+from xpuc.runtime.formats.arch import ArchConfig
 from xpuc.schedules.linear import embedding_fp16, linear_fp16, pack_rows, packed_shape
 from xpuc.schedules.linear_quant import (
     embedding_quant,

@@ -30,8 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
-from xpuc.compiler.errors import XpucError
-from xpuc.compiler.spec import ArchConfig
+from xpuc.runtime.errors import XpucError
+from xpuc.runtime.formats.arch import ArchConfig
 
 SHAPES: dict[str, ArchConfig] = {
     "tiny": ArchConfig("mistral", 512, 128, 512, 2, 4, 2, 32, 1e4, 1e-5, "drelu", False, False, 1024),

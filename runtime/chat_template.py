@@ -15,7 +15,7 @@ import json
 from functools import lru_cache
 from typing import Any
 
-from xpuc.compiler.errors import XpucError
+from xpuc.runtime.errors import XpucError
 
 #: Upper bound on the rendered prompt (characters); real templates produce a few hundred.
 MAX_RENDERED_CHARS = 1 << 20

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import numpy as np
 
-from xpuc.compiler.errors import XpucError
-from xpuc.compiler.spec import ArchConfig
 from xpuc.runtime.artifact import member_path, read_manifest, verify
+from xpuc.runtime.errors import XpucError
+from xpuc.runtime.formats.arch import ArchConfig
 from xpuc.runtime.generation import GenerationResult, generate
 from xpuc.runtime.sampler import SamplingParams
 from xpuc.runtime.session import DecoderSession, SplitSession

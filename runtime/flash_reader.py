@@ -8,7 +8,7 @@
 * Reads are issued by ``io_threads`` dedicated threads; :meth:`submit` returns a future per batch, so
   the caller computes on what has arrived while later batches are in flight.
 * Every record's CRC-32 is checked after the read; a short read (truncated file), an OS error or a
-  checksum mismatch raises :class:`~xpuc.compiler.errors.XpucError`.
+  checksum mismatch raises :class:`~xpuc.runtime.errors.XpucError`.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from xpuc.compiler.errors import XpucError
+from xpuc.runtime.errors import XpucError
 
 ALIGN = 4096
 

@@ -15,7 +15,7 @@ from typing import Protocol
 
 import numpy as np
 
-from xpuc.compiler.errors import XpucError
+from xpuc.runtime.errors import XpucError
 from xpuc.runtime.sampler import Sampler, SamplingParams
 
 

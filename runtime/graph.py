@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from xpuc.compiler.errors import XpucError
 from xpuc.runtime.artifact import read_manifest, verify
+from xpuc.runtime.errors import XpucError
 
 
 class GraphRunner:

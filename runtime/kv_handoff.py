@@ -14,7 +14,7 @@ import json
 import time
 from dataclasses import dataclass
 
-from xpuc.compiler.errors import XpucError
+from xpuc.runtime.errors import XpucError
 
 
 @dataclass

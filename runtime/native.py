@@ -19,7 +19,7 @@ SOURCE = Path(__file__).with_name("batch_read.c")
 
 @cache
 def batch_reader() -> ctypes.CDLL | None:
-    from xpuc.compiler.zoo import cache_dir
+    from xpuc.runtime.artifact import cache_dir
 
     if os.environ.get("XPUC_NO_NATIVE") == "1" or not SOURCE.is_file():
         return None

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from xpuc.compiler.errors import XpucError
+from xpuc.runtime.errors import XpucError
 from xpuc.runtime.flash_reader import aligned_empty
 from xpuc.runtime.offload_ffn import MODES, FFNPaths
 

@@ -12,9 +12,9 @@ import zlib
 
 import numpy as np
 
-from xpuc.compiler.errors import XpucError
+from xpuc.runtime.errors import XpucError
 from xpuc.runtime.flash_reader import aligned_empty
-from xpuc.schedules.neuron_bundle import activation
+from xpuc.runtime.formats.bundle import activation
 
 MODES = ("naive", "llmflash", "cache", "full")
 PREDICTOR_MIN_IDLE = 0.01  # a unit whose clusters are expected idle on fewer than 1 % of (cluster, token) pairs

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
-from xpuc.compiler.errors import XpucError
 from xpuc.runtime.artifact import member_path, verify
-from xpuc.runtime.manifest import MANIFEST, Manifest, read_manifest
+from xpuc.runtime.errors import XpucError
+from xpuc.runtime.formats.manifest import MANIFEST, Manifest, read_manifest
 
 FIXED_DTYPES = ("float16", "q8_0", "q4_0", "q4_1")
 SMALL_FILES = ("fixed.safetensors", "ffn.crc32.npy", "flash.json", "plan.json", "profile.json",
@@ -41,7 +41,7 @@ class PackedModel:
     @property
     def predictor(self):
         """The trained predictor (for inspection and tests; the runtime runs its compiled copy)."""
-        from xpuc.compiler.predictor import Predictor
+        from xpuc.runtime.formats.predictor import Predictor
 
         return Predictor.load(self.path / "predictor.safetensors")
 
@@ -65,10 +65,10 @@ def load_packed(path: Path, check_device: bool = True) -> PackedModel:
     """Verify versions, target and every digest, then read the small files (``ffn.bin`` stays on flash)."""
     from safetensors.numpy import load_file
 
-    from xpuc.compiler.flash_layout import FlashLayout
-    from xpuc.compiler.planner import Plan
-    from xpuc.compiler.profiler import ProfileStats
-    from xpuc.compiler.spec import ArchConfig
+    from xpuc.runtime.formats.arch import ArchConfig
+    from xpuc.runtime.formats.flash import FlashLayout
+    from xpuc.runtime.formats.plan import Plan
+    from xpuc.runtime.formats.profile_stats import ProfileStats
 
     path = Path(path)
     m = read_packed_manifest(path)

@@ -9,7 +9,7 @@ import tvm
 from tvm.runtime import ShapeTuple
 from tvm.runtime.vm import VirtualMachine
 
-from xpuc.compiler.errors import XpucError
+from xpuc.runtime.errors import XpucError
 from xpuc.runtime.kv_handoff import HandoffStats, hand_off_kv
 
 PAGE_SIZE = 16  # the CPU paged-KV kernels require 16

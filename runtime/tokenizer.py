@@ -6,8 +6,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from xpuc.compiler.errors import XpucError
 from xpuc.runtime.chat_template import render_chat_template
+from xpuc.runtime.errors import XpucError
 
 # Pre-tokenizer regular expressions of llama.cpp's pre-tokenizer types (tokenizer.ggml.pre).
 _QWEN2_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"

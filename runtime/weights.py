@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from xpuc.compiler.errors import XpucError
+from xpuc.runtime.errors import XpucError
 
 _DTYPES = {"F16": np.float16, "F32": np.float32, "BF16": None, "I32": np.int32, "I64": np.int64,
            "U8": np.uint8, "I8": np.int8}

@@ -30,8 +30,8 @@ import numpy as np
 from tvm import tirx
 from tvm.script import tirx as T
 
+from xpuc.runtime.formats.bundle import QBLOCK, dequantize_q4, quantize_q4
 from xpuc.schedules.linear import largest_divisor
-from xpuc.schedules.neuron_bundle import QBLOCK, dequantize_q4, quantize_q4
 from xpuc.schedules.sparse_ffn import _activation_exprs
 
 QUANT_FORMATS = {"q4_0": 18, "q4_1": 20, "q8_0": 34}

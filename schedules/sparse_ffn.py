@@ -1,7 +1,7 @@
 """Neuron-cluster FFN kernels in TIR: sparse (over a symbolic list of active clusters) and dense.
 
 Generated per (FFN kind, d_model, d_ff, cluster size C, weight dtype, threads) over the bundled
-neuron layout of :mod:`xpuc.schedules.neuron_bundle`. For each active cluster ``c = idx[j]`` and each
+neuron layout of :mod:`xpuc.runtime.formats.bundle`. For each active cluster ``c = idx[j]`` and each
 of its ``C`` neurons ``i`` the kernel computes the gate dot product, skips the neuron when its
 activation is zero (below the threshold for ``swiglu``), otherwise computes the up dot product and
 adds ``h * down_column`` into a per-thread partial sum; the partial sums are reduced at the end.
@@ -34,7 +34,7 @@ from functools import cache
 from tvm import tirx
 from tvm.script import tirx as T
 
-from xpuc.schedules.neuron_bundle import QBLOCK, BundleLayout
+from xpuc.runtime.formats.bundle import QBLOCK, BundleLayout
 
 MODES = ("fused", "gate", "updown", "dense")
 LANES = 16

@@ -1,5 +1,5 @@
 """xpuc.targets: device profiles, TVM targets and toolchains."""
 
-from xpuc.targets.threads import configure_tvm_threads
+from xpuc.runtime.threads import configure_tvm_threads
 
 configure_tvm_threads()

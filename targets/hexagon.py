@@ -13,7 +13,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from xpuc.compiler.errors import XpucError
+from xpuc.runtime.errors import XpucError
 
 
 def hvx_schedule(func, lanes: int = 32):

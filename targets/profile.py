@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from xpuc.compiler.errors import XpucError
-from xpuc.targets.threads import usable_cores
+from xpuc.runtime.errors import XpucError
+from xpuc.runtime.threads import usable_cores
 
 PROFILE_SCHEMA = 1
 

@@ -26,7 +26,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from xpuc.compiler.errors import XpucError
+from xpuc.runtime.errors import XpucError
 
 PY = "python3.11"
 WHEELS = ["apache-tvm==0.27.0.post1", "apache-tvm-ffi==0.1.14.post1", "numpy", "ml_dtypes", "cloudpickle", "psutil",
@@ -36,7 +36,7 @@ HOST_TOOLS = ("qemu-aarch64-static", "aarch64-linux-gnu-gcc")
 
 
 def arm_root() -> Path:
-    from xpuc.compiler.zoo import cache_dir
+    from xpuc.runtime.artifact import cache_dir
 
     return cache_dir() / "arm64"
 
@@ -125,25 +125,23 @@ def run_aarch64(script: str, args: list[str] | None = None, cpu: str = DEFAULT_C
 
 
 def xpuc_package(dest: Path) -> Path:
-    """A folder for the emulated interpreter's path holding this checkout as the ``xpuc`` package.
+    """A folder for the emulated interpreter's path holding xpuc's device side: the ``xpuc.runtime`` package only.
 
-    The sub-packages are symlinks to the installed sources (pure Python, arch-independent), and a ``dist-info``
-    carries the installed version, so artifacts verify their xpuc version as they do on the host.
+    What runs on a device imports nothing of the compiler, the kernels' schedules or the targets (the layering
+    that ``lint-imports`` checks), so the emulated device gets the runtime alone: a symlink to the installed
+    sources (pure Python, arch-independent), and a ``dist-info`` that carries the installed version, so
+    artifacts verify their xpuc version as they do on the host.
     """
     from importlib.metadata import version
 
-    import xpuc.compiler
     import xpuc.runtime
-    import xpuc.schedules
-    import xpuc.targets
 
     pkg = Path(dest) / "xpuc"
     pkg.mkdir(parents=True, exist_ok=True)
     (pkg / "__init__.py").write_text("")
-    for mod in (xpuc.compiler, xpuc.runtime, xpuc.schedules, xpuc.targets):
-        link = pkg / mod.__name__.split(".")[-1]
-        if not link.exists():
-            link.symlink_to(Path(mod.__file__).parent, target_is_directory=True)
+    link = pkg / "runtime"
+    if not link.exists():
+        link.symlink_to(Path(xpuc.runtime.__file__).parent, target_is_directory=True)
     v = version("xpuc")
     info = Path(dest) / f"xpuc-{v}.dist-info"
     info.mkdir(exist_ok=True)

@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from xpuc.compiler.spec import ArchConfig, LazyWeights, ModelSpec
+from xpuc.compiler.spec import LazyWeights, ModelSpec
+from xpuc.runtime.formats.arch import ArchConfig
 
 CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
                  "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")

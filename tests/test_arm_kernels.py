@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from xpuc.runtime.formats.bundle import FFN_KINDS, WEIGHT_DTYPES, BundleLayout, bundle_ffn, sparse_ffn_reference
 from xpuc.schedules.linear import embedding_fp16, linear_fp16, pack_rows
-from xpuc.schedules.neuron_bundle import FFN_KINDS, WEIGHT_DTYPES, BundleLayout, bundle_ffn, sparse_ffn_reference
 from xpuc.schedules.sparse_ffn import sparse_ffn_kernel
 
 pytestmark = pytest.mark.arm
@@ -35,7 +35,7 @@ D, F, C = 64, 128, 8
 def emulated_results():
     """Every kind x dtype x mode, plus the dense linear and embedding kernels, in one emulated process."""
     _require("qemu-aarch64-static", "aarch64-linux-gnu-gcc")
-    from xpuc.targets.arm_build import run_emulated
+    from support.arm_emulation import run_emulated
 
     rng = np.random.default_rng(0)
     funcs, cases, arrays, expected = {}, [], {}, {}
@@ -151,9 +151,8 @@ def test_whole_decoder_on_emulated_arm_matches_host(tmp_path):
     ex.export_library(str(tmp_path / "model.so"), fcompile=toolchain_for("aarch64-linux-gnu").fcompile())
     np.savez(tmp_path / "params.npz", **{f"p{i:04d}": arrays[n] for i, (n, _, _) in enumerate(params)})
     np.save(tmp_path / "ids.npy", ids)
-    import xpuc.targets
 
-    runner = Path(xpuc.targets.__file__).with_name("arm_model_runner.py")
+    runner = Path(__file__).parent / "support" / "arm_model_runner.py"
     r = run_aarch64(str(runner), [str(tmp_path / "model.so"), str(tmp_path / "params.npz"),
                                   str(tmp_path / "ids.npy"), "4", str(tmp_path / "out.npz")])
     assert r.returncode == 0, r.stderr[-2000:]

@@ -8,7 +8,8 @@ import subprocess
 import pytest
 from test_cli import XPUC
 
-from xpuc.compiler.zoo import ZOO, sha256_file
+from xpuc.compiler.zoo import ZOO
+from xpuc.runtime.artifact import sha256_file
 
 
 @pytest.mark.parametrize("damage", ["flipped_byte", "truncated", "emptied"])

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from conftest import random_weights, tiny_config, tiny_tokenizer
 
-from xpuc.compiler.errors import XpucError
 from xpuc.compiler.frontend_gguf import load_gguf
 from xpuc.compiler.model_writer import write_gguf
+from xpuc.runtime.errors import XpucError
 
 
 @pytest.mark.parametrize("arch,bias,tie", [("llama", False, True), ("qwen2", True, False),

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from conftest import random_weights, tiny_config, tiny_tokenizer
 
-from xpuc.compiler.errors import XpucError
 from xpuc.compiler.frontends import load_model
 from xpuc.compiler.model_writer import write_hf_dir
+from xpuc.runtime.errors import XpucError
 from xpuc.runtime.tokenizer import tokenizer_json_from_gguf_vocab
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from xpuc.compiler.errors import XpucError
+from xpuc.runtime.errors import XpucError
 from xpuc.runtime.generation import TextStream, generate
 
 

@@ -15,9 +15,9 @@ import pytest
 import tvm
 from conftest import random_weights, spec_from, tiny_config
 
-from xpuc.compiler.errors import XpucError
 from xpuc.compiler.relax_model import export_model, param_arrays
 from xpuc.runtime.artifact import seal_manifest
+from xpuc.runtime.errors import XpucError
 from xpuc.runtime.session import DecoderSession, SplitSession
 from xpuc.targets.profile import load_profile
 
@@ -72,7 +72,7 @@ def test_engine_runs_a_separate_prefill_module_and_hands_off(tmp_path, tiny_gguf
     """An artifact with a prefill module the host can drive (its CPU twin): the engine splits and agrees."""
     from xpuc.compiler.build import compile_model, prefill_module
     from xpuc.compiler.frontends import load_model
-    from xpuc.compiler.zoo import sha256_file
+    from xpuc.runtime.artifact import sha256_file
     from xpuc.runtime.engine import Engine
 
     gguf, _, _ = tiny_gguf

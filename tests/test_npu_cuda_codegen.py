@@ -16,7 +16,7 @@ import tvm
 from tvm import relax
 
 from xpuc.compiler.relax_model import export_model
-from xpuc.compiler.spec import ArchConfig
+from xpuc.runtime.formats.arch import ArchConfig
 
 pytestmark = pytest.mark.gpu
 SMOL_1L = ArchConfig("llama", 49152, 576, 1536, 1, 9, 3, 64, 1e5, 1e-5, "swiglu", True, False, 2048)
@@ -84,12 +84,12 @@ def test_cuda_prefill_kernels_compile_to_ptx():
 
 
 def test_cuda_cases_for_the_gpu_machine(tmp_path):
-    """The exported half of the CUDA execution check (``targets/cuda_run.py`` runs it where a GPU is)."""
+    """The exported half of the CUDA execution check (``tests/support/cuda_run.py`` runs it where a GPU is)."""
     import importlib.util
     import json
     from pathlib import Path
 
-    from xpuc.targets.cuda_check import case_inputs, export_prefill
+    from support.cuda_check import case_inputs, export_prefill
 
     cases = export_prefill(tmp_path, seq=5)
     meta = json.loads((tmp_path / "cases.json").read_text())

@@ -95,7 +95,7 @@ def test_onnx_graph_for_the_npu(tmp_path):
     if shutil.which("llvm-readelf") is None:
         pytest.skip("llvm-readelf not installed")
     from xpuc.compiler.onnx_export import decoder_prefill_onnx
-    from xpuc.compiler.spec import ArchConfig
+    from xpuc.runtime.formats.arch import ArchConfig
 
     cfg = ArchConfig("llama", 64, 64, 96, 1, 4, 2, 16, 1e4, 1e-5, "swiglu", True, False, 256)
     path = decoder_prefill_onnx(tmp_path / "dec.onnx", cfg, random_weights(cfg, 3))

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from test_cli import assert_clean_error, xpuc
 
-from xpuc.compiler.errors import XpucError
 from xpuc.compiler.reference import ReferenceModel
 from xpuc.compiler.synth import synthesize
 from xpuc.runtime.artifact import seal_manifest
+from xpuc.runtime.errors import XpucError
 
 LICENSE = "/usr/share/common-licenses/Apache-2.0"
 
@@ -35,8 +35,8 @@ def packed(tmp_path_factory, request):
 
 
 def test_flash_layout_records_hot_first_aligned_and_checksummed(packed):
-    from xpuc.compiler.flash_layout import FlashLayout
-    from xpuc.schedules.neuron_bundle import bundle_ffn
+    from xpuc.runtime.formats.bundle import bundle_ffn
+    from xpuc.runtime.formats.flash import FlashLayout
 
     d, spec = packed
     fl = FlashLayout.load(d / "art" / "flash.json")
@@ -60,7 +60,7 @@ def test_flash_layout_records_hot_first_aligned_and_checksummed(packed):
 
 
 def profile_stats(d):
-    from xpuc.compiler.profiler import ProfileStats
+    from xpuc.runtime.formats.profile_stats import ProfileStats
 
     return ProfileStats.load(d / "stats.json")
 
@@ -168,7 +168,7 @@ def test_split_kernel_form_equals_the_fused_one(packed):
 
 
 def test_modes_agree_and_cache_reads_less(packed, tmp_path):
-    from xpuc.runtime.bench import run_bench
+    from xpuc.compiler.offload_bench import run_bench
 
     d, _ = packed
     text = run_bench(d / "art", ["naive", "llmflash", "cache", "full"], 0.4, None, 12, str(tmp_path / "b.json"),
@@ -201,7 +201,7 @@ def test_truncated_flash_file_is_a_clear_error(packed, tmp_path):
 
 
 def test_corrupted_record_fails_its_checksum(packed, tmp_path):
-    from xpuc.compiler.flash_layout import FlashLayout
+    from xpuc.runtime.formats.flash import FlashLayout
     from xpuc.runtime.offload import OffloadModel
 
     art = _copy_art(packed[0], tmp_path)
@@ -300,8 +300,8 @@ def test_units_whose_clusters_always_fire_skip_the_predictor(packed, monkeypatch
 
 
 def test_native_and_python_readers_agree(packed):
-    from xpuc.compiler.flash_layout import FlashLayout
     from xpuc.runtime.flash_reader import FlashReader, aligned_empty
+    from xpuc.runtime.formats.flash import FlashLayout
 
     d, _ = packed
     fl = FlashLayout.load(d / "art" / "flash.json")

@@ -55,9 +55,8 @@ def test_packed_twin_under_qemu_decodes_the_host_tokens(tmp_path, shape, monkeyp
     cache = tmp_path / "cache"  # the batch-read helper is built for aarch64 by the cross compiler
     monkeypatch.setenv("XPUC_CACHE", str(cache))
     monkeypatch.setenv("CC", shutil.which("aarch64-linux-gnu-gcc") or "")
-    import xpuc.targets
 
-    runner = str(Path(xpuc.targets.__file__).with_name("arm_offload_runner.py"))
+    runner = str(Path(__file__).parent / "support" / "arm_offload_runner.py")
     r = run_aarch64(runner, [str(tmp_path / "linux-arm64"), "full", "0.5", str(tmp_path / "ids.npy"), str(TOKENS),
                              str(tmp_path / "out.npz")], extra_path=[xpuc_package(tmp_path / "pkg")], timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]

@@ -57,7 +57,7 @@ def test_routing_is_mixtrals():
 
 
 def test_profile_is_per_expert(moe):
-    from xpuc.compiler.profiler import ProfileStats
+    from xpuc.runtime.formats.profile_stats import ProfileStats
 
     d, spec = moe
     stats = ProfileStats.load(d / "stats.json")

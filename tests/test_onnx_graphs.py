@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from xpuc.compiler.errors import XpucError
+from xpuc.runtime.errors import XpucError
 
 LIGHT = Path(__import__("onnx").__file__).parent / "backend" / "test" / "data" / "light"
 
@@ -51,7 +51,8 @@ def test_decoder_prefill_graph_matches_onnxruntime_and_reference(tmp_path):
 
     from xpuc.compiler.onnx_export import causal_mask, decoder_prefill_onnx, rope_tables
     from xpuc.compiler.reference import ReferenceModel
-    from xpuc.compiler.spec import ArchConfig, LazyWeights, ModelSpec
+    from xpuc.compiler.spec import LazyWeights, ModelSpec
+    from xpuc.runtime.formats.arch import ArchConfig
 
     cfg = ArchConfig("llama", 64, 64, 96, 2, 4, 2, 16, 1e4, 1e-5, "swiglu", True, False, 256)
     w = random_weights(cfg, 3)

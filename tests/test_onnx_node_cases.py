@@ -11,8 +11,8 @@ import pytest
 import tvm
 from tvm import relax
 
-from xpuc.compiler.errors import XpucError
 from xpuc.compiler.frontend_onnx import CLAIMED_OPS, STATIC_INPUTS, check_model, freeze_inputs, import_onnx
+from xpuc.runtime.errors import XpucError
 
 
 def _cases():

@@ -13,7 +13,7 @@ from tvm import relax
 
 from xpuc.compiler.pipeline import lower
 from xpuc.compiler.relax_model import export_model
-from xpuc.compiler.spec import ArchConfig
+from xpuc.runtime.formats.arch import ArchConfig
 
 pytestmark = pytest.mark.gpu
 
@@ -22,8 +22,9 @@ SMOLLM2 = ArchConfig("llama", 49152, 576, 1536, 30, 9, 3, 64, 1e5, 1e-5, "swiglu
 
 @pytest.fixture(scope="module")
 def ctx():
-    from xpuc.compiler.errors import XpucError
-    from xpuc.targets.opencl_check import POCL_ICD, opencl_context
+    from support.opencl_check import POCL_ICD, opencl_context
+
+    from xpuc.runtime.errors import XpucError
 
     if not os.path.exists(POCL_ICD):
         if os.environ.get("CI"):
@@ -38,7 +39,7 @@ def ctx():
 
 
 def test_prefill_kernels_on_pocl(ctx):
-    from xpuc.targets.opencl_check import check_primfunc
+    from support.opencl_check import check_primfunc
 
     target = tvm.target.Target({"kind": "opencl", "device": "adreno"}, host={"kind": "llvm"})
     host = tvm.target.Target({"kind": "llvm"})
@@ -63,7 +64,7 @@ def test_prefill_kernels_on_pocl(ctx):
 
 
 def test_fp16_rewrite():
-    from xpuc.targets.opencl_check import without_fp16_arithmetic
+    from support.opencl_check import without_fp16_arithmetic
 
     src = ("#ifdef cl_khr_fp16\n#pragma x\n#endif\n__kernel void k(__global half* restrict a, "
            "__global half* restrict b, __global float* restrict c) {\n  a[(i + 1)] = b[j[2]];\n"

@@ -8,10 +8,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from xpuc.compiler.errors import XpucError
-from xpuc.compiler.planner import Plan, fixed_bytes, parse_size, plan_neurons
-from xpuc.compiler.profiler import ProfileStats
-from xpuc.compiler.spec import ArchConfig
+from xpuc.compiler.planner import fixed_bytes, parse_size, plan_neurons
+from xpuc.runtime.errors import XpucError
+from xpuc.runtime.formats.arch import ArchConfig
+from xpuc.runtime.formats.plan import Plan
+from xpuc.runtime.formats.profile_stats import ProfileStats
 from xpuc.targets.profile import load_profile
 
 CFG = ArchConfig("mistral", 1000, 256, 512, 3, 4, 2, 64, 1e4, 1e-5, "drelu", False, False, 512)

@@ -11,6 +11,7 @@ from conftest import random_weights, spec_from, tiny_config
 from xpuc.compiler.reference import ReferenceModel
 from xpuc.compiler.relax_model import EMBED_QUANT, export_model, param_arrays
 from xpuc.compiler.sparse_quality import SparseReference
+from xpuc.runtime.formats.bundle import activation
 from xpuc.runtime.session import DecoderSession
 from xpuc.schedules.linear_quant import (
     dequantize_matrix,
@@ -21,7 +22,6 @@ from xpuc.schedules.linear_quant import (
     quantize_matrix,
     quantize_rows,
 )
-from xpuc.schedules.neuron_bundle import activation
 from xpuc.targets.profile import load_profile
 
 TARGET = load_profile("host").cpu_target()

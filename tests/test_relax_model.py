@@ -41,7 +41,7 @@ def test_decoder_matches_reference(arch, kind, tie, bias):
 
 
 def test_context_full_is_a_clear_error():
-    from xpuc.compiler.errors import XpucError
+    from xpuc.runtime.errors import XpucError
 
     cfg = tiny_config()
     sess = _session(spec_from(cfg, random_weights(cfg)), max_context=32, chunk=16)

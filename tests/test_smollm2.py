@@ -62,7 +62,7 @@ def test_quantized_build_keeps_the_gguf_blocks_and_matches_reference(smollm2_pat
     spec = load_model(smollm2_path, with_tokenizer=False)
     thresholds = [0.02 + 0.001 * i for i in range(spec.config.num_layers)]
     stats = tmp_path / "profile.json"
-    from xpuc.compiler.profiler import ProfileStats
+    from xpuc.runtime.formats.profile_stats import ProfileStats
 
     ProfileStats(config=spec.config.to_dict(), fingerprint=spec.fingerprint(), tokens=0,
                  target_sparsity=0.1, thresholds=thresholds,

@@ -5,9 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from xpuc.compiler.errors import XpucError
-from xpuc.runtime.sparse_ffn import SparseFFNKernel
-from xpuc.schedules.neuron_bundle import (
+from xpuc.runtime.errors import XpucError
+from xpuc.runtime.formats.bundle import (
     FFN_KINDS,
     WEIGHT_DTYPES,
     BundleLayout,
@@ -16,6 +15,7 @@ from xpuc.schedules.neuron_bundle import (
     quantize_q4,
     sparse_ffn_reference,
 )
+from xpuc.schedules.sparse_ffn_host import SparseFFNKernel
 
 D, F = 64, 192
 
@@ -136,8 +136,8 @@ def test_bad_bundle_and_layout():
 def test_compiled_dequantizer_equals_numpy(dtype):
     """The dense prefill's compiled dequantization against the numpy decoding of the same records."""
     from xpuc.runtime.flash_reader import aligned_empty
-    from xpuc.runtime.sparse_ffn import BundleDequantizer
-    from xpuc.schedules.neuron_bundle import BundleLayout, bundle_ffn, dequantize_bundle
+    from xpuc.runtime.formats.bundle import BundleLayout, bundle_ffn, dequantize_bundle
+    from xpuc.schedules.sparse_ffn_host import BundleDequantizer
 
     layout = BundleLayout("swiglu", 64, 96, 8, dtype)
     rng = np.random.default_rng(4)

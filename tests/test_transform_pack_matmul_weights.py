@@ -95,7 +95,7 @@ def test_scheduled_decoder_graph_with_packed_weights_matches_onnxruntime(tmp_pat
 
     from xpuc.compiler.build import compile_onnx
     from xpuc.compiler.onnx_export import causal_mask, decoder_prefill_onnx, rope_tables
-    from xpuc.compiler.spec import ArchConfig
+    from xpuc.runtime.formats.arch import ArchConfig
     from xpuc.runtime.graph import GraphRunner
 
     cfg = ArchConfig("llama", 256, 64, 128, 1, 4, 2, 16, 1e4, 1e-5, "swiglu", True, False, 256)

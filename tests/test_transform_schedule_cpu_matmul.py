@@ -138,7 +138,7 @@ def test_idempotent_and_leaves_non_matmuls_alone():
 def test_symbolic_rows_onnx_decoder_graph(tmp_path):
     """A whole imported decoder layer (symbolic sequence length) through the CPU pipeline equals numpy."""
     from xpuc.compiler.onnx_export import causal_mask, decoder_prefill_onnx, rope_tables
-    from xpuc.compiler.spec import ArchConfig
+    from xpuc.runtime.formats.arch import ArchConfig
 
     cfg = ArchConfig("llama", 256, 64, 128, 1, 4, 2, 16, 1e4, 1e-5, "swiglu", True, False, 256)
     rng = np.random.default_rng(1)

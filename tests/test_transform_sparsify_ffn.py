@@ -11,7 +11,7 @@ from tvm.script import relax as R
 from tvm.script import tirx as T
 
 from xpuc.compiler.passes.sparsify_ffn import SparsifyFFN, find_ffns
-from xpuc.schedules.neuron_bundle import BundleLayout, bundle_ffn
+from xpuc.runtime.formats.bundle import BundleLayout, bundle_ffn
 from xpuc.schedules.sparse_ffn import sparse_ffn_kernel
 
 D, F, C = 64, 128, 16  # bundle (8, 16, R, 64) float16
@@ -116,7 +116,7 @@ def test_no_ffn_no_change():
 @pytest.mark.parametrize("kind", ["reglu", "drelu", "relu", "swiglu"])
 def test_oracle_mask_equals_dense_numerically(kind):
     """Rewritten module with the true active clusters gives the dense module's output."""
-    from xpuc.runtime.sparse_ffn import SparseFFNKernel
+    from xpuc.schedules.sparse_ffn_host import SparseFFNKernel
     from xpuc.targets.profile import load_profile
 
     bb = relax.BlockBuilder()

@@ -16,7 +16,7 @@ import pytest
 
 from xpuc.compiler.cli import main as cli
 from xpuc.compiler.onnx_export import causal_mask, decoder_prefill_onnx, rope_tables
-from xpuc.compiler.spec import ArchConfig
+from xpuc.runtime.formats.arch import ArchConfig
 
 CFG = ArchConfig("llama", 256, 64, 96, 1, 4, 2, 16, 1e4, 1e-5, "swiglu", True, False, 256)
 XPUC = [sys.executable, "-m", "xpuc.compiler.cli"]
@@ -225,7 +225,7 @@ def _free_port() -> int:
 
 
 def test_tracker_that_does_not_answer_and_unknown_key(tmp_path, capsys):
-    from xpuc.schedules.rpc import start_tracker
+    from xpuc.compiler.tuning.rpc import start_tracker
 
     onnx_path = _graph(tmp_path / "dec.onnx")
     port = _free_port()
@@ -242,7 +242,7 @@ def test_tracker_that_does_not_answer_and_unknown_key(tmp_path, capsys):
 
 
 def test_tune_through_tracker_on_x86_server(tmp_path):
-    from xpuc.schedules.rpc import start_server, start_tracker
+    from xpuc.compiler.tuning.rpc import start_server, start_tracker
 
     onnx_path = _graph(tmp_path / "dec.onnx")
     with start_tracker(port=_free_port()) as tracker, \
@@ -260,7 +260,7 @@ def test_tune_through_tracker_on_x86_server(tmp_path):
 def test_tune_for_aarch64_on_an_emulated_server(tmp_path):
     """The plumbing end to end for an ARM device: cross-built candidates measured under QEMU via the tracker.
     (Timings under emulation are meaningless; the records and the database are what is checked.)"""
-    from xpuc.schedules.rpc import start_emulated_server, start_tracker
+    from xpuc.compiler.tuning.rpc import start_emulated_server, start_tracker
     from xpuc.targets.qemu import missing_host_tools
 
     if missing_host_tools():
@@ -286,7 +286,7 @@ def test_tune_for_aarch64_on_an_emulated_server(tmp_path):
 
 def test_sparse_search_is_guided_by_the_cost_model():
     """On a known cost surface the guided search reaches the optimum well before trying every configuration."""
-    from xpuc.schedules.sparse_tuning import candidate_knobs, tune_sparse
+    from xpuc.compiler.tuning.sparse_tuning import candidate_knobs, tune_sparse
 
     def cost(kind, d_model, d_ff, dtype, sparsity, k):
         return 1e-6 * ((k.cluster - 32) ** 2 / 64 + 4 * abs(k.threads - 2) + (3 if k.mode == "split" else 0)
@@ -326,8 +326,8 @@ def test_tune_sparse_measures_real_kernels_and_resumes(tmp_path, capsys):
 
     # xpuc plan takes the cluster size of the fastest record nearest the profiled sparsity
     from xpuc.compiler.frontends import load_model
-    from xpuc.compiler.profiler import ProfileStats
-    from xpuc.schedules.sparse_tuning import best_records
+    from xpuc.compiler.tuning.sparse_tuning import best_records
+    from xpuc.runtime.formats.profile_stats import ProfileStats
 
     freq = np.full((cfg.num_layers, cfg.intermediate_size), 0.1)
     fingerprint = load_model(model, with_tokenizer=False).fingerprint()

@@ -38,7 +38,7 @@ class ApplyTuningDatabase:
     target:
         The target the module is compiled for; records tuned for another target do not match.
     keep_default:
-        Structural hashes (``xpuc.schedules.tuning_db.workload_hash``) of workloads left to the default
+        Structural hashes (``xpuc.compiler.tuning.tuning_db.workload_hash``) of workloads left to the default
         schedule although the database has records for them.
     """
 
@@ -51,7 +51,7 @@ class ApplyTuningDatabase:
         self.kept_default = 0
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        from xpuc.schedules.tuning_db import workload_hash
+        from xpuc.compiler.tuning.tuning_db import workload_hash
 
         updates = {}
         self.covered = self.candidates = self.kept_default = 0

@@ -8,7 +8,7 @@ import tvm
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-from xpuc.schedules.neuron_bundle import BundleLayout
+from xpuc.runtime.formats.bundle import BundleLayout
 from xpuc.schedules.sparse_ffn import sparse_ffn_kernel
 
 

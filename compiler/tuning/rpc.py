@@ -3,7 +3,7 @@
 * :func:`start_tracker` / :func:`start_server` launch ``xpuc rpc-tracker`` / ``xpuc rpc-server`` as child
   processes in their own process group (TVM's tracker and server leave helper processes behind when
   only their parent is killed; :meth:`ManagedProcess.stop` ends the whole group).
-* :func:`start_emulated_server` runs :mod:`xpuc.schedules.rpc_serve` with the arm64 Python of
+* :func:`start_emulated_server` runs :mod:`xpuc.runtime.rpc_serve` with the arm64 Python of
   :mod:`xpuc.targets.qemu` under QEMU user mode: an aarch64 device on the local machine.
 * :func:`check_tracker` answers within a timeout whether the tracker is up and has a device for a key.
 * :func:`make_rpc_runner` is meta_schedule's ``RPCRunner`` with a timeout and an argument allocator that
@@ -22,7 +22,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from xpuc.compiler.errors import XpucError
+from xpuc.runtime.errors import XpucError
+
+#: the device-side server (imports nothing but tvm), run as a script on the host or under QEMU
+_SERVER_SCRIPT = str(Path(__file__).resolve().parents[2] / "runtime" / "rpc_serve.py")
 
 
 def parse_address(text: str, what: str = "--rpc-tracker") -> tuple[str, int]:
@@ -103,7 +106,7 @@ def _server_args(tracker: tuple[str, int], key: str, host: str, port: int) -> li
 
 def start_server(tracker: tuple[str, int], key: str, host: str = "127.0.0.1", port: int = 9400,
                  timeout: float = 30) -> ManagedProcess:
-    cmd = [sys.executable, str(Path(__file__).with_name("rpc_serve.py")), *_server_args(tracker, key, host, port)]
+    cmd = [sys.executable, _SERVER_SCRIPT, *_server_args(tracker, key, host, port)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                             start_new_session=True)
     return ManagedProcess(proc, _wait_port_line(proc, "rpc-server: serving on ", timeout, "rpc server"), "server")
@@ -115,7 +118,7 @@ def start_emulated_server(tracker: tuple[str, int], key: str, host: str = "127.0
     from xpuc.targets.qemu import DEFAULT_CPU, emulated_env, emulated_python
 
     env = emulated_env(cpu or DEFAULT_CPU)
-    cmd = [*emulated_python(), str(Path(__file__).with_name("rpc_serve.py")),
+    cmd = [*emulated_python(), _SERVER_SCRIPT,
            *_server_args(tracker, key, host, port), "--silent"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
                             start_new_session=True)

@@ -14,7 +14,8 @@ import sys
 import time
 from pathlib import Path
 
-from xpuc.compiler.errors import XpucError
+from xpuc.compiler.cli.args import NON_NEGATIVE, POSITIVE, float_in
+from xpuc.runtime.errors import XpucError
 
 
 def peak_rss_mib() -> float:
@@ -193,3 +194,25 @@ def _run_graph(args: argparse.Namespace) -> int:
     for n, o in zip(names, outs, strict=False):
         print(f"{n}: shape {list(o.shape)} {o.dtype}")
     return 0
+
+
+def add_parsers(sub) -> None:
+    p = sub.add_parser("run", help="generate text with a compiled artifact")
+    p.add_argument("artifact")
+    p.add_argument("--prompt", help="prompt text")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--system", default=None, help="system message for --chat")
+    p.add_argument("--max-tokens", type=POSITIVE, default=64)
+    p.add_argument("--temperature", type=float_in(0.0, 100.0), default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float_in(0.0, 1.0, low_open=True), default=1.0)
+    p.add_argument("--seed", type=NON_NEGATIVE, default=None)
+    p.add_argument("--max-context", type=POSITIVE, default=None,
+                   help="KV-cache capacity in tokens (default: 2048 or the model's context length if shorter)")
+    p.add_argument("--no-stream", action="store_true", help="print the text only when done")
+    p.add_argument("--json", action="store_true", help="print text, tokens and metrics as JSON")
+    p.add_argument("--mode", default="full", help="packed models: naive | llmflash | cache | full (default full)")
+    p.add_argument("--budget", default=None, help="packed models: share of the FFN kept in memory (default: plan)")
+    p.add_argument("--inputs", help="ONNX graph artifacts: .npz with one array per graph input")
+    p.add_argument("--output", help="ONNX graph artifacts: write the outputs to this .npz")
+    p.set_defaults(fn=cmd_run)
+

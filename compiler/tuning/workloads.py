@@ -25,7 +25,7 @@ from pathlib import Path
 import tvm
 from tvm import relax
 
-from xpuc.compiler.errors import XpucError
+from xpuc.runtime.errors import XpucError
 
 DEFAULT_BUCKETS = (16, 64, 256, 512)
 
@@ -64,8 +64,8 @@ def graph_from_source(source: str | os.PathLike):
     if path.suffix == ".onnx":
         return read_onnx(path), path.name
     if path.is_dir() and (path / "manifest.json").is_file():
-        from xpuc.compiler.spec import ArchConfig
         from xpuc.runtime.artifact import read_manifest
+        from xpuc.runtime.formats.arch import ArchConfig
 
         manifest = read_manifest(path)
         if manifest.kind == "graph":

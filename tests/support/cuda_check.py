@@ -3,14 +3,14 @@
 The machine with the GPU need not have TVM, so the check has two halves:
 
 * :func:`export_case` (here, with TVM): for one GPU-scheduled PrimFunc, its CUDA C source, every kernel's
-  grid and block sizes read from the thread-bound loops of the TIR (as :mod:`xpuc.targets.opencl_check`
+  grid and block sizes read from the thread-bound loops of the TIR (as :mod:`support.opencl_check`
   does for OpenCL), random inputs (a seed and their sums: the GPU side regenerates them), and the results
   of the *unscheduled* PrimFunc built for the host CPU on those inputs (the buffers it changed); written
   into a case directory (``cases.json``, one ``.cu`` and one ``.npz`` per function).
-* ``targets/cuda_run.py`` (there, numpy and CuPy only): compiles each source with NVRTC, launches the kernels
+* ``tests/support/cuda_run.py`` (there, numpy and CuPy only): compiles each source with NVRTC, launches the kernels
   in order with the recorded sizes on the inputs, and compares every buffer with the host's results.
 
-``python -m xpuc.targets.cuda_check OUT_DIR`` exports SmolLM2's prefill kernels (one layer, small vocabulary
+``cd tests && python -m support.cuda_check OUT_DIR`` exports SmolLM2's prefill kernels (one layer, small vocabulary
 so that the case directory stays small) for ``sm_90``.
 """
 
@@ -24,8 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from xpuc.targets.cuda_run import case_inputs
-from xpuc.targets.opencl_check import _bound_analyzer, _buffers_of, launches
+from support.cuda_run import case_inputs
+from support.opencl_check import _bound_analyzer, _buffers_of, launches
 
 CUDA_SIG = re.compile(r'extern\s+"C"\s+__global__\s+void\s+(?:__launch_bounds__\(\d+\)\s+)?(\w+)\s*\(([^)]*)\)',
                       re.S)
@@ -81,7 +81,7 @@ def export_prefill(out_dir: str | Path, seq: int = 16, arch: str = "sm_90") -> l
 
     from xpuc.compiler.pipeline import lower
     from xpuc.compiler.relax_model import export_model
-    from xpuc.compiler.spec import ArchConfig
+    from xpuc.runtime.formats.arch import ArchConfig
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from xpuc.compiler.errors import XpucError
+from xpuc.runtime.errors import XpucError
 
 POCL_ICD = "/etc/OpenCL/vendors/pocl.icd"
 _SIG = re.compile(r"__kernel\s+void\s+(\w+)\s*\(([^)]*)\)", re.S)

@@ -10,9 +10,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from xpuc.compiler.errors import XpucError
+from xpuc.runtime.errors import XpucError
 from xpuc.runtime.flash_reader import aligned_empty
-from xpuc.schedules.neuron_bundle import BundleLayout
+from xpuc.runtime.formats.bundle import BundleLayout
 
 
 @dataclass
@@ -152,7 +152,7 @@ class SparseFFNKernel:
 
     def active_clusters(self, x: np.ndarray) -> np.ndarray:
         """Oracle: the clusters with at least one firing neuron for ``x`` (computed densely in numpy)."""
-        from xpuc.schedules.neuron_bundle import activation, dequantize_bundle
+        from xpuc.runtime.formats.bundle import activation, dequantize_bundle
 
         w = dequantize_bundle(self.layout, self.bundle)
         g = np.einsum("ncd,d->nc", w[:, :, 0], x.astype(np.float32))

@@ -16,7 +16,7 @@ import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from xpuc.compiler.errors import XpucError
+from xpuc.runtime.errors import XpucError
 
 ARTIFACT_FORMAT = "xpuc-artifact"
 MANIFEST_SCHEMA = 3  # 2: sealed by its own digest; 3: packed models use this manifest too (kind "packed")

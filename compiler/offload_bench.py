@@ -13,7 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from xpuc.compiler.errors import XpucError
+from xpuc.runtime.errors import XpucError
 
 
 def _plot(rows: list[dict], png: Path, title: str) -> None:
@@ -42,8 +42,8 @@ def run_mode(artifact: Path, mode: str, ffn_share: float, tokens: int, prompt: l
     """Decode in one mode; the row of the report (RSS sampled during the run, psutil)."""
     import psutil
 
-    from xpuc.compiler.progress import count
     from xpuc.runtime.offload import OffloadModel
+    from xpuc.runtime.progress import count
 
     proc = psutil.Process()
     with OffloadModel(artifact, mode, ffn_share, threads=threads, io_threads=io_threads) as m:
@@ -66,7 +66,7 @@ def run_mode(artifact: Path, mode: str, ffn_share: float, tokens: int, prompt: l
 def run_bench(artifact: Path, modes: list[str], ffn_share: float | None, total_budget: int | None, tokens: int,
               output: str, plot: str | None = None, threads: int | None = None, quiet: bool = False,
               prompt: list[int] | None = None, io_threads: int = 2, repeats: int = 1) -> str:
-    from xpuc.compiler.jsonfile import write_json_atomic
+    from xpuc.runtime.formats.jsonfile import write_json_atomic
     from xpuc.runtime.packed import load_packed
 
     art = load_packed(Path(artifact))
@@ -81,7 +81,7 @@ def run_bench(artifact: Path, modes: list[str], ffn_share: float | None, total_b
     runs: dict[str, list[dict]] = {m: [] for m in modes}
     outputs = {}
     for _rep, mode in ((r, m) for r in range(repeats) for m in modes):  # interleaved rounds; one process per mode
-        cmd = [sys.executable, "-m", "xpuc.runtime.bench", str(artifact), mode, repr(ffn_share), str(tokens),
+        cmd = [sys.executable, "-m", "xpuc.compiler.offload_bench", str(artifact), mode, repr(ffn_share), str(tokens),
                ",".join(map(str, prompt)), str(threads or 0), "1" if quiet else "0", str(io_threads)]
         # the runtime needs TVM's runtime library only (the compiler library is not loaded)
         r = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env={**os.environ, "TVM_USE_RUNTIME_LIB": "1"})
@@ -129,8 +129,9 @@ def run_bench(artifact: Path, modes: list[str], ffn_share: float | None, total_b
 
 
 def _worker(argv: list[str]) -> int:
-    """``python -m xpuc.runtime.bench ART MODE SHARE TOKENS PROMPT THREADS QUIET IO_THREADS``: one mode -> JSON."""
-    from xpuc.targets.threads import configure_tvm_threads
+    """``python -m xpuc.compiler.offload_bench ART MODE SHARE TOKENS PROMPT THREADS QUIET IO_THREADS``: one mode
+    -> JSON."""
+    from xpuc.runtime.threads import configure_tvm_threads
 
     art, mode, share, tokens, prompt, threads, quiet, io_threads = argv
     configure_tvm_threads(int(threads) or None)

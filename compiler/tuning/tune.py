@@ -24,10 +24,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from xpuc.compiler.errors import XpucError
 from xpuc.compiler.pipeline import DEFAULT_CPU_SCHEDULE
-from xpuc.schedules.tuning_db import TuningDatabase, WorkloadEntry, workload_hash
-from xpuc.schedules.workloads import TuningWorkload
+from xpuc.compiler.tuning.tuning_db import TuningDatabase, WorkloadEntry, workload_hash
+from xpuc.compiler.tuning.workloads import TuningWorkload
+from xpuc.runtime.errors import XpucError
 
 
 @dataclass

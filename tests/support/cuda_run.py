@@ -1,6 +1,6 @@
-"""Run the CUDA kernels exported by ``xpuc.targets.cuda_check`` on this machine's NVIDIA GPU (numpy + CuPy).
+"""Run the CUDA kernels exported by ``support.cuda_check`` on this machine's NVIDIA GPU (numpy + CuPy).
 
-    python targets/cuda_run.py CASE_DIR [REPORT.json]
+    python tests/support/cuda_run.py CASE_DIR [REPORT.json]
 
 Each function's source is compiled with NVRTC (``cupy.RawModule``), its kernels are launched in order with the
 recorded grid and block sizes on the exported inputs, and every buffer is compared with the host CPU's

@@ -7,8 +7,8 @@ import json
 import sys
 from pathlib import Path
 
-from xpuc.compiler.cli_args import POSITIVE, SECONDS, int_in
-from xpuc.compiler.errors import XpucError
+from xpuc.compiler.cli.args import POSITIVE, SECONDS, int_in
+from xpuc.runtime.errors import XpucError
 
 PORT = int_in(1, 65535)
 
@@ -23,11 +23,11 @@ def cmd_tune(args: argparse.Namespace) -> int:
     if args.sparse:
         return _tune_sparse(args)
     from xpuc.compiler.frontend_onnx import import_onnx
-    from xpuc.compiler.progress import Steps
+    from xpuc.compiler.tuning.tune import make_builder, tune_workloads
+    from xpuc.compiler.tuning.tuning_db import TuningDatabase
+    from xpuc.compiler.tuning.workloads import extract_workloads, graph_from_source, parse_buckets
     from xpuc.compiler.zoo import resolve_model
-    from xpuc.schedules.tune import make_builder, tune_workloads
-    from xpuc.schedules.tuning_db import TuningDatabase
-    from xpuc.schedules.workloads import extract_workloads, graph_from_source, parse_buckets
+    from xpuc.runtime.progress import Steps
     from xpuc.targets.profile import load_profile
 
     buckets = parse_buckets(args.buckets)
@@ -35,7 +35,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     target = profile.cpu_target()
     runner = None
     if args.rpc_tracker:
-        from xpuc.schedules.rpc import check_tracker, make_rpc_runner, parse_address
+        from xpuc.compiler.tuning.rpc import check_tracker, make_rpc_runner, parse_address
 
         host, port = parse_address(args.rpc_tracker)
         check_tracker(host, port, args.rpc_key, timeout=args.rpc_timeout, wait_free=args.rpc_timeout)
@@ -93,9 +93,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
 def _tune_sparse(args: argparse.Namespace) -> int:
     """``xpuc tune MODEL --sparse``: the sparse FFN kernels' knobs for the model's FFN shape (measured here)."""
     from xpuc.compiler.frontends import load_model
+    from xpuc.compiler.tuning.sparse_tuning import as_dicts, best_records, tune_sparse
+    from xpuc.compiler.tuning.tuning_db import TuningDatabase
     from xpuc.compiler.zoo import resolve_model
-    from xpuc.schedules.sparse_tuning import as_dicts, best_records, tune_sparse
-    from xpuc.schedules.tuning_db import TuningDatabase
     from xpuc.targets.profile import load_profile
 
     if args.rpc_tracker:
@@ -139,7 +139,7 @@ def _host_arch() -> str:
 
 
 def _merge(args: argparse.Namespace) -> int:
-    from xpuc.schedules.tuning_db import merge_databases
+    from xpuc.compiler.tuning.tuning_db import merge_databases
 
     if not args.output:
         raise XpucError("tune merge needs -o OUT")
@@ -149,18 +149,18 @@ def _merge(args: argparse.Namespace) -> int:
 
 
 def cmd_rpc_tracker(args: argparse.Namespace) -> int:
-    from xpuc.schedules.rpc import run_tracker
+    from xpuc.compiler.tuning.rpc import run_tracker
 
     run_tracker(args.host, args.port, args.port_end)
     return 0
 
 
 def cmd_rpc_server(args: argparse.Namespace) -> int:
-    from xpuc.schedules.rpc import parse_address
+    from xpuc.compiler.tuning.rpc import parse_address
 
     tracker = parse_address(args.tracker, "--tracker") if args.tracker else None
     if args.emulate:
-        from xpuc.schedules.rpc import start_emulated_server
+        from xpuc.compiler.tuning.rpc import start_emulated_server
 
         if tracker is None:
             raise XpucError("--emulate needs --tracker HOST:PORT")
@@ -174,7 +174,7 @@ def cmd_rpc_server(args: argparse.Namespace) -> int:
         finally:
             server.stop()
         return 0
-    from xpuc.schedules.rpc_serve import serve
+    from xpuc.runtime.rpc_serve import serve
 
     try:
         serve(tracker, args.key, args.host, args.port, args.port + 100, args.custom_addr, args.silent)

@@ -6,7 +6,7 @@ A database is a directory::
     database_tuning_record.json   meta_schedule's records (one JSON line per measured candidate)
     xpuc-tuning.json              xpuc's index (schema 1): the target it was tuned for, the sources,
                                   per-workload name / bucket / trials / best latency, and the sparse
-                                  kernel knob records (see :mod:`xpuc.schedules.sparse_tuning`)
+                                  kernel knob records (see :mod:`xpuc.compiler.tuning.sparse_tuning`)
 
 The two meta_schedule files are exactly what ``ms.database.JSONDatabase`` reads and writes, so the database
 can be used by any meta_schedule tool; the index is a superset. Records are appended line by line while
@@ -22,8 +22,8 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from xpuc.compiler.errors import XpucError
 from xpuc.runtime.artifact import atomic_path
+from xpuc.runtime.errors import XpucError
 
 WORKLOADS = "database_workload.json"
 RECORDS = "database_tuning_record.json"

@@ -6,7 +6,7 @@ import json
 import os
 from pathlib import Path
 
-from xpuc.compiler.errors import XpucError
+from xpuc.runtime.errors import XpucError
 
 
 def write_json_atomic(path: str | os.PathLike, obj) -> Path:

@@ -1,0 +1,50 @@
+"""``xpuc compile``: a model or an ONNX graph into an artifact directory."""
+
+from __future__ import annotations
+
+import argparse
+
+from xpuc.runtime.errors import XpucError
+
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    from xpuc.compiler.build import compile_model, compile_onnx
+    from xpuc.compiler.zoo import resolve_model
+
+    if str(args.model).endswith(".onnx"):
+        from xpuc.compiler.tuning.workloads import parse_buckets
+
+        print(compile_onnx(args.model, args.output, device=args.device, force=args.force, quiet=args.quiet,
+                           prefill_on=args.prefill_on, debug_dump=args.debug_dump, tuning_db=args.tuning_db,
+                           buckets=parse_buckets(args.buckets) if args.buckets else None))
+        return 0
+    if args.tuning_db:
+        raise XpucError("--tuning-db applies to ONNX graphs (xpuc compile model.onnx --tuning-db DIR): a model "
+                        "artifact's kernels are hand-scheduled TIR; `xpuc tune MODEL` tunes its dense prefill graph")
+    if args.ffn_stats and not args.quantize:
+        raise XpucError("--ffn-stats sets the thresholds of the quantized decode kernels; add --quantize q4_0|q4_1")
+    out = compile_model(resolve_model(args.model), args.output, device=args.device, force=args.force,
+                        quiet=args.quiet, prefill_on=args.prefill_on, debug_dump=args.debug_dump,
+                        quantize=args.quantize, ffn_stats=args.ffn_stats)
+    print(out)
+    return 0
+
+
+def add_parsers(sub) -> None:
+    p = sub.add_parser("compile", help="compile a model into an artifact directory")
+    p.add_argument("model", help="GGUF file, Hugging Face directory, or bundled model name")
+    p.add_argument("-o", "--output", required=True, help="artifact directory to write")
+    p.add_argument("--device", default="host", help="device profile (see `xpuc targets`; default: host)")
+    p.add_argument("--force", action="store_true", help="replace an existing artifact")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.add_argument("--prefill-on", default="auto", choices=["auto", "cpu", "gpu", "npu"],
+                   help="processor for prefill (auto: the device's GPU when it has one; npu: Hexagon HVX)")
+    p.add_argument("--debug-dump", metavar="DIR", default=None, help="write the IR after each lowering phase")
+    p.add_argument("--tuning-db", metavar="DIR", default=None, help="apply tuned schedules from `xpuc tune` (ONNX)")
+    p.add_argument("--buckets", default=None, help="ONNX: sequence lengths that get a static copy of the graph "
+                   "(with --tuning-db default: the database's)")
+    p.add_argument("--quantize", default=None, choices=["q4_0", "q4_1", "q8_0"],
+                   help="store the projections as GGML blocks (embedding/LM head q8_0; default: fp16)")
+    p.add_argument("--ffn-stats", metavar="PROFILE", default=None,
+                   help="with --quantize: per-layer FFN thresholds from `xpuc profile --sparsity` (sparse decode)")
+    p.set_defaults(fn=cmd_compile)

@@ -1,0 +1,56 @@
+"""ProfileStats: per-neuron firing frequencies recorded by ``xpuc profile`` (JSON, versioned)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from xpuc.runtime.errors import XpucError
+from xpuc.runtime.formats.arch import ArchConfig
+from xpuc.runtime.formats.jsonfile import read_versioned, write_json_atomic
+
+STATS_SCHEMA = 2  # 2: ``fingerprint`` is the model's (ModelSpec.fingerprint), not only its config's
+
+
+@dataclass
+class ProfileStats:
+    """Per-layer neuron firing frequencies (``frequency[l][i]`` in [0, 1]) and thresholds."""
+
+    config: dict
+    fingerprint: str
+    tokens: int
+    target_sparsity: float | None
+    thresholds: list[float]
+    frequency: list[list[float]]
+    schema: int = STATS_SCHEMA
+    sources: list[str] = field(default_factory=list)
+
+    @property
+    def sparsity(self) -> list[float]:
+        return [1.0 - float(np.mean(f)) for f in self.frequency]
+
+    def save(self, path: str | os.PathLike) -> Path:
+        return write_json_atomic(path, dataclasses.asdict(self))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> ProfileStats:
+        d = read_versioned(path, STATS_SCHEMA, "profile")
+        try:
+            return cls(**d)
+        except TypeError:
+            raise XpucError(f"{path}: not a readable xpuc profile (unexpected fields)") from None
+
+    def check_matches(self, config: ArchConfig, where: str = "profile", fingerprint: str | None = None) -> None:
+        """The statistics describe ``config`` (and, when given, the model with ``fingerprint``)."""
+        if self.config != json.loads(json.dumps(config.to_dict())):
+            raise XpucError(f"{where} was recorded on a model with another architecture config")
+        if fingerprint is not None and self.fingerprint != fingerprint:
+            raise XpucError(f"{where} was recorded on another model (weights fingerprint {self.fingerprint} is not "
+                            f"this model's {fingerprint}); run xpuc profile on this model file")
+        if len(self.frequency) != config.ffn_units or any(len(f) != config.intermediate_size for f in self.frequency):
+            raise XpucError(f"{where}: shape does not match the model")
