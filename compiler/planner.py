@@ -31,22 +31,6 @@ from xpuc.runtime.formats.profile_stats import ProfileStats
 _BYTES = {"float32": 4.0, "float16": 2.0, "q4_0": 18 / 32, "q4_1": 20 / 32}
 
 
-def parse_size(text: str) -> int:
-    """``4GiB``, ``512MiB``, ``1.5GB``, ``123456`` -> bytes."""
-    t = str(text).strip()
-    units = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "kb": 10**3, "mb": 10**6, "gb": 10**9, "b": 1}
-    for u, m in sorted(units.items(), key=lambda kv: -len(kv[0])):
-        if t.lower().endswith(u):
-            try:
-                return int(float(t[: -len(u)]) * m)
-            except ValueError:
-                break
-    try:
-        return int(t)
-    except ValueError:
-        raise XpucError(f"cannot read the size '{text}' (examples: 4GiB, 512MiB)") from None
-
-
 def fixed_bytes(config: ArchConfig, weight_dtype: str, context: int) -> int:
     c = config
     per = _BYTES[weight_dtype]

@@ -83,7 +83,57 @@ def linear_fp16(in_features: int, out_features: int, has_bias: bool = False,
     K, N = in_features, out_features
     R, L = block_shape(K, N, lanes, rows)
     KB, NB = K // L, N // R
-    # The two variants differ only by the bias; TVMScript needs both signatures spelled out.
+    @T.macro
+    def halve(acc, half):
+        if L > half:
+            for r in T.unroll(R):
+                for l in T.vectorized(half):
+                    acc[r, l] = acc[r, l] + acc[r, l + half]
+
+    @T.macro
+    def rows_times_x(x, w, b, y, n, ib):
+        """Rows ``ib*R .. ib*R+R`` of ``y`` for every token (plus the bias ``b`` unless it is None)."""
+        acc = T.alloc_buffer((R, L), "float32", scope="global")
+        if n == T.int64(1):
+            for r in T.unroll(R):
+                for l in T.vectorized(L):
+                    acc[r, l] = T.float32(0)
+            for kb in range(KB):
+                for r in T.unroll(R):
+                    for l in T.vectorized(L):
+                        acc[r, l] = acc[r, l] + x[0, 0, kb * L + l] * T.Cast("float32", w[ib, kb, r, l])
+            halve(acc, 8)  # L lanes halved down to one
+            halve(acc, 4)
+            halve(acc, 2)
+            halve(acc, 1)
+            for r in T.unroll(R):
+                if b is not None:
+                    y[0, 0, ib * R + r] = T.Cast("float32", b[ib * R + r]) + acc[r, 0]
+                else:
+                    y[0, 0, ib * R + r] = acc[r, 0]
+        else:
+            wblk = T.alloc_buffer((R, K), "float32", scope="global")
+            for kb in range(KB):
+                for r in range(R):
+                    for l in T.vectorized(L):
+                        wblk[r, kb * L + l] = T.Cast("float32", w[ib, kb, r, l])
+            for t in range(n):
+                for r in T.unroll(R):
+                    for l in T.vectorized(L):
+                        acc[r, l] = T.float32(0)
+                for kb in range(KB):
+                    for r in T.unroll(R):
+                        for l in T.vectorized(L):
+                            acc[r, l] = acc[r, l] + x[0, t, kb * L + l] * wblk[r, kb * L + l]
+                for r in T.unroll(R):
+                    if b is not None:
+                        y[0, t, ib * R + r] = T.Cast("float32", b[ib * R + r])
+                    else:
+                        y[0, t, ib * R + r] = T.float32(0)
+                    for l in range(L):
+                        y[0, t, ib * R + r] = y[0, t, ib * R + r] + acc[r, l]
+
+    # the two variants differ only by the bias: TVMScript needs both signatures spelled out
     if has_bias:
 
         @T.prim_func(private=True, s_tir=True)
@@ -95,51 +145,7 @@ def linear_fp16(in_features: int, out_features: int, has_bias: bool = False,
             y = T.match_buffer(var_y, (1, n, N), "float32")
             with T.sblock("root"):
                 for ib in T.parallel(NB):
-                    acc = T.alloc_buffer((R, L), "float32", scope="global")
-                    if n == T.int64(1):
-                        for r in T.unroll(R):
-                            for l in T.vectorized(L):
-                                acc[r, l] = T.float32(0)
-                        for kb in range(KB):
-                            for r in T.unroll(R):
-                                for l in T.vectorized(L):
-                                    acc[r, l] = acc[r, l] + x[0, 0, kb * L + l] * T.Cast("float32", w[ib, kb, r, l])
-                        if L > 8:
-                            for r in T.unroll(R):
-                                for l in T.vectorized(8):
-                                    acc[r, l] = acc[r, l] + acc[r, l + 8]
-                        if L > 4:
-                            for r in T.unroll(R):
-                                for l in T.vectorized(4):
-                                    acc[r, l] = acc[r, l] + acc[r, l + 4]
-                        if L > 2:
-                            for r in T.unroll(R):
-                                for l in T.vectorized(2):
-                                    acc[r, l] = acc[r, l] + acc[r, l + 2]
-                        if L > 1:
-                            for r in T.unroll(R):
-                                for l in T.vectorized(1):
-                                    acc[r, l] = acc[r, l] + acc[r, l + 1]
-                        for r in T.unroll(R):
-                            y[0, 0, ib * R + r] = T.Cast("float32", b[ib * R + r]) + acc[r, 0]
-                    else:
-                        wblk = T.alloc_buffer((R, K), "float32", scope="global")
-                        for kb in range(KB):
-                            for r in range(R):
-                                for l in T.vectorized(L):
-                                    wblk[r, kb * L + l] = T.Cast("float32", w[ib, kb, r, l])
-                        for t in range(n):
-                            for r in T.unroll(R):
-                                for l in T.vectorized(L):
-                                    acc[r, l] = T.float32(0)
-                            for kb in range(KB):
-                                for r in T.unroll(R):
-                                    for l in T.vectorized(L):
-                                        acc[r, l] = acc[r, l] + x[0, t, kb * L + l] * wblk[r, kb * L + l]
-                            for r in T.unroll(R):
-                                y[0, t, ib * R + r] = T.Cast("float32", b[ib * R + r])
-                                for l in range(L):
-                                    y[0, t, ib * R + r] = y[0, t, ib * R + r] + acc[r, l]
+                    rows_times_x(x, w, b, y, n, ib)
 
         return linear_bias
 
@@ -151,51 +157,7 @@ def linear_fp16(in_features: int, out_features: int, has_bias: bool = False,
         y = T.match_buffer(var_y, (1, n, N), "float32")
         with T.sblock("root"):
             for ib in T.parallel(NB):
-                acc = T.alloc_buffer((R, L), "float32", scope="global")
-                if n == T.int64(1):
-                    for r in T.unroll(R):
-                        for l in T.vectorized(L):
-                            acc[r, l] = T.float32(0)
-                    for kb in range(KB):
-                        for r in T.unroll(R):
-                            for l in T.vectorized(L):
-                                acc[r, l] = acc[r, l] + x[0, 0, kb * L + l] * T.Cast("float32", w[ib, kb, r, l])
-                    if L > 8:
-                        for r in T.unroll(R):
-                            for l in T.vectorized(8):
-                                acc[r, l] = acc[r, l] + acc[r, l + 8]
-                    if L > 4:
-                        for r in T.unroll(R):
-                            for l in T.vectorized(4):
-                                acc[r, l] = acc[r, l] + acc[r, l + 4]
-                    if L > 2:
-                        for r in T.unroll(R):
-                            for l in T.vectorized(2):
-                                acc[r, l] = acc[r, l] + acc[r, l + 2]
-                    if L > 1:
-                        for r in T.unroll(R):
-                            for l in T.vectorized(1):
-                                acc[r, l] = acc[r, l] + acc[r, l + 1]
-                    for r in T.unroll(R):
-                        y[0, 0, ib * R + r] = acc[r, 0]
-                else:
-                    wblk = T.alloc_buffer((R, K), "float32", scope="global")
-                    for kb in range(KB):
-                        for r in range(R):
-                            for l in T.vectorized(L):
-                                wblk[r, kb * L + l] = T.Cast("float32", w[ib, kb, r, l])
-                    for t in range(n):
-                        for r in T.unroll(R):
-                            for l in T.vectorized(L):
-                                acc[r, l] = T.float32(0)
-                        for kb in range(KB):
-                            for r in T.unroll(R):
-                                for l in T.vectorized(L):
-                                    acc[r, l] = acc[r, l] + x[0, t, kb * L + l] * wblk[r, kb * L + l]
-                        for r in T.unroll(R):
-                            y[0, t, ib * R + r] = T.float32(0)
-                            for l in range(L):
-                                y[0, t, ib * R + r] = y[0, t, ib * R + r] + acc[r, l]
+                rows_times_x(x, w, None, y, n, ib)
 
     return linear
 

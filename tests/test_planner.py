@@ -8,7 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from xpuc.compiler.planner import fixed_bytes, parse_size, plan_neurons
+from xpuc.compiler.planner import fixed_bytes, plan_neurons
+from xpuc.runtime.budget import parse_size
 from xpuc.runtime.errors import XpucError
 from xpuc.runtime.formats.arch import ArchConfig
 from xpuc.runtime.formats.plan import Plan

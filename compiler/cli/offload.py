@@ -9,7 +9,8 @@ import sys
 from pathlib import Path
 
 from xpuc.compiler.cli.args import POSITIVE, float_in, int_at_least
-from xpuc.compiler.cli.run import parse_budget, parse_modes
+from xpuc.compiler.cli.run import parse_modes
+from xpuc.runtime.budget import parse_budget, parse_size
 from xpuc.runtime.errors import XpucError
 
 
@@ -71,7 +72,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     import numpy as np
 
     from xpuc.compiler.frontends import load_model
-    from xpuc.compiler.planner import parse_size, plan_neurons
+    from xpuc.compiler.planner import plan_neurons
     from xpuc.compiler.zoo import resolve_model
     from xpuc.runtime.artifact import check_output_file
     from xpuc.runtime.formats.profile_stats import ProfileStats

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from xpuc.compiler.cli.args import NON_NEGATIVE, POSITIVE, float_in
+from xpuc.runtime.budget import parse_budget
 from xpuc.runtime.errors import XpucError
 
 
@@ -30,22 +31,6 @@ def parse_modes(text: str) -> list[str]:
     if bad or not modes:
         raise XpucError(f"unknown mode(s) {', '.join(bad) or '(none)'} (known: {', '.join(MODES)})")
     return modes
-
-
-def parse_budget(text: str) -> tuple[float | None, int | None]:
-    """``50%`` -> share of the FFN kept in memory; ``2GiB`` -> total memory budget in bytes."""
-    from xpuc.compiler.planner import parse_size
-
-    t = text.strip()
-    if t.endswith("%"):
-        try:
-            v = float(t[:-1]) / 100
-        except ValueError:
-            raise XpucError(f"cannot read the budget '{text}' (examples: 50%, 2GiB)") from None
-        if not 0 < v <= 1:
-            raise XpucError("--budget in percent must be in (0, 100]")
-        return v, None
-    return None, parse_size(t)
 
 
 def max_context(args: argparse.Namespace, model_context: int) -> int:

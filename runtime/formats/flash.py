@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import dataclasses
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
-from xpuc.runtime.errors import XpucError
 from xpuc.runtime.formats.bundle import BundleLayout
-from xpuc.runtime.formats.jsonfile import read_versioned, write_json_atomic
+from xpuc.runtime.formats.jsonfile import JsonRecord
 
 FLASH_SCHEMA = 1
 ALIGN = 4096
@@ -25,7 +21,11 @@ class LayerRegion:
 
 
 @dataclass
-class FlashLayout:
+class FlashLayout(JsonRecord):
+    """The FFN flash file's layout: record format, cluster size and each unit's region and neuron order."""
+
+    SCHEMA, WHAT = FLASH_SCHEMA, "flash layout"
+
     kind: str
     d_model: int
     d_ff: int
@@ -61,14 +61,7 @@ class FlashLayout:
         pos[np.asarray(self.layers[layer].order)] = np.arange(self.d_ff, dtype=np.int32)
         return pos // self.cluster
 
-    def save(self, path: str | os.PathLike) -> Path:
-        return write_json_atomic(path, dataclasses.asdict(self))
-
     @classmethod
-    def load(cls, path: str | os.PathLike) -> FlashLayout:
-        d = read_versioned(path, FLASH_SCHEMA, "flash layout")
-        try:
-            d["layers"] = [LayerRegion(**r) for r in d["layers"]]
-            return cls(**d)
-        except TypeError:
-            raise XpucError(f"{path}: not a readable xpuc flash layout (unexpected fields)") from None
+    def _from_json(cls, d: dict) -> FlashLayout:
+        d["layers"] = [LayerRegion(**r) for r in d["layers"]]
+        return cls(**d)

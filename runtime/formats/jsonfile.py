@@ -28,3 +28,31 @@ def read_versioned(path: str | os.PathLike, schema: int, what: str) -> dict:
         got = d.get("schema") if isinstance(d, dict) else None
         raise XpucError(f"{path}: {what} schema {got} is not {schema}")
     return d
+
+
+class JsonRecord:
+    """``save`` / ``load`` of a versioned data class stored as one JSON object.
+
+    A subclass (a dataclass with a ``schema`` field) sets ``SCHEMA`` (the version it reads) and ``WHAT`` (its name
+    in errors), and overrides ``_from_json`` when nested records need building.
+    """
+
+    SCHEMA = 0
+    WHAT = "record"
+
+    def save(self, path: str | os.PathLike) -> Path:
+        import dataclasses
+
+        return write_json_atomic(path, dataclasses.asdict(self))
+
+    @classmethod
+    def _from_json(cls, d: dict):
+        return cls(**d)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike):
+        d = read_versioned(path, cls.SCHEMA, cls.WHAT)
+        try:
+            return cls._from_json(d)
+        except (TypeError, KeyError, AttributeError):
+            raise XpucError(f"{path}: not a readable xpuc {cls.WHAT} (unexpected fields)") from None

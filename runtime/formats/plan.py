@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-import dataclasses
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from xpuc.runtime.errors import XpucError
-from xpuc.runtime.formats.jsonfile import read_versioned, write_json_atomic
+from xpuc.runtime.formats.jsonfile import JsonRecord
 
 PLAN_SCHEMA = 2  # 2: records the model's weights fingerprint
 
 
 @dataclass
-class Plan:
+class Plan(JsonRecord):
+    """The offline planner's decisions (``Plan.explain()`` says each one and why)."""
+
+    SCHEMA, WHAT = PLAN_SCHEMA, "plan"
+
     device: str
     budget_bytes: int
     weight_dtype: str
@@ -44,16 +44,6 @@ class Plan:
     def total_bytes(self) -> int:
         return self.fixed_bytes + self.hot_bytes + self.cold_cache_bytes
 
-    def save(self, path: str | os.PathLike) -> Path:
-        return write_json_atomic(path, dataclasses.asdict(self))
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> Plan:
-        d = read_versioned(path, PLAN_SCHEMA, "plan")
-        try:
-            return cls(**d)
-        except TypeError:
-            raise XpucError(f"{path}: not a readable xpuc plan (unexpected fields)") from None
 
     def explain(self) -> str:
         mib = 2**20

@@ -2,24 +2,23 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
 from xpuc.runtime.errors import XpucError
 from xpuc.runtime.formats.arch import ArchConfig
-from xpuc.runtime.formats.jsonfile import read_versioned, write_json_atomic
+from xpuc.runtime.formats.jsonfile import JsonRecord
 
 STATS_SCHEMA = 2  # 2: ``fingerprint`` is the model's (ModelSpec.fingerprint), not only its config's
 
 
 @dataclass
-class ProfileStats:
+class ProfileStats(JsonRecord):
     """Per-layer neuron firing frequencies (``frequency[l][i]`` in [0, 1]) and thresholds."""
+
+    SCHEMA, WHAT = STATS_SCHEMA, "profile"
 
     config: dict
     fingerprint: str
@@ -34,16 +33,6 @@ class ProfileStats:
     def sparsity(self) -> list[float]:
         return [1.0 - float(np.mean(f)) for f in self.frequency]
 
-    def save(self, path: str | os.PathLike) -> Path:
-        return write_json_atomic(path, dataclasses.asdict(self))
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> ProfileStats:
-        d = read_versioned(path, STATS_SCHEMA, "profile")
-        try:
-            return cls(**d)
-        except TypeError:
-            raise XpucError(f"{path}: not a readable xpuc profile (unexpected fields)") from None
 
     def check_matches(self, config: ArchConfig, where: str = "profile", fingerprint: str | None = None) -> None:
         """The statistics describe ``config`` (and, when given, the model with ``fingerprint``)."""
