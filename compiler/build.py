@@ -229,7 +229,8 @@ def compile_onnx(model: str | os.PathLike, output: str | os.PathLike, device: st
     the database must cover at least one kernel.
     """
     from xpuc.compiler.frontend_onnx import import_onnx, read_onnx
-    from xpuc.compiler.pipeline import build
+    from xpuc.compiler.passes.apply_tuning_database import tuning_report
+    from xpuc.compiler.pipeline import compile_lowered, lower
     from xpuc.runtime.artifact import sha256_file
 
     output = Path(output)
@@ -261,22 +262,24 @@ def compile_onnx(model: str | os.PathLike, output: str | os.PathLike, device: st
         tuning, buckets, tuned_info = _open_tuning(tuning_db, target, buckets)
     with staged_directory(output, force) as tmp:
         steps.start(f"compiling for {target.kind.name} ({'hexagon' if hexagon else profile.mtriple})")
-        ex = build(mod, target, Path(debug_dump) if debug_dump else None, "graph", buckets or (), tuning)
-        if tuning is not None:
-            if tuning.covered == 0 and tuning.kept_default == 0:
-                raise XpucError(f"tuning database {tuning_db} covers none of the {tuning.candidates} tunable kernels "
+        lowered = lower(mod, target, Path(debug_dump) if debug_dump else None, "graph", buckets or (), tuning)
+        report = tuning_report(lowered)
+        if report is not None:
+            if report["from_database"] == 0 and report["kept_default"] == 0:
+                raise XpucError(f"tuning database {tuning_db} covers none of the {report['tunable']} tunable kernels "
                                 "of this graph (tuned for another model, or other --buckets)")
-            tuned_info.update(tuned_kernels=tuning.covered, tunable_kernels=tuning.candidates,
-                              kept_default_schedule=tuning.kept_default)
+            tuned_info.update(tuned_kernels=report["from_database"], tunable_kernels=report["tunable"],
+                              kept_default_schedule=report["kept_default"])
+        ex = compile_lowered(lowered, target)
         ex.export_library(str(tmp / GRAPH_LIB_FILE), fcompile=fcompile)
         kernels = sorted(gv.name_hint for gv, f in mod.functions.items() if type(f).__name__ == "PrimFunc")
         if hexagon:
             kernels, info = _kernels_of(ex, target, mod)
             tuned_info.update(info)
         linker = "clang+lld (hexagon)" if hexagon else toolchain.name
-        steps.done(linker + (f"; {tuning.covered} of {tuning.candidates} kernels from the tuning database"
-                             + (f", {tuning.kept_default} kept the default schedule (measured faster)"
-                                if tuning.kept_default else "") if tuning is not None else ""))
+        steps.done(linker + (f"; {report['from_database']} of {report['tunable']} kernels from the tuning database"
+                             + (f", {report['kept_default']} kept the default schedule (measured faster)"
+                                if report["kept_default"] else "") if report is not None else ""))
         steps.start("writing manifest")
         src = Path(model)
         manifest = Manifest(

@@ -117,8 +117,12 @@ def lower(mod: tvm.IRModule, target: tvm.target.Target, debug_dump: Path | None 
 
 def build(mod: tvm.IRModule, target: tvm.target.Target, debug_dump: Path | None = None, tag: str = "module",
           buckets: tuple[int, ...] = (), tuning=None):
-    """``lower`` then ``tvm.compile`` (Hexagon: ``build_relax_hexagon``); returns the executable."""
-    mod = lower(mod, target, debug_dump, tag, buckets, tuning)
+    """``lower`` then :func:`compile_lowered`; returns the executable."""
+    return compile_lowered(lower(mod, target, debug_dump, tag, buckets, tuning), target)
+
+
+def compile_lowered(mod: tvm.IRModule, target: tvm.target.Target):
+    """``tvm.compile`` of a module that went through :func:`lower` (Hexagon: ``build_relax_hexagon``)."""
     if target.kind.name == "hexagon":
         from xpuc.targets.hexagon import build_relax_hexagon
 

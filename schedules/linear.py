@@ -139,7 +139,7 @@ def linear_fp16(in_features: int, out_features: int, has_bias: bool = False,
         @T.prim_func(private=True, s_tir=True)
         def linear_bias(var_x: T.handle, w: T.Buffer((NB, KB, R, L), "float16"),
                         b: T.Buffer((N,), "float16"), var_y: T.handle):
-            T.func_attr({"tir.noalias": True})
+            T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True})
             n = T.int64()
             x = T.match_buffer(var_x, (1, n, K), "float32")
             y = T.match_buffer(var_y, (1, n, N), "float32")
@@ -151,7 +151,7 @@ def linear_fp16(in_features: int, out_features: int, has_bias: bool = False,
 
     @T.prim_func(private=True, s_tir=True)
     def linear(var_x: T.handle, w: T.Buffer((NB, KB, R, L), "float16"), var_y: T.handle):
-        T.func_attr({"tir.noalias": True})
+        T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True})
         n = T.int64()
         x = T.match_buffer(var_x, (1, n, K), "float32")
         y = T.match_buffer(var_y, (1, n, N), "float32")

@@ -202,7 +202,7 @@ def linear_quant(in_features: int, out_features: int, fmt: str) -> tirx.PrimFunc
 
     @T.prim_func(private=True, s_tir=True)
     def linear(var_x: T.handle, w: T.Buffer(WSHAPE, "uint8"), var_y: T.handle):
-        T.func_attr({"tir.noalias": True})
+        T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True})
         n = T.int64()
         x = T.match_buffer(var_x, (1, n, K), "float32")
         y = T.match_buffer(var_y, (1, n, N), "float32")
@@ -295,7 +295,7 @@ def gate_up_act_quant(d: int, d_ff: int, fmt: str, kind: str) -> tirx.PrimFunc:
     @T.prim_func(private=True, s_tir=True)
     def gate_up_act(x: T.Buffer((1, 1, d), "float32"), w: T.Buffer(WSHAPE, "uint8"),
                     thr: T.Buffer((1,), "float32"), h: T.Buffer((1, 1, d_ff), "float32")):
-        T.func_attr({"tir.noalias": True})
+        T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True})
         with T.sblock("root"):
             for grp in T.parallel(d_ff // G):
                 acc = T.alloc_buffer((G, LANES), "float32", scope="global")

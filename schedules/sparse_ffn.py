@@ -246,7 +246,7 @@ def sparse_ffn_kernel(layout: BundleLayout, mode: str = "fused", threads: int = 
         @T.prim_func(private=True, s_tir=True)
         def dense(x: T.Buffer((D,), "float32"), thr: T.Buffer((1,), "float32"), w: T.Buffer(WSHAPE, WDT),
                   y: T.Buffer((D,), "float32")):
-            T.func_attr({"tir.noalias": True})
+            T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True})
             with T.sblock("root"):
                 part = T.alloc_buffer((P, D), "float32", scope="global")
                 for p in T.parallel(P):
@@ -266,7 +266,7 @@ def sparse_ffn_kernel(layout: BundleLayout, mode: str = "fused", threads: int = 
         @T.prim_func(private=True, s_tir=True)
         def fused(x: T.Buffer((D,), "float32"), var_idx: T.handle, thr: T.Buffer((1,), "float32"),
                   w: T.Buffer(WSHAPE, WDT), y: T.Buffer((D,), "float32")):
-            T.func_attr({"tir.noalias": True})
+            T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True})
             k = T.int32()
             idx = T.match_buffer(var_idx, (k,), "int32")
             with T.sblock("root"):
@@ -293,7 +293,7 @@ def sparse_ffn_kernel(layout: BundleLayout, mode: str = "fused", threads: int = 
 
         @T.prim_func(private=True, s_tir=True)
         def gate(x: T.Buffer((D,), "float32"), var_idx: T.handle, w: T.Buffer(WSHAPE, WDT), var_g: T.handle):
-            T.func_attr({"tir.noalias": True})
+            T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True})
             k = T.int32()
             idx = T.match_buffer(var_idx, (k,), "int32")
             g = T.match_buffer(var_g, (k, C), "float32")
@@ -311,7 +311,7 @@ def sparse_ffn_kernel(layout: BundleLayout, mode: str = "fused", threads: int = 
     @T.prim_func(private=True, s_tir=True)
     def updown(x: T.Buffer((D,), "float32"), var_idx: T.handle, var_g: T.handle, thr: T.Buffer((1,), "float32"),
                w: T.Buffer(WSHAPE, WDT), y: T.Buffer((D,), "float32")):
-        T.func_attr({"tir.noalias": True})
+        T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True})
         k = T.int32()
         idx = T.match_buffer(var_idx, (k,), "int32")
         g = T.match_buffer(var_g, (k, C), "float32")
@@ -357,7 +357,7 @@ def dequantize_kernel(layout: BundleLayout, threads: int = 2, symbolic: bool = F
 
     @T.prim_func(private=True, s_tir=True)
     def dequant(w: T.Buffer(WSHAPE, WDT), out: T.Buffer((NCL, C, R, D), "float32")):
-        T.func_attr({"tir.noalias": True})
+        T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True})
         for c in T.parallel(NCL):
             for i, r, b in T.grid(C, R, NB):
                 for half in T.unroll(2):

@@ -42,7 +42,7 @@ class Expected:
                          w: T.Buffer((T.int64(64), T.int64(32)), "float32"),
                          r: T.Buffer((T.int64(1), T.int64(16), T.int64(32)), "float32"),
                          out: T.Buffer((T.int64(1), T.int64(16), T.int64(32)), "float32")):
-        T.func_attr({"tirx.noalias": True, "xpuc.scheduled": True})
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
         # with T.sblock("root"):
         mm = T.sblock_alloc_buffer((T.int64(1), T.int64(16), T.int64(32)))
         mm_local = T.sblock_alloc_buffer((T.int64(1), T.int64(16), T.int64(32)), scope="local")
@@ -151,7 +151,7 @@ def test_symbolic_rows_onnx_decoder_graph(tmp_path):
     runner = GraphRunner(compile_onnx(path, tmp_path / "art", quiet=True, debug_dump=tmp_path / "ir"))
     dumped = sorted(p.name for p in (tmp_path / "ir" / "graph").iterdir())
     assert "07_schedule.py" in dumped
-    assert "xpuc.scheduled" in (tmp_path / "ir" / "graph" / "07_schedule.py").read_text()
+    assert "tirx.is_scheduled" in (tmp_path / "ir" / "graph" / "07_schedule.py").read_text()
     import onnxruntime as ort
 
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])

@@ -38,7 +38,7 @@ class Expected:
     @T.prim_func(private=True, s_tir=True)
     def rms_norm(x: T.Buffer((T.int64(1), T.int64(4), T.int64(32)), "float32"),
                  out: T.Buffer((T.int64(1), T.int64(4), T.int64(32)), "float32")):
-        T.func_attr({"tirx.noalias": True, "xpuc.scheduled": True})
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
         # with T.sblock("root"):
         sq = T.sblock_alloc_buffer((T.int64(1), T.int64(4)))
         for i0 in range(T.int64(1)):

@@ -6,7 +6,7 @@ import tvm
 from tvm.s_tir import dlight as dl
 
 
-@tvm.transform.module_pass(opt_level=0, name="ApplyGPUSchedules")
+@tvm.transform.module_pass(opt_level=0, name="xpuc.ApplyGPUSchedules")
 class ApplyGPUSchedules:
     """Apply dlight's GPU rules (Matmul, GEMV, Reduction, GeneralReduction, Fallback) under ``target``.
 

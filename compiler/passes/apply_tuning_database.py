@@ -1,16 +1,17 @@
 """ApplyTuningDatabase: replace kernels by their best tuned schedule from a tuning database.
 
-For every PrimFunc that is not scheduled yet (no ``xpuc.scheduled`` / ``tir.is_scheduled`` mark), the
+For every PrimFunc that is not scheduled yet (no ``tirx.is_scheduled`` mark), the
 function is looked up in a meta_schedule database under the workload name ``main`` — the normal form in
 which ``xpuc tune`` extracted it — and, when a record exists for the target, the record's trace is
 replayed on it (``Database.query_schedule``). The result keeps the function's own attributes (its
-global symbol, op pattern) and is marked ``xpuc.scheduled`` and ``tir.is_scheduled`` so that later
+global symbol, op pattern) and is marked ``tirx.is_scheduled`` so that later
 schedule phases leave it alone. Kernels without a record are left for the default schedule phase, and so
 are the kernels listed in ``keep_default`` (workload hashes whose default schedule measured faster than
 every record when they were tuned): a database never makes a kernel slower than xpuc's own schedule.
 
-The pass counts what it did in ``covered`` / ``candidates`` / ``kept_default`` (read after running it; the
-CLI reports them).
+The pass says what it did in the module it returns: the module attribute ``xpuc.tuning`` (:data:`REPORT`) holds
+``tunable`` (kernels it could look up), ``from_database`` (replaced by a record) and ``kept_default``; the CLI
+reports them from the lowered module.
 """
 
 from __future__ import annotations
@@ -18,7 +19,17 @@ from __future__ import annotations
 import tvm
 from tvm import tirx
 
-SCHEDULED = ("xpuc.scheduled", "tir.is_scheduled")
+from xpuc.compiler.passes import IS_SCHEDULED
+
+REPORT = "xpuc.tuning"  # module attribute: what the pass did
+
+
+
+def workload_hash(mod: tvm.IRModule) -> str:
+    """The key of a tuning workload: the structural hash of its normal form (one PrimFunc named ``main``)."""
+    from tvm_ffi import structural_hash
+
+    return f"{structural_hash(mod) & (2**64 - 1):016x}"
 
 
 def has_symbolic_shape(func: tirx.PrimFunc) -> bool:
@@ -38,7 +49,7 @@ class ApplyTuningDatabase:
     target:
         The target the module is compiled for; records tuned for another target do not match.
     keep_default:
-        Structural hashes (``xpuc.compiler.tuning.tuning_db.workload_hash``) of workloads left to the default
+        Structural hashes (:func:`workload_hash`) of workloads left to the default
         schedule although the database has records for them.
     """
 
@@ -46,25 +57,20 @@ class ApplyTuningDatabase:
         self.database = database
         self.target = target
         self.keep_default = frozenset(keep_default)
-        self.covered = 0
-        self.candidates = 0
-        self.kept_default = 0
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        from xpuc.compiler.tuning.tuning_db import workload_hash
-
         updates = {}
-        self.covered = self.candidates = self.kept_default = 0
+        tunable = kept = 0
         for gv, func in mod.functions.items():
             if not isinstance(func, tirx.PrimFunc):
                 continue
             attrs = func.attrs or {}
-            if any(k in attrs for k in SCHEDULED) or has_symbolic_shape(func):
+            if IS_SCHEDULED in attrs or has_symbolic_shape(func):
                 continue
-            self.candidates += 1
+            tunable += 1
             normal = tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
             if self.keep_default and workload_hash(normal) in self.keep_default:
-                self.kept_default += 1
+                kept += 1
                 continue
             sch = self.database.query_schedule(normal, self.target, "main")
             if sch is None:
@@ -74,11 +80,16 @@ class ApplyTuningDatabase:
                 new = new.without_attr("global_symbol")
             for k, v in dict(attrs.items()).items():
                 new = new.with_attr(k, v)
-            updates[gv] = new.with_attr("xpuc.scheduled", True).with_attr("tir.is_scheduled", True)
-        if not updates:
-            return mod
+            updates[gv] = new.with_attr(IS_SCHEDULED, True)
         mod = mod.clone()  # the caller's module stays as it was
         for gv, func in updates.items():
             mod[gv] = func
-        self.covered = len(updates)
-        return mod
+        return mod.with_attr(REPORT, {"tunable": tunable, "from_database": len(updates), "kept_default": kept})
+
+
+def tuning_report(mod: tvm.IRModule) -> dict[str, int] | None:
+    """What :class:`ApplyTuningDatabase` did to ``mod`` (or a module lowered from it); None if it did not run."""
+    attrs = mod.attrs or {}
+    if REPORT not in attrs:
+        return None
+    return {k: int(v) for k, v in attrs[REPORT].items()}

@@ -83,19 +83,17 @@ class PackMatmulWeights:
     panel:
         Columns per panel: the CPU matmul schedule's tile width (``4 * lanes``: 64 with AVX-512, 16 NEON).
 
-    The number of matmuls rewritten by the last run is in ``packed``.
+    What it did is in the module it returns: one ``matmul_packed*`` PrimFunc per rewritten matmul.
     """
 
     def __init__(self, panel: int = 64) -> None:
         self.panel = panel
-        self.packed = 0
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         packer = _Packer(mod, self.panel)
         for gv, func in mod.functions.items():
             if isinstance(func, relax.Function):
                 packer.builder_.update_func(gv, packer.visit_expr(func))
-        self.packed = packer.packed
-        if not self.packed:
+        if not packer.packed:
             return mod
         return relax.transform.DeadCodeElimination()(packer.builder_.get())

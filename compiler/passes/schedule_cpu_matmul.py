@@ -20,7 +20,7 @@ this pass applies:
   the tile loop and vectorized, so they run on the tile while it is in cache; the padded input copies and
   any block that cannot move get a parallel row loop of their own (``parallel_rows``).
 
-Functions that are already scheduled (hand-written TIR with parallel loops, or marked ``xpuc.scheduled``)
+Functions that are already scheduled (marked ``tirx.is_scheduled``, as hand-written kernels are)
 and matmuls that do not fit the pattern are left as they are.
 """
 

@@ -12,7 +12,7 @@ a third of the prefill time. For every unscheduled PrimFunc without a ``matmul``
 * runs the row loop in parallel and vectorizes each block's innermost loop where it is spatial, static and a
   multiple of the SIMD width (split into vectors of ``lanes``).
 
-Kernels already scheduled (parallel loops, ``xpuc.scheduled``) are left as they are.
+Kernels already scheduled (marked ``tirx.is_scheduled``, as hand-written kernels are) are left as they are.
 """
 
 from __future__ import annotations
@@ -21,7 +21,9 @@ import tvm
 from tvm import tirx
 from tvm.s_tir import Schedule
 
-ATTR = "xpuc.scheduled"
+from xpuc.compiler.passes import IS_SCHEDULED
+
+ATTR = IS_SCHEDULED
 
 
 def static_extent(extent) -> int | None:
@@ -128,17 +130,13 @@ def schedule_rows(func: tirx.PrimFunc, lanes: int = 16) -> tirx.PrimFunc | None:
     return sch.mod["main"].with_attr(ATTR, True)
 
 
-def has_parallel(func: tirx.PrimFunc) -> bool:
-    """Already scheduled by hand? (TVM 0.27's Python API has no TIR visitor; the printed form tells.)"""
-    return "T.parallel(" in func.script()
-
-
 def schedule_unscheduled(mod: tvm.IRModule, schedule) -> tvm.IRModule:
     """``mod`` with ``schedule(func)`` (a PrimFunc or None) applied to every PrimFunc not scheduled yet
-    (no ``xpuc.scheduled`` mark, no parallel loop); the input module is left as it was."""
+    (no ``tirx.is_scheduled`` mark: hand-written kernels and scheduled ones carry it); the input module is left as
+    it was."""
     updates = {}
     for gv, func in mod.functions.items():
-        if not isinstance(func, tirx.PrimFunc) or (func.attrs and ATTR in func.attrs) or has_parallel(func):
+        if not isinstance(func, tirx.PrimFunc) or (func.attrs and ATTR in func.attrs):
             continue
         new = schedule(func)
         if new is not None:

@@ -121,7 +121,7 @@ class _Rewriter(PyExprMutator):
         self.set_var_remap(binding.var, self.builder_.emit(make(self), name_hint=binding.var.name))
 
 
-@tvm.transform.module_pass(opt_level=0, name="SparsifyFFN")
+@tvm.transform.module_pass(opt_level=0, name="xpuc.SparsifyFFN")
 class SparsifyFFN:
     """Replace each dense FFN of ``func_name`` by a call of the fused sparse neuron-cluster kernel.
 

@@ -24,8 +24,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from xpuc.compiler.passes.apply_tuning_database import workload_hash
 from xpuc.compiler.pipeline import DEFAULT_CPU_SCHEDULE
-from xpuc.compiler.tuning.tuning_db import TuningDatabase, WorkloadEntry, workload_hash
+from xpuc.compiler.tuning.tuning_db import TuningDatabase, WorkloadEntry
 from xpuc.compiler.tuning.workloads import TuningWorkload
 from xpuc.runtime.errors import XpucError
 

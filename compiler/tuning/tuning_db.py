@@ -22,6 +22,7 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from xpuc.compiler.passes.apply_tuning_database import workload_hash
 from xpuc.runtime.artifact import atomic_path
 from xpuc.runtime.errors import XpucError
 
@@ -187,12 +188,6 @@ class TuningDatabase:
         return (f"{self.path}: {_describe(self.index.target)}; {self.n_workloads} workloads, "
                 f"{self.n_records} records, {tuned} with a best schedule, "
                 f"{len(self.index.sparse)} sparse-kernel records")
-
-
-def workload_hash(mod) -> str:
-    from tvm_ffi import structural_hash
-
-    return f"{structural_hash(mod) & (2**64 - 1):016x}"
 
 
 def _describe(key: dict) -> str:

@@ -132,7 +132,7 @@ def extract_workloads(mod: tvm.IRModule, target: tvm.target.Target,
         lowered = lower_for_tuning(bind_bucket(mod, bucket), target)
         for task in ms.relax_integration.extract_tasks(lowered, target):
             func = task.dispatched[0]["main"]
-            if func.attrs is not None and ("xpuc.scheduled" in func.attrs or "tir.is_scheduled" in func.attrs):
+            if func.attrs is not None and ("tirx.is_scheduled" in func.attrs):
                 continue
             if has_symbolic_shape(func):
                 continue
