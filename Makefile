@@ -32,7 +32,7 @@ test: $(VENV)/.installed lint
 	$(BIN)/xpuc fetch smollm2-135m > /dev/null
 	$(BIN)/python -c "from xpuc.targets.qemu import ensure_sysroot; ensure_sysroot(quiet=False)" \
 	  || echo "xpuc: no arm64 sysroot; the emulated-ARM tests will be skipped"
-	$(BIN)/python -m pytest -q -ra -n 2 --dist loadfile
+	$(BIN)/python -m pytest -q -ra -n 2 --dist loadfile --durations=12
 
 bench: $(VENV)/.installed
 	$(BIN)/python benchmarks/decode_dense.py

@@ -14,5 +14,5 @@ if __name__ == "__main__":
     n = sys.argv[1] if len(sys.argv) > 1 else "1000"
     root = Path(__file__).resolve().parent.parent
     env = dict(os.environ, XPUC_MUTATION_EXAMPLES=n)
-    sys.exit(subprocess.call([sys.executable, "-m", "pytest", "-q", str(root / "tests" / "test_mutation.py")],
-                             env=env, cwd=root))
+    test = root / "tests" / "compiler" / "test_mutation.py"
+    sys.exit(subprocess.call([sys.executable, "-m", "pytest", "-q", str(test)], env=env, cwd=root))

@@ -53,8 +53,8 @@ def main() -> int:
     from xpuc.compiler.passes.apply_tuning_database import ApplyTuningDatabase
     from xpuc.compiler.pipeline import default_cpu_schedule, simd_lanes
     from xpuc.compiler.tuning.tune import time_kernel, tune_workloads
-    from xpuc.compiler.tuning.tuning_db import TuningDatabase
     from xpuc.compiler.tuning.workloads import _decoder_graph, extract_workloads
+    from xpuc.compiler.tuning_db import TuningDatabase
     from xpuc.runtime.artifact import cache_dir
     from xpuc.runtime.formats.arch import ArchConfig
     from xpuc.targets.profile import load_profile

@@ -299,7 +299,7 @@ def compile_onnx(model: str | os.PathLike, output: str | os.PathLike, device: st
 def _open_tuning(path, target, buckets):
     """(ApplyTuningDatabase pass, buckets, manifest info) for a tuning database checked against ``target``."""
     from xpuc.compiler.passes.apply_tuning_database import ApplyTuningDatabase
-    from xpuc.compiler.tuning.tuning_db import TuningDatabase
+    from xpuc.compiler.tuning_db import TuningDatabase
 
     db = TuningDatabase(path, target=target)
     if not buckets:

@@ -15,7 +15,7 @@ import numpy as np
 from xpuc.runtime.errors import XpucError
 
 # Operators xpuc claims: every single-operator node test that the `onnx` package ships for them passes
-# through xpuc's ONNX path on the host (tests/test_onnx_node_cases.py), with the inputs that exporters
+# through xpuc's ONNX path on the host (tests/compiler/test_onnx_node_cases.py), with the inputs that exporters
 # emit as constants (shapes, axes, pads, ...) frozen into initializers. TVM's converter knows more
 # operators; those fail some of their node tests and are not claimed.
 CLAIMED_OPS = frozenset((

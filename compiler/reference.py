@@ -111,7 +111,13 @@ class ReferenceModel:
     def position(self) -> int:
         return self.k_cache[0].shape[0]
 
-    def layer(self, i: int, h: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    def attention_block(self, i: int, h: np.ndarray, positions: np.ndarray,
+                        keep_cache: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """Layer ``i``'s attention half: the hidden states after it and the FFN's normalised input.
+
+        ``keep_cache=False`` attends over these tokens alone (positions from 0) and leaves the KV cache as it was
+        (the model generator calibrates one layer at a time this way).
+        """
         c, w, p = self.config, self.w, f"layers.{i}."
         x = rms_norm(h, w[p + "attn_norm"], c.rms_norm_eps)
         q, k, v = x @ w[p + "q_proj"].T, x @ w[p + "k_proj"].T, x @ w[p + "v_proj"].T
@@ -121,12 +127,17 @@ class ReferenceModel:
         q = rope(q.reshape(s, c.num_heads, c.head_dim), positions, c.rope_theta)
         k = rope(k.reshape(s, c.num_kv_heads, c.head_dim), positions, c.rope_theta)
         v = v.reshape(s, c.num_kv_heads, c.head_dim)
-        offset = self.k_cache[i].shape[0]
-        self.k_cache[i] = np.concatenate([self.k_cache[i], k])
-        self.v_cache[i] = np.concatenate([self.v_cache[i], v])
-        a = causal_attention(q, self.k_cache[i], self.v_cache[i], offset).reshape(s, -1)
+        offset = 0
+        if keep_cache:
+            offset = self.k_cache[i].shape[0]
+            self.k_cache[i] = k = np.concatenate([self.k_cache[i], k])
+            self.v_cache[i] = v = np.concatenate([self.v_cache[i], v])
+        a = causal_attention(q, k, v, offset).reshape(s, -1)
         h = h + a @ w[p + "o_proj"].T
-        x = rms_norm(h, w[p + "ffn_norm"], c.rms_norm_eps)
+        return h, rms_norm(h, w[p + "ffn_norm"], c.rms_norm_eps)
+
+    def layer(self, i: int, h: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        h, x = self.attention_block(i, h, positions)
         return h + self.ffn_block(i, x)
 
     def ffn_block(self, i: int, x: np.ndarray) -> np.ndarray:

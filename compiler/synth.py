@@ -165,17 +165,8 @@ def _byte_tokenizer(vocab: int) -> str:
 
 
 def _ffn_input(ref, i: int, h: np.ndarray, n: int) -> np.ndarray:
-    """RMSNorm'd FFN input of layer ``i`` for hidden states ``h`` entering it."""
-    from xpuc.compiler.reference import causal_attention, rms_norm, rope
-
-    c, w, p = ref.config, ref.w, f"layers.{i}."
-    x = rms_norm(h, w[p + "attn_norm"], c.rms_norm_eps)
-    pos = np.arange(n)
-    q = rope((x @ w[p + "q_proj"].T).reshape(n, c.num_heads, c.head_dim), pos, c.rope_theta)
-    k = rope((x @ w[p + "k_proj"].T).reshape(n, c.num_kv_heads, c.head_dim), pos, c.rope_theta)
-    v = (x @ w[p + "v_proj"].T).reshape(n, c.num_kv_heads, c.head_dim)
-    h = h + causal_attention(q, k, v, 0).reshape(n, -1) @ w[p + "o_proj"].T
-    return rms_norm(h, w[p + "ffn_norm"], c.rms_norm_eps)
+    """RMSNorm'd FFN input of layer ``i`` for hidden states ``h`` entering it (the reference's attention half)."""
+    return ref.attention_block(i, h, np.arange(n), keep_cache=False)[1]
 
 
 def _measure(shape, seed, sparsity, c, spec, tokens) -> SynthReport:

@@ -241,6 +241,27 @@ def sparse_ffn_kernel(layout: BundleLayout, mode: str = "fused", threads: int = 
                 for l in T.vectorized(LANES):
                     y[e * LANES + l] = y[e * LANES + l] + part[p, e * LANES + l]
 
+    @T.macro
+    def firing_down(x, idx, g, thr, w, part, p, k):
+        """Task ``p``'s share of the ``k`` active clusters: each neuron's gate pre-activation (from ``g``, else
+        computed here with the next records prefetched), the firing neurons collected, their down rows added."""
+        acc = T.alloc_buffer((CHAINS, LANES), "float32", scope="global")
+        s = T.alloc_buffer((3,), "float32", scope="global")
+        fi = T.alloc_buffer((C,), "int32", scope="global")
+        hv = T.alloc_buffer((C,), "float32", scope="global")
+        nf = T.alloc_buffer((1,), "int32", scope="global")
+        clear_partial(part, p)
+        for j in range(k * p // P, k * (p + 1) // P):
+            nf[0] = 0
+            for i in range(C):
+                if g is None:
+                    prefetch_next(w, idx, j, i, k)
+                    dot(x, acc, s, w, idx[j], i, 0, 0)
+                else:
+                    s[0] = g[j, i]
+                collect(x, acc, s, thr, w, idx[j], i, fi, hv, nf)
+            down_collected(part, w, idx[j], fi, hv, nf, p)
+
     if mode == "dense":
 
         @T.prim_func(private=True, s_tir=True)
@@ -272,19 +293,7 @@ def sparse_ffn_kernel(layout: BundleLayout, mode: str = "fused", threads: int = 
             with T.sblock("root"):
                 part = T.alloc_buffer((P, D), "float32", scope="global")
                 for p in T.parallel(P):
-                    acc = T.alloc_buffer((CHAINS, LANES), "float32", scope="global")
-                    s = T.alloc_buffer((3,), "float32", scope="global")
-                    fi = T.alloc_buffer((C,), "int32", scope="global")
-                    hv = T.alloc_buffer((C,), "float32", scope="global")
-                    nf = T.alloc_buffer((1,), "int32", scope="global")
-                    clear_partial(part, p)
-                    for j in range(k * p // P, k * (p + 1) // P):
-                        nf[0] = 0
-                        for i in range(C):
-                            prefetch_next(w, idx, j, i, k)
-                            dot(x, acc, s, w, idx[j], i, 0, 0)
-                            collect(x, acc, s, thr, w, idx[j], i, fi, hv, nf)
-                        down_collected(part, w, idx[j], fi, hv, nf, p)
+                    firing_down(x, idx, None, thr, w, part, p, k)
                 reduce_partials(part, y)
 
         return fused
@@ -318,18 +327,7 @@ def sparse_ffn_kernel(layout: BundleLayout, mode: str = "fused", threads: int = 
         with T.sblock("root"):
             part = T.alloc_buffer((P, D), "float32", scope="global")
             for p in T.parallel(P):
-                acc = T.alloc_buffer((CHAINS, LANES), "float32", scope="global")
-                s = T.alloc_buffer((3,), "float32", scope="global")
-                fi = T.alloc_buffer((C,), "int32", scope="global")
-                hv = T.alloc_buffer((C,), "float32", scope="global")
-                nf = T.alloc_buffer((1,), "int32", scope="global")
-                clear_partial(part, p)
-                for j in range(k * p // P, k * (p + 1) // P):
-                    nf[0] = 0
-                    for i in range(C):
-                        s[0] = g[j, i]
-                        collect(x, acc, s, thr, w, idx[j], i, fi, hv, nf)
-                    down_collected(part, w, idx[j], fi, hv, nf, p)
+                firing_down(x, idx, g, thr, w, part, p, k)
             reduce_partials(part, y)
 
     return updown

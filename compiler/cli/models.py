@@ -154,7 +154,7 @@ def _inspect_packed(path: Path, as_json: bool) -> int:
 def _inspect_tuning(path: Path, as_json: bool) -> int:
     from dataclasses import asdict
 
-    from xpuc.compiler.tuning.tuning_db import TuningDatabase
+    from xpuc.compiler.tuning_db import TuningDatabase
 
     db = TuningDatabase(path)
     if as_json:

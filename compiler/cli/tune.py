@@ -24,8 +24,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
         return _tune_sparse(args)
     from xpuc.compiler.frontend_onnx import import_onnx
     from xpuc.compiler.tuning.tune import make_builder, tune_workloads
-    from xpuc.compiler.tuning.tuning_db import TuningDatabase
     from xpuc.compiler.tuning.workloads import extract_workloads, graph_from_source, parse_buckets
+    from xpuc.compiler.tuning_db import TuningDatabase
     from xpuc.compiler.zoo import resolve_model
     from xpuc.runtime.progress import Steps
     from xpuc.targets.profile import load_profile
@@ -94,7 +94,7 @@ def _tune_sparse(args: argparse.Namespace) -> int:
     """``xpuc tune MODEL --sparse``: the sparse FFN kernels' knobs for the model's FFN shape (measured here)."""
     from xpuc.compiler.frontends import load_model
     from xpuc.compiler.tuning.sparse_tuning import as_dicts, best_records, tune_sparse
-    from xpuc.compiler.tuning.tuning_db import TuningDatabase
+    from xpuc.compiler.tuning_db import TuningDatabase
     from xpuc.compiler.zoo import resolve_model
     from xpuc.targets.profile import load_profile
 
@@ -139,7 +139,7 @@ def _host_arch() -> str:
 
 
 def _merge(args: argparse.Namespace) -> int:
-    from xpuc.compiler.tuning.tuning_db import merge_databases
+    from xpuc.compiler.tuning_db import merge_databases
 
     if not args.output:
         raise XpucError("tune merge needs -o OUT")

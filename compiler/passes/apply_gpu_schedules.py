@@ -18,7 +18,8 @@ class ApplyGPUSchedules:
 
     Notes
     -----
-    Functions that already carry thread bindings (TVM's paged-KV kernels) are left untouched by dlight.
+    Functions marked ``tirx.is_scheduled`` (TVM's paged-KV kernels, xpuc's hand-written ones) are left untouched by
+    dlight; the ones it schedules get that mark.
     """
 
     def __init__(self, target: tvm.target.Target) -> None:
@@ -28,4 +29,4 @@ class ApplyGPUSchedules:
         rules = dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),
                                         dl.gpu.GeneralReduction(), dl.gpu.Fallback())
         with self.target:
-            return rules(mod)
+            return rules(mod.clone())  # dlight updates the module it is given; the caller's stays as it was

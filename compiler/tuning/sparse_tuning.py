@@ -188,7 +188,7 @@ def pick_cluster(db_path, profile, config, dtype: str, sparsity: float) -> tuple
 def pick_sparse_config(db_path, profile, config, dtype: str, sparsity: float) -> dict:
     """The fastest record (cluster, threads, mode, why) for ``config``'s FFN shape and ``dtype`` at the tuned
     sparsity nearest to ``sparsity``; the database must have been tuned for ``profile``'s CPU."""
-    from xpuc.compiler.tuning.tuning_db import TuningDatabase
+    from xpuc.compiler.tuning_db import TuningDatabase
 
     db = TuningDatabase(db_path, target=profile.cpu_target())
     cands = [r for r in best_records(db.index.sparse)

@@ -26,8 +26,8 @@ import numpy as np
 
 from xpuc.compiler.passes.apply_tuning_database import workload_hash
 from xpuc.compiler.pipeline import DEFAULT_CPU_SCHEDULE
-from xpuc.compiler.tuning.tuning_db import TuningDatabase, WorkloadEntry
 from xpuc.compiler.tuning.workloads import TuningWorkload
+from xpuc.compiler.tuning_db import TuningDatabase, WorkloadEntry
 from xpuc.runtime.errors import XpucError
 
 

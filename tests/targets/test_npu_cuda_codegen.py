@@ -106,7 +106,7 @@ def test_cuda_cases_for_the_gpu_machine(tmp_path):
         regenerated = case_inputs(c["inputs"], c["seed"], c["int_high"])
         assert {k: float(np.sum(a, dtype=np.float64)) for k, a in regenerated.items()} == c["input_sums"]
     # the GPU side's copy of the input generator (it runs without xpuc) gives the same arrays
-    spec = importlib.util.spec_from_file_location("cuda_run", Path(__file__).parent.parent / "targets" / "cuda_run.py")
+    spec = importlib.util.spec_from_file_location("cuda_run", Path(__file__).parents[1] / "support" / "cuda_run.py")
     run = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(run)
     c = cases[0]

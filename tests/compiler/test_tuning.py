@@ -302,7 +302,7 @@ def test_sparse_search_is_guided_by_the_cost_model():
 
 
 def test_tune_sparse_measures_real_kernels_and_resumes(tmp_path, capsys):
-    from conftest import random_weights, tiny_config
+    from support.models import random_weights, tiny_config
 
     from xpuc.compiler.model_writer import write_hf_dir
 

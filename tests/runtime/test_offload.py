@@ -1,37 +1,17 @@
-"""Offloaded decoding: flash layout, FlashReader, NeuronCache, the four modes against numpy, faults, soak."""
+"""Offloaded decoding: flash layout, FlashReader, NeuronCache, the four modes against numpy, soak."""
 
 from __future__ import annotations
 
-import os
-import shutil
 import zlib
 
 import numpy as np
 import pytest
-from test_cli import assert_clean_error, xpuc
+from support.cli import xpuc
 
 from xpuc.compiler.reference import ReferenceModel
-from xpuc.compiler.synth import synthesize
-from xpuc.runtime.artifact import seal_manifest
 from xpuc.runtime.errors import XpucError
 
 LICENSE = "/usr/share/common-licenses/Apache-2.0"
-
-
-@pytest.fixture(scope="module", params=[16, 2], ids=["C16-aligned", "C2-unaligned"])
-def packed(tmp_path_factory, request):
-    """A tiny generated dReLU model, profiled, with a predictor, planned and packed (fp16; clusters of 16:
-    12 KiB records, read in place; clusters of 2: 1.5 KiB records, read through aligned spans)."""
-    from conftest import profile_predict_plan
-
-    from xpuc.compiler.offload_pack import pack_offload
-
-    d = tmp_path_factory.mktemp("offload")
-    synthesize("tiny", 0.9, 3, d / "model")
-    spec, _, _ = profile_predict_plan(d, 1024, "oneplus-12", 4 << 20, "float16", request.param)
-    pack_offload(str(d / "model"), str(d / "stats.json"), str(d / "plan.json"), str(d / "pred.safetensors"),
-                 d / "art", quiet=True)
-    return d, spec
 
 
 def test_flash_layout_records_hot_first_aligned_and_checksummed(packed):
@@ -184,66 +164,6 @@ def test_modes_agree_and_cache_reads_less(packed, tmp_path):
     assert "full" in text
 
 
-def _copy_art(d, tmp_path):
-    art = tmp_path / "art"
-    shutil.copytree(d / "art", art)
-    return art
-
-
-def test_truncated_flash_file_is_a_clear_error(packed, tmp_path):
-    from xpuc.runtime.offload import OffloadModel
-
-    art = _copy_art(packed[0], tmp_path)
-    with open(art / "ffn.bin", "r+b") as f:
-        f.truncate(os.path.getsize(art / "ffn.bin") - 4096)
-    with pytest.raises(XpucError, match="truncated"):
-        OffloadModel(art, "full", 0.4)
-
-
-def test_corrupted_record_fails_its_checksum(packed, tmp_path):
-    from xpuc.runtime.formats.flash import FlashLayout
-    from xpuc.runtime.offload import OffloadModel
-
-    art = _copy_art(packed[0], tmp_path)
-    fl = FlashLayout.load(art / "flash.json")
-    with open(art / "ffn.bin", "r+b") as f:  # flip bytes in every cold cluster of layer 0
-        for j in range(fl.n_clusters // 2, fl.n_clusters):
-            f.seek(fl.cluster_offset(0, j) + 100)
-            f.write(b"\xff\xff\xff\xff")
-    with OffloadModel(art, "naive") as m, pytest.raises(XpucError, match="checksum|corrupt"):
-        m.reader.read(np.array([fl.cluster_offset(0, fl.n_clusters - 1)]), [m.scratch[0]],
-                      m.crcs[0, fl.n_clusters - 1:])
-
-
-def test_read_errors_and_short_reads_surface_cleanly(packed):
-    from xpuc.runtime.offload import OffloadModel
-
-    d, _ = packed
-    with OffloadModel(d / "art", "full", 0.3) as m:
-        def failing(bufs, offset):
-            raise OSError(5, "Input/output error")
-
-        m.reader._preadv = failing
-        with pytest.raises(XpucError, match="read error"):
-            for t in range(40):  # until a miss has to be read
-                m.decode(t)
-    with OffloadModel(d / "art", "cache", 0.3) as m:
-        m.reader._preadv = lambda bufs, offset: 17
-        with pytest.raises(XpucError, match="short read"):
-            for t in range(40):
-                m.decode(t)
-
-
-def test_bad_artifacts_and_arguments(packed, tmp_path):
-    d, _ = packed
-    assert_clean_error(xpuc("bench", str(tmp_path), "--tokens", "4"), "not a packed xpuc model")
-    assert_clean_error(xpuc("bench", str(d / "art"), "--modes", "naive,turbo"), "unknown mode")
-    assert_clean_error(xpuc("bench", str(d / "art"), "--budget", "0%"), "budget")
-    art = _copy_art(d, tmp_path)
-    (art / "plan.json").write_text((art / "plan.json").read_text() + "\n")  # altered after packing
-    assert_clean_error(xpuc("bench", str(art), "--tokens", "4"), "fails its checksum")
-
-
 def test_soak_many_generations_no_leaks(packed):
     import psutil
 
@@ -320,53 +240,6 @@ def test_native_and_python_readers_agree(packed):
     assert out[0][2].tobytes() == raw[offs[2]:offs[2] + fl.cluster_bytes]
 
 
-def test_xpuc_run_on_packed_model_and_ctrl_c(packed):
-    import json
-    import signal
-    import subprocess
-    import time
-
-    from test_cli import XPUC
-
-    d, _ = packed
-    r = xpuc("run", str(d / "art"), "--prompt", "flash", "--max-tokens", "6", "--json", "--budget", "40%")
-    assert r.returncode == 0, r.stderr
-    rep = json.loads(r.stdout)
-    assert rep["generated_tokens"] == 6 and rep["mode"] == "full" and rep["accounted_mib"] > 0
-    assert_clean_error(xpuc("run", str(d / "art"), "--prompt", "x", "--mode", "fast"), "unknown mode")
-    # stdout to /dev/null: a pipe nobody reads fills up and blocks the generator; SIGINT restored to its
-    # default in the child in case the test runner was started with it ignored (a background job)
-    p = subprocess.Popen([*XPUC, "run", str(d / "art"), "--prompt", "a", "--max-tokens", "1000",
-                          "--budget", "40%"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    try:
-        seen = []
-        for line in p.stderr:  # "… generating" is printed once the prompt is prefilled and decoding starts
-            seen.append(line)
-            if "generating" in line:
-                break
-        assert seen and "generating" in seen[-1], seen
-        time.sleep(0.3)
-        p.send_signal(signal.SIGINT)
-        _, err = p.communicate(timeout=120)
-    finally:
-        if p.poll() is None:
-            p.kill()
-            p.communicate()
-    assert p.returncode == 130 and "interrupted" in err and "Traceback" not in err, (p.returncode, err[-2000:])
-
-
-def test_inspect_packed_model(packed):
-    import json
-
-    d, spec = packed
-    r = xpuc("inspect", str(d / "art"), "--json")
-    assert r.returncode == 0, r.stderr
-    info = json.loads(r.stdout)
-    assert info["kind"] == "packed" and info["layers"] == spec.config.num_layers
-    assert info["weight_dtype"] == "float16" and len(info["predictor_ranks"]) == spec.config.num_layers
-
-
 @pytest.mark.parametrize("fmt", ["q8_0", "q4_1"])
 def test_quantized_fixed_segment_matches_numpy(packed, tmp_path, fmt):
     """`xpuc pack --fixed-dtype`: attention, embedding and LM head in GGML blocks, run by the quantized GEMV."""
@@ -385,7 +258,7 @@ def test_quantized_fixed_segment_matches_numpy(packed, tmp_path, fmt):
         if w[k].ndim == 2 and k.split(".")[-1] not in ("gate_proj", "up_proj", "down_proj"):
             f = "q8_0" if k in ("embed_tokens", "lm_head") else fmt  # embedding / LM head as `compile --quantize`
             w[k] = dequantize_rows(quantize_rows(w[k], f), f)
-    from conftest import spec_from
+    from support.models import spec_from
 
     ref = ReferenceModel(spec_from(spec.config, w), "float32")
     ref.w.update({k: v.astype(np.float16).astype(np.float32) for k, v in spec.weights.items()
@@ -429,127 +302,3 @@ def test_neuron_cache_evicts_least_recent_and_never_in_use():
     cache.assign(0, np.array([7]), np.array([5]))  # 13 evicted, 7 in its slot
     assert seg.slot_of[13] == -1 and seg.slot_of[7] == 5 and cache.owner[5] == 7
     assert cache.victims(0, 4, none) == [4, 2, 3, 5]
-
-
-RUNTIME_ONLY_SCRIPT = r"""
-import ctypes, os, sys
-real_init = ctypes.CDLL.__init__
-def guarded(self, name, *a, **k):
-    if name and ("tvm_compiler" in str(name) or os.path.basename(str(name)) == "libtvm.so"):
-        raise OSError("the compiler library must not be loaded by the runtime")
-    real_init(self, name, *a, **k)
-ctypes.CDLL.__init__ = guarded
-import numpy as np
-from xpuc.runtime.offload import OffloadModel
-with OffloadModel(sys.argv[1], "full", 0.4, threads=2) as m:
-    toks, _ = m.generate([5, 77, 300, 12], 6)
-maps = open("/proc/self/maps").read()
-assert "libtvm_runtime" in maps and "libtvm_compiler" not in maps, "compiler library mapped"
-assert "tvm.relax.transform" not in sys.modules
-above = sorted(m for m in sys.modules if m.startswith(("xpuc.compiler", "xpuc.schedules", "xpuc.targets")))
-assert not above, f"the runtime imported {above}"
-print(",".join(map(str, toks)))
-"""
-
-
-def test_packed_model_runs_with_the_runtime_library_only(packed):
-    """The packed model's modules were compiled ahead of time: a process that cannot load TVM's compiler
-    library, and imports nothing of xpuc but its runtime, runs it and produces the tokens of an in-process run."""
-    import subprocess
-    import sys
-
-    from xpuc.runtime.offload import OffloadModel
-
-    d, _ = packed
-    env = {**os.environ, "TVM_USE_RUNTIME_LIB": "1"}
-    r = subprocess.run([sys.executable, "-c", RUNTIME_ONLY_SCRIPT, str(d / "art")], capture_output=True, text=True,
-                       env=env, timeout=300)
-    assert r.returncode == 0, r.stderr
-    with OffloadModel(d / "art", "full", 0.4, threads=2) as m:
-        want, _ = m.generate([5, 77, 300, 12], 6)
-    assert r.stdout.strip().splitlines()[-1] == ",".join(map(str, want))
-
-
-@pytest.mark.arm
-def test_pack_for_a_phone_cross_links_android_libraries_and_is_refused_here(packed, tmp_path):
-    """`xpuc pack --device oneplus-12`: both modules are AArch64 Android shared objects (no glibc symbol
-    versions, NEON code, only TVM runtime / libc / libm left undefined); this x86 host refuses to run them in one
-    line, before reading a weight, and `inspect` still describes them."""
-    from xpuc.targets.arm_build import inspect_elf
-
-    if shutil.which("clang") is None or shutil.which("ld.lld") is None:
-        if os.environ.get("CI"):
-            pytest.fail("CI must provide clang and lld (.ci/system-deps installs them)")
-        pytest.skip("clang / lld missing")
-    d, _ = packed
-    r = xpuc("pack", str(d / "model"), "--stats", str(d / "stats.json"), "--plan", str(d / "plan.json"),
-             "--predictor", str(d / "pred.safetensors"), "--device", "oneplus-12", "-o", str(tmp_path / "phone"))
-    assert r.returncode == 0, r.stderr
-    allowed = {"TVMFFIErrorSetRaisedFromCStrParts", "memcpy", "memset", "cosf", "sinf", "expf", "exp2f", "log2f",
-               "powf", "tanhf", "sqrtf", "logf"}
-    for lib in ("decode.so", "ffn.so"):
-        rep = inspect_elf(tmp_path / "phone" / lib)
-        assert rep.machine == "AArch64" and not rep.glibc_versions and rep.neon_fp_ops > 0
-        assert rep.exported_ffi and set(rep.undefined) <= allowed, rep.undefined
-    if not os.uname().machine.startswith("aarch64"):
-        assert_clean_error(xpuc("run", str(tmp_path / "phone"), "--prompt", "hi"), "compiled for aarch64-linux-android")
-    shown = xpuc("inspect", str(tmp_path / "phone"))
-    assert shown.returncode == 0 and "aarch64-linux-android" in shown.stdout
-
-
-@pytest.mark.parametrize("packed", [16], indirect=True, ids=["C16-aligned"])  # the manifest checks do not depend on C
-@pytest.mark.parametrize("edit", ["versions_list", "config_str", "sample_str", "modules_none", "decode_abs",
-                                  "files_empty", "config_missing_key", "not_an_object", "offload_missing_key",
-                                  "unknown_field", "kind_other", "threads_str"])
-def test_malformed_packed_manifest_is_one_line(packed, tmp_path, edit):
-    """Consistent (re-sealed) manifests with wrong types or keys: one line, exit 2, before anything is loaded."""
-    import json
-
-    art = _copy_art(packed[0], tmp_path)
-    m = json.loads((art / "manifest.json").read_text())
-    {"versions_list": lambda: m.update(versions=[1]), "config_str": lambda: m.update(config="x"),
-     "sample_str": lambda: m["offload"].update(sample_prompt="ab"), "modules_none": lambda: m.update(modules=None),
-     "decode_abs": lambda: m["modules"][0].update(file="/etc/passwd"), "files_empty": lambda: m.update(files={}),
-     "config_missing_key": lambda: m["config"].pop("hidden_size"), "not_an_object": lambda: None,
-     "offload_missing_key": lambda: m["offload"].pop("ffn_bytes"), "unknown_field": lambda: m.update(extra=1),
-     "kind_other": lambda: m.update(kind="rootkit"), "threads_str": lambda: m["modules"][1]["info"].update(threads="2"),
-     }[edit]()
-    (art / "manifest.json").write_text(json.dumps([m] if edit == "not_an_object" else seal_manifest(m)))
-    r = xpuc("run", str(art), "--prompt", "hi", "--max-tokens", "1")
-    assert r.returncode == 2 and "Traceback" not in r.stderr and r.stderr.count("xpuc: error:") == 1, r.stderr
-
-
-@pytest.mark.parametrize("packed", [16], indirect=True, ids=["C16-aligned"])  # the manifest checks do not depend on C
-def test_packed_manifest_edited_after_packing_is_refused(packed, tmp_path):
-    import json
-
-    art = _copy_art(packed[0], tmp_path)
-    m = json.loads((art / "manifest.json").read_text())
-    m["config"]["intermediate_size"] += 32  # type-valid, so only the digest can catch it
-    (art / "manifest.json").write_text(json.dumps(m))
-    assert_clean_error(xpuc("run", str(art), "--prompt", "hi", "--max-tokens", "1"), "altered after it was written")
-
-
-@pytest.fixture(scope="module")
-def other_model(tmp_path_factory):
-    """Another generated model with the same config (another seed), with its own profile, predictor and plan."""
-    from conftest import profile_predict_plan
-
-    d = tmp_path_factory.mktemp("other")
-    synthesize("tiny", 0.9, 4, d / "model")
-    spec, _, _ = profile_predict_plan(d, 256, "oneplus-12", 4 << 20, "float16", 16)
-    return d, spec
-
-
-@pytest.mark.parametrize("packed", [16], indirect=True, ids=["C16-aligned"])  # the manifest checks do not depend on C
-@pytest.mark.parametrize("part", ["stats", "plan", "predictor"])
-def test_pack_refuses_statistics_of_another_model_with_the_same_config(packed, other_model, tmp_path, part):
-    """Each of profile, plan and predictor, taken from a model with the same config but other weights, is refused."""
-    d, o = packed[0], other_model[0]
-    assert other_model[1].config == packed[1].config and other_model[1].fingerprint() != packed[1].fingerprint()
-    args = {"stats": o / "stats.json", "plan": o / "plan.json", "predictor": o / "pred.safetensors"}
-    args[part] = {"stats": d / "stats.json", "plan": d / "plan.json", "predictor": d / "pred.safetensors"}[part]
-    r = xpuc("pack", str(o / "model"), *(f"--{k}={v}" for k, v in args.items()), "-o", str(tmp_path / "art"))
-    assert_clean_error(r, "another model")
-    assert f"--{part}" in r.stderr
-    assert not (tmp_path / "art").exists()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tvm
-from conftest import random_weights, spec_from, tiny_config
+from support.models import random_weights, spec_from, tiny_config
 
 from xpuc.compiler.reference import ReferenceModel
 from xpuc.compiler.relax_model import EMBED_QUANT, export_model, param_arrays

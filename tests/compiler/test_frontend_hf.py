@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import random_weights, tiny_config, tiny_tokenizer
+from support.models import random_weights, tiny_config, tiny_tokenizer
 
 from xpuc.compiler.frontends import load_model
 from xpuc.compiler.model_writer import write_hf_dir

@@ -6,7 +6,7 @@ import hashlib
 import json
 
 import numpy as np
-from test_cli import assert_clean_error, xpuc
+from support.cli import assert_clean_error, xpuc
 
 from xpuc.compiler.synth import synthesize
 

@@ -8,8 +8,8 @@ import os
 import shutil
 
 import pytest
-from conftest import random_weights, tiny_config, tiny_tokenizer
-from test_cli import assert_clean_error, xpuc
+from support.cli import assert_clean_error, xpuc
+from support.models import random_weights, tiny_config, tiny_tokenizer
 
 from xpuc.compiler.model_writer import write_gguf
 

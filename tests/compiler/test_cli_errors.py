@@ -9,12 +9,12 @@ import time
 from pathlib import Path
 
 import pytest
-from test_cli import XPUC, assert_clean_error, xpuc
+from support.cli import XPUC, assert_clean_error, xpuc
 
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory) -> Path:
-    from conftest import random_weights, tiny_config, tiny_tokenizer
+    from support.models import random_weights, tiny_config, tiny_tokenizer
 
     from xpuc.compiler.model_writer import write_gguf
 

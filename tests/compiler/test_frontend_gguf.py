@@ -5,7 +5,7 @@ from __future__ import annotations
 import gguf
 import numpy as np
 import pytest
-from conftest import random_weights, tiny_config, tiny_tokenizer
+from support.models import random_weights, tiny_config, tiny_tokenizer
 
 from xpuc.compiler.frontend_gguf import load_gguf
 from xpuc.compiler.model_writer import write_gguf

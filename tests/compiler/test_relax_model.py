@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tvm
-from conftest import random_weights, spec_from, tiny_config
+from support.models import random_weights, spec_from, tiny_config
 
 from xpuc.compiler.reference import ReferenceModel, causal_attention, ffn, rms_norm, rope
 from xpuc.compiler.relax_model import export_model, param_arrays

@@ -13,7 +13,7 @@ import json
 import numpy as np
 import pytest
 import tvm
-from conftest import random_weights, spec_from, tiny_config
+from support.models import random_weights, spec_from, tiny_config
 
 from xpuc.compiler.relax_model import export_model, param_arrays
 from xpuc.runtime.artifact import seal_manifest

@@ -66,7 +66,7 @@ def test_bad_prompts_are_refused_before_anything_runs(prompt, pattern):
 
 
 def test_text_stream_holds_back_a_partial_character():
-    from conftest import tiny_tokenizer
+    from support.models import tiny_tokenizer
 
     from xpuc.runtime.tokenizer import XpucTokenizer, tokenizer_json_from_gguf_vocab
 
@@ -80,7 +80,7 @@ def test_text_stream_holds_back_a_partial_character():
 
 
 def test_streamed_pieces_and_pending_text_make_the_whole_text():
-    from conftest import tiny_tokenizer
+    from support.models import tiny_tokenizer
 
     from xpuc.runtime.tokenizer import XpucTokenizer, tokenizer_json_from_gguf_vocab
 

@@ -103,7 +103,7 @@ def test_profiler_on_generated_model(tmp_path):
 
 
 def test_cli_profile_and_plan(tmp_path):
-    from test_cli import assert_clean_error, xpuc
+    from support.cli import assert_clean_error, xpuc
 
     from xpuc.compiler.synth import synthesize
 

@@ -47,7 +47,7 @@ def test_light_cnn_graphs_match_onnxruntime(name, tmp_path):
 
 
 def test_decoder_prefill_graph_matches_onnxruntime_and_reference(tmp_path):
-    from conftest import random_weights
+    from support.models import random_weights
 
     from xpuc.compiler.onnx_export import causal_mask, decoder_prefill_onnx, rope_tables
     from xpuc.compiler.reference import ReferenceModel

@@ -7,7 +7,7 @@ import dataclasses
 
 import numpy as np
 import pytest
-from test_cli import assert_clean_error, xpuc
+from support.cli import assert_clean_error, xpuc
 
 from xpuc.compiler.reference import ReferenceModel, ffn, route_tokens
 
@@ -16,7 +16,7 @@ PROMPT = [5, 77, 300, 12, 9, 401, 33, 2]
 
 @pytest.fixture(scope="module")
 def moe(tmp_path_factory):
-    from conftest import profile_predict_plan
+    from support.models import profile_predict_plan
 
     from xpuc.compiler.offload_pack import pack_offload
     from xpuc.compiler.synth import synthesize_moe

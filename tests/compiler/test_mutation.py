@@ -32,7 +32,7 @@ TEXT = "the quick brown fox jumps over the lazy dog and the cache keeps hot neur
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory) -> Path:
     """One valid input of each kind: GGUF, Hugging Face directory, compiled artifact, packed model, profile."""
-    from conftest import random_weights, tiny_config, tiny_tokenizer
+    from support.models import random_weights, tiny_config, tiny_tokenizer
 
     from xpuc.compiler.build import compile_model
     from xpuc.compiler.model_writer import write_gguf, write_hf_dir

@@ -122,7 +122,7 @@ def test_whole_decoder_on_emulated_arm_matches_host(tmp_path):
     """The same prefill+decode module built for aarch64 (linux twin) gives the host's logits under QEMU."""
     _require("qemu-aarch64-static", "aarch64-linux-gnu-gcc")
     import tvm
-    from conftest import random_weights, spec_from, tiny_config
+    from support.models import random_weights, spec_from, tiny_config
 
     from xpuc.compiler.relax_model import export_model, param_arrays
     from xpuc.runtime.session import DecoderSession
@@ -152,7 +152,7 @@ def test_whole_decoder_on_emulated_arm_matches_host(tmp_path):
     np.savez(tmp_path / "params.npz", **{f"p{i:04d}": arrays[n] for i, (n, _, _) in enumerate(params)})
     np.save(tmp_path / "ids.npy", ids)
 
-    runner = Path(__file__).parent / "support" / "arm_model_runner.py"
+    runner = Path(__file__).parents[1] / "support" / "arm_model_runner.py"
     r = run_aarch64(str(runner), [str(tmp_path / "model.so"), str(tmp_path / "params.npz"),
                                   str(tmp_path / "ids.npy"), "4", str(tmp_path / "out.npz")])
     assert r.returncode == 0, r.stderr[-2000:]

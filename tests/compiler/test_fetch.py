@@ -6,7 +6,7 @@ import os
 import subprocess
 
 import pytest
-from test_cli import XPUC
+from support.cli import XPUC
 
 from xpuc.compiler.zoo import ZOO
 from xpuc.runtime.artifact import sha256_file

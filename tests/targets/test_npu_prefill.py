@@ -15,8 +15,8 @@ import subprocess
 import numpy as np
 import pytest
 import tvm
-from conftest import random_weights, spec_from, tiny_config, tiny_tokenizer
-from test_cli import assert_clean_error, xpuc
+from support.cli import assert_clean_error, xpuc
+from support.models import random_weights, spec_from, tiny_config, tiny_tokenizer
 
 from xpuc.compiler.model_writer import write_gguf
 

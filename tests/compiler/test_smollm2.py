@@ -11,6 +11,8 @@ PROMPT = ("The history of computing is a story of machines that grew smaller and
           "and today a phone carries more memory than the machines that once guided spacecraft to the moon. "
           "Compilers translate programs written by people into instructions for these processors.")
 
+pytestmark = pytest.mark.slow  # compiles the whole real model
+
 
 @pytest.fixture(scope="module")
 def compiled(smollm2_engine):

@@ -18,6 +18,8 @@ import pytest
 PROMPT = [5, 77, 300, 12, 9, 401]
 TOKENS = 8
 
+pytestmark = [pytest.mark.arm, pytest.mark.slow]  # packs two models for aarch64 and runs them under QEMU
+
 
 def _require_emulation() -> None:
     from xpuc.targets.qemu import missing_host_tools
@@ -30,7 +32,7 @@ def _require_emulation() -> None:
 @pytest.mark.parametrize("shape", ["tiny", "tiny-moe"])
 def test_packed_twin_under_qemu_decodes_the_host_tokens(tmp_path, shape, monkeypatch):
     _require_emulation()
-    from conftest import profile_predict_plan
+    from support.models import profile_predict_plan
 
     from xpuc.compiler.offload_pack import pack_offload
     from xpuc.compiler.synth import synthesize, synthesize_moe
@@ -56,7 +58,7 @@ def test_packed_twin_under_qemu_decodes_the_host_tokens(tmp_path, shape, monkeyp
     monkeypatch.setenv("XPUC_CACHE", str(cache))
     monkeypatch.setenv("CC", shutil.which("aarch64-linux-gnu-gcc") or "")
 
-    runner = str(Path(__file__).parent / "support" / "arm_offload_runner.py")
+    runner = str(Path(__file__).parents[1] / "support" / "arm_offload_runner.py")
     r = run_aarch64(runner, [str(tmp_path / "linux-arm64"), "full", "0.5", str(tmp_path / "ids.npy"), str(TOKENS),
                              str(tmp_path / "out.npz")], extra_path=[xpuc_package(tmp_path / "pkg")], timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]

@@ -10,26 +10,14 @@ import sys
 from pathlib import Path
 
 import pytest
+from support.cli import assert_clean_error, xpuc
 
 from xpuc.runtime.artifact import seal_manifest
-
-XPUC = [sys.executable, "-m", "xpuc.compiler.cli"]
-
-
-def xpuc(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([*XPUC, *args], capture_output=True, text=True, cwd=cwd, timeout=600)
-
-
-def assert_clean_error(r: subprocess.CompletedProcess, pattern: str) -> None:
-    assert r.returncode == 2, r.stderr
-    assert "Traceback" not in r.stderr
-    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("xpuc: error:")]
-    assert len(lines) == 1 and pattern in lines[0], r.stderr
 
 
 @pytest.fixture(scope="module")
 def artifact(tmp_path_factory) -> Path:
-    from conftest import random_weights, tiny_config, tiny_tokenizer
+    from support.models import random_weights, tiny_config, tiny_tokenizer
 
     from xpuc.compiler.model_writer import write_gguf
 
@@ -108,7 +96,7 @@ def test_corrupted_gguf_header(tmp_path, artifact):
 def test_unknown_quantization_type(tmp_path):
     import gguf
     import numpy as np
-    from conftest import random_weights, tiny_config, tiny_tokenizer
+    from support.models import random_weights, tiny_config, tiny_tokenizer
 
     from xpuc.compiler.model_writer import gguf_name
 
@@ -138,7 +126,7 @@ def test_unknown_quantization_type(tmp_path):
 
 
 def test_unsupported_architecture(tmp_path):
-    from conftest import random_weights, tiny_config, tiny_tokenizer
+    from support.models import random_weights, tiny_config, tiny_tokenizer
 
     from xpuc.compiler.model_writer import write_gguf
 
@@ -152,7 +140,7 @@ def test_unsupported_architecture(tmp_path):
 
 
 def test_missing_tokenizer(tmp_path):
-    from conftest import random_weights, tiny_config
+    from support.models import random_weights, tiny_config
 
     from xpuc.compiler.model_writer import write_gguf
 
@@ -256,7 +244,7 @@ def test_compile_quantized_runs_and_records_its_format(tmp_path, artifact):
 
 def test_chat_template_from_model_file_cannot_run_commands(tmp_path):
     """A GGUF whose chat template tries to run a shell command: `run --chat` refuses in one line, nothing runs."""
-    from conftest import random_weights, tiny_config, tiny_tokenizer
+    from support.models import random_weights, tiny_config, tiny_tokenizer
 
     from xpuc.compiler.model_writer import write_gguf
 
