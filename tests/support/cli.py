@@ -20,3 +20,15 @@ def assert_clean_error(r: subprocess.CompletedProcess, pattern: str) -> None:
     assert "Traceback" not in r.stderr
     lines = [ln for ln in r.stderr.splitlines() if ln.startswith("xpuc: error:")]
     assert len(lines) == 1 and pattern in lines[0], r.stderr
+
+
+def compile_tiny(d: Path, *args: str) -> Path:
+    """Write the tiny test model as an F16 GGUF in ``d`` and ``xpuc compile`` it to ``d/art`` with ``args``."""
+    from support.models import random_weights, tiny_config, tiny_tokenizer
+    from xpuc.compiler.model_writer import write_gguf
+
+    cfg = tiny_config()
+    model = write_gguf(d / "tiny.gguf", cfg, random_weights(cfg), "F16", tiny_tokenizer())
+    r = xpuc("compile", str(model), "-o", str(d / "art"), *args)
+    assert r.returncode == 0, r.stderr
+    return d / "art"

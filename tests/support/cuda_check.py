@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from support.cuda_run import case_inputs
-from support.opencl_check import _bound_analyzer, _buffers_of, launches
+from support.opencl_check import _bound_analyzer, _buffers_of, launches, prefill_kernels
 
 CUDA_SIG = re.compile(r'extern\s+"C"\s+__global__\s+void\s+(?:__launch_bounds__\(\d+\)\s+)?(\w+)\s*\(([^)]*)\)',
                       re.S)
@@ -77,10 +77,7 @@ def export_case(name: str, scheduled, unscheduled, gpu_target, host_target, bind
 def export_prefill(out_dir: str | Path, seq: int = 16, arch: str = "sm_90") -> list[dict]:
     """Export every kernel of a SmolLM2-shaped prefill graph (1 layer, vocabulary 512) scheduled by dlight."""
     import tvm
-    from tvm import relax
 
-    from xpuc.compiler.pipeline import lower
-    from xpuc.compiler.relax_model import export_model
     from xpuc.runtime.formats.arch import ArchConfig
 
     out = Path(out_dir)
@@ -88,18 +85,14 @@ def export_prefill(out_dir: str | Path, seq: int = 16, arch: str = "sm_90") -> l
     cfg = ArchConfig("llama", 512, 576, 1536, 1, 9, 3, 64, 1e5, 1e-5, "swiglu", True, False, 2048)
     target = tvm.target.Target({"kind": "cuda", "arch": arch}, host={"kind": "llvm"})
     host = tvm.target.Target({"kind": "llvm"})
-    mod, _ = export_model(cfg, target, kernels="generic", functions=("prefill",))
-    reference = relax.transform.AnnotateTIROpPattern()(relax.transform.LegalizeOps()(mod))
-    scheduled = lower(mod, target)
+    scheduled, reference, shape_vars = prefill_kernels(cfg, target)
     rng = np.random.default_rng(0)
     cases = []
     for gv, func in scheduled.functions.items():
         if not isinstance(func, tvm.tirx.PrimFunc) or gv.name_hint not in reference:
             continue
-        shape_vars = {d for b in func.params if isinstance(b, tvm.tirx.Buffer) for d in b.shape
-                      if isinstance(d, tvm.tirx.Var)}
         cases.append(export_case(gv.name_hint, func, reference[gv.name_hint], target, host,
-                                 {v: seq for v in shape_vars}, out, rng))
+                                 {v: seq for v in shape_vars[gv.name_hint]}, out, rng))
     (out / CASES).write_text(json.dumps({"arch": arch, "seq": seq, "cases": cases}, indent=1))
     return cases
 

@@ -289,3 +289,22 @@ def check_primfunc(name: str, scheduled, unscheduled, gpu_target, host_target, b
         worst = max(worst, float(np.abs(want - have).max()) / scale if want.size else 0.0)
     wrote = any(not np.array_equal(initial[k], got[k]) for k in keys)
     return KernelCheck(name, len(kl), worst, kl, wrote)
+
+
+def prefill_kernels(config, target):
+    """``(scheduled, reference, shape_vars)``: the prefill graph of a model shaped by ``config`` lowered for the GPU
+    ``target``, the same graph only legalized (the host reference of each kernel), and each kernel's shape
+    variables."""
+    import tvm
+    from tvm import relax
+
+    from xpuc.compiler.pipeline import lower
+    from xpuc.compiler.relax_model import export_model
+
+    mod, _ = export_model(config, target, kernels="generic", functions=("prefill",))
+    reference = relax.transform.AnnotateTIROpPattern()(relax.transform.LegalizeOps()(mod))
+    scheduled = lower(mod, target)
+    shape_vars = {gv.name_hint: {d for b in f.params if isinstance(b, tvm.tirx.Buffer) for d in b.shape
+                                 if isinstance(d, tvm.tirx.Var)}
+                  for gv, f in scheduled.functions.items() if isinstance(f, tvm.tirx.PrimFunc)}
+    return scheduled, reference, shape_vars

@@ -8,10 +8,7 @@ import os
 import shutil
 
 import pytest
-from support.cli import assert_clean_error, xpuc
-from support.models import random_weights, tiny_config, tiny_tokenizer
-
-from xpuc.compiler.model_writer import write_gguf
+from support.cli import assert_clean_error, compile_tiny, xpuc
 
 pytestmark = pytest.mark.arm
 
@@ -28,10 +25,7 @@ def _require_toolchain():
 def android_artifact(tmp_path_factory):
     _require_toolchain()
     d = tmp_path_factory.mktemp("android")
-    cfg = tiny_config()
-    model = write_gguf(d / "tiny.gguf", cfg, random_weights(cfg), "F16", tiny_tokenizer())
-    r = xpuc("compile", str(model), "-o", str(d / "art"), "--device", "oneplus-12", "--debug-dump", str(d / "ir"))
-    assert r.returncode == 0, r.stderr
+    compile_tiny(d, "--device", "oneplus-12", "--debug-dump", str(d / "ir"))
     return d
 
 

@@ -15,10 +15,8 @@ import subprocess
 import numpy as np
 import pytest
 import tvm
-from support.cli import assert_clean_error, xpuc
-from support.models import random_weights, spec_from, tiny_config, tiny_tokenizer
-
-from xpuc.compiler.model_writer import write_gguf
+from support.cli import assert_clean_error, compile_tiny, xpuc
+from support.models import random_weights, spec_from, tiny_config
 
 pytestmark = pytest.mark.arm
 
@@ -29,10 +27,7 @@ def npu_artifact(tmp_path_factory):
     if missing:
         pytest.skip(f"missing {missing}")
     d = tmp_path_factory.mktemp("npu")
-    cfg = tiny_config()
-    model = write_gguf(d / "tiny.gguf", cfg, random_weights(cfg), "F16", tiny_tokenizer())
-    r = xpuc("compile", str(model), "-o", str(d / "art"), "--device", "oneplus-12", "--prefill-on", "npu")
-    assert r.returncode == 0, r.stderr
+    compile_tiny(d, "--device", "oneplus-12", "--prefill-on", "npu")
     return d
 
 

@@ -9,10 +9,7 @@ import os
 import numpy as np
 import pytest
 import tvm
-from tvm import relax
 
-from xpuc.compiler.pipeline import lower
-from xpuc.compiler.relax_model import export_model
 from xpuc.runtime.formats.arch import ArchConfig
 
 pytestmark = pytest.mark.gpu
@@ -39,22 +36,18 @@ def ctx():
 
 
 def test_prefill_kernels_on_pocl(ctx):
-    from support.opencl_check import check_primfunc
+    from support.opencl_check import check_primfunc, prefill_kernels
 
     target = tvm.target.Target({"kind": "opencl", "device": "adreno"}, host={"kind": "llvm"})
     host = tvm.target.Target({"kind": "llvm"})
-    mod, _ = export_model(SMOLLM2, target, kernels="generic", functions=("prefill",))
-    reference = relax.transform.AnnotateTIROpPattern()(relax.transform.LegalizeOps()(mod))
-    scheduled = lower(mod, target)
+    scheduled, reference, shape_vars = prefill_kernels(SMOLLM2, target)
     rng = np.random.default_rng(0)
     checked = []
     for gv, func in scheduled.functions.items():
         if not isinstance(func, tvm.tirx.PrimFunc):
             continue
-        shape_vars = {d for b in func.params if isinstance(b, tvm.tirx.Buffer) for d in b.shape
-                      if isinstance(d, tvm.tirx.Var)}
         r = check_primfunc(gv.name_hint, func, reference[gv.name_hint], target, host,
-                           {v: 16 for v in shape_vars}, ctx, rng)
+                           {v: 16 for v in shape_vars[gv.name_hint]}, ctx, rng)
         assert r.wrote, f"{r.name}: no buffer changed"
         assert r.max_rel_error < 1e-5, f"{r.name}: {r.max_rel_error}"
         checked.append(r)
