@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
 
 import numpy as np
 
+from xpuc.compiler.frontend_onnx import import_onnx, read_onnx
 from xpuc.compiler.frontends import load_model
-from xpuc.runtime.artifact import MANIFEST, Manifest, ModuleEntry, staged_directory, versions
+from xpuc.runtime.artifact import MANIFEST, Manifest, ModuleEntry, sha256_file, staged_directory, versions
 from xpuc.runtime.errors import XpucError
+from xpuc.runtime.formats.profile_stats import ProfileStats
 from xpuc.runtime.progress import Steps
+from xpuc.runtime.tokenizer import XpucTokenizer
 from xpuc.targets.profile import load_profile
 
 LIB_FILE = "model.so"
@@ -78,7 +82,6 @@ def prefill_module(spec, target, mtriple: str, toolchain, tmp: Path, debug_dump:
 def _kernels_of(ex, target, mod) -> tuple[list[str], dict]:
     """Kernel names and sizes of a built prefill module: from the device source (OpenCL, CUDA), the
     Hexagon assembly (with the count of HVX vector loads/stores), or the module's PrimFuncs (CPU)."""
-    import re
 
     import tvm
 
@@ -116,8 +119,6 @@ def compile_model(model: str | os.PathLike, output: str | os.PathLike, device: s
     from safetensors.numpy import save_file
 
     from xpuc.compiler.relax_model import export_model, param_arrays
-    from xpuc.runtime.artifact import sha256_file
-    from xpuc.runtime.tokenizer import XpucTokenizer
 
     output = Path(output)
     profile = load_profile(device)
@@ -207,7 +208,6 @@ def _thresholds(spec, quantize: str | None, ffn_stats) -> list[float] | None:
     """Per-layer FFN thresholds for the quantized decode kernels (zeros = exact) from a profile."""
     if ffn_stats is None:
         return [0.0] * spec.config.num_layers if quantize else None
-    from xpuc.runtime.formats.profile_stats import ProfileStats
 
     stats = ProfileStats.load(ffn_stats)
     stats.check_matches(spec.config, f"profile {ffn_stats}", spec.fingerprint())
@@ -228,10 +228,8 @@ def compile_onnx(model: str | os.PathLike, output: str | os.PathLike, device: st
     bucket (the database's buckets unless ``buckets`` is given) whose kernels take their tuned schedules;
     the database must cover at least one kernel.
     """
-    from xpuc.compiler.frontend_onnx import import_onnx, read_onnx
     from xpuc.compiler.passes.apply_tuning_database import tuning_report
     from xpuc.compiler.pipeline import compile_lowered, lower
-    from xpuc.runtime.artifact import sha256_file
 
     output = Path(output)
     profile = load_profile(device)

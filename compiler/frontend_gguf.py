@@ -11,6 +11,7 @@ import numpy as np
 from xpuc.compiler.spec import LazyWeights, ModelSpec, TokenizerSource
 from xpuc.runtime.errors import XpucError
 from xpuc.runtime.formats.arch import FFN_KINDS, SUPPORTED_ARCHITECTURES, ArchConfig
+from xpuc.runtime.tokenizer import tokenizer_json_from_gguf_vocab
 
 GGUF_MAGIC = b"GGUF"
 
@@ -117,7 +118,6 @@ def _dequantizer(path: Path, tensor, fix_rope_heads: int | None):
 
 
 def _tokenizer_from_gguf(path: Path, reader) -> TokenizerSource:
-    from xpuc.runtime.tokenizer import tokenizer_json_from_gguf_vocab
 
     model = _field(reader, "tokenizer.ggml.model")
     tokens = _field(reader, "tokenizer.ggml.tokens")

@@ -5,14 +5,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from xpuc.compiler.frontend_gguf import is_gguf, load_gguf
+from xpuc.compiler.frontend_hf import is_hf_dir, load_hf_dir
 from xpuc.compiler.spec import ModelSpec
 from xpuc.runtime.errors import XpucError
 
 
 def load_model(path: str | os.PathLike, with_tokenizer: bool = True) -> ModelSpec:
     """Load a GGUF file or a Hugging Face directory into a ModelSpec."""
-    from xpuc.compiler.frontend_gguf import is_gguf, load_gguf
-    from xpuc.compiler.frontend_hf import is_hf_dir, load_hf_dir
 
     p = Path(path)
     if not p.exists():

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from xpuc.compiler.frontend_hf import hf_name
 from xpuc.runtime.formats.arch import ArchConfig
 
 _GGUF_LAYER = {
@@ -113,8 +114,6 @@ def write_hf_dir(path: str | os.PathLike, config: ArchConfig, weights: Mapping[s
     ``extra_config`` keys are merged into config.json; ``extra_weights`` (already in HF naming) go into the
     last shard; canonical names in ``skip`` are left out (an MoE model has no dense FFN)."""
     from safetensors.numpy import save_file
-
-    from xpuc.compiler.frontend_hf import hf_name
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)

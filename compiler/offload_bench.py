@@ -13,7 +13,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+from xpuc.runtime.artifact import atomic_path
 from xpuc.runtime.errors import XpucError
+from xpuc.runtime.formats.jsonfile import write_json_atomic
+from xpuc.runtime.offload import OffloadModel
+from xpuc.runtime.packed import load_packed
+from xpuc.runtime.progress import count
+from xpuc.runtime.threads import configure_tvm_threads
 
 
 def _plot(rows: list[dict], png: Path, title: str) -> None:
@@ -30,7 +36,6 @@ def _plot(rows: list[dict], png: Path, title: str) -> None:
     ax[1].set_ylabel("flash MiB read / token")
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    from xpuc.runtime.artifact import atomic_path
 
     with atomic_path(png, ".tmp.png") as tmp:
         fig.savefig(tmp, dpi=110)
@@ -41,9 +46,6 @@ def run_mode(artifact: Path, mode: str, ffn_share: float, tokens: int, prompt: l
              quiet: bool, io_threads: int | None = None) -> dict:
     """Decode in one mode; the row of the report (RSS sampled during the run, psutil)."""
     import psutil
-
-    from xpuc.runtime.offload import OffloadModel
-    from xpuc.runtime.progress import count
 
     proc = psutil.Process()
     with OffloadModel(artifact, mode, ffn_share, threads=threads, io_threads=io_threads) as m:
@@ -66,8 +68,6 @@ def run_mode(artifact: Path, mode: str, ffn_share: float, tokens: int, prompt: l
 def run_bench(artifact: Path, modes: list[str], ffn_share: float | None, total_budget: int | None, tokens: int,
               output: str, plot: str | None = None, threads: int | None = None, quiet: bool = False,
               prompt: list[int] | None = None, io_threads: int = 2, repeats: int = 1) -> str:
-    from xpuc.runtime.formats.jsonfile import write_json_atomic
-    from xpuc.runtime.packed import load_packed
 
     art = load_packed(Path(artifact))
     fl = art.flash
@@ -131,7 +131,6 @@ def run_bench(artifact: Path, modes: list[str], ffn_share: float | None, total_b
 def _worker(argv: list[str]) -> int:
     """``python -m xpuc.compiler.offload_bench ART MODE SHARE TOKENS PROMPT THREADS QUIET IO_THREADS``: one mode
     -> JSON."""
-    from xpuc.runtime.threads import configure_tvm_threads
 
     art, mode, share, tokens, prompt, threads, quiet, io_threads = argv
     configure_tvm_threads(int(threads) or None)

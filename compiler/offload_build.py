@@ -37,9 +37,11 @@ from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache
 from tvm.script import tirx as T
 
 from xpuc.compiler.relax_model import paged_kv_cache
+from xpuc.runtime.errors import XpucError
 from xpuc.runtime.formats.arch import ArchConfig
 from xpuc.schedules.linear import embedding_fp16, linear_fp16, pack_rows, packed_shape
 from xpuc.schedules.linear_quant import embedding_quant, linear_quant, quantize_matrix, quantized_shape
+from xpuc.schedules.sparse_ffn import dequantize_kernel, sparse_ffn_kernel
 
 DECODE_LIB = "decode.so"
 EMBED_QUANT = "q8_0"  # embedding / LM head format when the fixed segment is quantized (as `compile --quantize`)
@@ -241,8 +243,6 @@ def build_ffn_module(layout, threads: int, target):
     """The neuron-cluster kernels over a pool of any number of slots, and the records' dequantizer."""
     import tvm
 
-    from xpuc.schedules.sparse_ffn import dequantize_kernel, sparse_ffn_kernel
-
     modes = ["fused", "dense"] + (["gate", "updown"] if layout.gated else [])
     funcs = {m: sparse_ffn_kernel(layout, m, threads, symbolic=True).with_attr("global_symbol", m) for m in modes}
     funcs["dequant"] = dequantize_kernel(layout, threads, symbolic=True).with_attr("global_symbol", "dequant")
@@ -252,7 +252,6 @@ def build_ffn_module(layout, threads: int, target):
 def export_offload_modules(config: ArchConfig, layout, fixed_dtype: str, rank: int, threads: int, profile,
                            out: Path) -> dict:
     """Build and link both libraries for ``profile``'s CPU into ``out``; returns their manifest entries."""
-    from xpuc.runtime.errors import XpucError
 
     target, toolchain = profile.cpu_target(), profile.toolchain()
     if not toolchain.available():

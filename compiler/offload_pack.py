@@ -27,8 +27,18 @@ from pathlib import Path
 
 import numpy as np
 
+from xpuc.compiler.flash_layout import write_flash_layout
+from xpuc.compiler.frontends import load_model
+from xpuc.compiler.zoo import resolve_model
+from xpuc.runtime.artifact import sha256_file, staged_directory, versions
 from xpuc.runtime.errors import XpucError
-from xpuc.runtime.packed import FIXED_DTYPES, SMALL_FILES
+from xpuc.runtime.formats.manifest import MANIFEST, Manifest, ModuleEntry, OffloadInfo
+from xpuc.runtime.formats.plan import Plan
+from xpuc.runtime.formats.predictor import Predictor
+from xpuc.runtime.formats.profile_stats import ProfileStats
+from xpuc.runtime.packed import FIXED_DTYPES, SMALL_FILES, load_packed
+from xpuc.runtime.progress import Steps, count
+from xpuc.targets.profile import load_profile
 
 
 def fixed_segment(spec, predictor, flash, fixed_dtype: str) -> dict[str, np.ndarray]:
@@ -75,17 +85,7 @@ def pack_offload(model: str, stats_path: str, plan_path: str, predictor_path: st
 
     if fixed_dtype not in FIXED_DTYPES:
         raise XpucError(f"--fixed-dtype must be one of {', '.join(FIXED_DTYPES)}")
-    from xpuc.compiler.flash_layout import write_flash_layout
-    from xpuc.compiler.frontends import load_model
     from xpuc.compiler.offload_build import export_offload_modules
-    from xpuc.compiler.zoo import resolve_model
-    from xpuc.runtime.artifact import sha256_file, staged_directory, versions
-    from xpuc.runtime.formats.manifest import MANIFEST, Manifest, ModuleEntry, OffloadInfo
-    from xpuc.runtime.formats.plan import Plan
-    from xpuc.runtime.formats.predictor import Predictor
-    from xpuc.runtime.formats.profile_stats import ProfileStats
-    from xpuc.runtime.progress import Steps, count
-    from xpuc.targets.profile import load_profile
 
     profile = load_profile(device)
     spec = load_model(resolve_model(model))
@@ -141,6 +141,5 @@ def pack_offload(model: str, stats_path: str, plan_path: str, predictor_path: st
 
 def load_offload_artifact(path):
     """Kept for callers of the compiler side: see :func:`xpuc.runtime.packed.load_packed`."""
-    from xpuc.runtime.packed import load_packed
 
     return load_packed(Path(path))

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from xpuc.runtime.artifact import atomic_path
 from xpuc.runtime.formats.arch import ArchConfig
 
 
@@ -121,7 +122,6 @@ def decoder_prefill_onnx(path: str | os.PathLike, config: ArchConfig, weights: d
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], producer_name="xpuc",
                               ir_version=9)  # readable by every onnxruntime release of the last years
     onnx.checker.check_model(model)
-    from xpuc.runtime.artifact import atomic_path
 
     path = Path(path)
     with atomic_path(path) as tmp:

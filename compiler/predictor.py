@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from xpuc.compiler.profiler import ffn_activations, firing_mask
 from xpuc.compiler.spec import ModelSpec
 from xpuc.runtime.errors import XpucError
 from xpuc.runtime.formats.predictor import LayerPredictor, Predictor
@@ -33,7 +34,6 @@ def collect_pairs(spec: ModelSpec, token_ids: list[int], thresholds: list[float]
                   ) -> list[tuple[np.ndarray, np.ndarray]]:
     """Per FFN unit ``(X, M)``: its inputs (n, d) float32 and firing masks (n, F) bool (an MoE expert: the
     tokens routed to it)."""
-    from xpuc.compiler.profiler import ffn_activations, firing_mask
 
     c = spec.config
     xs: list[list[np.ndarray]] = [[] for _ in range(c.ffn_units)]

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from xpuc.compiler.reference import ReferenceModel, silu
 from xpuc.compiler.spec import ModelSpec
 from xpuc.runtime.errors import XpucError
 from xpuc.runtime.formats.profile_stats import ProfileStats
@@ -38,7 +39,6 @@ def ffn_activations(spec: ModelSpec, token_ids: list[int], window: int = 256):
     """Yield ``(unit, x, g, u)`` per window of ``token_ids``: the RMSNorm'd input and the gate and up
     pre-activations of every FFN unit (a layer's FFN; for MoE layers each expert on the tokens routed to it),
     from the fp16-rounded numpy reference (windows restart the context)."""
-    from xpuc.compiler.reference import ReferenceModel
 
     class Recording(ReferenceModel):
         def unit_ffn(self, unit: int, x: np.ndarray) -> np.ndarray:
@@ -60,7 +60,6 @@ def ffn_activations(spec: ModelSpec, token_ids: list[int], window: int = 256):
 
 def firing_mask(kind: str, g: np.ndarray, u: np.ndarray, threshold: float) -> np.ndarray:
     """Which neurons fire: ``act != 0`` for the ReLU kinds, ``|silu(g)| > threshold`` for SwiGLU."""
-    from xpuc.compiler.reference import silu
 
     if kind == "swiglu":
         return np.abs(silu(g)) > threshold
@@ -75,7 +74,6 @@ def profile_model(spec: ModelSpec, token_ids: list[int], target_sparsity: float 
 
     A frequency is the share of all tokens for which the neuron fires: an expert's neurons only fire for
     the tokens routed to it, so the frequencies of all units are comparable when the planner ranks them."""
-    from xpuc.compiler.reference import silu
 
     c = spec.config
     if c.ffn_kind == "swiglu" and target_sparsity is None:

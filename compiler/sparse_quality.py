@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from xpuc.compiler.profiler import firing_mask
 from xpuc.compiler.reference import ReferenceModel, silu
 from xpuc.compiler.spec import ModelSpec
 
@@ -29,7 +30,6 @@ class SparseReference(ReferenceModel):
         self.computed: list[float] = []  # share of neurons computed, per FFN call
 
     def unit_ffn(self, i: int, x: np.ndarray) -> np.ndarray:
-        from xpuc.compiler.profiler import firing_mask
 
         p, kind = self.config.ffn_prefix(i), self.config.ffn_kind
         g, u = x @ self.w[p + "gate_proj"].T, x @ self.w[p + "up_proj"].T

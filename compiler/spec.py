@@ -29,11 +29,14 @@ Q and K rows follow the Hugging Face "rotate half" RoPE convention.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from xpuc.runtime.errors import XpucError
 from xpuc.runtime.formats.arch import ArchConfig
 
 
@@ -78,7 +81,6 @@ class ModelSpec:
 
     def check_complete(self) -> None:
         """Raise XpucError naming the first missing or mis-shaped weight."""
-        from xpuc.runtime.errors import XpucError
 
         meta = getattr(self.weights, "meta", {})
         for name, shape in self.config.weight_shapes().items():
@@ -97,8 +99,6 @@ class ModelSpec:
         copy (q4_0 of an f16 file) is another model. The tensors hashed are small (O(layers x hidden) plus one
         projection), so the digest costs well under a second even for a 7B model.
         """
-        import hashlib
-        import json
 
         c = self.config
         h = hashlib.sha256(json.dumps(c.to_dict(), sort_keys=True).encode())

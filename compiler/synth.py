@@ -30,8 +30,13 @@ from pathlib import Path
 
 import numpy as np
 
+from xpuc.compiler.model_writer import write_hf_dir
+from xpuc.compiler.reference import ReferenceModel, route_tokens
+from xpuc.compiler.spec import LazyWeights, ModelSpec
+from xpuc.runtime.artifact import staged_directory
 from xpuc.runtime.errors import XpucError
 from xpuc.runtime.formats.arch import ArchConfig
+from xpuc.runtime.tokenizer import tokenizer_json_from_gguf_vocab
 
 SHAPES: dict[str, ArchConfig] = {
     "tiny": ArchConfig("mistral", 512, 128, 512, 2, 4, 2, 32, 1e4, 1e-5, "drelu", False, False, 1024),
@@ -83,9 +88,6 @@ def synthesize(shape: str, sparsity: float, seed: int, out: str | os.PathLike, a
                calib_tokens: int | None = None, quiet: bool = True, layers: int | None = None) -> SynthReport:
     """Write a dReLU model of ``shape`` to ``out`` (HF directory) and return its measured statistics.
     ``layers`` overrides the shape's layer count (e.g. a few layers of the 7B shape for a benchmark)."""
-    from xpuc.compiler.model_writer import write_hf_dir
-    from xpuc.compiler.reference import ReferenceModel
-    from xpuc.compiler.spec import LazyWeights, ModelSpec
 
     if shape not in SHAPES:
         raise XpucError(f"unknown shape '{shape}' (known: {', '.join(SHAPES)})")
@@ -143,7 +145,6 @@ def synthesize(shape: str, sparsity: float, seed: int, out: str | os.PathLike, a
         if not quiet:
             print(f"  layer {i}: calibrated on {calib} tokens", flush=True)
     report = _measure(shape, seed, sparsity, c, spec_now(), streams[1])
-    from xpuc.runtime.artifact import staged_directory
 
     with staged_directory(Path(out), force=False) as tmp:
         write_hf_dir(tmp, c, w, shards=2 if c.num_parameters() > 2e7 else 1, dtype="float16",
@@ -157,8 +158,6 @@ def _byte_tokenizer(vocab: int) -> str:
     """Byte-level tokenizer for a generated model: the 256 byte symbols, then special filler tokens."""
     from tokenizers import pre_tokenizers
 
-    from xpuc.runtime.tokenizer import tokenizer_json_from_gguf_vocab
-
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     extra = ["<|endoftext|>"] + [f"<|extra_{i}|>" for i in range(vocab - len(alphabet) - 1)]
     return tokenizer_json_from_gguf_vocab(alphabet + extra, [], [1] * len(alphabet) + [3] * len(extra))
@@ -170,7 +169,6 @@ def _ffn_input(ref, i: int, h: np.ndarray, n: int) -> np.ndarray:
 
 
 def _measure(shape, seed, sparsity, c, spec, tokens) -> SynthReport:
-    from xpuc.compiler.reference import ReferenceModel
 
     ref = ReferenceModel(spec)
     n = len(tokens)
@@ -224,10 +222,6 @@ def synthesize_moe(shape: str, sparsity: float, seed: int, out: str | os.PathLik
     calibrated per expert on the tokens routed to it, as in :func:`synthesize`. The numpy forward used for
     calibration runs here, layer by layer, before the model is complete.
     """
-    from xpuc.compiler.model_writer import write_hf_dir
-    from xpuc.compiler.reference import ReferenceModel, route_tokens
-    from xpuc.compiler.spec import LazyWeights, ModelSpec
-    from xpuc.runtime.artifact import staged_directory
 
     if shape not in MOE_SHAPES:
         raise XpucError(f"unknown MoE shape '{shape}' (known: {', '.join(MOE_SHAPES)})")

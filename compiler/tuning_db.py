@@ -18,11 +18,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
+import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from xpuc.compiler.passes.apply_tuning_database import workload_hash
+from xpuc.compiler.pipeline import DEFAULT_CPU_SCHEDULE
 from xpuc.runtime.artifact import atomic_path
 from xpuc.runtime.errors import XpucError
 
@@ -173,7 +176,6 @@ class TuningDatabase:
     def default_wins(self) -> tuple[set[str], int]:
         """(workload hashes whose default schedule measured faster than their best record, number of entries
         whose default latency is missing or was measured with an older default schedule)."""
-        from xpuc.compiler.pipeline import DEFAULT_CPU_SCHEDULE
 
         wins, stale = set(), 0
         for h, w in self.index.workloads.items():
@@ -197,8 +199,6 @@ def _describe(key: dict) -> str:
 
 def merge_databases(sources: list[str | os.PathLike], output: str | os.PathLike) -> TuningDatabase:
     """Union of tuning databases tuned for the same target; ``output`` must not exist (written atomically)."""
-    import shutil
-    import tempfile
 
     out = Path(output)
     if out.exists():

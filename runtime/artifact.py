@@ -7,6 +7,7 @@ import os
 import shutil
 import tempfile
 from contextlib import contextmanager
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from xpuc.runtime.errors import XpucError
@@ -38,7 +39,6 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
 
 
 def versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
 
     import tvm
 

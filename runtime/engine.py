@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 from collections.abc import Callable
@@ -26,7 +27,6 @@ def _host_can_run(mtriple: str) -> bool:
 
 def prefill_device(module) -> tuple[object | None, str]:
     """The device that runs a separate prefill module here, or ``None`` and why prefill stays on the CPU."""
-    import json
 
     import tvm
 

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 import os
 import threading
@@ -24,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from xpuc.runtime.errors import XpucError
+from xpuc.runtime.native import batch_reader
 
 ALIGN = 4096
 
@@ -81,7 +83,6 @@ class FlashReader:
 
     def __init__(self, path: str | os.PathLike, record_bytes: int, io_threads: int = 1, direct: bool = True,
                  merge_gap: int = 0, max_span: int = 1 << 20, queue_depth: int = 4, native: bool = True) -> None:
-        from xpuc.runtime.native import batch_reader
 
         self.path = Path(path)
         if not self.path.is_file():
@@ -171,7 +172,6 @@ class FlashReader:
             self.io_seconds += time.perf_counter() - t0
 
     def _read_native(self, offs, lo, reach, groups, dests, crcs) -> int:
-        import ctypes
 
         g0 = np.array([g[0] for g in groups], np.int64)
         g1 = np.array([g[1] for g in groups], np.int64)

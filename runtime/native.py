@@ -14,12 +14,13 @@ import tempfile
 from functools import cache
 from pathlib import Path
 
+from xpuc.runtime.artifact import cache_dir
+
 SOURCE = Path(__file__).with_name("batch_read.c")
 
 
 @cache
 def batch_reader() -> ctypes.CDLL | None:
-    from xpuc.runtime.artifact import cache_dir
 
     if os.environ.get("XPUC_NO_NATIVE") == "1" or not SOURCE.is_file():
         return None

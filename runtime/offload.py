@@ -30,8 +30,10 @@ from pathlib import Path
 import numpy as np
 
 from xpuc.runtime.errors import XpucError
-from xpuc.runtime.flash_reader import aligned_empty
+from xpuc.runtime.flash_reader import FlashReader, aligned_empty
+from xpuc.runtime.generation import generate
 from xpuc.runtime.offload_ffn import MODES, FFNPaths
+from xpuc.runtime.packed import load_packed
 
 PAGE_SIZE = 16
 PREFILL_CHUNK = 256  # prompt tokens per prefill call (the KV cache's prefill chunk)
@@ -69,7 +71,6 @@ class RunMetrics:
 
 def _return_freed_memory() -> None:
     """Give the heap's free pages back to the OS (glibc keeps them after large frees; RSS would count them)."""
-    import ctypes
     import ctypes.util
 
     try:
@@ -101,9 +102,6 @@ class OffloadModel(FFNPaths):
         import tvm
         from tvm.runtime import ShapeTuple
         from tvm.runtime.vm import VirtualMachine
-
-        from xpuc.runtime.flash_reader import FlashReader
-        from xpuc.runtime.packed import load_packed
 
         if mode not in MODES:
             raise XpucError(f"unknown mode '{mode}' (known: {', '.join(MODES)})")
@@ -327,7 +325,6 @@ class OffloadModel(FFNPaths):
     def generate(self, prompt: list[int], max_new_tokens: int, progress=None) -> tuple[list[int], RunMetrics]:
         """Greedy generation through :func:`xpuc.runtime.generation.generate`; per-token metrics of the decode
         steps (flash bytes, requests, I/O time, stalls)."""
-        from xpuc.runtime.generation import generate
 
         def on_token(_tok: int) -> None:
             if progress and self.token_metrics:

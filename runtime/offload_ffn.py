@@ -15,6 +15,7 @@ import numpy as np
 from xpuc.runtime.errors import XpucError
 from xpuc.runtime.flash_reader import aligned_empty
 from xpuc.runtime.formats.bundle import activation
+from xpuc.runtime.neuron_cache import NeuronCache
 
 MODES = ("naive", "llmflash", "cache", "full")
 PREDICTOR_MIN_IDLE = 0.01  # a unit whose clusters are expected idle on fewer than 1 % of (cluster, token) pairs
@@ -76,8 +77,6 @@ class FFNPaths:
 
     def _setup_ffn(self, ffn_fraction: float | None) -> None:
         from threadpoolctl import threadpool_info, threadpool_limits
-
-        from xpuc.runtime.neuron_cache import NeuronCache
 
         fl, L = self.flash, len(self.flash.layers)
         self.always_active = self._always_active_units()

@@ -10,7 +10,12 @@ import numpy as np
 
 from xpuc.runtime.artifact import member_path, verify
 from xpuc.runtime.errors import XpucError
+from xpuc.runtime.formats.arch import ArchConfig
+from xpuc.runtime.formats.flash import FlashLayout
 from xpuc.runtime.formats.manifest import MANIFEST, Manifest, read_manifest
+from xpuc.runtime.formats.plan import Plan
+from xpuc.runtime.formats.predictor import Predictor
+from xpuc.runtime.formats.profile_stats import ProfileStats
 
 FIXED_DTYPES = ("float16", "q8_0", "q4_0", "q4_1")
 SMALL_FILES = ("fixed.safetensors", "ffn.crc32.npy", "flash.json", "plan.json", "profile.json",
@@ -41,7 +46,6 @@ class PackedModel:
     @property
     def predictor(self):
         """The trained predictor (for inspection and tests; the runtime runs its compiled copy)."""
-        from xpuc.runtime.formats.predictor import Predictor
 
         return Predictor.load(self.path / "predictor.safetensors")
 
@@ -64,11 +68,6 @@ def read_packed_manifest(path: Path) -> Manifest:
 def load_packed(path: Path, check_device: bool = True) -> PackedModel:
     """Verify versions, target and every digest, then read the small files (``ffn.bin`` stays on flash)."""
     from safetensors.numpy import load_file
-
-    from xpuc.runtime.formats.arch import ArchConfig
-    from xpuc.runtime.formats.flash import FlashLayout
-    from xpuc.runtime.formats.plan import Plan
-    from xpuc.runtime.formats.profile_stats import ProfileStats
 
     path = Path(path)
     m = read_packed_manifest(path)

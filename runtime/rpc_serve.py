@@ -11,6 +11,7 @@ It imports nothing but ``tvm`` (the runtime-only library is enough), so the same
 from __future__ import annotations
 
 import argparse
+import logging
 import signal
 import sys
 
@@ -18,7 +19,6 @@ import sys
 def serve(tracker: tuple[str, int] | None, key: str, host: str = "0.0.0.0", port: int = 9090,
           port_end: int = 9199, custom_addr: str | None = None, silent: bool = False) -> None:
     """Bind, register with ``tracker`` under ``key`` and serve until SIGTERM / Ctrl-C."""
-    import logging
 
     from tvm.rpc import server as tvm_server
 

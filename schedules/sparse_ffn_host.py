@@ -12,7 +12,8 @@ import numpy as np
 
 from xpuc.runtime.errors import XpucError
 from xpuc.runtime.flash_reader import aligned_empty
-from xpuc.runtime.formats.bundle import BundleLayout
+from xpuc.runtime.formats.bundle import BundleLayout, activation, dequantize_bundle
+from xpuc.targets.profile import load_profile
 
 
 @dataclass
@@ -47,7 +48,6 @@ class SparseFFNKernel:
         import tvm
 
         from xpuc.schedules.sparse_ffn import sparse_ffn_kernel
-        from xpuc.targets.profile import load_profile
 
         if tuple(self.bundle.shape) != self.layout.shape() or str(self.bundle.dtype) != self.layout.storage_dtype:
             raise XpucError(f"bundle has shape {self.bundle.shape} {self.bundle.dtype}, expected "
@@ -152,7 +152,6 @@ class SparseFFNKernel:
 
     def active_clusters(self, x: np.ndarray) -> np.ndarray:
         """Oracle: the clusters with at least one firing neuron for ``x`` (computed densely in numpy)."""
-        from xpuc.runtime.formats.bundle import activation, dequantize_bundle
 
         w = dequantize_bundle(self.layout, self.bundle)
         g = np.einsum("ncd,d->nc", w[:, :, 0], x.astype(np.float32))
@@ -172,7 +171,6 @@ class BundleDequantizer:
         import tvm
 
         from xpuc.schedules.sparse_ffn import dequantize_kernel
-        from xpuc.targets.profile import load_profile
 
         self.layout = layout
         func = dequantize_kernel(layout, threads).with_attr("global_symbol", "dequant")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,7 +63,6 @@ class ElfReport:
 def inspect_elf(path: Path) -> ElfReport:
     """Read an aarch64 shared object with llvm-readelf/llvm-objdump (or the binutils cross tools)."""
     def tool(*names: str) -> str:
-        import shutil
 
         for n in names:
             if shutil.which(n):

@@ -24,8 +24,10 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from importlib.metadata import version
 from pathlib import Path
 
+from xpuc.runtime.artifact import cache_dir
 from xpuc.runtime.errors import XpucError
 
 PY = "python3.11"
@@ -36,7 +38,6 @@ HOST_TOOLS = ("qemu-aarch64-static", "aarch64-linux-gnu-gcc")
 
 
 def arm_root() -> Path:
-    from xpuc.runtime.artifact import cache_dir
 
     return cache_dir() / "arm64"
 
@@ -132,7 +133,6 @@ def xpuc_package(dest: Path) -> Path:
     sources (pure Python, arch-independent), and a ``dist-info`` that carries the installed version, so
     artifacts verify their xpuc version as they do on the host.
     """
-    from importlib.metadata import version
 
     import xpuc.runtime
 

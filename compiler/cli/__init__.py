@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
 
 from xpuc.compiler.cli import build as _build
@@ -12,6 +14,8 @@ from xpuc.compiler.cli import run as _run
 from xpuc.compiler.cli import tune as _tune
 from xpuc.compiler.cli.args import POSITIVE, XpucArgumentParser
 from xpuc.runtime.errors import XpucError
+from xpuc.runtime.progress import end_open_line
+from xpuc.runtime.threads import configure_tvm_threads
 
 EPILOG = """examples:
   xpuc targets
@@ -34,16 +38,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import os
 
     args = build_parser().parse_args(argv)
     if args.command == "run" and "tvm" not in sys.modules:
         # running needs only TVM's runtime library (~80 MiB resident instead of ~260 MiB with the compiler)
         os.environ.setdefault("TVM_USE_RUNTIME_LIB", "1")
-    from xpuc.runtime.threads import configure_tvm_threads
 
     configure_tvm_threads(args.threads)
-    from xpuc.runtime.progress import end_open_line
 
     interrupted, restore = _watch_interrupts()
     try:
@@ -76,7 +77,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def _watch_interrupts():
     """Record SIGINT (then raise KeyboardInterrupt as Python does); returns 'was there one?' and 'restore'."""
-    import signal
 
     seen = []
 
@@ -92,7 +92,6 @@ def _watch_interrupts():
 
 
 def _interrupted() -> int:
-    from xpuc.runtime.progress import end_open_line
 
     end_open_line()
     print("xpuc: interrupted", file=sys.stderr)

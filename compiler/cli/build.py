@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import argparse
 
+from xpuc.compiler.build import compile_model, compile_onnx
+from xpuc.compiler.zoo import resolve_model
 from xpuc.runtime.errors import XpucError
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
-    from xpuc.compiler.build import compile_model, compile_onnx
-    from xpuc.compiler.zoo import resolve_model
 
     if str(args.model).endswith(".onnx"):
         from xpuc.compiler.tuning.workloads import parse_buckets

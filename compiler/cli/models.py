@@ -5,13 +5,22 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
+
 from xpuc.compiler.cli.args import NON_NEGATIVE, POSITIVE, SHARE, float_in
+from xpuc.compiler.frontends import load_model
+from xpuc.compiler.synth import MOE_SHAPES, synthesize, synthesize_moe
+from xpuc.compiler.tuning.sparse_tuning import best_records
+from xpuc.compiler.zoo import fetch, resolve_model
+from xpuc.runtime.artifact import read_manifest
+from xpuc.runtime.packed import load_packed
+from xpuc.targets.profile import load_profile, profile_names
 
 
 def cmd_targets(args: argparse.Namespace) -> int:
-    from xpuc.targets.profile import load_profile, profile_names
 
     rows = [load_profile(n).summary() for n in profile_names()]
     if args.json:
@@ -25,13 +34,11 @@ def cmd_targets(args: argparse.Namespace) -> int:
     return 0
 
 def cmd_fetch(args: argparse.Namespace) -> int:
-    from xpuc.compiler.zoo import fetch
 
     print(fetch(args.name))
     return 0
 
 def cmd_synth(args: argparse.Namespace) -> int:
-    from xpuc.compiler.synth import MOE_SHAPES, synthesize, synthesize_moe
 
     if args.shape in MOE_SHAPES:
         m = synthesize_moe(args.shape, args.sparsity, args.seed, args.output, alpha=args.alpha, layers=args.layers,
@@ -50,7 +57,6 @@ def cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 def _inspect_artifact(path: Path, as_json: bool) -> int:
-    from xpuc.runtime.artifact import read_manifest
 
     m = read_manifest(path)
     if as_json:
@@ -85,7 +91,6 @@ def _inspect_artifact(path: Path, as_json: bool) -> int:
               f"{size / 2**20:.1f} MiB, {len(mod.kernels)} kernels{extra}")
         for k in mod.kernels:
             print(f"             {k}")
-    import numpy as np
 
     total = sum(int(np.prod(p["shape"])) * np.dtype(p["dtype"]).itemsize for p in m.params)
     info = m.modules[0].info if m.modules else {}
@@ -100,7 +105,6 @@ def _inspect_artifact(path: Path, as_json: bool) -> int:
     return 0
 
 def _inspect_model(path: Path, as_json: bool) -> int:
-    from xpuc.compiler.frontends import load_model
 
     spec = load_model(path, with_tokenizer=False)
     meta = getattr(spec.weights, "meta", {})
@@ -124,7 +128,6 @@ def _inspect_model(path: Path, as_json: bool) -> int:
 
 def _inspect_packed(path: Path, as_json: bool) -> int:
     """A packed (offloading) model: layout, plan, predictor and sizes; checksums verified on load."""
-    from xpuc.runtime.packed import load_packed
 
     art = load_packed(path, check_device=False)
     fl, plan, c = art.flash, art.plan, art.config
@@ -152,7 +155,6 @@ def _inspect_packed(path: Path, as_json: bool) -> int:
     return 0
 
 def _inspect_tuning(path: Path, as_json: bool) -> int:
-    from dataclasses import asdict
 
     from xpuc.compiler.tuning_db import TuningDatabase
 
@@ -167,7 +169,6 @@ def _inspect_tuning(path: Path, as_json: bool) -> int:
         best = f"{w.best_us:.1f} us" if w.best_us else "-"
         ref = f" (default {w.default_us:.1f} us)" if w.default_us else ""
         print(f"  {w.name[:56]:56s} @{w.bucket:<5d} {w.trials:5d} trials  best {best}{ref}")
-    from xpuc.compiler.tuning.sparse_tuning import best_records
 
     for b in sorted(best_records(db.index.sparse), key=lambda b: (b["d_ff"], b["dtype"], b["sparsity"])):
         print(f"  sparse {b['kind']} {b['d_model']}x{b['d_ff']} {b['dtype']} at sparsity {b['sparsity']:.2f}: "
@@ -175,7 +176,6 @@ def _inspect_tuning(path: Path, as_json: bool) -> int:
     return 0
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from xpuc.compiler.zoo import resolve_model
 
     p = resolve_model(args.path)
     if p.is_dir() and (p / "xpuc-tuning.json").exists():

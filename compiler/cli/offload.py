@@ -8,18 +8,25 @@ import dataclasses
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from xpuc.compiler.cli.args import POSITIVE, float_in, int_at_least
 from xpuc.compiler.cli.run import parse_modes
+from xpuc.compiler.frontends import load_model
+from xpuc.compiler.offload_bench import run_bench
+from xpuc.compiler.offload_pack import pack_offload
+from xpuc.compiler.planner import plan_neurons
+from xpuc.compiler.profiler import profile_model, read_text_files
+from xpuc.compiler.zoo import resolve_model
+from xpuc.runtime.artifact import check_output_file
 from xpuc.runtime.budget import parse_budget, parse_size
 from xpuc.runtime.errors import XpucError
+from xpuc.runtime.formats.profile_stats import ProfileStats
+from xpuc.runtime.tokenizer import XpucTokenizer
+from xpuc.targets.profile import load_profile
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
-    from xpuc.compiler.frontends import load_model
-    from xpuc.compiler.profiler import profile_model, read_text_files
-    from xpuc.compiler.zoo import resolve_model
-    from xpuc.runtime.artifact import check_output_file
-    from xpuc.runtime.tokenizer import XpucTokenizer
 
     for out in (args.output, args.predictor):
         if out:
@@ -69,14 +76,6 @@ def cmd_profile(args: argparse.Namespace) -> int:
     return 0
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    import numpy as np
-
-    from xpuc.compiler.frontends import load_model
-    from xpuc.compiler.planner import plan_neurons
-    from xpuc.compiler.zoo import resolve_model
-    from xpuc.runtime.artifact import check_output_file
-    from xpuc.runtime.formats.profile_stats import ProfileStats
-    from xpuc.targets.profile import load_profile
 
     check_output_file(args.output)
     spec = load_model(resolve_model(args.model), with_tokenizer=False)
@@ -102,7 +101,6 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 def cmd_pack(args: argparse.Namespace) -> int:
-    from xpuc.compiler.offload_pack import pack_offload
 
     out = pack_offload(args.model, args.stats, args.plan, args.predictor, args.output, args.force, args.quiet,
                        fixed_dtype=args.fixed_dtype, device=args.device)
@@ -110,8 +108,6 @@ def cmd_pack(args: argparse.Namespace) -> int:
     return 0
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from xpuc.compiler.offload_bench import run_bench
-    from xpuc.runtime.artifact import check_output_file
 
     modes = parse_modes(args.modes)
     share, total = parse_budget(args.budget)

@@ -14,9 +14,17 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 from xpuc.compiler.cli.args import NON_NEGATIVE, POSITIVE, float_in
+from xpuc.runtime.artifact import read_manifest
 from xpuc.runtime.budget import parse_budget
 from xpuc.runtime.errors import XpucError
+from xpuc.runtime.generation import generate
+from xpuc.runtime.graph import GraphRunner
+from xpuc.runtime.offload import MODES, OffloadModel
+from xpuc.runtime.sampler import SamplingParams
+from xpuc.runtime.tokenizer import XpucTokenizer
 
 
 def peak_rss_mib() -> float:
@@ -24,7 +32,6 @@ def peak_rss_mib() -> float:
 
 
 def parse_modes(text: str) -> list[str]:
-    from xpuc.runtime.offload import MODES
 
     modes = [m.strip() for m in text.split(",") if m.strip()]
     bad = [m for m in modes if m not in MODES]
@@ -44,7 +51,6 @@ def max_context(args: argparse.Namespace, model_context: int) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from xpuc.runtime.artifact import read_manifest
 
     manifest = read_manifest(Path(args.artifact))
     if manifest.kind == "graph":
@@ -80,8 +86,6 @@ def _run_compiled(args: argparse.Namespace, context: int) -> int:
 
 
 def _run_packed(args: argparse.Namespace, context: int) -> int:
-    from xpuc.runtime.offload import OffloadModel
-    from xpuc.runtime.tokenizer import XpucTokenizer
 
     art = Path(args.artifact)
     if not (art / "tokenizer.json").is_file():
@@ -117,8 +121,6 @@ def _run_packed(args: argparse.Namespace, context: int) -> int:
 
 def _generate(args: argparse.Namespace, session, ids: list[int], tokenizer, vocab_size: int, after_prefill=None):
     """The one generation loop, with the CLI's sampling flags and streaming (Ctrl-C: main prints, exit 130)."""
-    from xpuc.runtime.generation import generate
-    from xpuc.runtime.sampler import SamplingParams
 
     streaming = not (args.json or args.no_stream) and tokenizer is not None
     t0 = time.perf_counter()
@@ -158,9 +160,6 @@ def _report(args: argparse.Namespace, res, stats: dict, summary: str) -> int:
 
 
 def _run_graph(args: argparse.Namespace) -> int:
-    import numpy as np
-
-    from xpuc.runtime.graph import GraphRunner
 
     runner = GraphRunner(args.artifact)
     if not args.inputs:

@@ -4,11 +4,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import platform
 import sys
 from pathlib import Path
 
 from xpuc.compiler.cli.args import POSITIVE, SECONDS, int_in
+from xpuc.compiler.frontend_onnx import import_onnx
+from xpuc.compiler.frontends import load_model
+from xpuc.compiler.tuning.rpc import parse_address, run_tracker
+from xpuc.compiler.tuning.sparse_tuning import as_dicts, best_records, tune_sparse
+from xpuc.compiler.zoo import resolve_model
 from xpuc.runtime.errors import XpucError
+from xpuc.runtime.progress import Steps
+from xpuc.runtime.rpc_serve import serve
+from xpuc.targets.profile import load_profile
 
 PORT = int_in(1, 65535)
 
@@ -22,13 +31,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
         raise XpucError("tune needs --db DIR (the tuning database to create or resume)")
     if args.sparse:
         return _tune_sparse(args)
-    from xpuc.compiler.frontend_onnx import import_onnx
     from xpuc.compiler.tuning.tune import make_builder, tune_workloads
     from xpuc.compiler.tuning.workloads import extract_workloads, graph_from_source, parse_buckets
     from xpuc.compiler.tuning_db import TuningDatabase
-    from xpuc.compiler.zoo import resolve_model
-    from xpuc.runtime.progress import Steps
-    from xpuc.targets.profile import load_profile
 
     buckets = parse_buckets(args.buckets)
     profile = load_profile(args.device)
@@ -92,11 +97,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 def _tune_sparse(args: argparse.Namespace) -> int:
     """``xpuc tune MODEL --sparse``: the sparse FFN kernels' knobs for the model's FFN shape (measured here)."""
-    from xpuc.compiler.frontends import load_model
-    from xpuc.compiler.tuning.sparse_tuning import as_dicts, best_records, tune_sparse
     from xpuc.compiler.tuning_db import TuningDatabase
-    from xpuc.compiler.zoo import resolve_model
-    from xpuc.targets.profile import load_profile
 
     if args.rpc_tracker:
         raise XpucError("--sparse measures on this machine only (the sparse kernels are not meta_schedule tasks)")
@@ -133,7 +134,6 @@ def _fmt(v: float | None) -> str:
 
 
 def _host_arch() -> str:
-    import platform
 
     return platform.machine()
 
@@ -149,14 +149,12 @@ def _merge(args: argparse.Namespace) -> int:
 
 
 def cmd_rpc_tracker(args: argparse.Namespace) -> int:
-    from xpuc.compiler.tuning.rpc import run_tracker
 
     run_tracker(args.host, args.port, args.port_end)
     return 0
 
 
 def cmd_rpc_server(args: argparse.Namespace) -> int:
-    from xpuc.compiler.tuning.rpc import parse_address
 
     tracker = parse_address(args.tracker, "--tracker") if args.tracker else None
     if args.emulate:
@@ -174,7 +172,6 @@ def cmd_rpc_server(args: argparse.Namespace) -> int:
         finally:
             server.stop()
         return 0
-    from xpuc.runtime.rpc_serve import serve
 
     try:
         serve(tracker, args.key, args.host, args.port, args.port + 100, args.custom_addr, args.silent)

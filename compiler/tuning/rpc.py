@@ -22,7 +22,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from xpuc.runtime.errors import XpucError
+from xpuc.targets.qemu import DEFAULT_CPU, emulated_env, emulated_python
 
 #: the device-side server (imports nothing but tvm), run as a script on the host or under QEMU
 _SERVER_SCRIPT = str(Path(__file__).resolve().parents[2] / "runtime" / "rpc_serve.py")
@@ -115,7 +118,6 @@ def start_server(tracker: tuple[str, int], key: str, host: str = "127.0.0.1", po
 def start_emulated_server(tracker: tuple[str, int], key: str, host: str = "127.0.0.1", port: int = 9600,
                           timeout: float = 120, cpu: str | None = None) -> ManagedProcess:
     """An aarch64 RPC server: arm64 Python + TVM runtime under ``qemu-aarch64-static``."""
-    from xpuc.targets.qemu import DEFAULT_CPU, emulated_env, emulated_python
 
     env = emulated_env(cpu or DEFAULT_CPU)
     cmd = [*emulated_python(), _SERVER_SCRIPT,
@@ -177,7 +179,6 @@ def check_tracker(host: str, port: int, key: str, timeout: float = 10.0, wait_fr
 
 def alloc_arguments(session, device, args_info, alloc_repeat: int):
     """RPCRunner argument allocator: random inputs from numpy, copied to the device (runtime-only servers)."""
-    import numpy as np
     from tvm.s_tir.meta_schedule.runner.utils import alloc_argument_common
 
     rng = np.random.default_rng(0)

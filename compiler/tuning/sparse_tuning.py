@@ -22,12 +22,14 @@ from __future__ import annotations
 import itertools
 import math
 import os
+import sys
 from dataclasses import asdict, dataclass
 
 import numpy as np
 
 from xpuc.runtime.errors import XpucError
 from xpuc.runtime.formats.bundle import BundleLayout
+from xpuc.targets.profile import load_profile
 
 
 @dataclass
@@ -71,7 +73,6 @@ def measure(kind: str, d_model: int, d_ff: int, dtype: str, sparsity: float, kno
     import tvm
 
     from xpuc.schedules.sparse_ffn import sparse_ffn_kernel
-    from xpuc.targets.profile import load_profile
 
     layout = BundleLayout(kind, d_model, d_ff, knobs.cluster, dtype)
     target = target or load_profile("host").cpu_target()
@@ -117,7 +118,6 @@ def tune_sparse(kind: str, d_model: int, d_ff: int, dtype: str, sparsities: tupl
                 measure_fn=measure, prior: list[dict] | None = None) -> list[SparseRecord]:
     """XGBoost-guided measured search up to ``trials`` measurements in total, counting ``prior`` records of the
     same shape (a rerun resumes); returns the new measurements as records (in measuring order)."""
-    import sys
 
     import xgboost as xgb
     from tqdm import tqdm

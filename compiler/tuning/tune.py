@@ -17,7 +17,12 @@ import functools
 import importlib
 import importlib.util
 import logging
+import os
+import platform
+import signal
 import sys
+import tempfile
+import threading
 import time
 import types
 from dataclasses import dataclass, field
@@ -25,10 +30,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from xpuc.compiler.passes.apply_tuning_database import workload_hash
-from xpuc.compiler.pipeline import DEFAULT_CPU_SCHEDULE
+from xpuc.compiler.pipeline import DEFAULT_CPU_SCHEDULE, default_cpu_schedule
 from xpuc.compiler.tuning.workloads import TuningWorkload
 from xpuc.compiler.tuning_db import TuningDatabase, WorkloadEntry
 from xpuc.runtime.errors import XpucError
+from xpuc.targets.profile import toolchain_for
 
 
 @dataclass
@@ -83,10 +89,6 @@ def build_kernel(mod, target, _params):
 
 def export_shared(mtriple: str, mod) -> str:
     """meta_schedule export function: a shared library linked with the toolchain for ``mtriple``."""
-    import os
-    import tempfile
-
-    from xpuc.targets.profile import toolchain_for
 
     # meta_schedule removes the artifact's whole directory after measuring: it must be a fresh one
     path = os.path.join(tempfile.mkdtemp(prefix="xpuc-tune-"), "kernel.so")
@@ -119,22 +121,18 @@ class _StopRequest:
         self._old = None
 
     def __enter__(self) -> _StopRequest:
-        import signal
-        import threading
 
         if threading.current_thread() is threading.main_thread():
             self._old = signal.signal(signal.SIGINT, self._handle)
         return self
 
     def _handle(self, *_args) -> None:
-        import signal
 
         self.requested = True
         print("\nxpuc: stopping after the batch being measured (Ctrl-C again to abort now)", file=sys.stderr)
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def __exit__(self, *exc) -> None:
-        import signal
 
         if self._old is not None:
             signal.signal(signal.SIGINT, self._old)
@@ -190,8 +188,6 @@ def _warm_cost_model(model, ctx, records) -> int:
 def default_latency_us(wl: TuningWorkload, target) -> float | None:
     """The kernel as xpuc compiles it without a database (the CPU schedule phase), timed here."""
     import tvm
-
-    from xpuc.compiler.pipeline import default_cpu_schedule
 
     mod = default_cpu_schedule(target)(tvm.IRModule({"main": wl.mod["main"]}))
     try:
@@ -300,7 +296,6 @@ def _record(db: TuningDatabase, wl: TuningWorkload, h: str, entry: WorkloadEntry
 
 
 def _is_host(target) -> bool:
-    import platform
 
     triple = str(target.attrs.get("mtriple", "") or "")
     return not triple or triple.split("-")[0] == platform.machine()

@@ -17,6 +17,7 @@ Sources:
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
 from dataclasses import dataclass
@@ -25,6 +26,11 @@ from pathlib import Path
 import tvm
 from tvm import relax
 
+from xpuc.compiler.frontend_onnx import read_onnx
+from xpuc.compiler.frontends import load_model
+from xpuc.compiler.onnx_export import decoder_prefill_onnx
+from xpuc.compiler.passes.apply_tuning_database import has_symbolic_shape
+from xpuc.compiler.pipeline import phases
 from xpuc.runtime.errors import XpucError
 
 DEFAULT_BUCKETS = (16, 64, 256, 512)
@@ -58,7 +64,6 @@ def parse_buckets(text: str) -> tuple[int, ...]:
 
 def graph_from_source(source: str | os.PathLike):
     """(ONNX ModelProto, description) for an ONNX file, a model or an artifact directory."""
-    from xpuc.compiler.frontend_onnx import read_onnx
 
     path = Path(source)
     if path.suffix == ".onnx":
@@ -74,7 +79,6 @@ def graph_from_source(source: str | os.PathLike):
                 raise XpucError(f"{path}: its source ONNX file {src} is gone; tune the ONNX file itself")
             return read_onnx(src), src.name
         return _decoder_graph(ArchConfig.from_dict(manifest.config)), f"{path.name} (decoder prefill graph)"
-    from xpuc.compiler.frontends import load_model
 
     spec = load_model(source, with_tokenizer=False)
     if spec.config.is_moe:
@@ -84,11 +88,8 @@ def graph_from_source(source: str | os.PathLike):
 
 
 def _decoder_graph(config):
-    import dataclasses
 
     import onnx
-
-    from xpuc.compiler.onnx_export import decoder_prefill_onnx
 
     one_layer = dataclasses.replace(config, num_layers=1)
     with tempfile.TemporaryDirectory() as d:
@@ -111,7 +112,6 @@ def bind_bucket(mod: tvm.IRModule, bucket: int, func: str = "main") -> tvm.IRMod
 
 def lower_for_tuning(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
     """xpuc's phases up to the schedule phase (what the tuned kernels must match at compile time)."""
-    from xpuc.compiler.pipeline import phases
 
     for name, fn in phases(target):
         if name == "schedule":
@@ -124,8 +124,6 @@ def extract_workloads(mod: tvm.IRModule, target: tvm.target.Target,
                       buckets: tuple[int, ...] = DEFAULT_BUCKETS) -> list[TuningWorkload]:
     """The tunable kernels of ``mod``'s ``main`` at each bucket (hand-scheduled kernels excluded)."""
     from tvm.s_tir import meta_schedule as ms
-
-    from xpuc.compiler.passes.apply_tuning_database import has_symbolic_shape
 
     out: list[TuningWorkload] = []
     for bucket in buckets:

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from xpuc.runtime.errors import XpucError
+
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
 FFN_KINDS = ("swiglu", "reglu", "drelu")
 
@@ -35,7 +37,6 @@ class ArchConfig:
 
     def __post_init__(self) -> None:
         """Sizes are positive integers within reason and the heads fit: a damaged file's config fails here."""
-        from xpuc.runtime.errors import XpucError
 
         limits = {"vocab_size": 1 << 22, "hidden_size": 1 << 16, "intermediate_size": 1 << 20, "num_layers": 1024,
                   "num_heads": 1024, "num_kv_heads": 1024, "head_dim": 4096, "context_length": 1 << 22}
@@ -86,7 +87,6 @@ class ArchConfig:
     @classmethod
     def from_dict(cls, d: Mapping) -> ArchConfig:
         """The config of a manifest, plan or profile; a missing field is an XpucError like a bad value."""
-        from xpuc.runtime.errors import XpucError
 
         fields = dataclasses.fields(cls)
         if not isinstance(d, Mapping):

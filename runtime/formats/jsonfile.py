@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
 
+from xpuc.runtime.artifact import atomic_path
 from xpuc.runtime.errors import XpucError
 
 
 def write_json_atomic(path: str | os.PathLike, obj) -> Path:
     """Write ``obj`` as JSON to ``path`` through a temporary file and a rename (never half-written)."""
-    from xpuc.runtime.artifact import atomic_path
 
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj))
@@ -41,7 +42,6 @@ class JsonRecord:
     WHAT = "record"
 
     def save(self, path: str | os.PathLike) -> Path:
-        import dataclasses
 
         return write_json_atomic(path, dataclasses.asdict(self))
 

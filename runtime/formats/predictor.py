@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from xpuc.runtime.artifact import atomic_path
 from xpuc.runtime.errors import XpucError
 
 PREDICTOR_SCHEMA = "2"  # 2: the fingerprint is the model's (ModelSpec.fingerprint)
@@ -41,8 +42,6 @@ class Predictor:
 
     def save(self, path: str | os.PathLike) -> Path:
         from safetensors.numpy import save_file
-
-        from xpuc.runtime.artifact import atomic_path
 
         path = Path(path)
         tensors = {}
