@@ -12,6 +12,12 @@ Two libraries, loaded by the runtime with TVM's runtime library only:
     pre_norm(h, ys, yw, ffn_norm) -> x[d]          (prefetch: the FFN input guessed before attention)
     route(x[s * d], router[E, d]) -> (experts[s, k] int32, weights[s, k])   (MoE: Mixtral's top-k softmax)
     head(h, ys, yw, final_norm, head) -> logits[1, 1, vocab]   (the last token)
+    decode_resident(ids[1, 1], kv, table, final_norm, head, pool, layers) -> (logits, kv)
+        one token through every layer in one call, each layer's FFN by the fused neuron-cluster kernel over all
+        of its clusters, read in place from the neuron cache's pool (``layers[i]``: attn_norm, qkv, o,
+        ffn_norm, thr, slots[n_clusters][, qkv_bias]); for dense models whose FFN is wholly in memory and
+        computed in full (every unit's clusters expected to fire), where the per-layer calls and their Python
+        glue would be all that stands between the packed model and the compiled decoder
     create_paged_kv_cache(...)
 
     One function serves every layer: the layer's weights and its KV-cache layer id are arguments. The FFN
@@ -120,10 +126,12 @@ def route_topk(n_experts: int, k: int):
 class OffloadStep(nn.Module):
     """The per-layer decode and prefill steps of a packed model (no parameters: weights are arguments)."""
 
-    def __init__(self, c: ArchConfig, fixed_dtype: str, cluster: int, rank: int, target) -> None:
+    def __init__(self, c: ArchConfig, fixed_dtype: str, cluster: int, rank: int, target, layout=None,
+                 threads: int = 2) -> None:
         self.c, self.fmt, self.cluster, self.rank, self.target = c, fixed_dtype, cluster, rank, target
         self.embed_fmt = embed_format(fixed_dtype)
         self.n_clusters = c.intermediate_size // cluster
+        self.layout, self.threads = layout, threads  # the flash records' layout: decode_resident's FFN kernel
 
     # --- pieces ----------------------------------------------------------------------------------------
     def _add_parts(self, h: nn.Tensor, ys: nn.Tensor, yw: nn.Tensor) -> nn.Tensor:
@@ -145,10 +153,9 @@ class OffloadStep(nn.Module):
 
         return op.tensor_expr_op(mask, "cluster_mask", [z, thr])
 
-    def _attend(self, h, ys, yw, kv, layer_id, attn_norm, qkv, qkv_bias, o, ffn_norm):
+    def _attend(self, h, kv, layer_id, attn_norm, qkv, qkv_bias, o, ffn_norm):
         c, s = self.c, h.shape[1]
         rows = (c.num_heads + 2 * c.num_kv_heads) * c.head_dim
-        h = self._add_parts(h, ys, yw)
         q = _linear(self._norm(h, attn_norm), qkv, c.hidden_size, rows, self.fmt, qkv_bias)
         q = op.reshape(q, (1, s, c.num_heads + 2 * c.num_kv_heads, c.head_dim))
         a = kv.attention_with_fused_qkv(layer_id, q, c.num_heads, sm_scale=c.head_dim ** -0.5)
@@ -166,12 +173,12 @@ class OffloadStep(nn.Module):
                                f"embedding_{self.embed_fmt}", [ids, table], out)
 
     def layer(self, h, ys, yw, kv, layer_id, attn_norm, qkv, o, ffn_norm, qkv_bias=None):
-        h, x = self._attend(h, ys, yw, kv, layer_id, attn_norm, qkv, qkv_bias, o, ffn_norm)
+        h, x = self._attend(self._add_parts(h, ys, yw), kv, layer_id, attn_norm, qkv, qkv_bias, o, ffn_norm)
         return h, x, kv
 
     def layer_predict(self, h, ys, yw, kv, layer_id, attn_norm, qkv, o, ffn_norm, w1, b1, w2, b2, thr,
                       qkv_bias=None):
-        h, x = self._attend(h, ys, yw, kv, layer_id, attn_norm, qkv, qkv_bias, o, ffn_norm)
+        h, x = self._attend(self._add_parts(h, ys, yw), kv, layer_id, attn_norm, qkv, qkv_bias, o, ffn_norm)
         return h, x, self._cluster_mask(x, w1, b1, w2, b2, thr), kv
 
     def predict(self, x, w1, b1, w2, b2, thr):
@@ -189,8 +196,20 @@ class OffloadStep(nn.Module):
                                [nn.Tensor.placeholder([s, k], "int32"), nn.Tensor.placeholder([s, k], F32)])
 
     def head(self, h, ys, yw, final_norm, head):
+        return self._head(self._add_parts(h, ys, yw), final_norm, head)
+
+    def decode_resident(self, ids, kv, table, final_norm, head, pool, layers):
+        d = self.c.hidden_size
+        kernel = sparse_ffn_kernel(self.layout, "fused", self.threads, symbolic=True)
+        h = self.embed(ids, table)
+        for i, (attn_norm, qkv, o, ffn_norm, thr, slots, *bias) in enumerate(layers):
+            h, x = self._attend(h, kv, i, attn_norm, qkv, bias[0] if bias else None, o, ffn_norm)
+            y = op.tensor_ir_op(kernel, "ffn_fused", [x, slots, thr, pool], nn.Tensor.placeholder([d], F32))
+            h = h + op.reshape(y, (1, 1, d))
+        return self._head(h, final_norm, head), kv
+
+    def _head(self, h, final_norm, head):
         c = self.c
-        h = self._add_parts(h, ys, yw)
         last = op.tensor_expr_op(
             lambda x: te.compute((1, 1, c.hidden_size), lambda b, t, j: x[b, x.shape[1] - 1, j], name="last"),
             "last_token", [h])
@@ -227,14 +246,23 @@ class OffloadStep(nn.Module):
         }
         if c.is_moe:
             spec["route"] = {"x": T(["sd"], F32), "router": T([c.num_experts, d], F32), "$": none}
+        elif self.layout is not None:
+            one = [attn["attn_norm"], attn["qkv"], attn["o"], attn["ffn_norm"], T([1], F32),
+                   T([self.n_clusters], "int32"), *bias.values()]
+            spec["decode_resident"] = {
+                "ids": T([1, 1], "int32"), "kv": kv, "table": matrix_spec(c.vocab_size, d, self.embed_fmt),
+                "final_norm": T([d], F32), "head": matrix_spec(c.vocab_size, d, self.embed_fmt),
+                "pool": T(["n", *self.layout.shape()[1:]], self.layout.storage_dtype),
+                "layers": [list(one) for _ in range(c.num_layers)], "$": none}
         return spec
 
 
-def build_decode_module(config: ArchConfig, fixed_dtype: str, cluster: int, rank: int, target):
+def build_decode_module(config: ArchConfig, fixed_dtype: str, cluster: int, rank: int, target, layout=None,
+                        threads: int = 2):
     """The Relax VM executable of :class:`OffloadStep` for ``target`` (not yet exported)."""
     import tvm
 
-    step = OffloadStep(config, fixed_dtype, cluster, rank, target)
+    step = OffloadStep(config, fixed_dtype, cluster, rank, target, layout, threads)
     mod, _ = step.export_tvm(spec=step.export_spec())
     return tvm.compile(mod, target=target)
 
@@ -257,7 +285,7 @@ def export_offload_modules(config: ArchConfig, layout, fixed_dtype: str, rank: i
     if not toolchain.available():
         raise XpucError(f"toolchain '{toolchain.name}' for {toolchain.mtriple} not found ({toolchain.compiler}); "
                         "install it (Debian: apt-get install clang lld gcc-aarch64-linux-gnu)")
-    build_decode_module(config, fixed_dtype, layout.cluster, rank, target).export_library(
+    build_decode_module(config, fixed_dtype, layout.cluster, rank, target, layout, threads).export_library(
         str(out / DECODE_LIB), fcompile=toolchain.fcompile())
     build_ffn_module(layout, threads, target).export_library(str(out / FFN_LIB), fcompile=toolchain.fcompile())
     return {"decode": DECODE_LIB, "ffn": FFN_LIB, "mtriple": profile.mtriple, "target": str(target),

@@ -173,6 +173,26 @@ class OffloadModel(FFNPaths):
         self._ids_t = self._view(self._ids)
         self._setup_ffn(ffn_fraction)
         self._setup_parts()
+        self._setup_resident()
+
+    def _setup_resident(self) -> None:
+        """The one-call decode step (``decode_resident``) where it is exact and pays: a dense model, every unit
+        wholly in the hot segment and expected to fire in full, and a decode module that has the function
+        (packed models built before it have not)."""
+        self._resident = None
+        fl = self.flash
+        if self.cache is None or self.config.is_moe or not bool(np.all(self.always_active)):
+            return
+        if any(seg.n_hot < fl.n_clusters for seg in self.cache.layers):
+            return
+        try:
+            fn = self.vm["decode_resident"]
+        except (AttributeError, KeyError, RuntimeError):  # not in this decode module
+            return
+        self._resident_slots = [np.ascontiguousarray(self.cache.hot_slots(i)) for i in range(len(self.layers))]
+        layers = [[*L["attn"][:4], self._thr_t[i], self._tensor(self._resident_slots[i], self._dev), *L["attn"][4:]]
+                  for i, L in enumerate(self.layers)]
+        self._resident = (fn, layers)
 
     # --- the FFN output parts handed to the next compiled call -------------------------------------------
     def _setup_parts(self) -> None:
@@ -249,6 +269,16 @@ class OffloadModel(FFNPaths):
         fn, kv_fn = self.fn, self._kv_fn
         kv_fn["begin_forward"](self.kv, self._shape([0]), self._shape([1]))
         self._ids[0, 0] = token
+        if self._resident is not None and self.cluster_selector is None:
+            call, layers = self._resident
+            logits, self.kv = call(self._ids_t, self.kv, self.embed_table, self.final_norm, self.head_table,
+                                   self.pool_t, layers)
+            kv_fn["end_forward"](self.kv)
+            self.pos += 1
+            for seg in self.cache.layers:
+                seg.hits += seg.n_hot
+            self.cache.next_token()
+            return logits.numpy()[0, -1]
         h = fn["embed"](self._ids_t, self.embed_table)
         pending: dict = {}
         predict_in_layer = self.mode != "naive" and not self.config.is_moe and self.cluster_selector is None

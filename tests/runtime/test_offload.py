@@ -219,6 +219,33 @@ def test_units_whose_clusters_always_fire_skip_the_predictor(packed, monkeypatch
             np.testing.assert_allclose(m.decode(t), want, rtol=2e-3, atol=2e-3 * np.abs(want).max())
 
 
+def test_wholly_resident_dense_model_decodes_in_one_call_per_token(packed, monkeypatch):
+    """FFN wholly in memory and computed in full: the one-call step (decode_resident) is taken, gives the very
+    logits of the per-layer calls and matches numpy; with part of the FFN on flash it is not taken."""
+    from xpuc.runtime import offload_ffn
+    from xpuc.runtime.offload import OffloadModel
+
+    d, spec = packed
+    monkeypatch.setattr(offload_ffn, "PREDICTOR_MIN_IDLE", 2.0)  # every unit counts as always active
+    with OffloadModel(d / "art", "full", 0.5) as m:
+        assert m._resident is None  # half of the FFN on flash
+    ref = ReferenceModel(spec, "float16")
+    with OffloadModel(d / "art", "cache", 1.0) as m:
+        assert m._resident is not None
+        monkeypatch.setattr(m, "_ffn_layer", lambda *a: pytest.fail("a per-layer FFN call was made"))
+        one_call = [m.prefill([7, 19])] + [m.decode(t) for t in (11, 250, 3)]
+        want = ref.forward([7, 19, 11, 250, 3])
+        np.testing.assert_allclose(one_call[-1], want[-1], rtol=2e-3, atol=2e-3 * np.abs(want).max())
+        assert m.cache.hit_rate() == 1.0
+        monkeypatch.undo()
+        monkeypatch.setattr(offload_ffn, "PREDICTOR_MIN_IDLE", 2.0)
+        m._resident = None  # the per-layer calls, same kernels
+        m.reset()
+        per_layer = [m.prefill([7, 19])] + [m.decode(t) for t in (11, 250, 3)]
+    for a, b in zip(one_call, per_layer, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_native_and_python_readers_agree(packed):
     from xpuc.runtime.flash_reader import FlashReader, aligned_empty
     from xpuc.runtime.formats.flash import FlashLayout
