@@ -189,8 +189,7 @@ class OffloadModel(FFNPaths):
             fn = self.vm["decode_resident"]
         except (AttributeError, KeyError, RuntimeError):  # not in this decode module
             return
-        self._resident_slots = [np.ascontiguousarray(self.cache.hot_slots(i)) for i in range(len(self.layers))]
-        layers = [[*L["attn"][:4], self._thr_t[i], self._tensor(self._resident_slots[i], self._dev), *L["attn"][4:]]
+        layers = [[*L["attn"][:4], self._thr_t[i], self._tensor(self.cache.hot_slots(i), self._dev), *L["attn"][4:]]
                   for i, L in enumerate(self.layers)]
         self._resident = (fn, layers)
 
