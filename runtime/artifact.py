@@ -52,11 +52,13 @@ def versions() -> dict[str, str]:
 
 
 def verify(path: Path, manifest: Manifest, check_versions: bool = True, also: tuple[str, ...] = (),
-           fix: str = "recompile the model") -> None:
+           fix: str = "recompile the model", streamed: tuple[str, ...] = ()) -> None:
     """Check versions and every file's SHA-256; raise XpucError on the first problem.
 
     The files that must be listed with a digest: tokenizer files that are present, the weights file, every
-    module and module weights file, and ``also`` (what a kind's loader opens besides).
+    module and module weights file, and ``also`` (what a kind's loader opens besides). ``streamed`` names files
+    the loader checks as it reads them (:func:`xpuc.runtime.weights.load_tensors`): they must be listed and
+    present, their digests are not computed here.
     """
     if check_versions:
         now = versions()
@@ -67,7 +69,7 @@ def verify(path: Path, manifest: Manifest, check_versions: bool = True, also: tu
     used = [t for t in MANIFEST_TOKENIZER_FILES if (path / t).exists()]  # read when present
     used += [manifest.weights_file] + [m.file for m in manifest.modules] + [m.weights for m in manifest.modules
                                                                           if m.weights]
-    verify_files(path, manifest.files, fix, required=[u for u in [*used, *also] if u])
+    verify_files(path, manifest.files, fix, required=[u for u in [*used, *also, *streamed] if u], skip=streamed)
 
 
 def member_path(path: Path, name: object) -> Path:
@@ -89,10 +91,12 @@ def member_path(path: Path, name: object) -> Path:
     return f
 
 
-def verify_files(path: Path, files: dict[str, str], fix: str, required: list[str] = ()) -> None:
+def verify_files(path: Path, files: dict[str, str], fix: str, required: list[str] = (),
+                 skip: tuple[str, ...] = ()) -> None:
     """Every listed file exists and has its SHA-256; ``fix`` ends the error line (e.g. "recompile").
 
     ``required`` names the files the loader will open: each must be listed, so that no byte escapes the digests.
+    ``skip``: listed files whose digest the loader checks while reading them (only their presence is checked).
     """
     if not isinstance(files, dict) or not files:
         raise XpucError(f"{path}: manifest lists no files and digests; {fix}")
@@ -105,7 +109,7 @@ def verify_files(path: Path, files: dict[str, str], fix: str, required: list[str
             raise XpucError(f"{path}: manifest gives no digest for '{name}'; {fix}")
         if not f.is_file():
             raise XpucError(f"{path}: file '{name}' listed in the manifest is missing")
-        if sha256_file(f) != digest:
+        if name not in skip and sha256_file(f) != digest:
             raise XpucError(f"{path}: file '{name}' fails its checksum (altered or corrupted); {fix}")
 
 

@@ -17,7 +17,7 @@ from xpuc.runtime.generation import GenerationResult, generate
 from xpuc.runtime.sampler import SamplingParams
 from xpuc.runtime.session import DecoderSession, SplitSession
 from xpuc.runtime.tokenizer import XpucTokenizer
-from xpuc.runtime.weights import iter_tensors
+from xpuc.runtime.weights import load_tensors
 
 
 def _host_can_run(mtriple: str) -> bool:
@@ -64,8 +64,10 @@ class Engine:
         self.manifest = read_manifest(self.path)
         if self.manifest.kind != "llm":
             raise XpucError(f"{self.path}: an ONNX graph artifact, not a language model (use `xpuc run --inputs`)")
-        if verify_files:
-            verify(self.path, self.manifest, check_versions=True)
+        self._verify_files = verify_files
+        if verify_files:  # the weights files are checked as they are read (_load_params)
+            weights = {self.manifest.weights_file, *(m.weights for m in self.manifest.modules if m.weights)}
+            verify(self.path, self.manifest, check_versions=True, streamed=tuple(w for w in weights if w))
         self.config = ArchConfig.from_dict(self.manifest.config)
         module = self.manifest.modules[0]
         if not _host_can_run(module.mtriple):
@@ -90,15 +92,15 @@ class Engine:
         self.tokenizer = XpucTokenizer.from_artifact_dir(self.path) if tok_file.is_file() else None
 
     def _load_params(self, entries: list[dict], weights_file: str, dev) -> list:
-        import tvm
-
-        names = [p["name"] for p in entries]
+        """The weights in the manifest's order, read once with their file's digest checked over the bytes read."""
+        digest = self.manifest.files.get(weights_file) if self._verify_files else None
+        tensors = load_tensors(member_path(self.path, weights_file), digest, dev, fix="recompile the model")
         params = []
-        for p, (_, arr) in zip(entries, iter_tensors(member_path(self.path, weights_file), names), strict=True):
-            if list(arr.shape) != list(p["shape"]) or str(arr.dtype) != p["dtype"]:
+        for p in entries:
+            t = tensors.pop(p["name"], None)
+            if t is None or list(t.shape) != list(p["shape"]) or str(t.dtype) != p["dtype"]:
                 raise XpucError(f"{self.path}: weight '{p['name']}' does not match the manifest")
-            params.append(tvm.runtime.tensor(arr, dev))
-            del arr
+            params.append(t)
         return params
 
     def encode_prompt(self, prompt: str, chat: bool = False, system: str | None = None) -> list[int]:

@@ -24,6 +24,7 @@ are predicted, read and computed, and their outputs are weighted parts of the ne
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -122,21 +123,56 @@ class OffloadModel(FFNPaths):
         dev = self._dev = tvm.cpu()
         self._tensor, self._view = tvm.runtime.tensor, tvm.runtime.from_dlpack
         self._shape = ShapeTuple
-        self.vm = VirtualMachine(tvm.runtime.load_module(str(art.path / art.modules["decode"])), dev)
-        self.ffn_lib = tvm.runtime.load_module(str(art.path / art.modules["ffn"]))
-        self.fn = {n: self.vm[n] for n in ("embed", "layer", "layer_predict", "predict", "pre_norm", "head")}
-        if c.is_moe:
-            self.fn["route"] = self.vm["route"]
-        self.kernel = {n: self.ffn_lib[n] for n in (["fused", "dense", "dequant"]
-                                                    + (["gate", "updown"] if fl.bundle_layout(1).gated else []))}
-        # the fixed segment, in memory as the kernels' tensors (the loaded dict is dropped as they are made)
-        w, self.fixed_bytes = art.fixed, 0
-        art.fixed = None
+        # the fixed segment is read, and its digest checked, on a thread while the modules load and the hot
+        # segments come from flash; none of it is used before the check has passed
+        with ThreadPoolExecutor(1, thread_name_prefix="xpuc-fixed") as loader:
+            fixed = loader.submit(art.load_fixed, dev)
+            self.vm = VirtualMachine(tvm.runtime.load_module(str(art.path / art.modules["decode"])), dev)
+            self.ffn_lib = tvm.runtime.load_module(str(art.path / art.modules["ffn"]))
+            self.fn = {n: self.vm[n] for n in ("embed", "layer", "layer_predict", "predict", "pre_norm", "head")}
+            if c.is_moe:
+                self.fn["route"] = self.vm["route"]
+            self.kernel = {n: self.ffn_lib[n] for n in (["fused", "dense", "dequant"]
+                                                        + (["gate", "updown"] if fl.bundle_layout(1).gated else []))}
+            self.context = context
+            self.kv = self.vm["create_paged_kv_cache"](ShapeTuple([1]), ShapeTuple([context]),
+                                                       ShapeTuple([min(PREFILL_CHUNK, context)]),
+                                                       ShapeTuple([PAGE_SIZE]), ShapeTuple([0]))
+            self._kv_fn = {n: tvm.get_global_func(f"vm.builtin.kv_state_{n}")
+                           for n in ("add_sequence", "remove_sequence", "begin_forward", "end_forward")}
+            self._kv_fn["add_sequence"](self.kv, 0)
+            self.kv_bytes = 2 * c.num_layers * context * c.num_kv_heads * c.head_dim * 4
+            self.pos = 0
+            self._stall = 0.0
+            self.token_metrics: list[TokenMetrics] = []  # one per decode call since the last reset
+            self.reader = FlashReader(art.path / fl.ffn_file, fl.cluster_bytes,
+                                      io_threads or self.plan.io_threads, direct=True,
+                                      queue_depth=self.plan.queue_depth)
+            try:
+                if self.reader.size < fl.file_bytes:
+                    raise XpucError(f"{art.path / fl.ffn_file}: truncated ({self.reader.size} of {fl.file_bytes} "
+                                    "bytes)")
+                self._ids = aligned_empty((1, 1), "int32")
+                self._ids_t = self._view(self._ids)
+                self._setup_ffn(ffn_fraction)
+                self._setup_fixed(fixed.result())
+                _return_freed_memory()
+            except BaseException:
+                self.reader.close()
+                raise
+        self._setup_parts()
+        self._setup_resident()
+
+    def _setup_fixed(self, w: dict) -> None:
+        """The fixed segment's tensors, by role (each checked to be there; nothing else may be)."""
+        c, self.fixed_bytes = self.config, 0
 
         def t(name: str):
+            if name not in w:
+                raise XpucError(f"{self.art.path}: fixed.safetensors lacks tensor '{name}'; repack the model")
             a = w.pop(name)
-            self.fixed_bytes += a.nbytes
-            return self._tensor(a, dev)
+            self.fixed_bytes += int(np.prod(a.shape, dtype=np.int64)) * np.dtype(str(a.dtype)).itemsize
+            return a
 
         self.final_norm, self.embed_table = t("final_norm"), t("embed")
         self.head_table = self.embed_table if c.tie_embeddings else t("lm_head")
@@ -146,34 +182,11 @@ class OffloadModel(FFNPaths):
             attn = [t(p + "attn_norm"), t(p + "qkv"), t(p + "o"), t(p + "ffn_norm")]
             if c.qkv_bias:
                 attn.append(t(p + "qkv_bias"))
-            self.layers.append({"attn": attn, "ffn_norm": attn[3], "id": ShapeTuple([i]),
+            self.layers.append({"attn": attn, "ffn_norm": attn[3], "id": self._shape([i]),
                                 "router": t(p + "router") if c.is_moe else None})
         self.pred = [[t(f"units.{u}.{k}") for k in ("w1", "b1", "w2", "b2", "thr")] for u in range(c.ffn_units)]
         if w:
-            raise XpucError(f"{art.path}: fixed.safetensors holds unexpected tensors ({', '.join(sorted(w)[:3])})")
-        _return_freed_memory()
-        self.context = context
-        self.kv = self.vm["create_paged_kv_cache"](ShapeTuple([1]), ShapeTuple([context]),
-                                                   ShapeTuple([min(PREFILL_CHUNK, context)]), ShapeTuple([PAGE_SIZE]),
-                                                   ShapeTuple([0]))
-        self._kv_fn = {n: tvm.get_global_func(f"vm.builtin.kv_state_{n}")
-                       for n in ("add_sequence", "remove_sequence", "begin_forward", "end_forward")}
-        self._kv_fn["add_sequence"](self.kv, 0)
-        self.kv_bytes = 2 * c.num_layers * context * c.num_kv_heads * c.head_dim * 4
-        self.pos = 0
-        self._stall = 0.0
-        self.token_metrics: list[TokenMetrics] = []  # one per decode call since the last reset
-        self.reader = FlashReader(art.path / fl.ffn_file, fl.cluster_bytes,
-                                  io_threads or self.plan.io_threads, direct=True,
-                                  queue_depth=self.plan.queue_depth)
-        if self.reader.size < fl.file_bytes:
-            self.reader.close()
-            raise XpucError(f"{art.path / fl.ffn_file}: truncated ({self.reader.size} of {fl.file_bytes} bytes)")
-        self._ids = aligned_empty((1, 1), "int32")
-        self._ids_t = self._view(self._ids)
-        self._setup_ffn(ffn_fraction)
-        self._setup_parts()
-        self._setup_resident()
+            raise XpucError(f"{self.art.path}: fixed.safetensors holds unexpected tensors ({', '.join(sorted(w)[:3])})")
 
     def _setup_resident(self) -> None:
         """The one-call decode step (``decode_resident``) where it is exact and pays: a dense model, every unit

@@ -16,9 +16,11 @@ from xpuc.runtime.formats.manifest import MANIFEST, Manifest, read_manifest
 from xpuc.runtime.formats.plan import Plan
 from xpuc.runtime.formats.predictor import Predictor
 from xpuc.runtime.formats.profile_stats import ProfileStats
+from xpuc.runtime.weights import load_tensors
 
 FIXED_DTYPES = ("float16", "q8_0", "q4_0", "q4_1")
-SMALL_FILES = ("fixed.safetensors", "ffn.crc32.npy", "flash.json", "plan.json", "profile.json",
+FIXED_FILE = "fixed.safetensors"
+SMALL_FILES = (FIXED_FILE, "ffn.crc32.npy", "flash.json", "plan.json", "profile.json",
                "predictor.safetensors")
 
 
@@ -37,7 +39,7 @@ class PackedModel:
     plan: object
     stats: object
     crcs: np.ndarray
-    fixed: dict
+    fixed_digest: str
     sample_prompt: list[int]
     fixed_dtype: str
     modules: dict
@@ -48,6 +50,11 @@ class PackedModel:
         """The trained predictor (for inspection and tests; the runtime runs its compiled copy)."""
 
         return Predictor.load(self.path / "predictor.safetensors")
+
+    def load_fixed(self, device=None) -> dict:
+        """The fixed segment (embedding, attention, LM head, predictor) as TVM tensors, its SHA-256 checked over
+        the bytes read (:func:`xpuc.runtime.weights.load_tensors`)."""
+        return load_tensors(self.path / FIXED_FILE, self.fixed_digest, device, fix="repack the model")
 
 
 def read_packed_manifest(path: Path) -> Manifest:
@@ -66,9 +73,8 @@ def read_packed_manifest(path: Path) -> Manifest:
 
 
 def load_packed(path: Path, check_device: bool = True) -> PackedModel:
-    """Verify versions, target and every digest, then read the small files (``ffn.bin`` stays on flash)."""
-    from safetensors.numpy import load_file
-
+    """Verify versions, target and every digest, then read the small files (``ffn.bin`` stays on flash; the fixed
+    segment is read, and its digest checked, by :meth:`PackedModel.load_fixed`)."""
     path = Path(path)
     m = read_packed_manifest(path)
     info = m.offload_info
@@ -77,7 +83,8 @@ def load_packed(path: Path, check_device: bool = True) -> PackedModel:
     if check_device and not host_can_run(mtriple):
         raise XpucError(f"{path}: compiled for {mtriple} ({m.device.get('name')}); this machine is "
                         f"{platform.machine()} (copy it to the device, or pack with --device host)")
-    verify(path, m, also=SMALL_FILES, fix="repack the model")
+    verify(path, m, also=tuple(f for f in SMALL_FILES if f != FIXED_FILE), fix="repack the model",
+           streamed=(FIXED_FILE,))
     ffn = member_path(path, "ffn.bin")
     if not ffn.is_file() or ffn.stat().st_size != info.ffn_bytes:
         size = ffn.stat().st_size if ffn.is_file() else 0
@@ -95,5 +102,5 @@ def load_packed(path: Path, check_device: bool = True) -> PackedModel:
                "target": roles["decode"].target, "toolchain": roles["decode"].toolchain, "threads": threads,
                "device": m.device.get("name")}
     return PackedModel(path, config, FlashLayout.load(path / "flash.json"), plan, stats,
-                       np.load(path / "ffn.crc32.npy", allow_pickle=False), load_file(str(path / "fixed.safetensors")),
+                       np.load(path / "ffn.crc32.npy", allow_pickle=False), m.files[FIXED_FILE],
                        list(info.sample_prompt), info.fixed_dtype, modules, info.predictor_rank)

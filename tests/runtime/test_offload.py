@@ -10,6 +10,7 @@ from support.cli import xpuc
 
 from xpuc.compiler.reference import ReferenceModel
 from xpuc.runtime.errors import XpucError
+from xpuc.runtime.weights import read_header
 
 LICENSE = "/usr/share/common-licenses/Apache-2.0"
 
@@ -279,7 +280,7 @@ def test_quantized_fixed_segment_matches_numpy(packed, tmp_path, fmt):
              "--predictor", str(d / "pred.safetensors"), "--fixed-dtype", fmt, "-o", str(tmp_path / "art"))
     assert r.returncode == 0, r.stderr
     art = load_offload_artifact(tmp_path / "art")
-    assert art.fixed_dtype == fmt and art.fixed["layers.0.qkv"].dtype == np.uint8
+    assert art.fixed_dtype == fmt and read_header(art.path / "fixed.safetensors")[0]["layers.0.qkv"]["dtype"] == "U8"
     w = dict(spec.weights.items())
     for k in list(w):
         if w[k].ndim == 2 and k.split(".")[-1] not in ("gate_proj", "up_proj", "down_proj"):

@@ -244,3 +244,14 @@ def test_pack_refuses_statistics_of_another_model_with_the_same_config(packed, o
     assert_clean_error(r, "another model")
     assert f"--{part}" in r.stderr
     assert not (tmp_path / "art").exists()
+
+
+def test_altered_fixed_segment_is_refused_before_decoding(packed, tmp_path):
+    """The fixed segment's digest is checked over the bytes read into the kernels' tensors."""
+    art = _copy_art(packed[0], tmp_path)
+    p = art / "fixed.safetensors"
+    data = bytearray(p.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    p.write_bytes(bytes(data))
+    assert_clean_error(xpuc("run", str(art), "--prompt", "1 2 3", "--max-tokens", "2"),
+                       "fixed.safetensors: fails its checksum")
