@@ -10,8 +10,9 @@ Decisions (each explained in ``Plan.explain()``):
 * **Cold cache**: a share of what remains of the budget (``cold_share``), LRU at run time; the expected
   reads assume it holds the next most frequent neurons.
 * **Flash reads**: block size = neuron record size rounded up to 4 KiB (one O_DIRECT read per bundle);
-  queue depth from the device's read curve (the smallest depth whose random-read bandwidth reaches 80 %
-  of the curve's best at that block size, capped by the I/O thread's issue rate).
+  queue depth from the device's read curve: on a measured curve (``xpuc targets --measure-flash``, the host)
+  the smallest depth whose random-read throughput at that block size reaches 80 % of the best depth's; on a
+  published curve (phones: one point per block size) enough depth to make up for the block size's shortfall.
 * **Processors**: prefill on the NPU or GPU of the profile (GPU while the NPU path is not wired in);
   decode on the big and mid CPU cores, one big core reserved for I/O (the paper's measurement: a big core
   issues UFS reads best).
@@ -27,6 +28,7 @@ from xpuc.runtime.errors import XpucError
 from xpuc.runtime.formats.arch import ArchConfig
 from xpuc.runtime.formats.plan import Plan
 from xpuc.runtime.formats.profile_stats import ProfileStats
+from xpuc.targets.flash_curve import nearest_point
 
 _BYTES = {"float32": 4.0, "float16": 2.0, "q4_0": 18 / 32, "q4_1": 20 / 32}
 
@@ -44,10 +46,18 @@ def fixed_bytes(config: ArchConfig, weight_dtype: str, context: int) -> int:
 
 
 def _queue_depth(profile, block: int) -> int:
+    """From a measured curve (points per queue depth): the smallest depth that reaches 80 % of the best
+    throughput at the nearest block size. From a published curve (one point per block size): enough depth to
+    make up for the block size's shortfall against the best block size."""
     curve = profile.flash.get("read_curve", [])
     if not curve:
         return 4
     kib = block / 1024
+    if all("queue_depth" in p for p in curve):
+        near = nearest_point(curve, kib)["block_kib"]
+        same = sorted((p for p in curve if p["block_kib"] == near), key=lambda p: p["queue_depth"])
+        best = max(p["random_mbps"] for p in same)
+        return int(next(p["queue_depth"] for p in same if p["random_mbps"] >= 0.8 * best))
     best = max(p["random_mbps"] for p in curve)
     near = min(curve, key=lambda p: abs(p["block_kib"] - kib))
     ratio = max(best / max(near["random_mbps"], 1), 1.0)

@@ -1,12 +1,20 @@
-/* Batched positional reads for the FlashReader: n requests (offset, length, destination) issued by up to
- * `threads` POSIX threads, so that a whole batch is one call from Python (which releases the GIL) and the
- * device sees `threads` requests in flight. After the reads, records are copied out of the read spans. */
+/* Batched positional reads for the FlashReader: n requests (offset, length, destination) as one call from
+ * Python (which releases the GIL), either
+ *  - xpuc_aio_batch: Linux native AIO from the calling thread, `depth` requests in flight on one submission
+ *    queue (O_DIRECT files; PowerInfer-2 issues its reads from one core), or
+ *  - xpuc_pread_batch: `threads` POSIX threads each issuing blocking preads (any file, any kernel).
+ * After the reads, records are copied out of the read spans. */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <pthread.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
+#include <sys/syscall.h>
 #include <unistd.h>
+#if defined(__linux__)
+#include <linux/aio_abi.h>
+#endif
 
 typedef struct {
     int fd, n, next, err;
@@ -62,6 +70,129 @@ int xpuc_pread_batch(int fd, int n, const int64_t *off, const int64_t *len, cons
     err_info[1] = b.err_got;
     return b.err;
 }
+
+#if defined(__linux__) && defined(SYS_io_setup)
+/* One AIO context per thread, grown to the deepest queue asked for (io_setup is a system call). */
+static __thread aio_context_t aio_ctx = 0;
+static __thread int aio_cap = 0;
+
+static int aio_context(int depth) {
+    if (aio_ctx && aio_cap >= depth) return 0;
+    if (aio_ctx) syscall(SYS_io_destroy, aio_ctx);
+    aio_ctx = 0;
+    aio_cap = 0;
+    if (syscall(SYS_io_setup, depth, &aio_ctx) < 0) {
+        aio_ctx = 0;
+        return errno;
+    }
+    aio_cap = depth;
+    return 0;
+}
+
+/* Returns 0, an errno value, -1 for a short read, or -2 when native AIO is not available here (ENOSYS, the
+ * system's aio-max-nr reached): the caller falls back to xpuc_pread_batch. err_info as xpuc_pread_batch. */
+int xpuc_aio_batch(int fd, int n, const int64_t *off, const int64_t *len, const int64_t *want,
+                   uint8_t *const *dst, int depth, int64_t *err_info) {
+    if (n <= 0) return 0;
+    int d = depth < 1 ? 1 : (depth > 256 ? 256 : depth);
+    if (d > n) d = n;
+    int e = aio_context(d < 32 ? 32 : d);
+    if (e) return -2;
+    struct iocb *cb = calloc((size_t)n, sizeof(struct iocb));
+    int64_t *done = calloc((size_t)n, sizeof(int64_t));
+    int *ready = malloc(sizeof(int) * (size_t)n); /* requests to (re)submit, a stack */
+    struct iocb **sub = malloc(sizeof(struct iocb *) * (size_t)d);
+    struct io_event ev[256];
+    int rc = 0, next = 0, nready = 0, inflight = 0, finished = 0;
+    if (!cb || !done || !ready || !sub) {
+        rc = ENOMEM;
+        goto out;
+    }
+    while (finished < n) {
+        int k = 0;
+        while (inflight + k < d && (nready > 0 || next < n)) {
+            int i = nready > 0 ? ready[--nready] : next++;
+            memset(&cb[i], 0, sizeof(cb[i]));
+            cb[i].aio_data = (uint64_t)i;
+            cb[i].aio_lio_opcode = IOCB_CMD_PREAD;
+            cb[i].aio_fildes = (uint32_t)fd;
+            cb[i].aio_buf = (uint64_t)(uintptr_t)(dst[i] + done[i]);
+            cb[i].aio_nbytes = (uint64_t)(len[i] - done[i]);
+            cb[i].aio_offset = off[i] + done[i];
+            sub[k++] = &cb[i];
+        }
+        int at = 0;
+        while (at < k) {
+            long got = syscall(SYS_io_submit, aio_ctx, (long)(k - at), sub + at);
+            if (got < 0) {
+                if (errno == EINTR) continue;
+                if (errno == EAGAIN && inflight > 0) break; /* reap first, the rest waits in `ready` */
+                rc = errno;
+                goto drain;
+            }
+            at += (int)got;
+            inflight += (int)got;
+        }
+        for (int j = k - 1; j >= at; j--) ready[nready++] = (int)sub[j]->aio_data;
+        long got;
+        do {
+            got = syscall(SYS_io_getevents, aio_ctx, 1L, (long)d, ev, NULL);
+        } while (got < 0 && errno == EINTR);
+        if (got < 0) {
+            rc = errno;
+            goto drain;
+        }
+        for (long j = 0; j < got; j++) {
+            int i = (int)ev[j].data;
+            long long res = (long long)ev[j].res;
+            inflight--;
+            if (res < 0) {
+                if (res == -EINTR || res == -EAGAIN) {
+                    ready[nready++] = i;
+                    continue;
+                }
+                if (!rc) {
+                    rc = (int)-res;
+                    err_info[0] = off[i];
+                    err_info[1] = done[i];
+                }
+                continue;
+            }
+            done[i] += res;
+            if (done[i] >= len[i] || res == 0 || res % 4096) { /* whole, or the end of the file */
+                if (done[i] < want[i] && !rc) {
+                    rc = -1;
+                    err_info[0] = off[i];
+                    err_info[1] = done[i];
+                }
+                finished++;
+            } else {
+                ready[nready++] = i; /* a partial read: the rest */
+            }
+        }
+        if (rc) goto drain;
+    }
+    goto out;
+drain: /* an error: wait for what is still in flight (its buffers belong to the caller) */
+    while (inflight > 0) {
+        long got = syscall(SYS_io_getevents, aio_ctx, 1L, (long)d, ev, NULL);
+        if (got < 0 && errno != EINTR) break;
+        if (got > 0) inflight -= (int)got;
+    }
+out:
+    free(cb);
+    free(done);
+    free(ready);
+    free(sub);
+    return rc;
+}
+#else
+int xpuc_aio_batch(int fd, int n, const int64_t *off, const int64_t *len, const int64_t *want,
+                   uint8_t *const *dst, int depth, int64_t *err_info) {
+    (void)fd; (void)n; (void)off; (void)len; (void)want; (void)dst; (void)depth; (void)err_info;
+    return -2;
+}
+#endif
 
 /* CRC-32 (the zlib/PNG polynomial, reflected 0xEDB88320), slicing by 8. */
 static uint32_t crc_table[8][256];

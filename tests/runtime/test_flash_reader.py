@@ -1,0 +1,77 @@
+"""FlashReader's three ways of issuing a batch (native AIO on one queue, POSIX threads, Python) read the same
+bytes, check the same checksums and report the same faults."""
+
+from __future__ import annotations
+
+import os
+import zlib
+
+import numpy as np
+import pytest
+
+from xpuc.runtime.errors import XpucError
+from xpuc.runtime.flash_reader import FlashReader, aligned_empty
+from xpuc.runtime.native import batch_reader
+
+RECORD = 6912  # a 7B-shaped q4_0 neuron: not 4 KiB-aligned, so spans straddle pages
+ENGINES = ["aio", "threads", "python"]
+
+
+@pytest.fixture
+def flash(tmp_path):
+    rng = np.random.default_rng(3)
+    data = rng.integers(0, 256, RECORD * 300, np.uint8)
+    path = tmp_path / "ffn.bin"
+    path.write_bytes(data.tobytes())
+    crcs = np.array([zlib.crc32(data[i * RECORD:(i + 1) * RECORD]) for i in range(300)], np.uint32)
+    return path, data, crcs
+
+
+def _needs_native(engine):
+    if engine != "python" and batch_reader() is None:
+        pytest.skip("no C compiler for the native reader")
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_engines_read_the_same_records(flash, engine):
+    _needs_native(engine)
+    path, data, crcs = flash
+    want = np.array(sorted({0, 1, 2, 7, 8, 150, 151, 299, *range(20, 90, 3)}))
+    with FlashReader(path, RECORD, queue_depth=5, engine=engine) as r:
+        dest = aligned_empty((len(want), RECORD), "uint8")
+        r.read(want * RECORD, list(dest), crcs[want])
+        m = r.metrics()
+        assert m["engine"] == (engine if engine != "aio" or r.direct else "threads")  # AIO needs O_DIRECT
+        assert m["records"] == len(want) and 0 < m["requests"] <= len(want)
+    for k, j in enumerate(want):
+        assert dest[k].tobytes() == data[j * RECORD:(j + 1) * RECORD].tobytes()
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_engines_report_a_corrupted_record(flash, engine):
+    _needs_native(engine)
+    path, _, crcs = flash
+    with open(path, "r+b") as f:
+        f.seek(40 * RECORD + 17)
+        f.write(b"\x00\x01\x02")
+    with FlashReader(path, RECORD, queue_depth=4, engine=engine) as r, \
+            pytest.raises(XpucError, match=f"offset {40 * RECORD} fails its checksum"):
+        want = np.arange(30, 50)
+        r.read(want * RECORD, list(aligned_empty((len(want), RECORD), "uint8")), crcs[want])
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_engines_report_a_file_truncated_under_them(flash, engine):
+    """The file shrinks after the reader opened it: a short read, said as one error, for every engine."""
+    _needs_native(engine)
+    path, _, crcs = flash
+    with FlashReader(path, RECORD, queue_depth=8, engine=engine) as r:
+        os.truncate(path, 200 * RECORD)
+        want = np.arange(190, 300, 2)
+        with pytest.raises(XpucError, match="short read"):
+            r.read(want * RECORD, list(aligned_empty((len(want), RECORD), "uint8")), crcs[want])
+
+
+def test_unknown_engine_is_refused(flash):
+    with pytest.raises(XpucError, match="unknown I/O engine 'uring'"):
+        FlashReader(flash[0], RECORD, engine="uring")
