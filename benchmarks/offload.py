@@ -3,8 +3,10 @@ naive vs LLM-in-a-flash vs xpuc.
 
 Generates the model (``xpuc synth --shape turbosparse-mistral-7b --layers N``: the 7B layer shapes, fewer
 layers so that it fits this machine's time budget), profiles it on a license text, trains the predictor,
-plans for ``--budget`` of the FFN in memory (int4 q4_0 records, one neuron per record: 6912 bytes), packs
-it (``--fixed-dtype``: the in-memory attention / embedding / LM head, default q8_0) and runs ``xpuc bench`` over
+plans for ``--device`` (default: this machine, with the disk curve from ``xpuc targets --measure-flash``,
+measured first when there is none) and ``--budget`` of the FFN in memory (int4 q4_0 records, one neuron per
+record: 6912 bytes), packs it (``--fixed-dtype``: the in-memory attention / embedding / LM head, default q8_0)
+and runs ``xpuc bench`` over
 the modes. Every step is cached under ``--work``.
 
     python benchmarks/offload.py --layers 4 --budget 50% --tokens 32
@@ -16,9 +18,12 @@ Writes ``benchmarks/results/offload_7b.json`` (``offload_moe.json`` for the MoE)
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 from pathlib import Path
+
+from xpuc.targets.flash_curve import curve_path
 
 ROOT = Path(__file__).resolve().parent.parent
 TEXT = "/usr/share/common-licenses/Apache-2.0"
@@ -39,6 +44,9 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--modes", default="naive,llmflash,cache,full")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--device", default="host",
+                    help="device profile to plan for (host: this machine's cores and its measured disk curve, "
+                         "`xpuc targets --measure-flash`; oneplus-12: the phone's published UFS 4.0 curve)")
     ap.add_argument("--fixed-dtype", default="q8_0", choices=["float16", "q8_0", "q4_0", "q4_1"])
     ap.add_argument("--work", default=str(ROOT / ".cache" / "xpuc" / "bench-offload"))
     ap.add_argument("-o", "--output", default=None, help="default: benchmarks/results/offload_7b.json / _moe.json")
@@ -47,6 +55,10 @@ def main() -> None:
     out = args.output or str(ROOT / "benchmarks" / "results" / ("offload_moe.json" if moe else "offload_7b.json"))
     w = Path(args.work) / (f"moe-l{args.layers}" if moe else f"l{args.layers}")
     w.mkdir(parents=True, exist_ok=True)
+    if args.device == "host" and not curve_path().is_file():
+        (w / "curve-probe.bin").write_bytes(os.urandom(256 << 20))  # a file on the disk the model will live on
+        xpuc("targets", "--measure-flash", str(w / "curve-probe.bin"))
+        (w / "curve-probe.bin").unlink()
     if not (w / "model").exists():
         xpuc("synth", "--shape", args.shape, "--layers", str(args.layers), "--sparsity", "0.88" if moe else "0.9",
              "--seed", "1", "-o", str(w / "model"))
@@ -54,13 +66,15 @@ def main() -> None:
         xpuc("profile", str(w / "model"), "--text", TEXT, "--max-tokens", "1024", "--eval-text", EVAL,
              "--max-eval-tokens", "256", "--recall", "0.98", "-o", str(w / "stats.json"),
              "--predictor", str(w / "pred.safetensors"))
-    art = w / ("art" if args.fixed_dtype == "float16" else f"art-{args.fixed_dtype}")
-    if not (w / "plan.json").exists():
-        xpuc("plan", str(w / "model"), "--stats", str(w / "stats.json"), "--device", "oneplus-12",
+    tag = "" if args.device == "oneplus-12" else f"-{args.device}"
+    art = w / (("art" if args.fixed_dtype == "float16" else f"art-{args.fixed_dtype}") + tag)
+    plan = w / f"plan{tag}.json"
+    if not plan.exists():
+        xpuc("plan", str(w / "model"), "--stats", str(w / "stats.json"), "--device", args.device,
              "--memory-budget", "64GiB", "--weight-dtype", "q4_0", "--cluster", "1", "--context", "512",
-             "-o", str(w / "plan.json"))
+             "-o", str(plan))
     if not art.exists():
-        xpuc("pack", str(w / "model"), "--stats", str(w / "stats.json"), "--plan", str(w / "plan.json"),
+        xpuc("pack", str(w / "model"), "--stats", str(w / "stats.json"), "--plan", str(plan),
              "--predictor", str(w / "pred.safetensors"), "--fixed-dtype", args.fixed_dtype, "-o", str(art))
     xpuc("bench", str(art), "--budget", args.budget, "--modes", args.modes, "--tokens", str(args.tokens),
          "--repeats", str(args.repeats), "-o", out)

@@ -20,6 +20,7 @@ from xpuc.runtime.offload import OffloadModel
 from xpuc.runtime.packed import load_packed
 from xpuc.runtime.progress import count
 from xpuc.runtime.threads import configure_tvm_threads
+from xpuc.targets.flash_curve import load_measured_curve
 
 
 def _plot(rows: list[dict], png: Path, title: str) -> None:
@@ -42,6 +43,19 @@ def _plot(rows: list[dict], png: Path, title: str) -> None:
     plt.close(fig)
 
 
+def _read_rate(reader, tokens: list) -> dict:
+    """The decode reads' achieved throughput (bytes over the I/O thread's busy time, checksums and copies
+    included) beside the disk's measured curve at the same mean request size and queue depth."""
+    nbytes, busy, reqs = (sum(getattr(t, k) for t in tokens) for k in ("bytes_read", "io_seconds", "requests"))
+    out = {"io_engine": reader.engine, "queue_depth": reader.queue_depth,
+           "read_mbps": nbytes / busy / 1e6 if busy > 0 else None,
+           "mean_request_kib": nbytes / reqs / 1024 if reqs else None, "curve_mbps": None}
+    curve = load_measured_curve()
+    if curve is not None and reqs and busy > 0:
+        out["curve_mbps"] = curve.mbps(out["mean_request_kib"], reader.queue_depth)
+    return out
+
+
 def run_mode(artifact: Path, mode: str, ffn_share: float, tokens: int, prompt: list[int], threads: int | None,
              quiet: bool, io_threads: int | None = None) -> dict:
     """Decode in one mode; the row of the report (RSS sampled during the run, psutil)."""
@@ -61,6 +75,7 @@ def run_mode(artifact: Path, mode: str, ffn_share: float, tokens: int, prompt: l
         row["accounted_bytes"] = m.accounted_bytes()
         row["rss_bytes"] = max(peak)
         row["direct_io"] = m.reader.direct
+        row.update(_read_rate(m.reader, metrics.tokens))
         row["output"] = out
     return row
 
@@ -124,6 +139,12 @@ def run_bench(artifact: Path, modes: list[str], ffn_share: float | None, total_b
                      f"{r['accounted_bytes']['total'] / 2**20:>9.1f} {r['rss_bytes'] / 2**20:>8.1f}")
     io = "O_DIRECT" if rows and rows[0]["direct_io"] else "buffered reads + fadvise(DONTNEED) (no O_DIRECT here)"
     lines.append(f"FFN in memory: {100 * ffn_share:.0f} %; reads: {io}; sparse modes agree: {same}")
+    for r in rows:
+        if r.get("read_mbps"):
+            vs = (f" = {r['read_mbps'] / r['curve_mbps']:.2f} x the disk's measured curve there "
+                  f"({r['curve_mbps']:.0f} MB/s)") if r.get("curve_mbps") else " (no measured curve for this disk)"
+            lines.append(f"reads ({r['mode']}): {r['read_mbps']:.0f} MB/s at {r['mean_request_kib']:.1f} KiB per "
+                         f"request, queue depth {r['queue_depth']} ({r['io_engine']}){vs}")
     lines.append(f"wrote {output} and {png}")
     return "\n".join(lines)
 

@@ -89,10 +89,48 @@ static int aio_context(int depth) {
     return 0;
 }
 
+uint32_t xpuc_crc32(const uint8_t *p, int64_t n);
+
+/* Records read by one batch: request i holds records rec_begin[i] .. rec_begin[i+1]-1, record k at rec_src[k]
+ * (inside request i's span), to be checked against crc[k] (when crc is given) and copied to rec_dst[k]. */
+typedef struct {
+    const int64_t *begin;
+    uint8_t *const *src, *const *dst;
+    int64_t nbytes;
+    const uint32_t *crc;
+} records_t;
+
+/* Check and copy out request i's records; returns the first bad record's index or -1. */
+static int64_t copy_out(const records_t *r, int i) {
+    for (int64_t k = r->begin[i]; k < r->begin[i + 1]; k++) {
+        if (r->crc && xpuc_crc32(r->src[k], r->nbytes) != r->crc[k]) return k;
+        memcpy(r->dst[k], r->src[k], (size_t)r->nbytes);
+    }
+    return -1;
+}
+
+static int aio_batch(int fd, int n, const int64_t *off, const int64_t *len, const int64_t *want,
+                     uint8_t *const *dst, int depth, int64_t *err_info, const records_t *rec);
+
 /* Returns 0, an errno value, -1 for a short read, or -2 when native AIO is not available here (ENOSYS, the
  * system's aio-max-nr reached): the caller falls back to xpuc_pread_batch. err_info as xpuc_pread_batch. */
 int xpuc_aio_batch(int fd, int n, const int64_t *off, const int64_t *len, const int64_t *want,
                    uint8_t *const *dst, int depth, int64_t *err_info) {
+    return aio_batch(fd, n, off, len, want, dst, depth, err_info, NULL);
+}
+
+/* As xpuc_aio_batch, and each request's records are checked and copied out as soon as it completes, while the
+ * other requests are in flight (the checksums' CPU time hides behind the device's); -3: record err_info[0]
+ * fails its checksum. */
+int xpuc_aio_batch_records(int fd, int n, const int64_t *off, const int64_t *len, const int64_t *want,
+                           uint8_t *const *dst, int depth, int64_t *err_info, const int64_t *rec_begin,
+                           uint8_t *const *rec_src, uint8_t *const *rec_dst, int64_t rec_bytes, const uint32_t *crc) {
+    records_t r = {rec_begin, rec_src, rec_dst, rec_bytes, crc};
+    return aio_batch(fd, n, off, len, want, dst, depth, err_info, &r);
+}
+
+static int aio_batch(int fd, int n, const int64_t *off, const int64_t *len, const int64_t *want,
+                     uint8_t *const *dst, int depth, int64_t *err_info, const records_t *rec) {
     if (n <= 0) return 0;
     int d = depth < 1 ? 1 : (depth > 256 ? 256 : depth);
     if (d > n) d = n;
@@ -166,6 +204,14 @@ int xpuc_aio_batch(int fd, int n, const int64_t *off, const int64_t *len, const 
                     err_info[1] = done[i];
                 }
                 finished++;
+                if (rec && !rc) {
+                    int64_t bad = copy_out(rec, i);
+                    if (bad >= 0) {
+                        rc = -3;
+                        err_info[0] = bad;
+                        err_info[1] = 0;
+                    }
+                }
             } else {
                 ready[nready++] = i; /* a partial read: the rest */
             }
@@ -190,6 +236,13 @@ out:
 int xpuc_aio_batch(int fd, int n, const int64_t *off, const int64_t *len, const int64_t *want,
                    uint8_t *const *dst, int depth, int64_t *err_info) {
     (void)fd; (void)n; (void)off; (void)len; (void)want; (void)dst; (void)depth; (void)err_info;
+    return -2;
+}
+int xpuc_aio_batch_records(int fd, int n, const int64_t *off, const int64_t *len, const int64_t *want,
+                           uint8_t *const *dst, int depth, int64_t *err_info, const int64_t *rec_begin,
+                           uint8_t *const *rec_src, uint8_t *const *rec_dst, int64_t rec_bytes, const uint32_t *crc) {
+    (void)fd; (void)n; (void)off; (void)len; (void)want; (void)dst; (void)depth; (void)err_info;
+    (void)rec_begin; (void)rec_src; (void)rec_dst; (void)rec_bytes; (void)crc;
     return -2;
 }
 #endif

@@ -201,7 +201,22 @@ class FlashReader:
         off_a, len_a, want_a = (np.ascontiguousarray(a, np.int64) for a in (s0, span, want))
         args = (self.fd, n, off_a.ctypes.data_as(p64), len_a.ctypes.data_as(p64), want_a.ctypes.data_as(p64), dst,
                 self.queue_depth, err_info.ctypes.data_as(p64))
-        err = self._native.xpuc_aio_batch(*args) if self.engine == "aio" else -2
+        group_of = np.repeat(np.arange(n), (g1 - g0))
+        src_addr = base + pos[group_of] + (offs - s0[group_of])
+        m = len(offs)
+        src = (ctypes.c_void_p * m)(*src_addr.tolist())
+        dsts = (ctypes.c_void_p * m)(*[d.ctypes.data for d in dests])
+        crc_a = None if crcs is None else np.ascontiguousarray(crcs, np.uint32)
+        crc_p = None if crc_a is None else crc_a.ctypes.data_as(ctypes.POINTER(ctypes.c_uint32))
+        err = -2
+        if self.engine == "aio":  # records checked and copied out as their requests complete
+            begin = np.ascontiguousarray(np.append(g0, g1[-1]), np.int64)
+            err = self._native.xpuc_aio_batch_records(*args, begin.ctypes.data_as(p64), src, dsts, self.record_bytes,
+                                                      crc_p)
+            if err == -3:
+                raise XpucError(f"{self.path}: record at offset {int(offs[int(err_info[0])])} fails its checksum "
+                                "(corrupted flash file)")
+        copied = err != -2
         if err == -2:  # native AIO unavailable (or not chosen): threads, from now on
             self.engine = "threads"
             err = self._native.xpuc_pread_batch(*args)
@@ -212,18 +227,11 @@ class FlashReader:
             raise XpucError(f"{self.path}: read error at offset {int(err_info[0])}: {os.strerror(err)}")
         if not self.direct:
             os.posix_fadvise(self.fd, int(s0.min()), int(s1.max() - s0.min()), os.POSIX_FADV_DONTNEED)
-        group_of = np.repeat(np.arange(n), (g1 - g0))
-        src_addr = base + pos[group_of] + (offs - s0[group_of])
-        m = len(offs)
-        src = (ctypes.c_void_p * m)(*src_addr.tolist())
-        dsts = (ctypes.c_void_p * m)(*[d.ctypes.data for d in dests])
-        crc_a = None if crcs is None else np.ascontiguousarray(crcs, np.uint32)
-        bad = self._native.xpuc_copy_records(
-            m, src, dsts, self.record_bytes,
-            None if crc_a is None else crc_a.ctypes.data_as(ctypes.POINTER(ctypes.c_uint32)))
-        if bad >= 0:
-            raise XpucError(f"{self.path}: record at offset {int(offs[bad])} fails its checksum "
-                            "(corrupted flash file)")
+        if not copied:
+            bad = self._native.xpuc_copy_records(m, src, dsts, self.record_bytes, crc_p)
+            if bad >= 0:
+                raise XpucError(f"{self.path}: record at offset {int(offs[bad])} fails its checksum "
+                                "(corrupted flash file)")
         return int(span.sum())
 
     def _read_python(self, offs, lo, reach, groups, dests, crcs) -> int:

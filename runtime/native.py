@@ -47,6 +47,9 @@ def batch_reader() -> ctypes.CDLL | None:
     lib.xpuc_pread_batch.restype = ctypes.c_int
     lib.xpuc_aio_batch.argtypes = lib.xpuc_pread_batch.argtypes
     lib.xpuc_aio_batch.restype = ctypes.c_int
+    lib.xpuc_aio_batch_records.argtypes = [*lib.xpuc_pread_batch.argtypes, p64, pp, pp, ctypes.c_int64,
+                                           ctypes.POINTER(ctypes.c_uint32)]
+    lib.xpuc_aio_batch_records.restype = ctypes.c_int
     lib.xpuc_copy_records.argtypes = [ctypes.c_int, pp, pp, ctypes.c_int64, ctypes.POINTER(ctypes.c_uint32)]
     lib.xpuc_copy_records.restype = ctypes.c_int64
     lib.xpuc_crc32.argtypes = [ctypes.c_void_p, ctypes.c_int64]

@@ -5,8 +5,9 @@ Each layer owns a contiguous range of the pool:
 * **hot segment** — slots ``[start, start + n_hot)`` hold the layer's hot clusters (storage clusters
   ``0 .. n_hot-1``, loaded once at start and never evicted);
 * **cold segment** — ``n_cold`` slots managed per layer, by recency (``lru``) or, for the LLM-in-a-flash
-  baseline, by a sliding window over the last tokens (``window``: clusters not used in the last ``W``
-  tokens are evicted first).
+  baseline, by a sliding window over the last tokens (``window``, as the paper's windowing: after each token
+  the clusters not used in the last ``W`` tokens are dropped, so the memory holds only the window's
+  neurons; within the window, the least recently used go first when the segment is full).
 
 Evicted weights are simply overwritten. The pool is the only FFN memory the runtime holds, so the bytes it
 accounts (``nbytes``) are exact. Recency is kept in arrays (a use stamp and the token of the last use per
@@ -104,8 +105,9 @@ class NeuronCache:
         self._clock += len(clusters)
 
     def victims(self, layer: int, n: int, keep: np.ndarray) -> list[int]:
-        """Up to ``n`` cold slots to (re)fill: empty ones first, then the least recently used (``window``: those
-        not used in the last W tokens before the others); ``keep``: clusters in use this token, never evicted."""
+        """Up to ``n`` cold slots to (re)fill: empty ones first, then the least recently used (``window``: all
+        resident clusters are in the window, see :meth:`next_token`); ``keep``: clusters in use this token, never
+        evicted."""
         seg = self.layers[layer]
         cold = self.owner[seg.cold_start:seg.cold_start + seg.n_cold]
         free = np.flatnonzero(cold < 0)[:n] + seg.cold_start
@@ -118,10 +120,7 @@ class NeuronCache:
             in_use = np.zeros(self.n_clusters, bool)
             in_use[keep] = True
             occupied, owners = occupied[~in_use[owners]], owners[~in_use[owners]]
-        key = seg.stamp[owners]
-        if self.policy == "window":  # clusters used within the last W tokens go last
-            key = key + (self.token - seg.used[owners] < self.window) * (np.int64(1) << 62)
-        oldest = occupied[np.argsort(key, kind="stable")[: n - len(free)]] + seg.cold_start
+        oldest = occupied[np.argsort(seg.stamp[owners], kind="stable")[: n - len(free)]] + seg.cold_start
         return free.tolist() + oldest.tolist()
 
     def assign(self, layer: int, clusters: np.ndarray, slots: np.ndarray) -> None:
@@ -138,6 +137,20 @@ class NeuronCache:
 
     def next_token(self) -> None:
         self.token += 1
+        if self.policy == "window":
+            for seg in self.layers:
+                self._drop_outside_window(seg)
+
+    def _drop_outside_window(self, seg: LayerSegment) -> None:
+        lo, hi = seg.cold_start, seg.cold_start + seg.n_cold
+        owners = self.owner[lo:hi]
+        held = np.flatnonzero(owners >= 0)
+        old = held[self.token - seg.used[owners[held]] >= self.window]
+        if old.size:
+            gone = owners[old]
+            seg.slot_of[gone] = -1
+            seg.stamp[gone] = -1
+            self.owner[lo + old] = -1
 
     def hit_rate(self) -> float:
         h = sum(s.hits for s in self.layers)

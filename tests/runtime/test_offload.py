@@ -330,3 +330,25 @@ def test_neuron_cache_evicts_least_recent_and_never_in_use():
     cache.assign(0, np.array([7]), np.array([5]))  # 13 evicted, 7 in its slot
     assert seg.slot_of[13] == -1 and seg.slot_of[7] == 5 and cache.owner[5] == 7
     assert cache.victims(0, 4, none) == [4, 2, 3, 5]
+
+
+def test_window_cache_drops_neurons_that_leave_the_window():
+    """LLM-in-a-flash's windowing: after each token only the clusters used in the last W tokens stay, even with
+    free room (an LRU cache of the same size would keep them and hit)."""
+    from xpuc.runtime.neuron_cache import NeuronCache
+
+    window, lru = (NeuronCache((1, 1, 4), "float32", n_clusters=20, hot=[0], cold=[8], policy=p, window=2)
+                   for p in ("window", "lru"))
+    for cache in (window, lru):
+        cache.assign(0, np.array([3, 4]), np.array([0, 1]))  # token 0 uses 3 and 4
+        cache.next_token()
+        cache.lookup(0, np.array([4]))  # token 1 uses 4 again
+        cache.assign(0, np.array([9]), np.array([2]))  # and reads 9
+        cache.next_token()
+    # token 2: 3 was last used at token 0, outside the 2-token window -> dropped, its slot free
+    assert window.layers[0].slot_of[3] == -1 and window.owner[0] == -1
+    assert window.layers[0].slot_of[[4, 9]].tolist() == [1, 2]
+    assert lru.layers[0].slot_of[3] == 0
+    hits, miss = window.lookup(0, np.array([3, 4]))
+    assert hits.tolist() == [1] and miss.tolist() == [3]
+    assert window.victims(0, 1, np.array([3, 4])) == [0]  # the freed slot first
