@@ -18,6 +18,7 @@ Writes ``benchmarks/results/offload_7b.json`` (``offload_moe.json`` for the MoE)
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -78,6 +79,25 @@ def main() -> None:
              "--predictor", str(w / "pred.safetensors"), "--fixed-dtype", args.fixed_dtype, "-o", str(art))
     xpuc("bench", str(art), "--budget", args.budget, "--modes", args.modes, "--tokens", str(args.tokens),
          "--repeats", str(args.repeats), "-o", out)
+    memory_bound(out)
+
+
+def memory_bound(report_file: str) -> None:
+    """Each mode's decode speed as a share of the memory-bandwidth bound: the bytes a token touches (weights,
+    the FFN clusters computed, the KV cache) over this machine's read bandwidth, measured now."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from bandwidth import measure_read_bandwidth
+
+    report = json.loads(Path(report_file).read_text())
+    gbps = measure_read_bandwidth()
+    report["memory_bandwidth_gbps"] = round(gbps, 2)
+    print(f"memory read bandwidth (same run): {gbps:.1f} GB/s")
+    for r in report["modes"]:
+        bound = gbps * 1e9 / r["touched_bytes_per_token"]
+        r["memory_bound_tok_per_s"], r["share_of_memory_bound"] = round(bound, 2), round(r["tok_per_s"] / bound, 3)
+        print(f"{r['mode']:<9} touches {r['touched_bytes_per_token'] / 2**20:7.1f} MiB/token -> bound "
+              f"{bound:6.2f} tok/s; measured {r['tok_per_s']:6.2f} = {100 * r['tok_per_s'] / bound:5.1f} % of it")
+    Path(report_file).write_text(json.dumps(report))
 
 
 if __name__ == "__main__":

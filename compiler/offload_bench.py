@@ -13,6 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from xpuc.runtime.artifact import atomic_path
 from xpuc.runtime.errors import XpucError
 from xpuc.runtime.formats.jsonfile import write_json_atomic
@@ -56,6 +58,25 @@ def _read_rate(reader, tokens: list) -> dict:
     return out
 
 
+def _touched(m: OffloadModel, tokens: int, mean_position: int) -> dict:
+    """Bytes of memory one decode step reads: every fixed weight but the embedding (one row of it), the FFN
+    clusters it computes (per token, from the cache's lookups) and the KV cache at the mean position."""
+
+    def nbytes(t) -> int:
+        return int(np.prod(t.shape, dtype=np.int64)) * np.dtype(str(t.dtype)).itemsize
+
+    c = m.config
+    fixed = [t for L in m.layers for t in L["attn"]] + [L["router"] for L in m.layers if L["router"] is not None]
+    fixed += [t for unit in m.pred for t in unit] + [m.final_norm]
+    weights = sum(nbytes(t) for t in fixed)
+    weights += nbytes(m.head_table) + nbytes(m.embed_table) // c.vocab_size  # the head, one embedding row
+    clusters = sum(s.hits + s.misses for s in m.cache.layers) / max(tokens, 1) if m.cache is not None else \
+        len(m.flash.layers) * m.flash.n_clusters
+    kv = 2 * c.num_layers * c.num_kv_heads * c.head_dim * 4 * mean_position
+    ffn = clusters * m.flash.cluster_bytes
+    return {"touched_bytes_per_token": int(weights + ffn + kv), "ffn_touched_bytes_per_token": int(ffn)}
+
+
 def run_mode(artifact: Path, mode: str, ffn_share: float, tokens: int, prompt: list[int], threads: int | None,
              quiet: bool, io_threads: int | None = None) -> dict:
     """Decode in one mode; the row of the report (RSS sampled during the run, psutil)."""
@@ -76,6 +97,7 @@ def run_mode(artifact: Path, mode: str, ffn_share: float, tokens: int, prompt: l
         row["rss_bytes"] = max(peak)
         row["direct_io"] = m.reader.direct
         row.update(_read_rate(m.reader, metrics.tokens))
+        row.update(_touched(m, len(metrics.tokens), len(prompt) + len(out) // 2))
         row["output"] = out
     return row
 
