@@ -20,10 +20,11 @@ private partial output; dot products and AXPYs run 16 fp32 lanes wide over block
 (int4 blocks are unpacked from nibbles in registers, low nibbles then high nibbles). A dot product keeps
 four independent accumulator chains (two blocks x two halves), so its FMAs overlap instead of waiting on
 each other; a cluster's firing neurons are collected first and their down rows added four at a time (one
-read-modify-write of the partial output per four neurons); the record ``PREFETCH_AHEAD`` neurons ahead (in
-the next active cluster at a cluster's end) is prefetched. Measured on the SmolLM2 FFN (576 x 1536, q4_0,
-clusters of 32, every cluster active, 30 layers' records streamed from memory, 2 threads): 96 us per layer
-against 160-170 us with one chain, per-neuron AXPYs and no prefetch. LLVM maps the 16-lane vectors onto
+read-modify-write of the partial output per four neurons); where rows are short, the record
+``PREFETCH_AHEAD`` neurons ahead (in the next active cluster at a cluster's end) is prefetched.
+Measured on the SmolLM2 FFN (576 x 1536, q4_0, clusters of 32, every cluster active, 30 layers' records
+streamed from memory, 2 threads): 96 us per layer against 160-170 us with one chain, per-neuron AXPYs and no
+prefetch. LLVM maps the 16-lane vectors onto
 AVX-512/AVX2 on x86 and onto four 128-bit NEON registers on ARM.
 """
 
@@ -41,6 +42,10 @@ LANES = 16
 CHAINS = 4  # independent accumulators of a dot product
 DOWN_GROUP = 4  # firing neurons whose down rows share one pass over the partial output
 PREFETCH_AHEAD = 2  # neuron records
+# Records are prefetched only when their rows are short: the hardware prefetcher does not ramp up within a
+# short row (SmolLM2's 576-wide q4_1 rows are 360 B), while long rows stream by themselves and prefetching a
+# whole record fetches up/down rows the neuron may skip (7B-shaped q4_0 rows of 2304 B: 20 vs 17 GB/s without)
+PREFETCH_MAX_ROW_BYTES = 1024
 
 
 def _prefetch_record(w, c, i, rows: int, row: int, itemsize: int) -> None:
@@ -223,6 +228,8 @@ def sparse_ffn_kernel(layout: BundleLayout, mode: str = "fused", threads: int = 
             axpy(part, w, c, fi[q], p, hv[q])
 
     def prefetch_next(w, idx, j, i, k):
+        if ROW * ITEM > PREFETCH_MAX_ROW_BYTES:
+            return
         _prefetch_record(w, T.if_then_else(i + PREFETCH_AHEAD < C, idx[j], idx[T.min(j + 1, k - 1)]),
                          (i + PREFETCH_AHEAD) % C, R, ROW, ITEM)
 
@@ -336,7 +343,8 @@ def sparse_ffn_kernel(layout: BundleLayout, mode: str = "fused", threads: int = 
 def _weight_shape(layout: BundleLayout, symbolic: bool) -> tuple:
     """The bundle's buffer shape; with ``symbolic`` its cluster count is a TIR variable."""
     shape = layout.shape()
-    return (tirx.Var("n_slots", "int32"), *shape[1:]) if symbolic else shape
+    # int64: a pool over all layers of a 7B model passes 2 GiB, whose byte offsets overflow int32
+    return (tirx.Var("n_slots", "int64"), *shape[1:]) if symbolic else shape
 
 
 @cache

@@ -149,3 +149,32 @@ def test_compiled_dequantizer_equals_numpy(dtype):
     np.testing.assert_array_equal(got, dequantize_bundle(layout, records))
     with pytest.raises(XpucError, match="expected"):
         BundleDequantizer(layout)(records[:-1])
+
+
+def test_a_pool_past_2_gib_is_indexed_in_64_bits():
+    """The runtime's kernels index one pool of every layer's slots (symbolic slot count); a 7B model's pool
+    passes 2 GiB, so byte offsets must not wrap in 32 bits. Records placed past 2 GiB of an otherwise untouched
+    (unallocated) mapping give numpy's result."""
+    import tvm
+
+    from xpuc.runtime.flash_reader import aligned_empty
+    from xpuc.schedules.sparse_ffn import sparse_ffn_kernel
+    from xpuc.targets.profile import load_profile
+
+    layout = BundleLayout("drelu", D, F, 4, "q4_0")
+    gate, up, down = _weights(3)
+    bundle = bundle_ffn(layout, up, down, gate)
+    n = 2**31 // bundle[0].nbytes + 2 * bundle.shape[0]
+    pool = aligned_empty((n, *bundle.shape[1:]), bundle.dtype)
+    base = n - bundle.shape[0]
+    pool[base:] = bundle
+    f = sparse_ffn_kernel(layout, "fused", 2, symbolic=True).with_attr("global_symbol", "fused")
+    lib = tvm.compile(tvm.IRModule({"fused": f}), target=load_profile("host").cpu_target())
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal(D).astype(np.float32)
+    idx = np.sort(rng.choice(bundle.shape[0], 20, replace=False)).astype(np.int32)
+    y = tvm.runtime.tensor(np.zeros(D, np.float32))
+    lib["fused"](tvm.runtime.tensor(x), tvm.runtime.tensor(idx + np.int32(base)),
+                 tvm.runtime.tensor(np.zeros(1, np.float32)), tvm.runtime.from_dlpack(pool), y)
+    want = sparse_ffn_reference(layout, bundle, x, idx, 0.0)
+    np.testing.assert_allclose(y.numpy(), want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
