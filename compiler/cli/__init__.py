@@ -1,4 +1,5 @@
-"""The ``xpuc`` command line: one module per command group (models, build, run, offload, tune); ``main`` here."""
+"""The ``xpuc`` command line: one module per command group (models, build, run, offload, measure, tune); ``main``
+here."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import signal
 import sys
 
 from xpuc.compiler.cli import build as _build
+from xpuc.compiler.cli import measure as _measure
 from xpuc.compiler.cli import models as _models
 from xpuc.compiler.cli import offload as _offload
 from xpuc.compiler.cli import run as _run
@@ -32,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--threads", type=POSITIVE, default=None, help="CPU threads for compiled kernels (default: all)")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    for group in (_models, _build, _run, _offload, _tune):
+    for group in (_models, _build, _run, _offload, _measure, _tune):
         group.add_parsers(sub)
     return ap
 

@@ -1,5 +1,5 @@
-"""``xpuc profile``, ``plan``, ``pack``, ``bench``: a model larger than memory, from calibration text to a packed
-model and its side-by-side benchmark."""
+"""``xpuc profile``, ``plan``, ``pack`` (and ``bench`` of a packed model): a model larger than memory, from
+calibration text to a packed model and its side-by-side benchmark."""
 
 from __future__ import annotations
 
@@ -108,6 +108,7 @@ def cmd_pack(args: argparse.Namespace) -> int:
     return 0
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    """``xpuc bench PACKED``: the offloading modes side by side (the parser is in :mod:`.measure`)."""
 
     modes = parse_modes(args.modes)
     share, total = parse_budget(args.budget)
@@ -166,16 +167,3 @@ def add_parsers(sub) -> None:
     p.add_argument("--force", action="store_true", help="replace an existing directory")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(fn=cmd_pack)
-
-    p = sub.add_parser("bench", help="decode a packed model in several modes side by side (flash offloading)")
-    p.add_argument("artifact", help="directory from `xpuc pack`")
-    p.add_argument("--budget", default="50%",
-                   help="share of the FFN weights kept in memory (50%%) or a total memory budget (2GiB)")
-    p.add_argument("--modes", default="naive,llmflash,cache,full", help="comma-separated: naive,llmflash,cache,full")
-    p.add_argument("--tokens", type=POSITIVE, default=32, help="tokens to generate per mode (default 32)")
-    p.add_argument("-o", "--output", default="bench.json", help="JSON report")
-    p.add_argument("--plot", default=None, help="PNG of the ablation (default: next to the JSON)")
-    p.add_argument("--io-threads", type=POSITIVE, default=2, help="threads issuing flash reads (default 2)")
-    p.add_argument("--repeats", type=POSITIVE, default=1, help="interleaved rounds over the modes; the median counts")
-    p.add_argument("--quiet", action="store_true")
-    p.set_defaults(fn=cmd_bench)

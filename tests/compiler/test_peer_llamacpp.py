@@ -60,3 +60,31 @@ def test_divergences_are_near_ties(llm, smollm2_engine):
         logits = smollm2_engine.session.prefill(ids + ours[:split])
         gap = float(logits[ours[split]] - logits[theirs[split]])
         assert 0 <= gap < NEAR_TIE, f"{p!r}: split at token {split} with a logit gap of {gap:.3f}"
+
+
+def test_perplexity_matches_llama_cpp_on_the_same_text(smollm2_path, smollm2_engine):
+    """llama-perplexity's method on llama.cpp's own logits (every position of each chunk) against
+    ``xpuc perplexity``'s (prefill + decode through the session protocol): the same chunks, positions and BOS."""
+    import numpy as np
+
+    from xpuc.runtime.perplexity import perplexity
+
+    llama_cpp = pytest.importorskip("llama_cpp")
+    ctx, chunks = 256, 2
+    llm = llama_cpp.Llama(model_path=str(smollm2_path), n_ctx=ctx, n_threads=2, logits_all=True, verbose=False)
+    tok = smollm2_engine.tokenizer
+    with open("/usr/share/common-licenses/GPL-3", encoding="utf-8") as f:
+        ids = tok.encode(f.read(), add_bos=False)
+    ours = perplexity(smollm2_engine.session, ids, ctx, tok.bos_token_id if tok.add_bos else None, chunks)
+    nll = []
+    for c in range(chunks):
+        chunk = ids[c * ctx:(c + 1) * ctx]
+        llm.reset()
+        llm.eval(chunk)
+        z = np.asarray(llm.scores[:ctx], np.float64)
+        m = z.max(axis=1)
+        lse = np.log(np.exp(z - m[:, None]).sum(axis=1)) + m
+        nll += [lse[j - 1] - z[j - 1, chunk[j]] for j in range(ctx // 2 + 1, ctx)]
+    theirs = float(np.exp(np.mean(nll)))
+    assert ours.tokens_scored == len(nll)
+    assert ours.ppl == pytest.approx(theirs, rel=0.02), (ours.ppl, theirs)
