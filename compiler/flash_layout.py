@@ -1,7 +1,9 @@
 """Flash layout writer: a model's FFN weights as bundled neuron-cluster records in one file.
 
 Per layer, neurons are stored in the order *hot first* (the plan's hot neurons, most frequent first), then
-cold (most frequent first, so neurons often read together lie side by side and their reads merge). Every
+cold: in the profile's co-activation order (:mod:`xpuc.compiler.coactivation`: neurons that fire together side
+by side, so that a token's reads merge into fewer, larger requests), or most frequent first
+(``xpuc pack --layout frequency``, and profiles recorded before the order was). Every
 ``C`` consecutive neurons form a cluster record ``[C, R, row]`` in the bundled format of
 :mod:`xpuc.runtime.formats.bundle` (gate | up | down column per neuron, fp16 or GGML q4_0/q4_1 blocks).
 Layer regions start on 4 KiB boundaries and the file ends on one, so a layer can be streamed with
@@ -23,23 +25,32 @@ from pathlib import Path
 
 import numpy as np
 
+from xpuc.runtime.errors import XpucError
 from xpuc.runtime.formats.bundle import BundleLayout, bundle_ffn
 from xpuc.runtime.formats.flash import ALIGN, FlashLayout, LayerRegion
 
 
-def storage_order(hot: list[int], frequency: np.ndarray) -> list[int]:
-    """Hot neurons (most frequent first), then the others (most frequent first)."""
+def storage_order(hot: list[int], frequency: np.ndarray, coactivation: list[int] | None = None) -> list[int]:
+    """Hot neurons (most frequent first), then the others: in ``coactivation`` order when the profile recorded
+    one (neurons that fire together side by side, so that their reads merge), else most frequent first."""
     hot_set = set(int(i) for i in hot)
     hot_sorted = sorted(hot_set, key=lambda i: (-frequency[i], i))
-    cold = [int(i) for i in np.argsort(-frequency, kind="stable") if int(i) not in hot_set]
-    return hot_sorted + cold
+    if coactivation:
+        if sorted(int(i) for i in coactivation) != list(range(len(frequency))):
+            raise XpucError("the profile's co-activation order is not a permutation of the unit's neurons")
+        rest = coactivation
+    else:
+        rest = np.argsort(-frequency, kind="stable")
+    return hot_sorted + [int(i) for i in rest if int(i) not in hot_set]
 
 
 def write_flash_layout(spec, hot_neurons: list[list[int]], frequency: list[list[float]], cluster: int, dtype: str,
-                       out_dir: str | os.PathLike, progress=None) -> FlashLayout:
+                       out_dir: str | os.PathLike, progress=None,
+                       coactivation: list[list[int]] | None = None) -> FlashLayout:
     """Write ``ffn.bin`` + ``ffn.crc32.npy`` + ``flash.json`` into ``out_dir`` (a staging directory).
 
-    One region per FFN unit (a layer's FFN, or one expert of an MoE layer), in unit order."""
+    One region per FFN unit (a layer's FFN, or one expert of an MoE layer), in unit order; cold neurons in the
+    profile's co-activation order when given (:func:`storage_order`)."""
     c = spec.config
     out_dir = Path(out_dir)
     layout = BundleLayout(c.ffn_kind, c.hidden_size, c.intermediate_size, cluster, dtype)
@@ -50,7 +61,7 @@ def write_flash_layout(spec, hot_neurons: list[list[int]], frequency: list[list[
     with open(out_dir / "ffn.bin", "wb") as f:
         for i in range(c.ffn_units):
             p = c.ffn_prefix(i)
-            order = storage_order(hot_neurons[i], np.asarray(frequency[i]))
+            order = storage_order(hot_neurons[i], np.asarray(frequency[i]), coactivation[i] if coactivation else None)
             idx = np.asarray(order)
             w = bundle_ffn(layout, spec.weights[p + "up_proj"][idx], spec.weights[p + "down_proj"][:, idx],
                            spec.weights[p + "gate_proj"][idx])

@@ -74,17 +74,21 @@ def fixed_segment(spec, predictor, flash, fixed_dtype: str) -> dict[str, np.ndar
 
 
 def pack_offload(model: str, stats_path: str, plan_path: str, predictor_path: str, out: str | Path,
-                 force: bool = False, quiet: bool = False, fixed_dtype: str = "float16", device: str = "host") -> Path:
+                 force: bool = False, quiet: bool = False, fixed_dtype: str = "float16", device: str = "host",
+                 layout: str = "coactivation") -> Path:
     """Write the packed model and compile its modules for ``device``.
 
     ``fixed_dtype`` is the format of the fixed segment's matrices (attention projections, embedding, LM head;
     MoE routers stay fp32): fp16, or GGML blocks run by the quantized GEMV kernels
-    (:mod:`xpuc.schedules.linear_quant`).
+    (:mod:`xpuc.schedules.linear_quant`). ``layout``: the cold neurons' order on flash, ``coactivation`` (the
+    profile's co-activation order, where it recorded one) or ``frequency`` (most frequent first).
     """
     from safetensors.numpy import save_file
 
     if fixed_dtype not in FIXED_DTYPES:
         raise XpucError(f"--fixed-dtype must be one of {', '.join(FIXED_DTYPES)}")
+    if layout not in ("coactivation", "frequency"):
+        raise XpucError(f"--layout must be coactivation or frequency, got '{layout}'")
     from xpuc.compiler.offload_build import export_offload_modules
 
     profile = load_profile(device)
@@ -107,7 +111,8 @@ def pack_offload(model: str, stats_path: str, plan_path: str, predictor_path: st
     out = Path(out)
     with staged_directory(out, force) as tmp:
         fl = write_flash_layout(spec, plan.hot_neurons, stats.frequency, plan.cluster, plan.weight_dtype, tmp,
-                                progress=None if quiet else lambda i, n: count("writing FFN records, unit", i, n))
+                                progress=None if quiet else lambda i, n: count("writing FFN records, unit", i, n),
+                                coactivation=stats.coactivation if layout == "coactivation" else None)
         save_file(fixed_segment(spec, predictor, fl, fixed_dtype), str(tmp / "fixed.safetensors"))
         plan.save(tmp / "plan.json")
         stats.save(tmp / "profile.json")

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from xpuc.compiler.coactivation import coactivation_order
 from xpuc.compiler.reference import ReferenceModel, silu
 from xpuc.compiler.spec import ModelSpec
 from xpuc.runtime.errors import XpucError
@@ -70,7 +71,8 @@ def firing_mask(kind: str, g: np.ndarray, u: np.ndarray, threshold: float) -> np
 
 def profile_model(spec: ModelSpec, token_ids: list[int], target_sparsity: float | None = None,
                   window: int = 256) -> ProfileStats:
-    """Run the numpy reference over ``token_ids`` (in windows) and record firing frequencies per neuron.
+    """Run the numpy reference over ``token_ids`` (in windows) and record firing frequencies per neuron, and per
+    unit a co-activation order of its neurons (for the flash layout).
 
     A frequency is the share of all tokens for which the neuron fires: an expert's neurons only fire for
     the tokens routed to it, so the frequencies of all units are comparable when the planner ranks them."""
@@ -86,20 +88,24 @@ def profile_model(spec: ModelSpec, token_ids: list[int], target_sparsity: float 
             acts[i].append(np.abs(silu(g)).astype(np.float32))
         else:
             acts[i].append(firing_mask(c.ffn_kind, g, u, 0.0).astype(np.float32))
-    thresholds, freq = [], []
+    thresholds, freq, orders = [], [], []
     n = len(token_ids)
     for i in range(c.ffn_units):
         if not acts[i]:  # an expert no calibration token was routed to
             thresholds.append(0.0)
             freq.append([0.0] * c.intermediate_size)
+            orders.append(list(range(c.intermediate_size)))
             continue
         a = np.concatenate(acts[i])
         if c.ffn_kind == "swiglu":
             t = float(np.quantile(a, target_sparsity))
             thresholds.append(t)
-            freq.append(((a > t).sum(0) / n).round(5).tolist())
+            fired = a > t
         else:
             thresholds.append(0.0)
-            freq.append((a.sum(0) / n).round(5).tolist())
+            fired = a > 0
+        freq.append((fired.sum(0) / n).round(5).tolist())
+        orders.append(coactivation_order(fired))
     return ProfileStats(config=c.to_dict(), fingerprint=spec.fingerprint(), tokens=len(token_ids),
-                        target_sparsity=target_sparsity, thresholds=thresholds, frequency=freq)
+                        target_sparsity=target_sparsity, thresholds=thresholds, frequency=freq,
+                        coactivation=orders)

@@ -12,6 +12,7 @@ import numpy as np
 
 from xpuc.compiler.cli.args import POSITIVE, float_in, int_at_least
 from xpuc.compiler.cli.run import parse_modes
+from xpuc.compiler.coactivation import coactivation_order
 from xpuc.compiler.frontends import load_model
 from xpuc.compiler.offload_bench import run_bench
 from xpuc.compiler.offload_pack import pack_offload
@@ -59,6 +60,9 @@ def cmd_profile(args: argparse.Namespace) -> int:
                                     progress=lambda i, n: count(f"training predictor, {unit}", i, n))
         predictor.save(args.predictor)
         print(f"wrote {args.predictor}")
+        # the runtime reads what the predictor selects: lay those neurons out by the predictor's co-firing
+        stats.coactivation = [coactivation_order(predictor.layers[u].predict(x)) for u, (x, _m) in enumerate(pairs)]
+        stats.save(args.output)
         if held is not None:
             print(evaluate_predictor(predictor, collect_pairs(spec, held, stats.thresholds)).summary())
     if held is not None:
@@ -103,7 +107,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def cmd_pack(args: argparse.Namespace) -> int:
 
     out = pack_offload(args.model, args.stats, args.plan, args.predictor, args.output, args.force, args.quiet,
-                       fixed_dtype=args.fixed_dtype, device=args.device)
+                       fixed_dtype=args.fixed_dtype, device=args.device, layout=args.layout)
     print(f"wrote {out}")
     return 0
 
@@ -164,6 +168,9 @@ def add_parsers(sub) -> None:
                    help="format of the in-memory attention / embedding / LM head matrices (default float16)")
     p.add_argument("--device", default="host",
                    help="device profile to compile the decode and FFN modules for (default host; see xpuc targets)")
+    p.add_argument("--layout", default="coactivation", choices=["coactivation", "frequency"],
+                   help="order of the cold neurons on flash: neurons that fire together side by side (from the "
+                        "profile; default) or most frequent first")
     p.add_argument("--force", action="store_true", help="replace an existing directory")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(fn=cmd_pack)

@@ -16,7 +16,8 @@ STATS_SCHEMA = 2  # 2: ``fingerprint`` is the model's (ModelSpec.fingerprint), n
 
 @dataclass
 class ProfileStats(JsonRecord):
-    """Per-layer neuron firing frequencies (``frequency[l][i]`` in [0, 1]) and thresholds."""
+    """Per-layer neuron firing frequencies (``frequency[l][i]`` in [0, 1]) and thresholds; ``coactivation``: per
+    unit, its neurons in co-activation order (:mod:`xpuc.compiler.coactivation`; empty when not recorded)."""
 
     SCHEMA, WHAT = STATS_SCHEMA, "profile"
 
@@ -28,6 +29,7 @@ class ProfileStats(JsonRecord):
     frequency: list[list[float]]
     schema: int = STATS_SCHEMA
     sources: list[str] = field(default_factory=list)
+    coactivation: list[list[int]] = field(default_factory=list)
 
     @property
     def sparsity(self) -> list[float]:

@@ -67,7 +67,7 @@ def test_read_errors_and_short_reads_surface_cleanly(packed):
 
 def test_bad_artifacts_and_arguments(packed, tmp_path):
     d, _ = packed
-    assert_clean_error(xpuc("bench", str(tmp_path), "--tokens", "4"), "not a packed xpuc model")
+    assert_clean_error(xpuc("bench", str(tmp_path), "--tokens", "4"), "not an xpuc artifact")
     assert_clean_error(xpuc("bench", str(d / "art"), "--modes", "naive,turbo"), "unknown mode")
     assert_clean_error(xpuc("bench", str(d / "art"), "--budget", "0%"), "budget")
     art = _copy_art(d, tmp_path)
