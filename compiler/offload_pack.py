@@ -108,11 +108,16 @@ def pack_offload(model: str, stats_path: str, plan_path: str, predictor_path: st
     if fixed_dtype != "float16" and c.hidden_size % 32:
         raise XpucError(f"--fixed-dtype {fixed_dtype}: hidden size {c.hidden_size} is not a multiple of 32; "
                         "use --fixed-dtype float16")
+    order = stats.coactivation if layout == "coactivation" else None
+    if order and not (isinstance(order, list) and len(order) == c.ffn_units
+                      and all(isinstance(o, list) and all(isinstance(i, int) for i in o) for o in order)):
+        raise XpucError("--stats: malformed co-activation order (expected a list of neuron ids per FFN unit); "
+                        "profile the model again or pack with --layout frequency")
     out = Path(out)
     with staged_directory(out, force) as tmp:
         fl = write_flash_layout(spec, plan.hot_neurons, stats.frequency, plan.cluster, plan.weight_dtype, tmp,
                                 progress=None if quiet else lambda i, n: count("writing FFN records, unit", i, n),
-                                coactivation=stats.coactivation if layout == "coactivation" else None)
+                                coactivation=order)
         save_file(fixed_segment(spec, predictor, fl, fixed_dtype), str(tmp / "fixed.safetensors"))
         plan.save(tmp / "plan.json")
         stats.save(tmp / "profile.json")

@@ -31,6 +31,23 @@ class ProfileStats(JsonRecord):
     sources: list[str] = field(default_factory=list)
     coactivation: list[list[int]] = field(default_factory=list)
 
+    @classmethod
+    def _from_json(cls, d: dict):
+        """Built with every field's type checked (a profile is untrusted input): TypeError otherwise."""
+        st = cls(**d)
+
+        def numbers(v) -> bool:
+            return isinstance(v, list) and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
+
+        ok = (isinstance(st.config, dict) and isinstance(st.fingerprint, str) and isinstance(st.tokens, int)
+              and (st.target_sparsity is None or isinstance(st.target_sparsity, (int, float)))
+              and numbers(st.thresholds) and isinstance(st.frequency, list) and all(numbers(f) for f in st.frequency)
+              and isinstance(st.sources, list) and isinstance(st.coactivation, list)
+              and all(isinstance(o, list) and all(isinstance(i, int) for i in o) for o in st.coactivation))
+        if not ok:
+            raise TypeError("profile fields of the wrong type")
+        return st
+
     @property
     def sparsity(self) -> list[float]:
         return [1.0 - float(np.mean(f)) for f in self.frequency]
