@@ -82,6 +82,9 @@ class FlashReader:
     native:
         Use the compiled batch helper (:mod:`xpuc.runtime.native`) when it is available: one call per batch,
         without Python's per-request overhead; otherwise the requests are issued one by one from Python.
+    max_batch_bytes:
+        A batch whose requests' spans add up to more is issued in parts of at most this many bytes, so that the
+        bounce buffer (accounted: :attr:`staging_bytes`) stays small.
     engine:
         ``"auto"`` (native AIO where the file is opened O_DIRECT and the kernel allows it, else threads),
         ``"aio"``, ``"threads"`` or ``"python"``; what is not available here falls back in that order.
@@ -89,7 +92,7 @@ class FlashReader:
 
     def __init__(self, path: str | os.PathLike, record_bytes: int, io_threads: int = 1, direct: bool = True,
                  merge_gap: int = 0, max_span: int = 1 << 20, queue_depth: int = 4, native: bool = True,
-                 engine: str = "auto") -> None:
+                 engine: str = "auto", max_batch_bytes: int = 8 << 20) -> None:
 
         self.path = Path(path)
         if engine not in ("auto", "aio", "threads", "python"):
@@ -98,6 +101,7 @@ class FlashReader:
             raise XpucError(f"{self.path}: flash file missing")
         self.record_bytes = record_bytes
         self.merge_gap, self.max_span, self.queue_depth = merge_gap, max_span, max(1, queue_depth)
+        self.max_batch_bytes = max(max_batch_bytes, max_span)
         self._native = batch_reader() if native else None
         self._local = threading.local()
         self.direct = False
@@ -119,6 +123,7 @@ class FlashReader:
             self.engine = "aio" if engine in ("auto", "aio") and self.direct else "threads"
         self._pool = ThreadPoolExecutor(max_workers=max(1, io_threads), thread_name_prefix="xpuc-io")
         self._lock = threading.Lock()
+        self._staging: dict[int, int] = {}  # thread -> bytes of its bounce buffer
         self.bytes_read = 0
         self.requests = 0
         self.records = 0
@@ -140,8 +145,17 @@ class FlashReader:
     def _bounce(self, nbytes: int) -> np.ndarray:
         b = getattr(self._local, "buf", None)
         if b is None or b.nbytes < nbytes:
-            b = self._local.buf = aligned_empty((max(nbytes, 1 << 20),), "uint8")
+            b = aligned_empty((max(nbytes, 1 << 20),), "uint8")
+            with self._lock:
+                self._staging[threading.get_ident()] = b.nbytes
+            self._local.buf = b
         return b
+
+    @property
+    def staging_bytes(self) -> int:
+        """Bytes of the I/O threads' bounce buffers (each at most ``max_batch_bytes``, or one ``max_span``)."""
+        with self._lock:
+            return int(sum(self._staging.values()))
 
     def read(self, offsets: np.ndarray, dests: list[np.ndarray], crcs: np.ndarray | None = None) -> None:
         """Read records at ``offsets`` (sorted) into ``dests`` (``record_bytes`` each, any alignment).
@@ -173,7 +187,10 @@ class FlashReader:
                     a, span_lo = k, int(lo[k])
             groups.append((a, g1))
         if self._native is not None and "_preadv" not in self.__dict__:
-            nbytes = self._read_native(offs, lo, reach, groups, dests, crcs)
+            nbytes = 0
+            for r0, r1, sub in self._batches(groups, lo, reach):  # the bounce buffer stays <= max_batch_bytes
+                nbytes += self._read_native(offs[r0:r1], lo[r0:r1], reach[r0:r1], [(a - r0, b - r0) for a, b in sub],
+                                            dests[r0:r1], None if crcs is None else crcs[r0:r1])
             groups_n = len(groups)
         else:
             nbytes = self._read_python(offs, lo, reach, groups, dests, crcs)
@@ -183,6 +200,18 @@ class FlashReader:
             self.requests += groups_n
             self.records += n
             self.io_seconds += time.perf_counter() - t0
+
+    def _batches(self, groups: list, lo: np.ndarray, reach: np.ndarray):
+        """Consecutive runs of requests whose spans add up to at most ``max_batch_bytes`` (at least one request
+        each): ``(first record, end record, requests)``."""
+        start, total = 0, 0
+        for j, (a, b) in enumerate(groups):
+            span = int(reach[b - 1] - lo[a])
+            if j > start and total + span > self.max_batch_bytes:
+                yield groups[start][0], groups[j - 1][1], groups[start:j]
+                start, total = j, 0
+            total += span
+        yield groups[start][0], groups[-1][1], groups[start:]
 
     def _read_native(self, offs, lo, reach, groups, dests, crcs) -> int:
 

@@ -239,7 +239,9 @@ class OffloadModel(FFNPaths):
         fixed = self.fixed_bytes + self.kv_bytes + self._Y.nbytes
         ffn = self.scratch.nbytes if self.mode == "naive" else self.cache.nbytes
         staged = self.prefill_staged_bytes()
-        return {"fixed": int(fixed), "ffn": int(ffn), "prefill": int(staged), "total": int(fixed + ffn + staged)}
+        io = self.reader.staging_bytes
+        return {"fixed": int(fixed), "ffn": int(ffn), "prefill": int(staged), "io": io,
+                "total": int(fixed + ffn + staged + io)}
 
     # --- decoding ------------------------------------------------------------------------------------------
     @property

@@ -92,3 +92,20 @@ def test_engines_report_a_file_truncated_under_them(flash, engine):
 def test_unknown_engine_is_refused(flash):
     with pytest.raises(XpucError, match="unknown I/O engine 'uring'"):
         FlashReader(flash[0], RECORD, engine="uring")
+
+
+@pytest.mark.parametrize("engine", ["aio", "threads"])
+def test_large_batches_are_issued_in_parts_that_bound_the_bounce_buffer(flash, engine):
+    """A batch of ~2.6 MiB of spans through a 256 KiB cap: the same bytes, a bounce buffer of the 1 MiB minimum
+    (without the cap it grows to the whole batch), counted in ``staging_bytes``."""
+    _needs_native(engine)
+    path, data, crcs = flash
+    want = np.arange(0, 300, 1)
+    sizes = {}
+    for cap in (256 << 10, 1 << 30):
+        with FlashReader(path, RECORD, queue_depth=8, engine=engine, max_span=64 << 10, max_batch_bytes=cap) as r:
+            dest = aligned_empty((len(want), RECORD), "uint8")
+            r.submit(want * RECORD, list(dest), crcs[want]).result()
+            sizes[cap] = r.staging_bytes
+        assert dest.tobytes() == data[:300 * RECORD].tobytes()
+    assert sizes[256 << 10] == 1 << 20 and sizes[1 << 30] >= 300 * RECORD
