@@ -109,3 +109,23 @@ def test_large_batches_are_issued_in_parts_that_bound_the_bounce_buffer(flash, e
             sizes[cap] = r.staging_bytes
         assert dest.tobytes() == data[:300 * RECORD].tobytes()
     assert sizes[256 << 10] == 1 << 20 and sizes[1 << 30] >= 300 * RECORD
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_engines_report_an_io_error_at_submission(flash, engine):
+    """Fault injection under the reader: its descriptor replaced by a directory's, so every read (pread, AIO
+    submission or preadv) fails with EISDIR; each engine raises one XpucError naming the offset, and the reader
+    still closes cleanly."""
+    _needs_native(engine)
+    path, _, crcs = flash
+    r = FlashReader(path, RECORD, queue_depth=4, engine=engine)
+    real, chosen = r.fd, r.engine
+    r.fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        want = np.arange(10, 40)
+        with pytest.raises(XpucError, match="read error at offset"):
+            r.submit(want * RECORD, list(aligned_empty((len(want), RECORD), "uint8")), crcs[want]).result()
+        assert r.engine == chosen  # the error is reported, not taken for "AIO unavailable"
+    finally:
+        r.close()  # closes the directory's descriptor
+        os.close(real)
