@@ -58,9 +58,10 @@ def _read_rate(reader, tokens: list) -> dict:
     return out
 
 
-def _touched(m: OffloadModel, tokens: int, mean_position: int) -> dict:
+def _touched(m: OffloadModel, tokens: int, mean_position: int, streamed: float) -> dict:
     """Bytes of memory one decode step reads: every fixed weight but the embedding (one row of it), the FFN
-    clusters it computes (per token, from the cache's lookups) and the KV cache at the mean position."""
+    clusters it computes (per token, from the cache's lookups; ``naive``: the routed units it streamed) and the
+    KV cache at the mean position."""
 
     def nbytes(t) -> int:
         return int(np.prod(t.shape, dtype=np.int64)) * np.dtype(str(t.dtype)).itemsize
@@ -70,10 +71,11 @@ def _touched(m: OffloadModel, tokens: int, mean_position: int) -> dict:
     fixed += [t for unit in m.pred for t in unit] + [m.final_norm]
     weights = sum(nbytes(t) for t in fixed)
     weights += nbytes(m.head_table) + nbytes(m.embed_table) // c.vocab_size  # the head, one embedding row
-    clusters = sum(s.hits + s.misses for s in m.cache.layers) / max(tokens, 1) if m.cache is not None else \
-        len(m.flash.layers) * m.flash.n_clusters
+    if m.cache is not None:
+        ffn = sum(s.hits + s.misses for s in m.cache.layers) / max(tokens, 1) * m.flash.cluster_bytes
+    else:
+        ffn = streamed
     kv = 2 * c.num_layers * c.num_kv_heads * c.head_dim * 4 * mean_position
-    ffn = clusters * m.flash.cluster_bytes
     return {"touched_bytes_per_token": int(weights + ffn + kv), "ffn_touched_bytes_per_token": int(ffn)}
 
 
@@ -97,7 +99,7 @@ def run_mode(artifact: Path, mode: str, ffn_share: float, tokens: int, prompt: l
         row["rss_bytes"] = max(peak)
         row["direct_io"] = m.reader.direct
         row.update(_read_rate(m.reader, metrics.tokens))
-        row.update(_touched(m, len(metrics.tokens), len(prompt) + len(out) // 2))
+        row.update(_touched(m, len(metrics.tokens), len(prompt) + len(out) // 2, row["bytes_read_per_token"]))
         row["output"] = out
     return row
 
