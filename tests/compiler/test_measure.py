@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from support.cli import assert_clean_error, xpuc
+from support.models import reference_chunk_nll
 
 from xpuc.compiler.frontends import load_model
 from xpuc.compiler.reference import ReferenceModel
@@ -76,15 +77,7 @@ def test_compiled_model_perplexity_equals_the_numpy_reference(compiled):
     tok = XpucTokenizer.from_artifact_dir(art)
     ids = tok.encode(Path(TEXT).read_text(), add_bos=False)
     ref = ReferenceModel(load_model(model), "float32")
-    nll = []
-    for c in range(3):
-        chunk = ids[c * 32:(c + 1) * 32]
-        if tok.add_bos:
-            chunk[0] = tok.bos_token_id
-        ref.reset()
-        z = ref.forward(chunk).astype(np.float64)
-        lse = np.log(np.exp(z - z.max(axis=1, keepdims=True)).sum(axis=1)) + z.max(axis=1)
-        nll += [lse[j - 1] - z[j - 1, chunk[j]] for j in range(17, 32)]
+    nll = reference_chunk_nll(ref, ids, 32, 3, tok.bos_token_id if tok.add_bos else None)
     assert got["tokens_scored"] == 3 * 15 and got["chunks"] == 3
     assert got["ppl"] == pytest.approx(float(np.exp(np.mean(nll))), rel=2e-3)
 

@@ -7,6 +7,7 @@ import zlib
 import numpy as np
 import pytest
 from support.cli import xpuc
+from support.models import reference_chunk_nll
 
 from xpuc.compiler.reference import ReferenceModel
 from xpuc.runtime.errors import XpucError
@@ -372,15 +373,7 @@ def test_packed_model_perplexity_in_naive_mode_equals_the_dense_reference(packed
     tok = XpucTokenizer.from_artifact_dir(d / "art")
     ids = tok.encode(Path(LICENSE).read_text(), add_bos=False)
     ref = ReferenceModel(spec, "float32")
-    nll = []
-    for c in range(2):
-        chunk = ids[c * 24:(c + 1) * 24]
-        if tok.add_bos:
-            chunk[0] = tok.bos_token_id
-        ref.reset()
-        z = ref.forward(chunk).astype(np.float64)
-        lse = np.log(np.exp(z - z.max(axis=1, keepdims=True)).sum(axis=1)) + z.max(axis=1)
-        nll += [lse[j - 1] - z[j - 1, chunk[j]] for j in range(13, 24)]
+    nll = reference_chunk_nll(ref, ids, 24, 2, tok.bos_token_id if tok.add_bos else None)
     assert got["naive"]["tokens_scored"] == len(nll) == got["full"]["tokens_scored"]
     assert got["naive"]["ppl"] == pytest.approx(float(np.exp(np.mean(nll))), rel=1e-3)
     assert "mode full, FFN 50 % in memory" in got["full"]["engine"] and got["full"]["ppl"] > 0

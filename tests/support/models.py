@@ -73,3 +73,20 @@ def profile_predict_plan(d: Path, tokens: int, device: str, budget: int, dtype: 
                         fingerprint=spec.fingerprint())
     plan.save(d / "plan.json")
     return spec, stats, plan
+
+
+def reference_chunk_nll(ref, ids: list[int], ctx: int, chunks: int, bos: int | None) -> list[float]:
+    """llama-perplexity's scored NLLs from the numpy reference: per chunk of ``ctx`` (first token BOS when given),
+    the logits at positions ctx/2 .. ctx-2 against the next tokens, all positions in one forward."""
+    import numpy as np
+
+    nll = []
+    for c in range(chunks):
+        chunk = ids[c * ctx:(c + 1) * ctx]
+        if bos is not None:
+            chunk[0] = bos
+        ref.reset()
+        z = ref.forward(chunk).astype(np.float64)
+        lse = np.log(np.exp(z - z.max(axis=1, keepdims=True)).sum(axis=1)) + z.max(axis=1)
+        nll += [lse[j - 1] - z[j - 1, chunk[j]] for j in range(ctx // 2 + 1, ctx)]
+    return nll
