@@ -105,6 +105,10 @@ def pack_offload(model: str, stats_path: str, plan_path: str, predictor_path: st
     predictor.check_matches(fingerprint, "--predictor")
     if len(predictor.layers) != c.ffn_units:
         raise XpucError("--predictor: FFN unit count does not match the model")
+    if len({lp.rank for lp in predictor.layers}) != 1:
+        raise XpucError("--predictor: its units have different ranks "
+                        f"({sorted({lp.rank for lp in predictor.layers})}); the decode module compiles one "
+                        "predict function: train it again with xpuc profile --predictor")
     if fixed_dtype != "float16" and c.hidden_size % 32:
         raise XpucError(f"--fixed-dtype {fixed_dtype}: hidden size {c.hidden_size} is not a multiple of 32; "
                         "use --fixed-dtype float16")

@@ -3,15 +3,20 @@ neurons fire for a token, trained offline in numpy on the profiler's (FFN input,
 
 Training
 --------
-* **Initialisation from the gate.** The best rank-``k`` approximation of the gate matrix (its SVD) is a
-  linear predictor of the gate pre-activation. A ReLU layer can carry it exactly: ``relu(z) - relu(-z) = z``,
-  so hidden units ``[A x, -A x]`` with output weights ``[B, -B]`` reproduce ``B A x``; ``r = 2k``.
+* **Initialisation from the gate, on the data.** The gate pre-activations of the calibration tokens,
+  ``G = X W_gᵀ`` (n, F), are what the predictor must rank. Their best rank-``k`` approximation is
+  ``G V_k V_kᵀ`` (``V_k``: the leading right singular vectors of ``G``), i.e. the linear predictor
+  ``B A x`` with ``A = V_kᵀ W_g`` and ``B = V_k`` (reduced-rank regression). It beats the SVD of ``W_g`` itself
+  whenever the hidden states are anisotropic, as a real model's are: only the directions that the data
+  excites count. A ReLU layer carries it exactly: ``relu(z) - relu(-z) = z``, so hidden units
+  ``[A x, -A x]`` with output weights ``[B, -B]`` reproduce ``B A x``; ``r = 2k``.
 * **Fine-tuning.** Adam on the class-weighted binary cross-entropy (firing neurons weighted by the
   inverse of their rate, so recall is not sacrificed to the many silent neurons), mini-batches of 256.
 * **Threshold per layer.** On a validation split of the calibration tokens, the logit threshold is the
   ``1 - recall`` quantile of the logits of neurons that fired: the predictor then keeps ``recall`` of the
   firing neurons. Ranks from ``ranks`` are tried and the one predicting the fewest active neurons at that
-  recall is kept (the smaller rank on ties within one percentage point).
+  recall, on average over the units, is kept for all of them (the smaller rank on ties within one
+  percentage point): the decode module compiles one predict function.
 
 Reported on held-out text (:func:`evaluate_predictor`): recall, precision and predicted sparsity.
 """
@@ -61,10 +66,25 @@ def _top_svd(a: np.ndarray, k: int, seed: int = 0) -> tuple[np.ndarray, np.ndarr
     return (q @ ub)[:, :k], s[:k], vt[:k]
 
 
-def _init_from_gate(gate: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    u, s, vt = _top_svd(gate, k)
-    a = (np.sqrt(s[:k])[:, None] * vt[:k]).astype(np.float32)  # (k, d)
-    b = (u[:, :k] * np.sqrt(s[:k])[None]).astype(np.float32)  # (F, k)
+def _init_from_gate(gate: np.ndarray, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """First-layer (2k, d) and output (F, 2k) weights whose product is the rank-``k`` reduced-rank
+    regression of the gate pre-activations ``x @ gate.T`` on ``x`` (see the module docstring).
+
+    Each hidden unit is scaled to unit standard deviation over ``x``, so that Adam's steps have the same
+    meaning for every unit. With fewer than ``2k`` rows in ``x`` (an MoE expert that few calibration tokens
+    were routed to) the data cannot fix ``k`` directions: the gate's own rank-``k`` SVD is used instead.
+    """
+    if x.shape[0] < 2 * k:
+        u, s, vt = _top_svd(gate, k)
+        a = (np.sqrt(s)[:, None] * vt).astype(np.float32)  # (k, d)
+        b = (u * np.sqrt(s)[None]).astype(np.float32)  # (F, k)
+        return np.concatenate([a, -a]), np.concatenate([b, -b], axis=1)
+    g = x.astype(np.float32) @ gate.T.astype(np.float32)  # (n, F)
+    _, s, vt = _top_svd(g, k)
+    std = s / np.sqrt(x.shape[0])
+    std = np.maximum(std, 1e-3 * std[0] + 1e-12).astype(np.float32)  # a direction the data never excites
+    a = ((vt @ gate.astype(np.float64)) / std[:, None]).astype(np.float32)  # (k, d)
+    b = (vt.T * std[None]).astype(np.float32)  # (F, k)
     return np.concatenate([a, -a]), np.concatenate([b, -b], axis=1)
 
 
@@ -76,7 +96,7 @@ def train_layer(x: np.ndarray, m: np.ndarray, gate: np.ndarray, rank: int, recal
     order = rng.permutation(n)
     n_val = max(1, n // 6)
     val, tr = order[:n_val], order[n_val:]
-    w1, w2 = _init_from_gate(gate, max(1, rank // 2))
+    w1, w2 = _init_from_gate(gate, x[tr], max(1, rank // 2))
     b1 = np.zeros(w1.shape[0], np.float32)
     # scale the output so that the initial logits sit in a useful range, bias from the firing rate
     z = np.maximum(x[tr[:512]] @ w1.T, 0) @ w2.T
@@ -117,21 +137,28 @@ def train_layer(x: np.ndarray, m: np.ndarray, gate: np.ndarray, rank: int, recal
 def train_predictor(spec: ModelSpec, pairs: list[tuple[np.ndarray, np.ndarray]], recall: float = 0.97,
                     ranks: tuple[int, ...] = (32, 96), epochs: int = 6, seed: int = 0,
                     progress=None) -> Predictor:
-    """Train every layer's predictor (see the module docstring for rank and threshold choice)."""
+    """Train every unit's predictor at each of ``ranks`` and keep one rank for the whole model (the decode
+    module compiles one predict function): the one predicting the fewest active neurons on the validation
+    splits, on average over the units, at the requested recall (the smaller rank on ties within one
+    percentage point)."""
     if not 0.5 <= recall < 1.0:
         raise XpucError("--recall must be in [0.5, 1)")
-    layers = []
+    ranks = tuple(sorted(set(ranks)))
+    trained: dict[int, list[LayerPredictor]] = {r: [] for r in ranks}
+    density: dict[int, list[float]] = {r: [] for r in ranks}
     for i, (x, m) in enumerate(pairs):
         gate = spec.weights[spec.config.ffn_prefix(i) + "gate_proj"]
-        best: tuple[LayerPredictor, float] | None = None
-        for r in sorted(ranks):
-            lp, density = train_layer(x, m, gate, r, recall, epochs, seed + i)
-            if best is None or density < best[1] - 0.01:
-                best = (lp, density)
-        layers.append(best[0])
+        for r in ranks:
+            lp, dens = train_layer(x, m, gate, r, recall, epochs, seed + i)
+            trained[r].append(lp)
+            density[r].append(dens)
         if progress:
             progress(i + 1, len(pairs))
-    return Predictor(layers, spec.fingerprint(), recall)
+    best = ranks[0]
+    for r in ranks[1:]:
+        if float(np.mean(density[r])) < float(np.mean(density[best])) - 0.01:
+            best = r
+    return Predictor(trained[best], spec.fingerprint(), recall)
 
 
 @dataclass

@@ -75,6 +75,22 @@ def test_bad_artifacts_and_arguments(packed, tmp_path):
     assert_clean_error(xpuc("bench", str(art), "--tokens", "4"), "fails its checksum")
 
 
+def test_pack_refuses_a_predictor_whose_units_have_different_ranks(packed, tmp_path):
+    """The decode module compiles one predict function, so a predictor file whose units differ in rank (made
+    elsewhere, or by an older trainer) is one clean error at pack time, not a shape failure while decoding."""
+    from xpuc.runtime.formats.predictor import Predictor
+
+    d, _ = packed
+    pred = Predictor.load(d / "pred.safetensors")
+    lp = pred.layers[1]
+    lp.w1, lp.b1, lp.w2 = lp.w1[:-2], lp.b1[:-2], lp.w2[:, :-2]
+    pred.save(tmp_path / "mixed.safetensors")
+    r = xpuc("pack", str(d / "model"), "--stats", str(d / "stats.json"), "--plan", str(d / "plan.json"),
+             "--predictor", str(tmp_path / "mixed.safetensors"), "-o", str(tmp_path / "out"))
+    assert_clean_error(r, "different ranks")
+    assert not (tmp_path / "out").exists()
+
+
 def test_xpuc_run_on_packed_model_and_ctrl_c(packed):
     import json
     import signal
