@@ -3,7 +3,7 @@
 No ReLU-family model (TurboSparse, ProSparse, Bamboo) can be downloaded here, so xpuc makes its own with the
 shapes of the paper's models and a controlled activation structure:
 
-* **Bias channel.** Hidden dimension 0 of every embedding holds a constant ``B = sqrt(d)``; no attention or
+* **Bias channel.** Hidden dimension 0 of every embedding holds a constant ``B = BIAS_SCALE sqrt(d)``; no attention or
   FFN output writes to it (row 0 of ``o_proj`` and ``down_proj`` is zero), so after every RMSNorm it is a
   nearly constant input. Its weight in a gate row acts as that neuron's bias.
 * **Power-law hot set.** Neuron ``i`` (in a random order per layer) gets a target firing probability
@@ -14,6 +14,9 @@ shapes of the paper's models and a controlled activation structure:
   pre-activation, and the up rows get a positive bias so that ``relu(up x)`` is rarely what silences a neuron.
 * **Token correlation.** Embeddings share a low-rank component, so consecutive tokens' hidden states, and
   hence their active sets, overlap.
+* **Trained-like structure** (:mod:`synth_weights`): anisotropic embeddings, gates with a decaying spectrum
+  and content-based attention, tuned so that the activation statistics of :mod:`activation_stats` match
+  those measured on a real model (:class:`synth_weights.WeightStructure`).
 
 Measured sparsity (on tokens not used for calibration) and the overlap of consecutive tokens' active sets are
 reported. The reference runs in float32 numpy, so shapes up to a few hundred million parameters are measured;
@@ -33,6 +36,7 @@ import numpy as np
 from xpuc.compiler.model_writer import write_hf_dir
 from xpuc.compiler.reference import ReferenceModel, route_tokens
 from xpuc.compiler.spec import LazyWeights, ModelSpec
+from xpuc.compiler.synth_weights import TRAINED_LIKE, WeightStructure, decaying_matrix
 from xpuc.runtime.artifact import staged_directory
 from xpuc.runtime.errors import XpucError
 from xpuc.runtime.formats.arch import ArchConfig
@@ -46,6 +50,24 @@ SHAPES: dict[str, ArchConfig] = {
 }
 
 
+ALPHA = 0.9  # power-law exponent of the firing probabilities (rank ** -ALPHA), with WeightStructure's defaults
+
+
+def _embeddings(c: ArchConfig, rng: np.random.Generator, st: WeightStructure) -> np.ndarray:
+    """Token embeddings: an anisotropic Gaussian part, a shared rank-16 part, and the constant bias channel."""
+    d = c.hidden_size
+    base = rng.standard_normal((16, d)).astype(np.float32)
+    emb = decaying_matrix(c.vocab_size, d, 0.6, st.embed_decay, rng)
+    emb += (rng.standard_normal((c.vocab_size, 16)).astype(np.float32) @ base) * 0.2
+    emb[:, 0] = np.sqrt(d) * st.bias_scale
+    return emb
+
+
+def _gate(f: int, d: int, rng: np.random.Generator, st: WeightStructure) -> np.ndarray:
+    """A (f, d) gate matrix with a decaying spectrum (biases are calibrated into column 0 afterwards)."""
+    return decaying_matrix(f, d, 1.0 / np.sqrt(d), st.gate_decay, rng)
+
+
 @dataclass
 class SynthReport:
     shape: str
@@ -55,20 +77,23 @@ class SynthReport:
     consecutive_overlap: list[float]  # per layer: |A_t ∩ A_t+1| / |A_t ∪ A_t+1|
     hot_share: list[float]  # per layer: share of activations taken by the 10 % most active neurons
     parameters: int
+    structure: dict = dataclasses.field(default_factory=dict)  # WeightStructure.to_dict()
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=1)
 
 
-def _attention_weights(w: dict, p: str, c: ArchConfig, rng: np.random.Generator) -> None:
+def _attention_weights(w: dict, p: str, c: ArchConfig, rng: np.random.Generator,
+                       st: WeightStructure) -> None:
     """Norms and q/k/v/o of one layer (row 0 of o_proj zero: nothing writes the bias channel)."""
     d, hd = c.hidden_size, c.head_dim
     w[p + "attn_norm"] = np.ones(d, np.float32)
     w[p + "ffn_norm"] = np.ones(d, np.float32)
-    w[p + "q_proj"] = (rng.standard_normal((c.num_heads * hd, d)) / np.sqrt(d)).astype(np.float32)
-    w[p + "k_proj"] = (rng.standard_normal((c.num_kv_heads * hd, d)) / np.sqrt(d)).astype(np.float32)
+    qk = st.qk_gain / np.sqrt(d)
+    w[p + "q_proj"] = (rng.standard_normal((c.num_heads * hd, d)) * qk).astype(np.float32)
+    w[p + "k_proj"] = (rng.standard_normal((c.num_kv_heads * hd, d)) * qk).astype(np.float32)
     w[p + "v_proj"] = (rng.standard_normal((c.num_kv_heads * hd, d)) / np.sqrt(d)).astype(np.float32)
-    o = (rng.standard_normal((d, c.num_heads * hd)) * 0.3 / np.sqrt(c.num_heads * hd)).astype(np.float32)
+    o = (rng.standard_normal((d, c.num_heads * hd)) * (st.attn_out_gain / np.sqrt(c.num_heads * hd))).astype(np.float32)
     o[0] = 0.0
     w[p + "o_proj"] = o
 
@@ -84,8 +109,9 @@ def _power_law(n: int, mean: float, alpha: float, rng: np.random.Generator) -> n
     return np.clip(p, 1e-4, 0.999)
 
 
-def synthesize(shape: str, sparsity: float, seed: int, out: str | os.PathLike, alpha: float = 1.0,
-               calib_tokens: int | None = None, quiet: bool = True, layers: int | None = None) -> SynthReport:
+def synthesize(shape: str, sparsity: float, seed: int, out: str | os.PathLike, alpha: float = ALPHA,
+               calib_tokens: int | None = None, quiet: bool = True, layers: int | None = None,
+               structure: WeightStructure = TRAINED_LIKE) -> SynthReport:
     """Write a dReLU model of ``shape`` to ``out`` (HF directory) and return its measured statistics.
     ``layers`` overrides the shape's layer count (e.g. a few layers of the 7B shape for a benchmark)."""
 
@@ -105,16 +131,13 @@ def synthesize(shape: str, sparsity: float, seed: int, out: str | os.PathLike, a
     d, f = c.hidden_size, c.intermediate_size
     calib = calib_tokens or (256 if c.num_parameters() < 5e7 else 64)
     w: dict[str, np.ndarray] = {}
-    base = rng.standard_normal((16, d)).astype(np.float32)  # shared low-rank component of the embeddings
-    emb = (rng.standard_normal((c.vocab_size, d)) * 0.6 + rng.standard_normal((c.vocab_size, 16)) @ base * 0.2)
-    emb[:, 0] = np.sqrt(d)
-    w["embed_tokens"] = emb.astype(np.float32)
+    w["embed_tokens"] = _embeddings(c, rng, structure)
     w["lm_head"] = (rng.standard_normal((c.vocab_size, d)) / np.sqrt(d)).astype(np.float32)
     w["final_norm"] = np.ones(d, np.float32)
     for i in range(c.num_layers):
         p = f"layers.{i}."
-        _attention_weights(w, p, c, rng)
-        w[p + "gate_proj"] = (rng.standard_normal((f, d)) / np.sqrt(d)).astype(np.float32)
+        _attention_weights(w, p, c, rng, structure)
+        w[p + "gate_proj"] = _gate(f, d, rng, structure)
         w[p + "up_proj"] = (rng.standard_normal((f, d)) / np.sqrt(d)).astype(np.float32)
         down = (rng.standard_normal((d, f)) * 0.3 / np.sqrt(f * (1 - sparsity))).astype(np.float32)
         down[0] = 0.0
@@ -145,6 +168,7 @@ def synthesize(shape: str, sparsity: float, seed: int, out: str | os.PathLike, a
         if not quiet:
             print(f"  layer {i}: calibrated on {calib} tokens", flush=True)
     report = _measure(shape, seed, sparsity, c, spec_now(), streams[1])
+    report.structure = structure.to_dict()
 
     with staged_directory(Path(out), force=False) as tmp:
         write_hf_dir(tmp, c, w, shards=2 if c.num_parameters() > 2e7 else 1, dtype="float16",
@@ -190,6 +214,22 @@ def _measure(shape, seed, sparsity, c, spec, tokens) -> SynthReport:
 
 # --- mixture of experts ------------------------------------------------------------------------------------
 
+
+def _balance_router(router: np.ndarray, x: np.ndarray, top_k: int, bias_in: float, rounds: int = 200) -> None:
+    """Give each expert a bias (its router weight on the bias channel) so that each is chosen for about
+    ``top_k / experts`` of the rows of ``x``, as load-balanced training leaves a router (DeepSeek-V3's
+    auxiliary-loss-free balancing: raise the bias of under-loaded experts, lower over-loaded ones). On
+    anisotropic hidden states a random router alone sends most tokens to a few experts."""
+    n_exp = router.shape[0]
+    target = top_k / n_exp
+    step = 2.0 * float((x @ router.T).std())
+    for r in range(rounds):
+        top, _ = route_tokens(x, router, top_k)
+        load = np.bincount(top.ravel(), minlength=n_exp) / len(x)
+        if np.abs(load - target).max() < 0.25 * target:
+            return
+        router[:, 0] += (step * (target - load) / (1.0 + r / 20.0) / bias_in).astype(np.float32)
+
 MOE_SHAPES: dict[str, tuple[ArchConfig, int, int]] = {  # base config (attention, FFN per expert), experts, top-k
     "tiny-moe": (ArchConfig("mistral", 512, 128, 256, 2, 4, 2, 32, 1e4, 1e-5, "drelu", False, False, 1024), 8, 2),
     "mixtral-8x7b-sparse": (ArchConfig("mistral", 32000, 4096, 14336, 32, 32, 8, 128, 1e6, 1e-5, "drelu", False,
@@ -207,16 +247,19 @@ class MoESynthReport:
     layer_sparsity: list[float]  # per layer: inactive share of all experts' neurons (top-k routing included)
     expert_load: list[list[float]]  # per layer: share of tokens routed to each expert
     parameters: int
+    structure: dict = dataclasses.field(default_factory=dict)  # WeightStructure.to_dict()
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=1)
 
 
-def synthesize_moe(shape: str, sparsity: float, seed: int, out: str | os.PathLike, alpha: float = 1.0,
-                   layers: int | None = None, calib_tokens: int = 256, quiet: bool = True) -> MoESynthReport:
+def synthesize_moe(shape: str, sparsity: float, seed: int, out: str | os.PathLike, alpha: float = ALPHA,
+                   layers: int | None = None, calib_tokens: int = 256, quiet: bool = True,
+                   structure: WeightStructure = TRAINED_LIKE) -> MoESynthReport:
     """Write a Mixtral-format HF directory whose experts are dReLU FFNs with ``sparsity`` inside each expert.
 
-    Each layer routes every token to ``top_k`` of ``experts`` experts (a random router; load is measured),
+    Each layer routes every token to ``top_k`` of ``experts`` experts (a random router, balanced on the
+    calibration tokens by :func:`_balance_router`; load is measured on held-out ones),
     so the share of a layer's neurons that fire for a token is ``top_k / experts * (1 - sparsity)``: with
     top-2 of 8 and 0.88 inside an expert, 97 % of the layer's FFN neurons are inactive. Gate biases are
     calibrated per expert on the tokens routed to it, as in :func:`synthesize`. The numpy forward used for
@@ -239,25 +282,22 @@ def synthesize_moe(shape: str, sparsity: float, seed: int, out: str | os.PathLik
                         "--layers (the streaming writer is not built yet)")
     rng = np.random.default_rng(seed)
     w: dict[str, np.ndarray] = {}
-    base = rng.standard_normal((16, d)).astype(np.float32)
-    emb = rng.standard_normal((c.vocab_size, d)) * 0.6 + rng.standard_normal((c.vocab_size, 16)) @ base * 0.2
-    emb[:, 0] = np.sqrt(d)
-    w["embed_tokens"] = emb.astype(np.float32)
+    w["embed_tokens"] = _embeddings(c, rng, structure)
     w["lm_head"] = (rng.standard_normal((c.vocab_size, d)) / np.sqrt(d)).astype(np.float32)
     w["final_norm"] = np.ones(d, np.float32)
     experts: list[list[dict[str, np.ndarray]]] = []
     routers: list[np.ndarray] = []
     for i in range(L):
         p = f"layers.{i}."
-        _attention_weights(w, p, c, rng)
+        _attention_weights(w, p, c, rng, structure)
         r = (rng.standard_normal((n_exp, d)) / np.sqrt(d)).astype(np.float32)
-        r[:, 0] = 0.0  # the bias channel does not steer routing
+        r[:, 0] = 0.0  # the bias channel carries the per-expert balance, calibrated below
         routers.append(r)
         layer = []
         for _ in range(n_exp):
             down = (rng.standard_normal((d, f)) * 0.3 / np.sqrt(f * (1 - sparsity))).astype(np.float32)
             down[0] = 0.0
-            layer.append({"gate": (rng.standard_normal((f, d)) / np.sqrt(d)).astype(np.float32),
+            layer.append({"gate": _gate(f, d, rng, structure),
                           "up": (rng.standard_normal((f, d)) / np.sqrt(d)).astype(np.float32), "down": down})
         experts.append(layer)
         for k in ("gate_proj", "up_proj", "down_proj"):  # placeholders so the dense reference runs attention
@@ -286,8 +326,9 @@ def synthesize_moe(shape: str, sparsity: float, seed: int, out: str | os.PathLik
         for j in range(i):
             h = ref.layer(j, h, pos)
         x = _ffn_input(ref, i, h, calib_tokens)
-        top, _ = route_tokens(x, routers[i], top_k)
         bias_in = x[:, 0].mean()
+        _balance_router(routers[i], x, top_k, bias_in)
+        top, _ = route_tokens(x, routers[i], top_k)
         for e in range(n_exp):
             xe = x[np.any(top == e, axis=1)]
             if len(xe) < 4:
@@ -318,7 +359,7 @@ def synthesize_moe(shape: str, sparsity: float, seed: int, out: str | os.PathLik
         l_sp.append(1.0 - fired / (calib_tokens * n_exp * f))
         load.append([float(np.any(top == e, axis=1).mean()) for e in range(n_exp)])
         h = ref.layer(i, h, pos)
-    report = MoESynthReport(shape, seed, n_exp, top_k, e_sp, l_sp, load, int(n_params))
+    report = MoESynthReport(shape, seed, n_exp, top_k, e_sp, l_sp, load, int(n_params), structure.to_dict())
     extra = {}
     for i in range(L):
         pre = f"model.layers.{i}.block_sparse_moe."

@@ -13,7 +13,7 @@ import numpy as np
 
 from xpuc.compiler.cli.args import NON_NEGATIVE, POSITIVE, SHARE, float_in
 from xpuc.compiler.frontends import load_model
-from xpuc.compiler.synth import MOE_SHAPES, synthesize, synthesize_moe
+from xpuc.compiler.synth import ALPHA, MOE_SHAPES, synthesize, synthesize_moe
 from xpuc.compiler.tuning.sparse_tuning import best_records
 from xpuc.compiler.zoo import fetch, resolve_model
 from xpuc.runtime.artifact import check_output_file, read_manifest
@@ -244,7 +244,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--shape", default="tiny",
                    help="tiny | small | turbosparse-mistral-7b | tiny-moe | mixtral-8x7b-sparse (MoE, Mixtral format)")
     p.add_argument("--sparsity", type=SHARE, default=0.9, help="target share of inactive FFN neurons")
-    p.add_argument("--alpha", type=float_in(0.0, 100.0, low_open=True), default=1.0,
+    p.add_argument("--alpha", type=float_in(0.0, 100.0, low_open=True), default=ALPHA,
                    help="power-law exponent of neuron firing rates")
     p.add_argument("--layers", type=POSITIVE, default=None, help="override the shape's layer count")
     p.add_argument("--seed", type=NON_NEGATIVE, default=0)
