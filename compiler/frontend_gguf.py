@@ -32,6 +32,9 @@ _LAYER_NAMES = {
 }
 _GLOBAL_NAMES = {"token_embd.weight": "embed_tokens", "output_norm.weight": "final_norm",
                  "output.weight": "lm_head"}
+# Mixtral-style experts as llama.cpp stores them: the router, and each FFN matrix stacked over the experts
+_EXPERT_NAMES = {"ffn_gate_exps.weight": "gate_proj", "ffn_up_exps.weight": "up_proj",
+                 "ffn_down_exps.weight": "down_proj"}
 
 
 def is_gguf(path: str | os.PathLike) -> bool:
@@ -90,7 +93,8 @@ def dequantizable(qtype) -> bool:
         return False
 
 
-def _dequantizer(path: Path, tensor, fix_rope_heads: int | None):
+def _dequantizer(path: Path, tensor, fix_rope_heads: int | None, expert: int | None = None):
+    """A loader of ``tensor`` (its slice ``expert`` of a stacked expert tensor), its shape and type name."""
     import gguf
 
     qtype = tensor.tensor_type
@@ -99,13 +103,16 @@ def _dequantizer(path: Path, tensor, fix_rope_heads: int | None):
                         "which the gguf package cannot dequantize")
     shape = tuple(int(x) for x in reversed(tensor.shape.tolist()))
     name = tensor.name
+    if expert is not None:
+        shape = shape[1:]
 
     def load() -> np.ndarray:
+        data = tensor.data if expert is None else tensor.data[expert]
         if qtype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
-            arr = np.asarray(tensor.data, dtype=np.float32)
+            arr = np.asarray(data, dtype=np.float32)
         else:
             try:
-                arr = gguf.quants.dequantize(np.asarray(tensor.data), qtype)
+                arr = gguf.quants.dequantize(np.asarray(data), qtype)
             except NotImplementedError:
                 raise XpucError(f"{path}: tensor '{name}' uses quantization type {qtype.name}, "
                                 "which the gguf package cannot dequantize") from None
@@ -115,6 +122,14 @@ def _dequantizer(path: Path, tensor, fix_rope_heads: int | None):
         return arr
 
     return load, shape, qtype.name
+
+
+def _expert_loader(path: Path, tensor, e: int, n_experts: int):
+    if len(tensor.shape) != 3 or int(tensor.shape[2]) != n_experts:
+        raise XpucError(f"{path}: tensor '{tensor.name}' is not stacked over the {n_experts} experts "
+                        f"(shape {list(reversed(tensor.shape.tolist()))})")
+    load, shape, qname = _dequantizer(path, tensor, None, expert=e)
+    return load, (shape, qname)
 
 
 def _tokenizer_from_gguf(path: Path, reader) -> TokenizerSource:
@@ -172,6 +187,8 @@ def _config_from_gguf(path: Path, reader, arch: str, tensors: dict) -> ArchConfi
         tie_embeddings="output.weight" not in tensors,
         qkv_bias="blk.0.attn_q.bias" in tensors,
         context_length=int(key("context_length", 2048)),
+        num_experts=int(key("expert_count", 0) or 0),
+        experts_per_token=int(key("expert_used_count", 0) or 0) if key("expert_count", 0) else 0,
     )
 
 
@@ -210,6 +227,16 @@ def load_gguf(path: str | os.PathLike, with_tokenizer: bool = True) -> ModelSpec
         fix = None
         if canon is None and name.startswith("blk."):
             _, idx, rest = name.split(".", 2)
+            if rest in _EXPERT_NAMES and config.is_moe:
+                for e in range(config.num_experts):
+                    canon = f"layers.{int(idx)}.experts.{e}.{_EXPERT_NAMES[rest]}"
+                    loaders[canon], meta[canon] = _expert_loader(path, t, e, config.num_experts)
+                continue
+            if rest == "ffn_gate_inp.weight" and config.is_moe:
+                canon = f"layers.{int(idx)}.router"
+                load, shape, qname = _dequantizer(path, t, None)
+                loaders[canon], meta[canon] = load, (shape, qname)
+                continue
             local = _LAYER_NAMES.get(rest)
             if local is None:
                 continue

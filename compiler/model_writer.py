@@ -24,7 +24,7 @@ _GGUF_LAYER = {
 _GGUF_GLOBAL = {"embed_tokens": "token_embd.weight", "final_norm": "output_norm.weight", "lm_head": "output.weight"}
 
 
-def _permute_rope(w: np.ndarray, n_head: int) -> np.ndarray:
+def permute_rope(w: np.ndarray, n_head: int) -> np.ndarray:
     """llama.cpp's conversion permutation (rotate-half order -> interleaved pairs)."""
     hd = w.shape[0] // n_head
     return w.reshape(n_head, 2, hd // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
@@ -90,9 +90,9 @@ def write_gguf(path: str | os.PathLike, config: ArchConfig, weights: Mapping[str
         arr = np.asarray(weights[name], dtype=np.float32)
         local = name.split(".", 2)[-1]
         if permuted and local in ("q_proj", "q_bias"):
-            arr = _permute_rope(arr, config.num_heads)
+            arr = permute_rope(arr, config.num_heads)
         elif permuted and local in ("k_proj", "k_bias"):
-            arr = _permute_rope(arr, config.num_kv_heads)
+            arr = permute_rope(arr, config.num_kv_heads)
         if arr.ndim == 2 and q != gguf.GGMLQuantizationType.F32 and arr.shape[1] % block == 0:
             data = gguf.quants.quantize(arr, q)
             w.add_tensor(gguf_name(name), data, raw_shape=data.shape, raw_dtype=q)

@@ -53,7 +53,7 @@ SHAPES: dict[str, ArchConfig] = {
 ALPHA = 0.9  # power-law exponent of the firing probabilities (rank ** -ALPHA), with WeightStructure's defaults
 
 
-def _embeddings(c: ArchConfig, rng: np.random.Generator, st: WeightStructure) -> np.ndarray:
+def embeddings(c: ArchConfig, rng: np.random.Generator, st: WeightStructure) -> np.ndarray:
     """Token embeddings: an anisotropic Gaussian part, a shared rank-16 part, and the constant bias channel."""
     d = c.hidden_size
     base = rng.standard_normal((16, d)).astype(np.float32)
@@ -63,7 +63,7 @@ def _embeddings(c: ArchConfig, rng: np.random.Generator, st: WeightStructure) ->
     return emb
 
 
-def _gate(f: int, d: int, rng: np.random.Generator, st: WeightStructure) -> np.ndarray:
+def gate_matrix(f: int, d: int, rng: np.random.Generator, st: WeightStructure) -> np.ndarray:
     """A (f, d) gate matrix with a decaying spectrum (biases are calibrated into column 0 afterwards)."""
     return decaying_matrix(f, d, 1.0 / np.sqrt(d), st.gate_decay, rng)
 
@@ -83,7 +83,7 @@ class SynthReport:
         return json.dumps(dataclasses.asdict(self), indent=1)
 
 
-def _attention_weights(w: dict, p: str, c: ArchConfig, rng: np.random.Generator,
+def attention_weights(w: dict, p: str, c: ArchConfig, rng: np.random.Generator,
                        st: WeightStructure) -> None:
     """Norms and q/k/v/o of one layer (row 0 of o_proj zero: nothing writes the bias channel)."""
     d, hd = c.hidden_size, c.head_dim
@@ -109,6 +109,21 @@ def _power_law(n: int, mean: float, alpha: float, rng: np.random.Generator) -> n
     return np.clip(p, 1e-4, 0.999)
 
 
+def calibrate_ffn(gate: np.ndarray, up: np.ndarray, x: np.ndarray, sparsity: float, alpha: float,
+                  rng: np.random.Generator) -> None:
+    """Set the gate biases (column 0, the bias channel's weight) so that on the FFN inputs ``x`` neuron ``i``
+    fires with the power-law probability ``p_i`` (mean ``1 - sparsity``), and the up biases so that
+    ``relu(up x)`` rarely silences a neuron (its 3 % quantile is lifted to 0). In place."""
+    n, f = x.shape[0], gate.shape[0]
+    bias_in = float(x[:, 0].mean())
+    prob = _power_law(f, 1.0 - sparsity, alpha, rng)
+    order = np.sort(x @ gate.T, axis=0)
+    rows = np.clip(((1.0 - prob) * (n - 1)).round().astype(int), 0, n - 1)
+    gate[:, 0] -= (order[rows, np.arange(f)] / bias_in).astype(np.float32)
+    u_lo = np.quantile(x @ up.T, 0.03, axis=0)
+    up[:, 0] -= (np.minimum(u_lo, 0) / bias_in).astype(np.float32)
+
+
 def synthesize(shape: str, sparsity: float, seed: int, out: str | os.PathLike, alpha: float = ALPHA,
                calib_tokens: int | None = None, quiet: bool = True, layers: int | None = None,
                structure: WeightStructure = TRAINED_LIKE) -> SynthReport:
@@ -126,18 +141,18 @@ def synthesize(shape: str, sparsity: float, seed: int, out: str | os.PathLike, a
         c = dataclasses.replace(c, num_layers=layers)
     if c.num_parameters() > 2e9:
         raise XpucError(f"shape '{shape}' has {c.num_parameters() / 1e9:.1f} B parameters: generating it needs the "
-                        "streaming writer, which is not built yet (use tiny or small, or fewer --layers)")
+                        "streaming writer: write a GGUF file (-o NAME.gguf), or fewer --layers")
     rng = np.random.default_rng(seed)
     d, f = c.hidden_size, c.intermediate_size
     calib = calib_tokens or (256 if c.num_parameters() < 5e7 else 64)
     w: dict[str, np.ndarray] = {}
-    w["embed_tokens"] = _embeddings(c, rng, structure)
+    w["embed_tokens"] = embeddings(c, rng, structure)
     w["lm_head"] = (rng.standard_normal((c.vocab_size, d)) / np.sqrt(d)).astype(np.float32)
     w["final_norm"] = np.ones(d, np.float32)
     for i in range(c.num_layers):
         p = f"layers.{i}."
-        _attention_weights(w, p, c, rng, structure)
-        w[p + "gate_proj"] = _gate(f, d, rng, structure)
+        attention_weights(w, p, c, rng, structure)
+        w[p + "gate_proj"] = gate_matrix(f, d, rng, structure)
         w[p + "up_proj"] = (rng.standard_normal((f, d)) / np.sqrt(d)).astype(np.float32)
         down = (rng.standard_normal((d, f)) * 0.3 / np.sqrt(f * (1 - sparsity))).astype(np.float32)
         down[0] = 0.0
@@ -155,16 +170,7 @@ def synthesize(shape: str, sparsity: float, seed: int, out: str | os.PathLike, a
         for j in range(i):
             h = ref.layer(j, h, np.arange(calib))
         x = _ffn_input(ref, i, h, calib)  # FFN input of layer i (its attention half run here)
-        bias_in = x[:, 0].mean()
-        g = x @ w[p + "gate_proj"].T
-        u = x @ w[p + "up_proj"].T
-        prob = _power_law(f, 1.0 - sparsity, alpha, rng)
-        order = np.sort(g, axis=0)
-        rows = np.clip(((1.0 - prob) * (calib - 1)).round().astype(int), 0, calib - 1)
-        thr = order[rows, np.arange(f)]
-        w[p + "gate_proj"][:, 0] -= (thr / bias_in).astype(np.float32)
-        u_lo = np.quantile(u, 0.03, axis=0)
-        w[p + "up_proj"][:, 0] -= (np.minimum(u_lo, 0) / bias_in).astype(np.float32)
+        calibrate_ffn(w[p + "gate_proj"], w[p + "up_proj"], x, sparsity, alpha, rng)
         if not quiet:
             print(f"  layer {i}: calibrated on {calib} tokens", flush=True)
     report = _measure(shape, seed, sparsity, c, spec_now(), streams[1])
@@ -178,13 +184,30 @@ def synthesize(shape: str, sparsity: float, seed: int, out: str | os.PathLike, a
     return report
 
 
-def _byte_tokenizer(vocab: int) -> str:
-    """Byte-level tokenizer for a generated model: the 256 byte symbols, then special filler tokens."""
+def byte_vocab(vocab: int) -> tuple[list[str], list[int], int]:
+    """A generated model's vocabulary: the 256 byte symbols, then special filler tokens; (tokens, GGUF token
+    types, id of ``<|endoftext|>``)."""
     from tokenizers import pre_tokenizers
 
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     extra = ["<|endoftext|>"] + [f"<|extra_{i}|>" for i in range(vocab - len(alphabet) - 1)]
-    return tokenizer_json_from_gguf_vocab(alphabet + extra, [], [1] * len(alphabet) + [3] * len(extra))
+    return alphabet + extra, [1] * len(alphabet) + [3] * len(extra), len(alphabet)
+
+
+def _byte_tokenizer(vocab: int) -> str:
+    """Byte-level tokenizer (tokenizer.json) for a generated model (:func:`byte_vocab`)."""
+    tokens, types, _ = byte_vocab(vocab)
+    return tokenizer_json_from_gguf_vocab(tokens, [], types)
+
+
+def firing_statistics(act: np.ndarray) -> tuple[float, float, float]:
+    """(sparsity, mean Jaccard overlap of consecutive rows, share of firings by the 10 % most frequent neurons)
+    of a (tokens, neurons) firing mask."""
+    inter = (act[1:] & act[:-1]).sum(1)
+    union = np.maximum((act[1:] | act[:-1]).sum(1), 1)
+    freq = np.sort(act.mean(0))[::-1]
+    return (float(1.0 - act.mean()), float((inter / union).mean()) if len(act) > 1 else 1.0,
+            float(freq[: max(1, len(freq) // 10)].sum() / max(freq.sum(), 1e-9)))
 
 
 def _ffn_input(ref, i: int, h: np.ndarray, n: int) -> np.ndarray:
@@ -202,12 +225,8 @@ def _measure(shape, seed, sparsity, c, spec, tokens) -> SynthReport:
         x = _ffn_input(ref, i, h, n)
         p = f"layers.{i}."
         act = (x @ ref.w[p + "gate_proj"].T > 0) & (x @ ref.w[p + "up_proj"].T > 0)
-        meas.append(float(1.0 - act.mean()))
-        inter = (act[1:] & act[:-1]).sum(1)
-        union = np.maximum((act[1:] | act[:-1]).sum(1), 1)
-        overlap.append(float((inter / union).mean()))
-        freq = np.sort(act.mean(0))[::-1]
-        hot.append(float(freq[: max(1, len(freq) // 10)].sum() / max(freq.sum(), 1e-9)))
+        for lst, v in zip((meas, overlap, hot), firing_statistics(act), strict=True):
+            lst.append(v)
         h = ref.layer(i, h, np.arange(n))
     return SynthReport(shape, seed, sparsity, meas, overlap, hot, c.num_parameters())
 
@@ -215,7 +234,7 @@ def _measure(shape, seed, sparsity, c, spec, tokens) -> SynthReport:
 # --- mixture of experts ------------------------------------------------------------------------------------
 
 
-def _balance_router(router: np.ndarray, x: np.ndarray, top_k: int, bias_in: float, rounds: int = 200) -> None:
+def balance_router(router: np.ndarray, x: np.ndarray, top_k: int, bias_in: float, rounds: int = 200) -> None:
     """Give each expert a bias (its router weight on the bias channel) so that each is chosen for about
     ``top_k / experts`` of the rows of ``x``, as load-balanced training leaves a router (DeepSeek-V3's
     auxiliary-loss-free balancing: raise the bias of under-loaded experts, lower over-loaded ones). On
@@ -259,7 +278,7 @@ def synthesize_moe(shape: str, sparsity: float, seed: int, out: str | os.PathLik
     """Write a Mixtral-format HF directory whose experts are dReLU FFNs with ``sparsity`` inside each expert.
 
     Each layer routes every token to ``top_k`` of ``experts`` experts (a random router, balanced on the
-    calibration tokens by :func:`_balance_router`; load is measured on held-out ones),
+    calibration tokens by :func:`balance_router`; load is measured on held-out ones),
     so the share of a layer's neurons that fire for a token is ``top_k / experts * (1 - sparsity)``: with
     top-2 of 8 and 0.88 inside an expert, 97 % of the layer's FFN neurons are inactive. Gate biases are
     calibrated per expert on the tokens routed to it, as in :func:`synthesize`. The numpy forward used for
@@ -279,17 +298,17 @@ def synthesize_moe(shape: str, sparsity: float, seed: int, out: str | os.PathLik
     n_params = c.num_parameters() + L * (n_exp - 1) * 3 * d * f + L * n_exp * d
     if n_params > 2e9:
         raise XpucError(f"shape '{shape}' with {L} layers has {n_params / 1e9:.1f} B parameters: generate fewer "
-                        "--layers (the streaming writer is not built yet)")
+                        "--layers, or write a GGUF file (-o NAME.gguf), which is streamed layer by layer")
     rng = np.random.default_rng(seed)
     w: dict[str, np.ndarray] = {}
-    w["embed_tokens"] = _embeddings(c, rng, structure)
+    w["embed_tokens"] = embeddings(c, rng, structure)
     w["lm_head"] = (rng.standard_normal((c.vocab_size, d)) / np.sqrt(d)).astype(np.float32)
     w["final_norm"] = np.ones(d, np.float32)
     experts: list[list[dict[str, np.ndarray]]] = []
     routers: list[np.ndarray] = []
     for i in range(L):
         p = f"layers.{i}."
-        _attention_weights(w, p, c, rng, structure)
+        attention_weights(w, p, c, rng, structure)
         r = (rng.standard_normal((n_exp, d)) / np.sqrt(d)).astype(np.float32)
         r[:, 0] = 0.0  # the bias channel carries the per-expert balance, calibrated below
         routers.append(r)
@@ -297,7 +316,7 @@ def synthesize_moe(shape: str, sparsity: float, seed: int, out: str | os.PathLik
         for _ in range(n_exp):
             down = (rng.standard_normal((d, f)) * 0.3 / np.sqrt(f * (1 - sparsity))).astype(np.float32)
             down[0] = 0.0
-            layer.append({"gate": _gate(f, d, rng, structure),
+            layer.append({"gate": gate_matrix(f, d, rng, structure),
                           "up": (rng.standard_normal((f, d)) / np.sqrt(d)).astype(np.float32), "down": down})
         experts.append(layer)
         for k in ("gate_proj", "up_proj", "down_proj"):  # placeholders so the dense reference runs attention
@@ -327,19 +346,13 @@ def synthesize_moe(shape: str, sparsity: float, seed: int, out: str | os.PathLik
             h = ref.layer(j, h, pos)
         x = _ffn_input(ref, i, h, calib_tokens)
         bias_in = x[:, 0].mean()
-        _balance_router(routers[i], x, top_k, bias_in)
+        balance_router(routers[i], x, top_k, bias_in)
         top, _ = route_tokens(x, routers[i], top_k)
         for e in range(n_exp):
             xe = x[np.any(top == e, axis=1)]
             if len(xe) < 4:
                 xe = x  # an expert that sees (almost) no calibration token: calibrate on all
-            ex = experts[i][e]
-            g, u = xe @ ex["gate"].T, xe @ ex["up"].T
-            prob = _power_law(f, 1.0 - sparsity, alpha, rng)
-            order = np.sort(g, axis=0)
-            rows = np.clip(((1.0 - prob) * (len(xe) - 1)).round().astype(int), 0, len(xe) - 1)
-            ex["gate"][:, 0] -= (order[rows, np.arange(f)] / bias_in).astype(np.float32)
-            ex["up"][:, 0] -= (np.minimum(np.quantile(u, 0.03, axis=0), 0) / bias_in).astype(np.float32)
+            calibrate_ffn(experts[i][e]["gate"], experts[i][e]["up"], xe, sparsity, alpha, rng)
         if not quiet:
             print(f"  layer {i}: {n_exp} experts calibrated on {calib_tokens} tokens", flush=True)
     # measure on held-out tokens

@@ -72,21 +72,36 @@ def cmd_fetch(args: argparse.Namespace) -> int:
 
 def cmd_synth(args: argparse.Namespace) -> int:
 
+    if args.output.endswith(".gguf"):
+        from xpuc.compiler.synth_stream import synthesize_gguf
+        from xpuc.runtime.progress import count
+
+        r = synthesize_gguf(args.shape, args.sparsity, args.seed, args.output, layers=args.layers, alpha=args.alpha,
+                            progress=None if args.quiet else lambda i, n: count("generating, layer", i, n))
+        _print_synth(args.output, args.shape, r, "GGUF, Q4_0; llama.cpp reads it as SwiGLU")
+        return 0
     if args.shape in MOE_SHAPES:
         m = synthesize_moe(args.shape, args.sparsity, args.seed, args.output, alpha=args.alpha, layers=args.layers,
                            quiet=args.quiet)
-        print(f"wrote {args.output}: {args.shape}, {m.parameters / 1e6:.1f} M parameters, {m.experts} dReLU experts, "
-              f"top-{m.top_k} routing (Mixtral format)")
-        print("inactive neurons of a routed expert (held-out): " + " ".join(f"{x:.3f}" for x in m.expert_sparsity))
-        print("inactive neurons of the whole MoE layer:        " + " ".join(f"{x:.3f}" for x in m.layer_sparsity))
+        _print_synth(args.output, args.shape, m, "Mixtral format")
         return 0
     r = synthesize(args.shape, args.sparsity, args.seed, args.output, alpha=args.alpha, quiet=args.quiet,
                    layers=args.layers)
-    print(f"wrote {args.output}: {args.shape}, {r.parameters / 1e6:.1f} M parameters, dReLU FFNs")
+    _print_synth(args.output, args.shape, r, "Hugging Face format")
+    return 0
+
+
+def _print_synth(out: str, shape: str, r, fmt: str) -> None:
+    if hasattr(r, "expert_sparsity"):
+        print(f"wrote {out}: {shape}, {r.parameters / 1e6:.1f} M parameters, {r.experts} dReLU experts, "
+              f"top-{r.top_k} routing ({fmt})")
+        print("inactive neurons of a routed expert (held-out): " + " ".join(f"{x:.3f}" for x in r.expert_sparsity))
+        print("inactive neurons of the whole MoE layer:        " + " ".join(f"{x:.3f}" for x in r.layer_sparsity))
+        return
+    print(f"wrote {out}: {shape}, {r.parameters / 1e6:.1f} M parameters, dReLU FFNs ({fmt})")
     print("measured sparsity per layer (held-out tokens): " + " ".join(f"{x:.3f}" for x in r.measured_sparsity))
     print("consecutive-token overlap of active sets:      " + " ".join(f"{x:.2f}" for x in r.consecutive_overlap))
     print("share of activations in the hottest 10 %:      " + " ".join(f"{x:.2f}" for x in r.hot_share))
-    return 0
 
 def _inspect_artifact(path: Path, as_json: bool) -> int:
 
@@ -240,7 +255,8 @@ def add_parsers(sub) -> None:
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_inspect)
 
-    p = sub.add_parser("synth", help="generate a sparse-activation (dReLU) model as a Hugging Face directory")
+    p = sub.add_parser("synth", help="generate a sparse-activation (dReLU) model: a Hugging Face directory, or with "
+                       "-o NAME.gguf one GGUF file streamed layer by layer (any depth; resumable)")
     p.add_argument("--shape", default="tiny",
                    help="tiny | small | turbosparse-mistral-7b | tiny-moe | mixtral-8x7b-sparse (MoE, Mixtral format)")
     p.add_argument("--sparsity", type=SHARE, default=0.9, help="target share of inactive FFN neurons")
@@ -248,6 +264,7 @@ def add_parsers(sub) -> None:
                    help="power-law exponent of neuron firing rates")
     p.add_argument("--layers", type=POSITIVE, default=None, help="override the shape's layer count")
     p.add_argument("--seed", type=NON_NEGATIVE, default=0)
-    p.add_argument("-o", "--output", required=True)
+    p.add_argument("-o", "--output", required=True,
+                   help="a directory (Hugging Face format), or NAME.gguf (Q4_0; also the llama.cpp twin)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(fn=cmd_synth)
