@@ -37,9 +37,12 @@ def read_text_files(paths: list[str | os.PathLike]) -> str:
 
 
 def ffn_activations(spec: ModelSpec, token_ids: list[int], window: int = 256):
-    """Yield ``(unit, x, g, u)`` per window of ``token_ids``: the RMSNorm'd input and the gate and up
-    pre-activations of every FFN unit (a layer's FFN; for MoE layers each expert on the tokens routed to it),
-    from the fp16-rounded numpy reference (windows restart the context)."""
+    """Yield ``(unit, x, g, u)`` for every FFN unit, layer by layer: the RMSNorm'd input and the gate and up
+    pre-activations of the unit (a layer's FFN; for MoE layers each expert on the tokens routed to it) over
+    all windows of ``token_ids`` (each window its own context), from the fp16-rounded numpy reference. Each
+    layer's weights are read once for all windows (:meth:`ReferenceModel.layer_passes`)."""
+
+    seen: list = []
 
     class Recording(ReferenceModel):
         def unit_ffn(self, unit: int, x: np.ndarray) -> np.ndarray:
@@ -49,14 +52,10 @@ def ffn_activations(spec: ModelSpec, token_ids: list[int], window: int = 256):
             return super().unit_ffn(unit, x)
 
     ref = Recording(spec, "float16")
-    for s in range(0, len(token_ids), window):
-        seen: list = []
-        ids = np.asarray(token_ids[s:s + window])
-        h = ref.w["embed_tokens"][ids]
-        ref.reset()
-        for i in range(spec.config.num_layers):
-            h = ref.layer(i, h, np.arange(len(ids)))
+    windows = [token_ids[s:s + window] for s in range(0, len(token_ids), window)]
+    for _ in ref.layer_passes(windows):
         yield from seen
+        seen.clear()
 
 
 def firing_mask(kind: str, g: np.ndarray, u: np.ndarray, threshold: float) -> np.ndarray:
@@ -87,7 +86,7 @@ def profile_model(spec: ModelSpec, token_ids: list[int], target_sparsity: float 
         if c.ffn_kind == "swiglu":
             acts[i].append(np.abs(silu(g)).astype(np.float32))
         else:
-            acts[i].append(firing_mask(c.ffn_kind, g, u, 0.0).astype(np.float32))
+            acts[i].append(firing_mask(c.ffn_kind, g, u, 0.0))  # bool: 1 byte per (token, neuron)
     thresholds, freq, orders = [], [], []
     n = len(token_ids)
     for i in range(c.ffn_units):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
+from collections.abc import Iterator, Mapping
+
 import numpy as np
 
 from xpuc.compiler.spec import ModelSpec
@@ -80,6 +83,45 @@ def causal_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_offset: int)
     return np.matmul(p, v.transpose(1, 0, 2)).transpose(1, 0, 2).astype(np.float32)
 
 
+RESIDENT_LIMIT = 6 << 30  # float32 weights above this are loaded on use (ReferenceModel), not all at once
+RESIDENT_CACHE = 2 << 30  # ... and the most recently used kept up to this many bytes
+
+
+class WeightCache(Mapping):
+    """Weights as float32 (rounded through ``weight_dtype`` first), loaded on first use; the most recently used
+    are kept up to ``budget`` bytes, so a model larger than memory is run one layer (one expert) at a time."""
+
+    def __init__(self, weights: Mapping[str, np.ndarray], names, weight_dtype: str, budget: int) -> None:
+        self._src, self._names, self._dtype, self._budget = weights, list(names), weight_dtype, budget
+        self._kept: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._bytes = 0
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name in self._kept:
+            self._kept.move_to_end(name)
+            return self._kept[name]
+        if name not in self._names:
+            raise KeyError(name)
+        arr = _as_float32(self._src[name], self._dtype)
+        self._kept[name] = arr
+        self._bytes += arr.nbytes
+        while self._bytes > self._budget and len(self._kept) > 1:
+            self._bytes -= self._kept.popitem(last=False)[1].nbytes
+        return arr
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
+def _as_float32(arr: np.ndarray, weight_dtype: str) -> np.ndarray:
+    if weight_dtype != "float32":
+        arr = arr.astype(weight_dtype)
+    return arr.astype(np.float32)
+
+
 class ReferenceModel:
     """Float32 numpy forward pass with a KV cache.
 
@@ -90,16 +132,20 @@ class ReferenceModel:
     weight_dtype:
         ``"float16"`` rounds every weight through fp16 first, the storage the compiled model uses, so
         the two differ only by arithmetic order.
+    resident_bytes:
+        Load every weight at once when their float32 size is at most this (default ``RESIDENT_LIMIT``);
+        otherwise through a :class:`WeightCache` of ``RESIDENT_CACHE`` bytes (each weight is then loaded
+        again on each pass: :meth:`forward_windows` makes one pass for many windows).
     """
 
-    def __init__(self, spec: ModelSpec, weight_dtype: str = "float32") -> None:
+    def __init__(self, spec: ModelSpec, weight_dtype: str = "float32", resident_bytes: int | None = None) -> None:
         self.config: ArchConfig = spec.config
-        self.w: dict[str, np.ndarray] = {}
-        for name in spec.config.weight_shapes():
-            arr = spec.weights[name]
-            if weight_dtype != "float32":
-                arr = arr.astype(weight_dtype)
-            self.w[name] = arr.astype(np.float32)
+        shapes = spec.config.weight_shapes()
+        total = 4 * sum(int(np.prod(s)) for s in shapes.values())
+        if total > (RESIDENT_LIMIT if resident_bytes is None else resident_bytes):
+            self.w = WeightCache(spec.weights, shapes, weight_dtype, RESIDENT_CACHE)
+        else:
+            self.w = {name: _as_float32(spec.weights[name], weight_dtype) for name in shapes}
         self.reset()
 
     def reset(self) -> None:
@@ -164,6 +210,29 @@ class ReferenceModel:
         h = rms_norm(h, self.w["final_norm"], c.rms_norm_eps)
         head = self.w["embed_tokens"] if c.tie_embeddings else self.w["lm_head"]
         return (h @ head.T).astype(np.float32)
+
+    def layer_passes(self, windows: list[np.ndarray]) -> Iterator[tuple[int, list[np.ndarray]]]:
+        """Run each window of token ids on its own (from position 0, the cache untouched), layer by layer over
+        all windows, so that each layer's weights are used once for all of them; yields ``(i, hidden states
+        per window after layer i)``."""
+        windows = [np.asarray(ids, dtype=np.int64) for ids in windows]
+        emb = self.w["embed_tokens"]
+        hs = [emb[ids] for ids in windows]
+        bounds = np.cumsum([0] + [len(ids) for ids in windows])
+        for i in range(self.config.num_layers):
+            att = [self.attention_block(i, h, np.arange(len(h)), keep_cache=False) for h in hs]
+            y = self.ffn_block(i, np.concatenate([x for _, x in att]))
+            hs = [h + y[a:b] for (h, _), a, b in zip(att, bounds[:-1], bounds[1:], strict=True)]
+            yield i, hs
+
+    def forward_windows(self, windows: list[np.ndarray]) -> list[np.ndarray]:
+        """Logits of each window on its own (:meth:`layer_passes`)."""
+        c = self.config
+        hs = [np.zeros((0, c.hidden_size), np.float32)] * len(windows)
+        for _i, out in self.layer_passes(windows):
+            hs = out
+        head = self.w["embed_tokens"] if c.tie_embeddings else self.w["lm_head"]
+        return [(rms_norm(h, self.w["final_norm"], c.rms_norm_eps) @ head.T).astype(np.float32) for h in hs]
 
     def generate_greedy(self, ids: list[int], max_new_tokens: int, eos_ids: list[int] = ()) -> list[int]:
         self.reset()

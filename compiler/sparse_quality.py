@@ -83,14 +83,11 @@ def measure_quality(spec: ModelSpec, token_ids: list[int], thresholds: list[floa
                     window: int = 256, cluster_of: list[np.ndarray] | None = None) -> QualityReport:
     dense = ReferenceModel(spec, "float16")
     sparse = SparseReference(spec, thresholds, predictor, cluster_of)
+    windows = [np.asarray(token_ids[s:s + window + 1]) for s in range(0, len(token_ids) - 1, window)]
+    windows = [ids for ids in windows if len(ids) >= 2]
     agree, nll_d, nll_s, n = 0, 0.0, 0.0, 0
-    for s in range(0, len(token_ids) - 1, window):
-        ids = np.asarray(token_ids[s:s + window + 1])
-        if len(ids) < 2:
-            break
-        dense.reset()
-        sparse.reset()
-        ld, ls = dense.forward(ids[:-1]), sparse.forward(ids[:-1])
+    for ids, ld, ls in zip(windows, dense.forward_windows([w[:-1] for w in windows]),
+                           sparse.forward_windows([w[:-1] for w in windows]), strict=True):
         agree += int((ld.argmax(-1) == ls.argmax(-1)).sum())
         nll_d += float(_nll(ld, ids[1:]).sum())
         nll_s += float(_nll(ls, ids[1:]).sum())

@@ -63,9 +63,11 @@ def embeddings(c: ArchConfig, rng: np.random.Generator, st: WeightStructure) -> 
     return emb
 
 
-def gate_matrix(f: int, d: int, rng: np.random.Generator, st: WeightStructure) -> np.ndarray:
-    """A (f, d) gate matrix with a decaying spectrum (biases are calibrated into column 0 afterwards)."""
-    return decaying_matrix(f, d, 1.0 / np.sqrt(d), st.gate_decay, rng)
+def gate_matrix(f: int, d: int, rng: np.random.Generator, st: WeightStructure,
+                basis: np.ndarray | None = None) -> np.ndarray:
+    """A (f, d) gate matrix with a decaying spectrum over ``basis`` (random if not given; the experts of a
+    layer share one, as experts upcycled from one dense FFN do); biases are calibrated into column 0 later."""
+    return decaying_matrix(f, d, 1.0 / np.sqrt(d), st.gate_decay, rng, basis)
 
 
 @dataclass

@@ -47,7 +47,7 @@ from xpuc.compiler.synth import (
     firing_statistics,
     gate_matrix,
 )
-from xpuc.compiler.synth_weights import TRAINED_LIKE, WeightStructure
+from xpuc.compiler.synth_weights import TRAINED_LIKE, WeightStructure, random_basis
 from xpuc.runtime.artifact import atomic_path
 from xpuc.runtime.errors import XpucError
 from xpuc.runtime.formats.arch import ArchConfig
@@ -141,11 +141,13 @@ def _write_header(path: Path, c: ArchConfig) -> int:
         w.add_expert_used_count(c.experts_per_token)
     w.add_string("xpuc.ffn_kind", c.ffn_kind)
     tokens, types, eos = byte_vocab(c.vocab_size)
+    # llama.cpp refuses a gpt2 vocabulary without merges (and gguf drops an empty list): one merge, two spaces
+    tokens[eos + 1], types[eos + 1] = "ĠĠ", 1
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("default")
     w.add_token_list(tokens)
     w.add_token_types(types)
-    w.add_token_merges([])
+    w.add_token_merges(["Ġ Ġ"])
     w.add_bos_token_id(eos)
     w.add_eos_token_id(eos)
     for name, shape, qt in _gguf_tensors(c):
@@ -299,8 +301,9 @@ def _layer(c: ArchConfig, i: int, seed: int, sparsity: float, alpha: float, st: 
         write(b + "ffn_gate_inp.weight", router.tobytes())
         routes = [route_tokens(x, router, c.experts_per_token) for x in (x_cal, x_held)]
     fired, loads = 0.0, []
+    basis = random_basis(d, rng) if c.is_moe else None
     for e in range(max(c.num_experts, 1)):
-        gate = gate_matrix(f, d, rng, st)
+        gate = gate_matrix(f, d, rng, st, basis)
         up = (rng.standard_normal((f, d)) / np.sqrt(d)).astype(np.float32)
         down = (rng.standard_normal((d, f)) * 0.3 / np.sqrt(f * (1 - sparsity))).astype(np.float32)
         down[0] = 0.0
