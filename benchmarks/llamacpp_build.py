@@ -2,9 +2,10 @@
 
     python benchmarks/llamacpp_build.py          # prints the bin directory and llama.cpp's system_info line
 
-The build uses this CPU's native flags (``GGML_NATIVE=ON``). Some guests report AMX but trap it: the native build
-is then smoke-tested on a small generated GGUF and, if llama.cpp dies of a signal, rebuilt with AMX off (every
-other native flag kept). The ``system_info`` line is printed and checked: on a CPU with AVX2 / AVX-512 the build
+The build uses this CPU's native flags (``GGML_NATIVE=ON``), smoke-tested on a small generated GGUF. Some guests
+report AMX (and more) but trap it: if llama.cpp dies of a signal it is rebuilt with AMX off, then, if it still
+dies, with ``GGML_NATIVE=OFF`` and every SIMD extension the CPU reports switched on explicitly (AMX off).
+The ``system_info`` line is printed and checked: on a CPU with AVX2 / AVX-512 the build
 must say ``AVX2 = 1`` / ``AVX512 = 1`` (a build without them would flatter xpuc). Cached under ``--work``.
 """
 
@@ -23,6 +24,21 @@ ROOT = Path(__file__).resolve().parent.parent
 VERSION = "0.3.36"
 TARGETS = ("llama-bench", "llama-completion", "llama-perplexity")
 AMX_OFF = ("-DGGML_AMX_TILE=OFF", "-DGGML_AMX_INT8=OFF", "-DGGML_AMX_BF16=OFF")
+# /proc/cpuinfo flag -> the GGML option that builds its kernels (GGML_NATIVE=OFF: each switched on explicitly)
+SIMD = {"avx": "AVX", "avx2": "AVX2", "fma": "FMA", "f16c": "F16C", "bmi2": "BMI2", "avx_vnni": "AVX_VNNI",
+        "avx512f": "AVX512", "avx512vbmi": "AVX512_VBMI", "avx512_vnni": "AVX512_VNNI", "avx512_bf16": "AVX512_BF16"}
+
+
+def _cpu_flags() -> set[str]:
+    p = Path("/proc/cpuinfo")
+    return set(p.read_text().split()) if p.exists() else set()
+
+
+def explicit_simd_flags() -> tuple[str, ...]:
+    """Native-equivalent options without ``-march=native``: every SIMD extension the CPU reports, AMX off."""
+    flags = _cpu_flags()
+    return ("-DGGML_NATIVE=OFF", *(f"-DGGML_{v}={'ON' if k in flags else 'OFF'}" for k, v in SIMD.items()),
+            *AMX_OFF)
 
 
 def _run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
@@ -46,7 +62,8 @@ def _sources(work: Path) -> Path:
 def _build(src: Path, build: Path, extra: tuple[str, ...]) -> Path:
     if build.exists():
         shutil.rmtree(build)
-    _run(["cmake", "-S", str(src), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON",
+    native = () if any(f.startswith("-DGGML_NATIVE") for f in extra) else ("-DGGML_NATIVE=ON",)
+    _run(["cmake", "-S", str(src), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release", *native,
           "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_SERVER=OFF", *extra],
          stdout=subprocess.DEVNULL)
     _run(["cmake", "--build", str(build), "-j", str(os.cpu_count() or 2), "--target", *TARGETS],
@@ -57,14 +74,14 @@ def _build(src: Path, build: Path, extra: tuple[str, ...]) -> Path:
 def system_info(bin_dir: Path, model: Path) -> tuple[int, str]:
     """(return code, llama.cpp's ``system_info:`` line) of a 4-token completion on ``model``."""
     r = subprocess.run([str(bin_dir / "llama-completion"), "-m", str(model), "-p", "hello", "-n", "4", "-t", "2",
-                        "--no-warmup", "-no-cnv"], capture_output=True, text=True, timeout=300,
+                        "--no-warmup", "-no-cnv"], capture_output=True, text=True, errors="replace", timeout=300,
                        stdin=subprocess.DEVNULL)
     line = next((ln for ln in (r.stderr + r.stdout).splitlines() if "system_info" in ln), "")
     return r.returncode, line.strip()
 
 
 def check_simd(info: str) -> None:
-    flags = set(Path("/proc/cpuinfo").read_text().split()) if Path("/proc/cpuinfo").exists() else set()
+    flags = _cpu_flags()
     for cpu_flag, key in (("avx2", "AVX2"), ("avx512f", "AVX512"), ("avx512_vnni", "AVX512_VNNI")):
         if cpu_flag in flags and not re.search(rf"\b{key} = 1", info):
             raise SystemExit(f"llama.cpp was built without {key} on a CPU that has it: {info}")
@@ -82,9 +99,12 @@ def build_llamacpp(work: Path, smoke_model: Path) -> tuple[Path, str, list[str]]
         extra = []
         bin_dir = _build(src, work / "build", ())
     rc, info = system_info(bin_dir, smoke_model)
-    if rc < 0 and not extra:  # killed by a signal: the AMX trap of some guests
-        print(f"native build died of signal {-rc}: rebuilding with AMX off", flush=True)
-        extra = list(AMX_OFF)
+    for fallback in (list(AMX_OFF), list(explicit_simd_flags())):
+        if rc >= 0 or len(fallback) <= len(extra):
+            continue
+        # killed by a signal: some guests report AMX (or other extensions -march=native uses) but trap them
+        print(f"build with flags {extra or 'native'} died of signal {-rc}: rebuilding with {fallback}", flush=True)
+        extra = fallback
         bin_dir = _build(src, work / "build", tuple(extra))
         rc, info = system_info(bin_dir, smoke_model)
     if rc != 0:
