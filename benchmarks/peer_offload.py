@@ -30,15 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from llamacpp_build import build_llamacpp  # noqa: E402
-
-ROOT = Path(__file__).resolve().parent.parent
-TEXT = "/usr/share/common-licenses/Apache-2.0"
-EVAL = "/usr/share/common-licenses/GPL-3"
-
-
-def xpuc(*args: str) -> None:
-    print("$ xpuc " + " ".join(args), flush=True)
-    subprocess.run([sys.executable, "-m", "xpuc.compiler.cli", *args], check=True)
+from offload import EVAL, ROOT, TEXT, xpuc  # noqa: E402
 
 
 def prepare(args: argparse.Namespace, w: Path) -> tuple[Path, Path]:
