@@ -201,7 +201,7 @@ def _save_state(path: Path, args: dict, layer: int, data_start: int, h_cal, h_he
 
 def synthesize_gguf(shape: str, sparsity: float, seed: int, out: str | os.PathLike, layers: int | None = None,
                     alpha: float = ALPHA, structure: WeightStructure = TRAINED_LIKE, calib_tokens: int = 256,
-                    progress=None) -> SynthReport | MoESynthReport:
+                    progress=None, notify=None) -> SynthReport | MoESynthReport:
     """Stream a generated dReLU model of ``shape`` (dense or MoE) into the GGUF file ``out``.
 
     Parameters
@@ -213,6 +213,8 @@ def synthesize_gguf(shape: str, sparsity: float, seed: int, out: str | os.PathLi
         sparsity reported.
     progress:
         ``progress(layers_done, layers)`` after each layer.
+    notify:
+        ``notify(message)`` when an interrupted run is resumed or, having other arguments, started over.
     """
     if not 0.0 < sparsity < 1.0:
         raise XpucError("--sparsity must be between 0 and 1 (exclusive)")
@@ -227,6 +229,9 @@ def synthesize_gguf(shape: str, sparsity: float, seed: int, out: str | os.PathLi
             "alpha": alpha, "structure": structure.to_dict(), "calib_tokens": calib_tokens, "qtype": QTYPE}
     offsets, data_bytes = _offsets(c)
     state = _load_state(state_path, args) if partial.is_file() else None
+    if notify and partial.is_file():
+        notify(f"resuming the interrupted run in {partial} at layer {state['layer']} of {c.num_layers}" if state
+               else f"{partial} is from a run with other arguments (or damaged): starting over")
     n, pos = calib_tokens, np.arange(calib_tokens)
     if state is None:
         _check_disk(out.parent, data_bytes)

@@ -77,7 +77,8 @@ def cmd_synth(args: argparse.Namespace) -> int:
         from xpuc.runtime.progress import count
 
         r = synthesize_gguf(args.shape, args.sparsity, args.seed, args.output, layers=args.layers, alpha=args.alpha,
-                            progress=None if args.quiet else lambda i, n: count("generating, layer", i, n))
+                            progress=None if args.quiet else lambda i, n: count("generating, layer", i, n),
+                            notify=lambda m: print(m, file=sys.stderr))
         _print_synth(args.output, args.shape, r, "GGUF, Q4_0; llama.cpp reads it as SwiGLU")
         return 0
     if args.shape in MOE_SHAPES:

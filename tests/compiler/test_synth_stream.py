@@ -47,7 +47,9 @@ def test_interrupted_run_resumes_to_the_same_bytes_and_carried_the_reference_hid
     with np.load(tmp_path / "resumed.gguf.partial.state.npz") as z:
         assert int(z["layer"]) == 1
         h_held = z["h_held"]
-    again = synthesize_gguf("tiny", 0.9, 5, out, layers=3, calib_tokens=64)
+    said: list[str] = []
+    again = synthesize_gguf("tiny", 0.9, 5, out, layers=3, calib_tokens=64, notify=said.append)
+    assert said == [f"resuming the interrupted run in {out}.partial at layer 1 of 3"]
     assert _sha(out) == _sha(whole) and again.measured_sparsity == rep.measured_sparsity
     assert not (tmp_path / "resumed.gguf.partial").exists()
     assert not (tmp_path / "resumed.gguf.partial.state.npz").exists()
@@ -65,7 +67,9 @@ def test_a_run_with_other_arguments_starts_over(tmp_path):
     out = tmp_path / "m.gguf"
     with pytest.raises(_Stop):
         synthesize_gguf("tiny", 0.9, 1, out, layers=2, calib_tokens=32, progress=_interrupt_after(1))
-    synthesize_gguf("tiny", 0.9, 2, out, layers=2, calib_tokens=32)  # another seed: not a resume
+    said: list[str] = []
+    synthesize_gguf("tiny", 0.9, 2, out, layers=2, calib_tokens=32, notify=said.append)  # another seed
+    assert len(said) == 1 and "starting over" in said[0]
     fresh = tmp_path / "fresh.gguf"
     synthesize_gguf("tiny", 0.9, 2, fresh, layers=2, calib_tokens=32)
     assert _sha(out) == _sha(fresh)
