@@ -27,6 +27,7 @@ import dataclasses
 import json
 import os
 import shutil
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -179,17 +180,25 @@ def _check_disk(where: Path, need: int) -> None:
                         f"{free / 2**30:.1f} GiB are free (1 GiB is kept free besides)")
 
 
-def _load_state(path: Path, args: dict) -> dict | None:
-    """The checkpoint of an interrupted run with the same arguments, or None."""
+def _load_state(path: Path, args: dict, c: ArchConfig, partial: Path) -> dict | None:
+    """The checkpoint of an interrupted run with the same arguments, or None (none, another run's, damaged, or
+    not matching the partial file beside it: the run then starts over)."""
     try:
         with np.load(path, allow_pickle=False) as z:
             st = {k: z[k] for k in z.files}
         if json.loads(str(st["args"])) != args:
             return None
-        return {"layer": int(st["layer"]), "data_start": int(st["data_start"]), "h_cal": st["h_cal"],
-                "h_held": st["h_held"], "stats": json.loads(str(st["stats"]))}
-    except (OSError, ValueError, KeyError):
+        state = {"layer": int(st["layer"]), "data_start": int(st["data_start"]), "h_cal": st["h_cal"],
+                 "h_held": st["h_held"], "stats": json.loads(str(st["stats"]))}
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
         return None
+    rows = (args["calib_tokens"], c.hidden_size)
+    if not (0 <= state["layer"] <= c.num_layers and isinstance(state["stats"], dict)
+            and state["h_cal"].shape == rows == state["h_held"].shape and state["h_cal"].dtype == np.float32
+            and state["h_held"].dtype == np.float32
+            and partial.stat().st_size == state["data_start"] + _offsets(c)[1]):
+        return None
+    return state
 
 
 def _save_state(path: Path, args: dict, layer: int, data_start: int, h_cal, h_held, stats: dict) -> None:
@@ -228,7 +237,7 @@ def synthesize_gguf(shape: str, sparsity: float, seed: int, out: str | os.PathLi
     args = {"version": STATE_VERSION, "shape": shape, "layers": c.num_layers, "sparsity": sparsity, "seed": seed,
             "alpha": alpha, "structure": structure.to_dict(), "calib_tokens": calib_tokens, "qtype": QTYPE}
     offsets, data_bytes = _offsets(c)
-    state = _load_state(state_path, args) if partial.is_file() else None
+    state = _load_state(state_path, args, c, partial) if partial.is_file() else None
     if notify and partial.is_file():
         notify(f"resuming the interrupted run in {partial} at layer {state['layer']} of {c.num_layers}" if state
                else f"{partial} is from a run with other arguments (or damaged): starting over")

@@ -75,6 +75,19 @@ def test_a_run_with_other_arguments_starts_over(tmp_path):
     assert _sha(out) == _sha(fresh)
 
 
+def test_a_damaged_checkpoint_starts_over(tmp_path):
+    out = tmp_path / "m.gguf"
+    with pytest.raises(_Stop):
+        synthesize_gguf("tiny", 0.9, 1, out, layers=2, calib_tokens=32, progress=_interrupt_after(1))
+    (tmp_path / "m.gguf.partial.state.npz").write_bytes(b"PK\x03\x04 not a zip file")
+    said: list[str] = []
+    synthesize_gguf("tiny", 0.9, 1, out, layers=2, calib_tokens=32, notify=said.append)
+    assert len(said) == 1 and "starting over" in said[0]
+    fresh = tmp_path / "fresh.gguf"
+    synthesize_gguf("tiny", 0.9, 1, fresh, layers=2, calib_tokens=32)
+    assert _sha(out) == _sha(fresh)
+
+
 def test_moe_experts_read_back_per_expert_and_route_like_the_generator(tmp_path):
     out = tmp_path / "moe.gguf"
     rep = synthesize_gguf("tiny-moe", 0.88, 3, out, calib_tokens=128)
