@@ -92,7 +92,7 @@ class WeightCache(Mapping):
     are kept up to ``budget`` bytes, so a model larger than memory is run one layer (one expert) at a time."""
 
     def __init__(self, weights: Mapping[str, np.ndarray], names, weight_dtype: str, budget: int) -> None:
-        self._src, self._names, self._dtype, self._budget = weights, list(names), weight_dtype, budget
+        self._src, self._names, self._dtype, self._budget = weights, dict.fromkeys(names), weight_dtype, budget
         self._kept: OrderedDict[str, np.ndarray] = OrderedDict()
         self._bytes = 0
 
