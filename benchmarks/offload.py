@@ -49,6 +49,8 @@ def main() -> None:
                     help="device profile to plan for (host: this machine's cores and its measured disk curve, "
                          "`xpuc targets --measure-flash`; oneplus-12: the phone's published UFS 4.0 curve)")
     ap.add_argument("--fixed-dtype", default="q8_0", choices=["float16", "q8_0", "q4_0", "q4_1"])
+    ap.add_argument("--records", default="auto", choices=["auto", "split", "whole"],
+                    help="xpuc pack --records: split gate rows from up/down rows (auto: where it applies)")
     ap.add_argument("--work", default=str(ROOT / ".cache" / "xpuc" / "bench-offload"))
     ap.add_argument("-o", "--output", default=None, help="default: benchmarks/results/offload_7b.json / _moe.json")
     args = ap.parse_args()
@@ -68,7 +70,8 @@ def main() -> None:
              "--max-eval-tokens", "256", "--recall", "0.98", "-o", str(w / "stats.json"),
              "--predictor", str(w / "pred.safetensors"))
     tag = "" if args.device == "oneplus-12" else f"-{args.device}"
-    art = w / (("art" if args.fixed_dtype == "float16" else f"art-{args.fixed_dtype}") + tag)
+    art = w / (("art" if args.fixed_dtype == "float16" else f"art-{args.fixed_dtype}") + tag
+               + ("" if args.records == "auto" else f"-{args.records}"))
     plan = w / f"plan{tag}.json"
     if not plan.exists():
         xpuc("plan", str(w / "model"), "--stats", str(w / "stats.json"), "--device", args.device,
@@ -76,7 +79,8 @@ def main() -> None:
              "-o", str(plan))
     if not art.exists():
         xpuc("pack", str(w / "model"), "--stats", str(w / "stats.json"), "--plan", str(plan),
-             "--predictor", str(w / "pred.safetensors"), "--fixed-dtype", args.fixed_dtype, "-o", str(art))
+             "--predictor", str(w / "pred.safetensors"), "--fixed-dtype", args.fixed_dtype, "--records",
+             args.records, "-o", str(art))
     xpuc("bench", str(art), "--budget", args.budget, "--modes", args.modes, "--tokens", str(args.tokens),
          "--repeats", str(args.repeats), "-o", out)
     memory_bound(out)

@@ -169,6 +169,12 @@ def run_bench(artifact: Path, modes: list[str], ffn_share: float | None, total_b
                   f"({r['curve_mbps']:.0f} MB/s)") if r.get("curve_mbps") else " (no measured curve for this disk)"
             lines.append(f"reads ({r['mode']}): {r['read_mbps']:.0f} MB/s at {r['mean_request_kib']:.1f} KiB per "
                          f"request, queue depth {r['queue_depth']} ({r['io_engine']}){vs}")
+    for r in rows:
+        if r.get("fired_bytes_per_token"):
+            lines.append(f"bytes read ({r['mode']}): {r['bytes_read_per_token'] / 2**20:.2f} MiB/token for "
+                         f"{r['fired_bytes_per_token'] / 2**20:.2f} MiB of records whose gate fired = "
+                         f"{r['bytes_read_per_token'] / r['fired_bytes_per_token']:.2f}x (split records: up/down "
+                         "read only where the gate fired)")
     lines.append(f"wrote {output} and {png}")
     return "\n".join(lines)
 

@@ -75,13 +75,15 @@ def fixed_segment(spec, predictor, flash, fixed_dtype: str) -> dict[str, np.ndar
 
 def pack_offload(model: str, stats_path: str, plan_path: str, predictor_path: str, out: str | Path,
                  force: bool = False, quiet: bool = False, fixed_dtype: str = "float16", device: str = "host",
-                 layout: str = "coactivation") -> Path:
+                 layout: str = "coactivation", records: str = "auto") -> Path:
     """Write the packed model and compile its modules for ``device``.
 
     ``fixed_dtype`` is the format of the fixed segment's matrices (attention projections, embedding, LM head;
     MoE routers stay fp32): fp16, or GGML blocks run by the quantized GEMV kernels
     (:mod:`xpuc.schedules.linear_quant`). ``layout``: the cold neurons' order on flash, ``coactivation`` (the
-    profile's co-activation order, where it recorded one) or ``frequency`` (most frequent first).
+    profile's co-activation order, where it recorded one) or ``frequency`` (most frequent first). ``records``:
+    ``split`` (gate rows apart from up/down rows, read only for neurons whose gate fired; clusters of one neuron
+    of a gated FFN), ``whole`` or ``auto`` (split where it applies).
     """
     from safetensors.numpy import save_file
 
@@ -89,6 +91,8 @@ def pack_offload(model: str, stats_path: str, plan_path: str, predictor_path: st
         raise XpucError(f"--fixed-dtype must be one of {', '.join(FIXED_DTYPES)}")
     if layout not in ("coactivation", "frequency"):
         raise XpucError(f"--layout must be coactivation or frequency, got '{layout}'")
+    if records not in ("auto", "split", "whole"):
+        raise XpucError(f"--records must be auto, split or whole, got '{records}'")
     from xpuc.compiler.offload_build import export_offload_modules
 
     profile = load_profile(device)
@@ -117,11 +121,15 @@ def pack_offload(model: str, stats_path: str, plan_path: str, predictor_path: st
                       and all(isinstance(o, list) and all(isinstance(i, int) for i in o) for o in order)):
         raise XpucError("--stats: malformed co-activation order (expected a list of neuron ids per FFN unit); "
                         "profile the model again or pack with --layout frequency")
+    splittable = plan.cluster == 1 and c.ffn_kind != "relu"
+    if records == "split" and not splittable:
+        raise XpucError(f"--records split needs clusters of one neuron of a gated FFN (the plan has clusters of "
+                        f"{plan.cluster}, the FFN is '{c.ffn_kind}'); use --records whole")
     out = Path(out)
     with staged_directory(out, force) as tmp:
         fl = write_flash_layout(spec, plan.hot_neurons, stats.frequency, plan.cluster, plan.weight_dtype, tmp,
                                 progress=None if quiet else lambda i, n: count("writing FFN records, unit", i, n),
-                                coactivation=order)
+                                coactivation=order, split=records != "whole" and splittable)
         save_file(fixed_segment(spec, predictor, fl, fixed_dtype), str(tmp / "fixed.safetensors"))
         plan.save(tmp / "plan.json")
         stats.save(tmp / "profile.json")

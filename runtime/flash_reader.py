@@ -157,14 +157,16 @@ class FlashReader:
         with self._lock:
             return int(sum(self._staging.values()))
 
-    def read(self, offsets: np.ndarray, dests: list[np.ndarray], crcs: np.ndarray | None = None) -> None:
-        """Read records at ``offsets`` (sorted) into ``dests`` (``record_bytes`` each, any alignment).
+    def read(self, offsets: np.ndarray, dests: list[np.ndarray], crcs: np.ndarray | None = None,
+             record_bytes: int | None = None) -> None:
+        """Read records at ``offsets`` (sorted) into ``dests`` (``record_bytes`` each, any alignment; a split
+        record's part when given).
 
         Records whose 4 KiB-aligned spans touch (or lie within ``merge_gap`` bytes) are merged into one
         request of at most ``max_span`` bytes; each request reads its aligned span into a per-thread bounce
         buffer and the records are copied out and checked."""
         t0 = time.perf_counter()
-        rb = self.record_bytes
+        rb = record_bytes or self.record_bytes
         offs = np.asarray(offsets, np.int64)
         n = offs.size
         if n == 0:
@@ -190,10 +192,10 @@ class FlashReader:
             nbytes = 0
             for r0, r1, sub in self._batches(groups, lo, reach):  # the bounce buffer stays <= max_batch_bytes
                 nbytes += self._read_native(offs[r0:r1], lo[r0:r1], reach[r0:r1], [(a - r0, b - r0) for a, b in sub],
-                                            dests[r0:r1], None if crcs is None else crcs[r0:r1])
+                                            dests[r0:r1], None if crcs is None else crcs[r0:r1], rb)
             groups_n = len(groups)
         else:
-            nbytes = self._read_python(offs, lo, reach, groups, dests, crcs)
+            nbytes = self._read_python(offs, lo, reach, groups, dests, crcs, rb)
             groups_n = len(groups)
         with self._lock:
             self.bytes_read += nbytes
@@ -213,7 +215,7 @@ class FlashReader:
             total += span
         yield groups[start][0], groups[-1][1], groups[start:]
 
-    def _read_native(self, offs, lo, reach, groups, dests, crcs) -> int:
+    def _read_native(self, offs, lo, reach, groups, dests, crcs, rb: int) -> int:
 
         g0 = np.array([g[0] for g in groups], np.int64)
         g1 = np.array([g[1] for g in groups], np.int64)
@@ -240,8 +242,7 @@ class FlashReader:
         err = -2
         if self.engine == "aio":  # records checked and copied out as their requests complete
             begin = np.ascontiguousarray(np.append(g0, g1[-1]), np.int64)
-            err = self._native.xpuc_aio_batch_records(*args, begin.ctypes.data_as(p64), src, dsts, self.record_bytes,
-                                                      crc_p)
+            err = self._native.xpuc_aio_batch_records(*args, begin.ctypes.data_as(p64), src, dsts, rb, crc_p)
             if err == -3:
                 raise XpucError(f"{self.path}: record at offset {int(offs[int(err_info[0])])} fails its checksum "
                                 "(corrupted flash file)")
@@ -257,14 +258,13 @@ class FlashReader:
         if not self.direct:
             os.posix_fadvise(self.fd, int(s0.min()), int(s1.max() - s0.min()), os.POSIX_FADV_DONTNEED)
         if not copied:
-            bad = self._native.xpuc_copy_records(m, src, dsts, self.record_bytes, crc_p)
+            bad = self._native.xpuc_copy_records(m, src, dsts, rb, crc_p)
             if bad >= 0:
                 raise XpucError(f"{self.path}: record at offset {int(offs[bad])} fails its checksum "
                                 "(corrupted flash file)")
         return int(span.sum())
 
-    def _read_python(self, offs, lo, reach, groups, dests, crcs) -> int:
-        rb = self.record_bytes
+    def _read_python(self, offs, lo, reach, groups, dests, crcs, rb: int) -> int:
         nbytes = 0
         for g0, g1 in groups:
             s0, s1 = int(lo[g0]), int(reach[g1 - 1])
@@ -294,9 +294,10 @@ class FlashReader:
         if got < want:
             raise XpucError(f"{self.path}: short read at offset {offset} ({got} of {want} bytes; file truncated?)")
 
-    def submit(self, offsets: np.ndarray, dests: list[np.ndarray], crcs: np.ndarray | None = None) -> Future:
+    def submit(self, offsets: np.ndarray, dests: list[np.ndarray], crcs: np.ndarray | None = None,
+               record_bytes: int | None = None) -> Future:
         """Queue :meth:`read` on an I/O thread."""
-        return self._pool.submit(self.read, offsets, dests, crcs)
+        return self._pool.submit(self.read, offsets, dests, crcs, record_bytes)
 
     def read_span(self, offset: int, dest: np.ndarray) -> None:
         """Read ``dest.nbytes`` bytes from ``offset`` (streaming a layer, loading a hot segment): straight into

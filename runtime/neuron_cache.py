@@ -9,9 +9,11 @@ Each layer owns a contiguous range of the pool:
   the clusters not used in the last ``W`` tokens are dropped, so the memory holds only the window's
   neurons; within the window, the least recently used go first when the segment is full).
 
-Evicted weights are simply overwritten. The pool is the only FFN memory the runtime holds, so the bytes it
-accounts (``nbytes``) are exact. Recency is kept in arrays (a use stamp and the token of the last use per
-cluster), so lookups, evictions and fills are numpy operations over a token's thousands of clusters, not
+A slot of a split record (:mod:`xpuc.runtime.formats.flash`) can hold its gate row alone: ``complete`` says
+which slots also hold their up/down rows (hot slots always do). Evicted weights are simply overwritten. The
+pool is the only FFN memory the runtime holds, so the bytes it accounts (``nbytes``) are exact. Recency is
+kept in arrays (a use stamp and the token of the last use per cluster), so lookups, evictions and fills are
+numpy operations over a token's thousands of clusters, not
 Python loops.
 """
 
@@ -67,11 +69,13 @@ class NeuronCache:
         self.pool = aligned_empty((max(total, 1), *record_shape), dtype)
         self.layers: list[LayerSegment] = []
         self.owner = np.full(max(total, 1), -1, np.int64)  # slot -> cluster it holds (-1: empty)
+        self.complete = np.zeros(max(total, 1), bool)  # slot holds its whole record (not the gate part alone)
         start = 0
         for h, c in zip(hot, cold, strict=False):
             slot_of = np.full(n_clusters, -1, np.int32)
             slot_of[:h] = np.arange(start, start + h, dtype=np.int32)
             self.owner[start:start + h] = np.arange(h)
+            self.complete[start:start + h] = True
             self.layers.append(LayerSegment(start, int(h), int(c), slot_of, np.full(n_clusters, -1, np.int64),
                                             np.full(n_clusters, -1, np.int64)))
             start += h + c
@@ -123,8 +127,9 @@ class NeuronCache:
         oldest = occupied[np.argsort(seg.stamp[owners], kind="stable")[: n - len(free)]] + seg.cold_start
         return free.tolist() + oldest.tolist()
 
-    def assign(self, layer: int, clusters: np.ndarray, slots: np.ndarray) -> None:
-        """Record that ``slots[k]`` now holds ``clusters[k]`` (their previous owners are dropped)."""
+    def assign(self, layer: int, clusters: np.ndarray, slots: np.ndarray, complete: bool = True) -> None:
+        """Record that ``slots[k]`` now holds ``clusters[k]`` (their previous owners are dropped); ``complete``:
+        whole records (else their gate parts only)."""
         seg = self.layers[layer]
         clusters, slots = np.asarray(clusters, np.int64), np.asarray(slots, np.int64)
         prev = self.owner[slots]
@@ -132,6 +137,7 @@ class NeuronCache:
         seg.slot_of[prev] = -1
         seg.stamp[prev] = -1
         self.owner[slots] = clusters
+        self.complete[slots] = complete
         seg.slot_of[clusters] = slots
         self._touch(seg, clusters)
 
@@ -151,6 +157,7 @@ class NeuronCache:
             seg.slot_of[gone] = -1
             seg.stamp[gone] = -1
             self.owner[lo + old] = -1
+            self.complete[lo + old] = False
 
     def hit_rate(self) -> float:
         h = sum(s.hits for s in self.layers)

@@ -50,6 +50,7 @@ class TokenMetrics:
     requests: int
     io_seconds: float
     stall_seconds: float
+    fired_bytes: int = 0  # bytes of the records of the neurons whose gate fired (split records only)
 
 
 @dataclass
@@ -67,7 +68,8 @@ class RunMetrics:
         return {"mode": self.mode, "tokens": len(t), "tok_per_s": len(t) / sec if sec else 0.0,
                 "ttft_s": self.prefill_seconds, "bytes_read_per_token": sum(m.bytes_read for m in t) / n,
                 "requests_per_token": sum(m.requests for m in t) / n,
-                "io_hidden": min(1.0, max(0.0, 1.0 - stall / io)) if io > 0 else 1.0}
+                "io_hidden": min(1.0, max(0.0, 1.0 - stall / io)) if io > 0 else 1.0,
+                "fired_bytes_per_token": sum(m.fired_bytes for m in t) / n}
 
 
 def _return_freed_memory() -> None:
@@ -269,13 +271,15 @@ class OffloadModel(FFNPaths):
         """Feed one token (sparse decode path); returns the next-token logits (its metrics in ``token_metrics``)."""
         before = self.reader.metrics()
         self._stall = 0.0
+        self._fired = 0
         t0 = time.perf_counter()
         logits = self._step(token)
         dt = time.perf_counter() - t0
         after = self.reader.metrics()
         self.token_metrics.append(TokenMetrics(dt, after["bytes_read"] - before["bytes_read"],
                                                after["requests"] - before["requests"],
-                                               after["io_seconds"] - before["io_seconds"], self._stall))
+                                               after["io_seconds"] - before["io_seconds"], self._stall,
+                                               self._fired * self.flash.cluster_bytes))
         return logits
 
     def _step(self, token: int) -> np.ndarray:

@@ -91,6 +91,7 @@ class FFNPaths:
         if self.mode == "naive":
             self.scratch = aligned_empty((fl.n_clusters, *rec_shape), rec_layout.storage_dtype)
             pool = self.scratch
+            self._pool_bytes = pool.reshape(pool.shape[0], -1).view(np.uint8)
             waves = 1
         else:
             hot, cold = self.split_budget(ffn_fraction)
@@ -99,18 +100,28 @@ class FFNPaths:
             self.cache = NeuronCache(rec_shape, rec_layout.storage_dtype, fl.n_clusters, hot, cold,
                                      "window" if self.mode == "llmflash" else "lru")
             pool = self.cache.pool
+            self._pool_bytes = pool.reshape(pool.shape[0], -1).view(np.uint8)
             for i, seg in enumerate(self.cache.layers):  # load the hot segments
-                if seg.n_hot:
+                if seg.n_hot and fl.split:
+                    ids = np.arange(seg.n_hot, dtype=np.int32)
+                    for read in self._part_reads(i, ids, ids + seg.start, range(len(fl.part_bytes))):
+                        self.reader.read(*read)
+                elif seg.n_hot:
                     self.reader.read_span(fl.cluster_offset(i, 0), pool[seg.start:seg.start + seg.n_hot])
-                    crc = self.crcs[i, :seg.n_hot]
+                    crc = self.crcs[i, :seg.n_hot, 0]
                     bad = [j for j in range(seg.n_hot) if zlib.crc32(pool[seg.start + j]) != int(crc[j])]
                     if bad:
                         raise XpucError(f"{self.art.path / fl.ffn_file}: hot cluster {bad[0]} of layer {i} fails "
                                         "its checksum (corrupted flash file)")
             waves = max(-(-fl.n_clusters // max(seg.n_cold, 1)) for seg in self.cache.layers)
+        #: split records: read gate rows of the predicted clusters, up/down rows only where the gate fired
+        self.exact = fl.split and self.mode in ("cache", "full")
         self.pool_t = self._view(pool)
         self._idx = aligned_empty((pool.shape[0],), "int32")
         self._g = aligned_empty((pool.shape[0], fl.cluster), "float32")
+        self._g_fired = aligned_empty((pool.shape[0], fl.cluster), "float32")
+        self._idx_fired = aligned_empty((pool.shape[0],), "int32")
+        self._fired = 0  # neurons whose gate fired on the exact path, this token
         self._thr = [float(t) for t in self.art.stats.thresholds]
         self._thr_t = [self._tensor(np.array([t], np.float32), self._dev) for t in self._thr]
         self._cluster_of = [fl.cluster_of_neuron(i) for i in range(L)]
@@ -181,13 +192,33 @@ class FFNPaths:
 
     def _ffn_naive(self, i: int, x, weight: float) -> None:
         t0 = time.perf_counter()
-        self.reader.read_span(self.flash.cluster_offset(i, 0), self.scratch)
+        fl = self.flash
+        if fl.split:  # each part's region into the records' parts, every part checked against its CRC
+            ids = self._all_clusters
+            for read in self._part_reads(i, ids, ids, range(len(fl.part_bytes))):
+                self.reader.read(*read)
+        else:
+            self.reader.read_span(fl.cluster_offset(i, 0), self.scratch)
         self._stall += time.perf_counter() - t0
         self.kernel["dense"](x, self._thr_t[i], self.pool_t, self._new_part(weight))
 
-    def _issue(self, i: int, miss: np.ndarray, keep: np.ndarray, partial: bool = False) -> list:
-        """Assign slots to missing clusters and submit their reads; returns [(future, slots)].
-        ``partial``: read only as many as there are evictable slots (prefetch)."""
+    def _part_reads(self, i: int, clusters: np.ndarray, slots: np.ndarray, parts) -> list[tuple]:
+        """``FlashReader.read`` arguments reading ``parts`` of unit ``i``'s records ``clusters`` (sorted) into
+        pool ``slots``: (offsets, destinations, CRCs, part bytes) per part."""
+        fl, flat = self.flash, self._pool_bytes
+        clusters = np.asarray(clusters, np.int64)
+        out = []
+        for p in parts:
+            pb, skip = fl.part_bytes[p], fl.part_skip[p]
+            offs = fl.part_base(i, p) + clusters * pb
+            out.append((offs, [flat[s, skip:skip + pb] for s in slots], self.crcs[i, clusters, p], pb))
+        return out
+
+    def _issue(self, i: int, miss: np.ndarray, keep: np.ndarray, partial: bool = False,
+               gate_only: bool = False) -> list:
+        """Assign slots to missing clusters and submit their reads; returns [(futures, slots)].
+        ``partial``: read only as many as there are evictable slots (prefetch); ``gate_only``: split records'
+        gate parts."""
         if miss.size == 0:
             return []
         victims = self.cache.victims(i, miss.size, keep)
@@ -198,15 +229,15 @@ class FFNPaths:
             if miss.size == 0:
                 return []
         slots = np.asarray(victims[: miss.size], np.int32)
-        self.cache.assign(i, miss, slots)
-        base, pool, cb = self.flash.cluster_offset(i, 0), self.cache.pool, self.flash.cluster_bytes
-        offs = base + miss.astype(np.int64) * cb
-        return [(self.reader.submit(offs, [pool[s] for s in slots], self.crcs[i, miss]), slots)]
+        self.cache.assign(i, miss, slots, complete=not gate_only)
+        parts = [0] if gate_only else range(len(self.flash.part_bytes))
+        return [([self.reader.submit(*r) for r in self._part_reads(i, miss, slots, parts)], slots)]
 
     def _wait(self, jobs: list) -> None:
         t0 = time.perf_counter()
-        for fut, _ in jobs:
-            fut.result()
+        for futs, _ in jobs:
+            for fut in futs:
+                fut.result()
         self._stall += time.perf_counter() - t0
 
     def _ffn_cached(self, i: int, x, need: np.ndarray, weight: float, pending: dict) -> None:
@@ -214,6 +245,10 @@ class FFNPaths:
         if i in pending:
             self._wait(pending.pop(i))  # prefetched reads land before their slots can be reused
         hit_slots, miss = self.cache.lookup(i, need)
+        if (self.exact and (miss.size or not self.cache.complete[hit_slots].all())
+                and miss.size <= seg.n_cold - int((hit_slots >= seg.cold_start).sum())):
+            self._ffn_exact(i, x, hit_slots, miss, need, weight)  # else every record is whole in memory
+            return
         if miss.size == 0:  # every cluster resident (the common case with a large budget): compute, done
             self._run(i, x, hit_slots, weight, ordered=True)
             return
@@ -232,12 +267,76 @@ class FFNPaths:
             return
         # more misses than free cold slots: compute the resident clusters, then stream the misses through
         # the whole cold segment wave by wave (each wave computed before its slots are reused)
+        part = hit_slots[~self.cache.complete[hit_slots]]  # split records' gate parts alone: read the rest first
+        if part.size:
+            part = part[np.argsort(self.cache.owner[part], kind="stable")]
+            self.reader.read(*self._part_reads(i, self.cache.owner[part], part, [1])[0])
+            self.cache.complete[part] = True
         self._run(i, x, hit_slots, weight)
         for a in range(0, miss.size, max(seg.n_cold, 1)):
             part = miss[a:a + seg.n_cold]
             jobs = self._issue(i, part, part)
             self._wait(jobs)
             self._run(i, x, np.concatenate([ss for _, ss in jobs]), weight)
+
+    def _gate(self, x, slots: np.ndarray, idx: np.ndarray, g: np.ndarray) -> np.ndarray:
+        """Gate pre-activations (k,) of ``slots``, computed in the buffers ``idx`` and ``g``."""
+        k = slots.size
+        if k:
+            idx[:k] = slots
+            self.kernel["gate"](x, self._view(idx[:k]), self.pool_t, self._view(g[:k]))
+        return g[:k, 0]
+
+    def _updown(self, i: int, x, slots: np.ndarray, g: np.ndarray, weight: float) -> None:
+        """Up/down of the fired neurons in ``slots`` (their gate values ``g``) into a new output part."""
+        k = slots.size
+        if k:
+            self._idx_fired[:k], self._g_fired[:k] = slots, g
+            self.kernel["updown"](x, self._view(self._idx_fired[:k]), self._view(self._g_fired[:k]), self._thr_t[i],
+                                  self.pool_t, self._new_part(weight))
+
+    def _ffn_exact(self, i: int, x, hit_slots: np.ndarray, miss: np.ndarray, need: np.ndarray, weight: float) -> None:
+        """Split records: gate rows of the missing clusters read, every gate computed, then up/down rows read only
+        for the neurons that fired and are not yet whole in memory (PowerInfer-2's exact up/down masks: exact for
+        the ReLU kinds, by the threshold for SwiGLU). ``full`` overlaps each read with the resident part's math."""
+        pipelined = self.mode == "full"
+        jobs = self._issue(i, miss, need, gate_only=True)
+        new = jobs[0][1] if jobs else miss[:0].astype(np.int32)
+        if pipelined:
+            g_hit = self._gate(x, hit_slots, self._idx, self._g)
+        self._wait(jobs)
+        if not pipelined:
+            g_hit = self._gate(x, hit_slots, self._idx, self._g)
+        g = np.concatenate([g_hit, self._gate(x, new, self._idx_fired, self._g_fired)])
+        slots = np.concatenate([hit_slots, new])
+        fired = self._fires(i, g)
+        self._fired += int(fired.sum())
+        fs, fg = slots[fired], g[fired][:, None]
+        whole = self.cache.complete[fs]
+        todo = fs[~whole]
+        if todo.size == 0:
+            self._updown(i, x, fs, fg, weight)
+            return
+        order = np.argsort(self.cache.owner[todo], kind="stable")  # reads in file order
+        todo = todo[order]
+        reads = self._part_reads(i, self.cache.owner[todo], todo, [1])
+        futs = [self.reader.submit(*r) for r in reads]
+        if pipelined:  # up/down of the whole ones while the others' rows are read
+            self._updown(i, x, fs[whole], fg[whole], weight)
+            self._wait([(futs, todo)])
+            self._updown(i, x, todo, fg[~whole][order], weight)
+        else:
+            self._wait([(futs, todo)])
+            self._updown(i, x, np.concatenate([fs[whole], todo]), np.concatenate([fg[whole], fg[~whole][order]]),
+                         weight)
+        self.cache.complete[todo] = True
+
+    def _fires(self, i: int, g: np.ndarray) -> np.ndarray:
+        """Which gate pre-activations fire (the kernels' own test: ``g > 0``; SwiGLU ``|silu(g)| > threshold``)."""
+        if self.flash.kind == "swiglu":
+            with np.errstate(over="ignore"):
+                return np.abs(g / (1.0 + np.exp(-g))) > self._thr[i]
+        return g > 0
 
     def _prefetch(self, layer: int, h, ys, yw, pending: dict) -> None:
         """Predict layer ``layer``'s clusters (of its routed experts, for MoE) from the hidden state before
@@ -249,7 +348,7 @@ class FFNPaths:
             guess = self._select(i, x, None)
             slots = self.cache.layers[i].slot_of[guess]
             miss = guess[slots < 0][: self.cache.layers[i].n_cold // 2]
-            pending[i] = self._issue(i, miss, guess, partial=True)
+            pending[i] = self._issue(i, miss, guess, partial=True, gate_only=self.exact)
 
     # --- a batch of tokens (prefill) ----------------------------------------------------------------------
     def _ffn_layer_batch(self, layer: int, x: np.ndarray) -> np.ndarray:
@@ -302,11 +401,15 @@ class FFNPaths:
         if self.cache is not None:
             slots = self.cache.layers[i].slot_of[ids]
             missing = slots < 0
+            missing[~missing] = ~self.cache.complete[slots[~missing]]  # a split record's gate part alone: read
             dest[~missing] = self.cache.pool[slots[~missing]]
         if missing.any():
             want = ids[missing]
-            offs = self.flash.cluster_offset(i, 0) + want.astype(np.int64) * self.flash.cluster_bytes
-            self.reader.read(offs, [dest[j] for j in np.flatnonzero(missing)], self.crcs[i, want])
+            fl, flat = self.flash, dest.reshape(dest.shape[0], -1).view(np.uint8)
+            at = np.flatnonzero(missing)
+            for p, (pb, skip) in enumerate(zip(fl.part_bytes, fl.part_skip, strict=True)):
+                offs = fl.part_base(i, p) + want.astype(np.int64) * pb
+                self.reader.read(offs, [flat[j, skip:skip + pb] for j in at], self.crcs[i, want, p], pb)
 
     def _prefill_buffer(self) -> np.ndarray:
         """Aligned staging buffer of the prefill's cluster chunks (about PREFILL_CHUNK_BYTES dequantized)."""

@@ -38,7 +38,7 @@ class PackedModel:
     flash: object
     plan: object
     stats: object
-    crcs: np.ndarray
+    crcs: np.ndarray  # (units, clusters, record parts) uint32
     fixed_digest: str
     sample_prompt: list[int]
     fixed_dtype: str
@@ -101,6 +101,11 @@ def load_packed(path: Path, check_device: bool = True) -> PackedModel:
     modules = {"decode": roles["decode"].file, "ffn": roles["ffn"].file, "mtriple": mtriple,
                "target": roles["decode"].target, "toolchain": roles["decode"].toolchain, "threads": threads,
                "device": m.device.get("name")}
-    return PackedModel(path, config, FlashLayout.load(path / "flash.json"), plan, stats,
-                       np.load(path / "ffn.crc32.npy", allow_pickle=False), m.files[FIXED_FILE],
+    flash = FlashLayout.load(path / "flash.json")
+    crcs = np.load(path / "ffn.crc32.npy", allow_pickle=False)
+    want = (config.ffn_units, flash.n_clusters, len(flash.part_bytes))
+    if crcs.dtype != np.uint32 or crcs.reshape(*crcs.shape[:2], -1).shape != want:
+        raise XpucError(f"{path / 'ffn.crc32.npy'}: {crcs.dtype} {crcs.shape}, expected uint32 "
+                        f"{want if flash.split else want[:2]}; repack the model")
+    return PackedModel(path, config, flash, plan, stats, crcs.reshape(want), m.files[FIXED_FILE],
                        list(info.sample_prompt), info.fixed_dtype, modules, info.predictor_rank)

@@ -107,7 +107,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def cmd_pack(args: argparse.Namespace) -> int:
 
     out = pack_offload(args.model, args.stats, args.plan, args.predictor, args.output, args.force, args.quiet,
-                       fixed_dtype=args.fixed_dtype, device=args.device, layout=args.layout)
+                       fixed_dtype=args.fixed_dtype, device=args.device, layout=args.layout,
+                       records=args.records)
     print(f"wrote {out}")
     return 0
 
@@ -171,6 +172,10 @@ def add_parsers(sub) -> None:
     p.add_argument("--layout", default="coactivation", choices=["coactivation", "frequency"],
                    help="order of the cold neurons on flash: neurons that fire together side by side (from the "
                         "profile; default) or most frequent first")
+    p.add_argument("--records", default="auto", choices=["auto", "split", "whole"],
+                   help="split: each neuron's gate row apart from its up/down rows, so that up/down are read only "
+                        "for neurons whose gate fired (clusters of one neuron, gated FFNs); whole: one record per "
+                        "cluster; auto (default): split where it applies")
     p.add_argument("--force", action="store_true", help="replace an existing directory")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(fn=cmd_pack)

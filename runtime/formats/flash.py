@@ -1,4 +1,11 @@
-"""FlashLayout: where each FFN unit's neuron-cluster records lie in the flash file (``flash.json``, versioned)."""
+"""FlashLayout: where each FFN unit's neuron-cluster records lie in the flash file (``flash.json``, versioned).
+
+A record is stored whole (``parts`` empty: ``[C, R, row]`` at ``offset + j * cluster_bytes``) or *split*
+(PowerInfer-2's int4 layout, clusters of one neuron): each unit's region holds the gate rows of all its neurons,
+then, from the next 4 KiB boundary, their up/down rows (``parts = [gate bytes, up/down bytes]``). A split record
+is read in two steps: the gate row of every predicted neuron, then the up/down rows of the ones whose gate fired.
+Each part has its own CRC-32 (``ffn.crc32.npy`` of shape ``(units, clusters, parts)``).
+"""
 
 from __future__ import annotations
 
@@ -38,6 +45,40 @@ class FlashLayout(JsonRecord):
     crc_file: str = "ffn.crc32.npy"
     schema: int = FLASH_SCHEMA
     extra: dict = field(default_factory=dict)
+    parts: list[int] = field(default_factory=list)  # bytes of each part of a split record; empty: stored whole
+
+    def __post_init__(self) -> None:
+        if self.parts and (sum(self.parts) != self.cluster_bytes or min(self.parts) <= 0 or self.cluster != 1):
+            raise ValueError(f"record parts {self.parts} do not split records of {self.cluster_bytes} bytes "
+                             f"(clusters of {self.cluster}; only clusters of one neuron are split)")
+
+    @property
+    def split(self) -> bool:
+        """Records are stored as a gate part and an up/down part (read separately)."""
+        return bool(self.parts)
+
+    @property
+    def part_bytes(self) -> list[int]:
+        return list(self.parts) or [self.cluster_bytes]
+
+    @property
+    def part_skip(self) -> list[int]:
+        """Byte offset of each part within a record in memory (``[C, R, row]``)."""
+        return [sum(self.part_bytes[:p]) for p in range(len(self.part_bytes))]
+
+    def part_base(self, layer: int, part: int) -> int:
+        """File offset of part ``part`` of the unit's first cluster (parts' regions start on 4 KiB boundaries)."""
+        at = self.layers[layer].offset
+        for q in range(part):
+            at = -(-(at + self.n_clusters * self.part_bytes[q]) // ALIGN) * ALIGN
+        return at
+
+    def unit_bytes(self) -> int:
+        """Bytes of one unit's region (its parts, each from a 4 KiB boundary; the last one not padded)."""
+        last = len(self.part_bytes) - 1
+        if not self.layers:
+            return 0
+        return self.part_base(0, last) - self.layers[0].offset + self.n_clusters * self.part_bytes[last]
 
     @property
     def n_clusters(self) -> int:
@@ -53,6 +94,9 @@ class FlashLayout(JsonRecord):
         return BundleLayout(self.kind, self.d_model, n_clusters * self.cluster, self.cluster, self.dtype)
 
     def cluster_offset(self, layer: int, j: int) -> int:
+        """File offset of cluster ``j``'s whole record (records stored whole only)."""
+        if self.split:
+            raise ValueError("records are split; use part_base")
         return self.layers[layer].offset + j * self.cluster_bytes
 
     def cluster_of_neuron(self, layer: int) -> np.ndarray:

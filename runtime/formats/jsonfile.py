@@ -56,3 +56,5 @@ class JsonRecord:
             return cls._from_json(d)
         except (TypeError, KeyError, AttributeError):
             raise XpucError(f"{path}: not a readable xpuc {cls.WHAT} (unexpected fields)") from None
+        except ValueError as e:
+            raise XpucError(f"{path}: malformed xpuc {cls.WHAT} ({e})") from None

@@ -7,7 +7,7 @@ import pytest
 from xpuc.compiler.synth import synthesize
 
 
-@pytest.fixture(scope="session", params=[16, 2], ids=["C16-aligned", "C2-unaligned"])
+@pytest.fixture(scope="session", params=[16, 2, 1], ids=["C16-aligned", "C2-unaligned", "C1-split"])
 def packed(tmp_path_factory, request):
     """A tiny generated dReLU model, profiled, with a predictor, planned and packed (fp16; clusters of 16:
     12 KiB records, read in place; clusters of 2: 1.5 KiB records, read through aligned spans)."""

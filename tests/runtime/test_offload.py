@@ -25,6 +25,8 @@ def test_flash_layout_records_hot_first_aligned_and_checksummed(packed):
     crcs = np.load(d / "art" / "ffn.crc32.npy")
     raw = (d / "art" / "ffn.bin").read_bytes()
     assert fl.aligned == (fl.cluster_bytes % 4096 == 0)
+    assert fl.split == (fl.cluster == 1)  # clusters of one neuron of a gated FFN: gate rows apart (auto)
+    assert crcs.shape == ((len(fl.layers), fl.n_clusters, 2) if fl.split else (len(fl.layers), fl.n_clusters))
     freq = np.asarray(profile_stats(d).frequency)
     for i, region in enumerate(fl.layers):
         assert region.offset % 4096 == 0
@@ -34,11 +36,15 @@ def test_flash_layout_records_hot_first_aligned_and_checksummed(packed):
         p = f"layers.{i}."
         want = bundle_ffn(fl.bundle_layout(fl.n_clusters), spec.weights[p + "up_proj"][order],
                           spec.weights[p + "down_proj"][:, order], spec.weights[p + "gate_proj"][order])
-        got = np.frombuffer(raw, np.float16, count=want.size, offset=region.offset).reshape(want.shape)
-        np.testing.assert_array_equal(got, want)
-        for j in range(fl.n_clusters):
-            off = fl.cluster_offset(i, j)
-            assert zlib.crc32(raw[off:off + fl.cluster_bytes]) == crcs[i, j]
+        got = np.zeros((fl.n_clusters, fl.cluster_bytes), np.uint8)  # the records put back together from parts
+        for q, (pb, skip) in enumerate(zip(fl.part_bytes, fl.part_skip, strict=True)):
+            base = fl.part_base(i, q)
+            assert base % 4096 == 0
+            for j in range(fl.n_clusters):
+                chunk = raw[base + j * pb:base + (j + 1) * pb]
+                got[j, skip:skip + pb] = np.frombuffer(chunk, np.uint8)
+                assert zlib.crc32(chunk) == (crcs[i, j, q] if fl.split else crcs[i, j])
+        np.testing.assert_array_equal(got.view(np.float16).reshape(want.shape), want)
 
 
 def profile_stats(d):
@@ -258,17 +264,18 @@ def test_native_and_python_readers_agree(packed):
     fl = FlashLayout.load(d / "art" / "flash.json")
     crcs = np.load(d / "art" / "ffn.crc32.npy")
     want = np.array([0, 1, 3, fl.n_clusters - 1])
-    offs = np.array([fl.cluster_offset(1, j) for j in want])
+    rb = fl.part_bytes[0]  # whole records, or split records' gate parts
+    offs = fl.part_base(1, 0) + want * rb
     out = []
     for native in (False, True):
-        with FlashReader(d / "art" / "ffn.bin", fl.cluster_bytes, queue_depth=3, native=native) as r:
-            dest = aligned_empty((len(want), fl.cluster_bytes), "uint8")
-            r.read(offs, list(dest), crcs[1, want])
+        with FlashReader(d / "art" / "ffn.bin", rb, queue_depth=3, native=native) as r:
+            dest = aligned_empty((len(want), rb), "uint8")
+            r.read(offs, list(dest), crcs.reshape(*crcs.shape[:2], -1)[1, want, 0])
             out.append(dest.copy())
             assert r.metrics()["records"] == len(want)
     raw = (d / "art" / "ffn.bin").read_bytes()
     np.testing.assert_array_equal(out[0], out[1])
-    assert out[0][2].tobytes() == raw[offs[2]:offs[2] + fl.cluster_bytes]
+    assert out[0][2].tobytes() == raw[offs[2]:offs[2] + rb]
 
 
 @pytest.mark.parametrize("fmt", ["q8_0", "q4_1"])

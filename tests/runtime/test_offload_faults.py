@@ -37,13 +37,37 @@ def test_corrupted_record_fails_its_checksum(packed, tmp_path):
 
     art = _copy_art(packed[0], tmp_path)
     fl = FlashLayout.load(art / "flash.json")
+    rb = fl.part_bytes[0]  # a whole record, or a split record's gate part
     with open(art / "ffn.bin", "r+b") as f:  # flip bytes in every cold cluster of layer 0
         for j in range(fl.n_clusters // 2, fl.n_clusters):
-            f.seek(fl.cluster_offset(0, j) + 100)
+            f.seek(fl.part_base(0, 0) + j * rb + rb // 2)
             f.write(b"\xff\xff\xff\xff")
     with OffloadModel(art, "naive") as m, pytest.raises(XpucError, match="checksum|corrupt"):
-        m.reader.read(np.array([fl.cluster_offset(0, fl.n_clusters - 1)]), [m.scratch[0]],
-                      m.crcs[0, fl.n_clusters - 1:])
+        m.reader.read(np.array([fl.part_base(0, 0) + (fl.n_clusters - 1) * rb]), [m._pool_bytes[0, :rb]],
+                      m.crcs[0, fl.n_clusters - 1:, 0], rb)
+
+
+@pytest.mark.parametrize("mode", ["naive", "full"])
+def test_corrupted_up_down_rows_of_split_records_fail_their_checksum(packed, tmp_path, mode):
+    """Split records: the up/down part, read apart from the gate row (only for neurons that fired, in full
+    mode), has its own checksum, checked on every read; naive mode checks both parts of every record."""
+    from xpuc.runtime.formats.flash import FlashLayout
+    from xpuc.runtime.offload import OffloadModel
+
+    art = _copy_art(packed[0], tmp_path)
+    fl = FlashLayout.load(art / "flash.json")
+    if not fl.split:
+        pytest.skip("records stored whole")
+    pb = fl.part_bytes[1]
+    with OffloadModel(art, mode, 0.3) as m:
+        with open(art / "ffn.bin", "r+b") as f:  # after loading: every cold neuron's up/down rows, every layer
+            for i in range(len(fl.layers)):
+                for j in range(m.cache.layers[i].n_hot if m.cache else 0, fl.n_clusters):
+                    f.seek(fl.part_base(i, 1) + j * pb + pb - 8)
+                    f.write(b"\x5a" * 4)
+        with pytest.raises(XpucError, match="checksum|corrupt"):
+            for t in range(40):  # until a cold neuron fires
+                m.decode(t)
 
 
 def test_read_errors_and_short_reads_surface_cleanly(packed):
@@ -271,3 +295,18 @@ def test_altered_fixed_segment_is_refused_before_decoding(packed, tmp_path):
     p.write_bytes(bytes(data))
     assert_clean_error(xpuc("run", str(art), "--prompt", "1 2 3", "--max-tokens", "2"),
                        "fixed.safetensors: fails its checksum")
+
+
+def test_flash_layout_whose_record_parts_do_not_add_up_is_a_clear_error(packed, tmp_path):
+    """A split layout's parts must add up to the record and only clusters of one neuron are split: anything
+    else is one clean error when the layout is read, never a wrong offset later."""
+    import json
+
+    from xpuc.runtime.formats.flash import FlashLayout
+
+    d = json.loads((packed[0] / "art" / "flash.json").read_text())
+    for parts, cluster in (([100, d["cluster_bytes"]], d["cluster"]), ([d["cluster_bytes"], 0], d["cluster"]),
+                           ([1, d["cluster_bytes"] - 1], 2)):
+        (tmp_path / "flash.json").write_text(json.dumps({**d, "parts": parts, "cluster": cluster}))
+        with pytest.raises(XpucError, match="malformed xpuc flash layout"):
+            FlashLayout.load(tmp_path / "flash.json")
