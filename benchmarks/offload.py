@@ -11,6 +11,7 @@ the modes. Every step is cached under ``--work``.
 
     python benchmarks/offload.py --layers 4 --budget 50% --tokens 32
     python benchmarks/offload.py --shape mixtral-8x7b-sparse --layers 1 --budget 10% --tokens 16
+    python benchmarks/offload.py --budget 50% --records whole,split -o benchmarks/results/offload_7b_split.json
 
 Writes ``benchmarks/results/offload_7b.json`` (``offload_moe.json`` for the MoE) (+ ``.png``).
 """
@@ -49,8 +50,9 @@ def main() -> None:
                     help="device profile to plan for (host: this machine's cores and its measured disk curve, "
                          "`xpuc targets --measure-flash`; oneplus-12: the phone's published UFS 4.0 curve)")
     ap.add_argument("--fixed-dtype", default="q8_0", choices=["float16", "q8_0", "q4_0", "q4_1"])
-    ap.add_argument("--records", default="auto", choices=["auto", "split", "whole"],
-                    help="xpuc pack --records: split gate rows from up/down rows (auto: where it applies)")
+    ap.add_argument("--records", default="auto",
+                    help="xpuc pack --records: split gate rows from up/down rows (auto: where it applies); a "
+                         "comma list (e.g. whole,split) packs each and runs them interleaved, round by round")
     ap.add_argument("--work", default=str(ROOT / ".cache" / "xpuc" / "bench-offload"))
     ap.add_argument("-o", "--output", default=None, help="default: benchmarks/results/offload_7b.json / _moe.json")
     args = ap.parse_args()
@@ -70,20 +72,57 @@ def main() -> None:
              "--max-eval-tokens", "256", "--recall", "0.98", "-o", str(w / "stats.json"),
              "--predictor", str(w / "pred.safetensors"))
     tag = "" if args.device == "oneplus-12" else f"-{args.device}"
-    art = w / (("art" if args.fixed_dtype == "float16" else f"art-{args.fixed_dtype}") + tag
-               + ("" if args.records == "auto" else f"-{args.records}"))
+    records = args.records.split(",")
+    if not set(records) <= {"auto", "split", "whole"}:
+        ap.error(f"--records: each of auto, split, whole (got {args.records})")
     plan = w / f"plan{tag}.json"
     if not plan.exists():
         xpuc("plan", str(w / "model"), "--stats", str(w / "stats.json"), "--device", args.device,
              "--memory-budget", "64GiB", "--weight-dtype", "q4_0", "--cluster", "1", "--context", "512",
              "-o", str(plan))
-    if not art.exists():
-        xpuc("pack", str(w / "model"), "--stats", str(w / "stats.json"), "--plan", str(plan),
-             "--predictor", str(w / "pred.safetensors"), "--fixed-dtype", args.fixed_dtype, "--records",
-             args.records, "-o", str(art))
-    xpuc("bench", str(art), "--budget", args.budget, "--modes", args.modes, "--tokens", str(args.tokens),
-         "--repeats", str(args.repeats), "-o", out)
-    memory_bound(out)
+    arts = {}
+    for rec in records:
+        arts[rec] = art = w / (("art" if args.fixed_dtype == "float16" else f"art-{args.fixed_dtype}") + tag
+                               + ("" if rec == "auto" else f"-{rec}"))
+        if not art.exists():
+            xpuc("pack", str(w / "model"), "--stats", str(w / "stats.json"), "--plan", str(plan),
+                 "--predictor", str(w / "pred.safetensors"), "--fixed-dtype", args.fixed_dtype, "--records",
+                 rec, "-o", str(art))
+    if len(records) == 1:
+        xpuc("bench", str(arts[records[0]]), "--budget", args.budget, "--modes", args.modes, "--tokens",
+             str(args.tokens), "--repeats", str(args.repeats), "-o", out)
+        memory_bound(out)
+        return
+    compare_records(arts, args, out)
+
+
+def compare_records(arts: dict, args, out: str) -> None:
+    """Each packing's modes, interleaved round by round in this one run (the disk's speed drifts between runs);
+    per packing and mode the round with the median speed stands, all speeds kept."""
+    rounds: dict[str, list[dict]] = {rec: [] for rec in arts}
+    for r in range(args.repeats):
+        for rec, art in arts.items():
+            part = f"{out}.{rec}.{r}.json"
+            xpuc("bench", str(art), "--budget", args.budget, "--modes", args.modes, "--tokens", str(args.tokens),
+                 "--repeats", "1", "-o", part)
+            rounds[rec].append(json.loads(Path(part).read_text()))
+            Path(part).unlink()
+            Path(part).with_suffix(".png").unlink(missing_ok=True)
+    report = {"budget": args.budget, "tokens": args.tokens, "repeats": args.repeats, "records": {}}
+    print(f"{'records':<8} {'mode':<9} {'tok/s (runs)':<28} {'MiB read/tok':>12} {'req/tok':>8} {'fired MiB':>9}")
+    for rec, reps in rounds.items():
+        rows = []
+        for mode in args.modes.split(","):
+            runs = sorted((m for rep in reps for m in rep["modes"] if m["mode"] == mode), key=lambda m: m["tok_per_s"])
+            row = dict(runs[len(runs) // 2])
+            row["tok_per_s_runs"] = [m["tok_per_s"] for m in runs]
+            rows.append(row)
+            print(f"{rec:<8} {mode:<9} {', '.join(f'{v:.2f}' for v in row['tok_per_s_runs']):<28} "
+                  f"{row['bytes_read_per_token'] / 2**20:>12.1f} {row['requests_per_token']:>8.0f} "
+                  f"{row.get('fired_bytes_per_token', 0) / 2**20:>9.1f}")
+        report["records"][rec] = {"artifact": str(arts[rec]), "modes": rows}
+    Path(out).write_text(json.dumps(report))
+    print(f"wrote {out}")
 
 
 def memory_bound(report_file: str) -> None:

@@ -23,6 +23,7 @@ import threading
 import time
 import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +40,37 @@ def aligned_empty(shape: tuple[int, ...], dtype: str) -> np.ndarray:
     n = int(np.prod(shape)) * np.dtype(dtype).itemsize
     buf = mmap.mmap(-1, -(-n // ALIGN) * ALIGN + ALIGN)
     return np.frombuffer(buf, dtype=dtype, count=int(np.prod(shape))).reshape(shape)
+
+
+@dataclass(frozen=True)
+class RecordRows:
+    """Destinations of a batch of records without an array view per record: record ``k`` goes to row
+    ``rows[k]`` of ``table`` (2-D uint8, rows contiguous: a cache pool's slots), from byte ``skip`` of the row
+    (a split record's part)."""
+
+    table: np.ndarray
+    rows: np.ndarray
+    skip: int = 0
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, k: slice) -> RecordRows:
+        return RecordRows(self.table, self.rows[k], self.skip)
+
+    def addresses(self) -> np.ndarray:
+        """(n,) uint64 destination addresses."""
+        base = self.table.__array_interface__["data"][0] + self.skip
+        return (base + np.asarray(self.rows, np.int64) * self.table.strides[0]).astype(np.uint64)
+
+    def row(self, k: int, nbytes: int) -> np.ndarray:
+        return self.table[int(self.rows[k]), self.skip:self.skip + nbytes]
+
+
+def _addresses(dests) -> np.ndarray:
+    if isinstance(dests, RecordRows):
+        return dests.addresses()
+    return np.array([d.ctypes.data for d in dests], np.uint64)
 
 
 def _owner(a: np.ndarray):
@@ -157,10 +189,10 @@ class FlashReader:
         with self._lock:
             return int(sum(self._staging.values()))
 
-    def read(self, offsets: np.ndarray, dests: list[np.ndarray], crcs: np.ndarray | None = None,
+    def read(self, offsets: np.ndarray, dests: list[np.ndarray] | RecordRows, crcs: np.ndarray | None = None,
              record_bytes: int | None = None) -> None:
         """Read records at ``offsets`` (sorted) into ``dests`` (``record_bytes`` each, any alignment; a split
-        record's part when given).
+        record's part when given; arrays, or :class:`RecordRows`).
 
         Records whose 4 KiB-aligned spans touch (or lie within ``merge_gap`` bytes) are merged into one
         request of at most ``max_span`` bytes; each request reads its aligned span into a per-thread bounce
@@ -234,9 +266,10 @@ class FlashReader:
                 self.queue_depth, err_info.ctypes.data_as(p64))
         group_of = np.repeat(np.arange(n), (g1 - g0))
         src_addr = base + pos[group_of] + (offs - s0[group_of])
+        pp = ctypes.POINTER(ctypes.c_void_p)
         m = len(offs)
-        src = (ctypes.c_void_p * m)(*src_addr.tolist())
-        dsts = (ctypes.c_void_p * m)(*[d.ctypes.data for d in dests])
+        src_a, dst_a = np.ascontiguousarray(src_addr, np.uint64), _addresses(dests)
+        src, dsts = src_a.ctypes.data_as(pp), dst_a.ctypes.data_as(pp)
         crc_a = None if crcs is None else np.ascontiguousarray(crcs, np.uint32)
         crc_p = None if crc_a is None else crc_a.ctypes.data_as(ctypes.POINTER(ctypes.c_uint32))
         err = -2
@@ -281,7 +314,10 @@ class FlashReader:
                 if crcs is not None and zlib.crc32(rec) != int(crcs[k]):
                     raise XpucError(f"{self.path}: record at offset {int(offs[k])} fails its checksum "
                                     "(corrupted flash file)")
-                dests[k].reshape(-1).view(np.uint8)[:] = rec
+                if isinstance(dests, RecordRows):
+                    dests.row(k, rb)[:] = rec
+                else:
+                    dests[k].reshape(-1).view(np.uint8)[:] = rec
             nbytes += s1 - s0
         return nbytes
 
@@ -294,7 +330,7 @@ class FlashReader:
         if got < want:
             raise XpucError(f"{self.path}: short read at offset {offset} ({got} of {want} bytes; file truncated?)")
 
-    def submit(self, offsets: np.ndarray, dests: list[np.ndarray], crcs: np.ndarray | None = None,
+    def submit(self, offsets: np.ndarray, dests: list[np.ndarray] | RecordRows, crcs: np.ndarray | None = None,
                record_bytes: int | None = None) -> Future:
         """Queue :meth:`read` on an I/O thread."""
         return self._pool.submit(self.read, offsets, dests, crcs, record_bytes)

@@ -13,7 +13,7 @@ import zlib
 import numpy as np
 
 from xpuc.runtime.errors import XpucError
-from xpuc.runtime.flash_reader import aligned_empty
+from xpuc.runtime.flash_reader import RecordRows, aligned_empty
 from xpuc.runtime.formats.bundle import activation
 from xpuc.runtime.neuron_cache import NeuronCache
 
@@ -211,7 +211,7 @@ class FFNPaths:
         for p in parts:
             pb, skip = fl.part_bytes[p], fl.part_skip[p]
             offs = fl.part_base(i, p) + clusters * pb
-            out.append((offs, [flat[s, skip:skip + pb] for s in slots], self.crcs[i, clusters, p], pb))
+            out.append((offs, RecordRows(flat, np.asarray(slots, np.int64), skip), self.crcs[i, clusters, p], pb))
         return out
 
     def _issue(self, i: int, miss: np.ndarray, keep: np.ndarray, partial: bool = False,
@@ -409,7 +409,7 @@ class FFNPaths:
             at = np.flatnonzero(missing)
             for p, (pb, skip) in enumerate(zip(fl.part_bytes, fl.part_skip, strict=True)):
                 offs = fl.part_base(i, p) + want.astype(np.int64) * pb
-                self.reader.read(offs, [flat[j, skip:skip + pb] for j in at], self.crcs[i, want, p], pb)
+                self.reader.read(offs, RecordRows(flat, at, skip), self.crcs[i, want, p], pb)
 
     def _prefill_buffer(self) -> np.ndarray:
         """Aligned staging buffer of the prefill's cluster chunks (about PREFILL_CHUNK_BYTES dequantized)."""
