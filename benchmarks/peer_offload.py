@@ -46,10 +46,11 @@ def prepare(args: argparse.Namespace, w: Path) -> tuple[Path, Path]:
     if not (w / "plan.json").is_file():
         xpuc("plan", str(gguf), "--stats", str(w / "stats.json"), "--device", "host", "--memory-budget", "64GiB",
              "--weight-dtype", "q4_0", "--cluster", "1", "--context", "512", "-o", str(w / "plan.json"))
-    art = w / "packed"
+    art = w / ("packed" if args.records == "auto" else f"packed-{args.records}")
     if not art.is_dir():
         xpuc("pack", str(gguf), "--stats", str(w / "stats.json"), "--plan", str(w / "plan.json"),
-             "--predictor", str(w / "pred.safetensors"), "--fixed-dtype", "q8_0", "-o", str(art))
+             "--predictor", str(w / "pred.safetensors"), "--fixed-dtype", "q8_0", "--records", args.records,
+             "-o", str(art))
     return gguf, art
 
 
@@ -92,6 +93,8 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--calib-tokens", type=int, default=1024)
+    ap.add_argument("--records", default="auto", choices=["auto", "split", "whole"],
+                    help="xpuc pack --records (auto: gate rows apart from up/down rows where it applies)")
     ap.add_argument("--eval", action="store_true", help="also measure the predictor and quality on held-out text")
     ap.add_argument("--work", default=None, help="default: .cache/xpuc/bench-peer/<shape>")
     ap.add_argument("-o", "--output", default=None)

@@ -8,7 +8,6 @@ output part (a row of the parts buffer) that the next compiled layer call adds, 
 from __future__ import annotations
 
 import time
-import zlib
 
 import numpy as np
 
@@ -101,18 +100,10 @@ class FFNPaths:
                                      "window" if self.mode == "llmflash" else "lru")
             pool = self.cache.pool
             self._pool_bytes = pool.reshape(pool.shape[0], -1).view(np.uint8)
-            for i, seg in enumerate(self.cache.layers):  # load the hot segments
-                if seg.n_hot and fl.split:
-                    ids = np.arange(seg.n_hot, dtype=np.int32)
-                    for read in self._part_reads(i, ids, ids + seg.start, range(len(fl.part_bytes))):
-                        self.reader.read(*read)
-                elif seg.n_hot:
-                    self.reader.read_span(fl.cluster_offset(i, 0), pool[seg.start:seg.start + seg.n_hot])
-                    crc = self.crcs[i, :seg.n_hot, 0]
-                    bad = [j for j in range(seg.n_hot) if zlib.crc32(pool[seg.start + j]) != int(crc[j])]
-                    if bad:
-                        raise XpucError(f"{self.art.path / fl.ffn_file}: hot cluster {bad[0]} of layer {i} fails "
-                                        "its checksum (corrupted flash file)")
+            for i, seg in enumerate(self.cache.layers):  # load the hot segments, every record's CRC checked
+                ids = np.arange(seg.n_hot, dtype=np.int32)
+                for read in self._part_reads(i, ids, ids + seg.start, range(len(fl.part_bytes))):
+                    self.reader.read(*read)
             waves = max(-(-fl.n_clusters // max(seg.n_cold, 1)) for seg in self.cache.layers)
         #: split records: read gate rows of the predicted clusters, up/down rows only where the gate fired
         self.exact = fl.split and self.mode in ("cache", "full")
@@ -192,13 +183,9 @@ class FFNPaths:
 
     def _ffn_naive(self, i: int, x, weight: float) -> None:
         t0 = time.perf_counter()
-        fl = self.flash
-        if fl.split:  # each part's region into the records' parts, every part checked against its CRC
-            ids = self._all_clusters
-            for read in self._part_reads(i, ids, ids, range(len(fl.part_bytes))):
-                self.reader.read(*read)
-        else:
-            self.reader.read_span(fl.cluster_offset(i, 0), self.scratch)
+        ids = self._all_clusters  # the unit's whole region, every record (part) checked against its CRC
+        for read in self._part_reads(i, ids, ids, range(len(self.flash.part_bytes))):
+            self.reader.read(*read)
         self._stall += time.perf_counter() - t0
         self.kernel["dense"](x, self._thr_t[i], self.pool_t, self._new_part(weight))
 
@@ -245,8 +232,7 @@ class FFNPaths:
         if i in pending:
             self._wait(pending.pop(i))  # prefetched reads land before their slots can be reused
         hit_slots, miss = self.cache.lookup(i, need)
-        if (self.exact and (miss.size or not self.cache.complete[hit_slots].all())
-                and miss.size <= seg.n_cold - int((hit_slots >= seg.cold_start).sum())):
+        if self.exact and (miss.size or not self.cache.complete[hit_slots].all()):
             self._ffn_exact(i, x, hit_slots, miss, need, weight)  # else every record is whole in memory
             return
         if miss.size == 0:  # every cluster resident (the common case with a large budget): compute, done
@@ -298,37 +284,51 @@ class FFNPaths:
     def _ffn_exact(self, i: int, x, hit_slots: np.ndarray, miss: np.ndarray, need: np.ndarray, weight: float) -> None:
         """Split records: gate rows of the missing clusters read, every gate computed, then up/down rows read only
         for the neurons that fired and are not yet whole in memory (PowerInfer-2's exact up/down masks: exact for
-        the ReLU kinds, by the threshold for SwiGLU). ``full`` overlaps each read with the resident part's math."""
-        pipelined = self.mode == "full"
-        jobs = self._issue(i, miss, need, gate_only=True)
-        new = jobs[0][1] if jobs else miss[:0].astype(np.int32)
-        if pipelined:
-            g_hit = self._gate(x, hit_slots, self._idx, self._g)
-        self._wait(jobs)
-        if not pipelined:
-            g_hit = self._gate(x, hit_slots, self._idx, self._g)
-        g = np.concatenate([g_hit, self._gate(x, new, self._idx_fired, self._g_fired)])
-        slots = np.concatenate([hit_slots, new])
+        the ReLU kinds, by the threshold for SwiGLU). Misses beyond the cold segment's free slots go in waves,
+        each finished before its slots are reused. ``full`` computes the resident neurons while the first wave's
+        gate rows are read, and the whole ones' up/down while the others' up/down rows are read."""
+        seg = self.cache.layers[i]
+        room = seg.n_cold - int((hit_slots >= seg.cold_start).sum())
+        first, rest = miss[:room], miss[room:]
+        jobs = self._issue(i, first, need, gate_only=True)  # the resident clusters stay protected
+        new = jobs[0][1] if jobs else first[:0].astype(np.int32)
+        if self.mode == "full":
+            self._exact_slots(i, x, hit_slots, weight)
+            self._wait(jobs)
+            self._exact_slots(i, x, new, weight)
+        else:
+            self._wait(jobs)
+            self._exact_slots(i, x, np.concatenate([hit_slots, new]), weight)
+        for a in range(0, rest.size, max(seg.n_cold, 1)):
+            part = rest[a:a + seg.n_cold]
+            jobs = self._issue(i, part, part, gate_only=True)
+            self._wait(jobs)
+            self._exact_slots(i, x, jobs[0][1], weight)
+
+    def _exact_slots(self, i: int, x, slots: np.ndarray, weight: float) -> None:
+        """Gate over ``slots`` (gate rows resident), then up/down of the fired ones, reading the up/down rows of
+        those not yet whole (``full``: overlapped with the whole ones' up/down)."""
+        if slots.size == 0:
+            return
+        g = self._gate(x, slots, self._idx, self._g)
         fired = self._fires(i, g)
         self._fired += int(fired.sum())
-        fs, fg = slots[fired], g[fired][:, None]
+        fs, fg = slots[fired], g[fired][:, None].copy()
         whole = self.cache.complete[fs]
-        todo = fs[~whole]
-        if todo.size == 0:
+        if whole.all():
             self._updown(i, x, fs, fg, weight)
             return
+        todo, tg = fs[~whole], fg[~whole]
         order = np.argsort(self.cache.owner[todo], kind="stable")  # reads in file order
-        todo = todo[order]
-        reads = self._part_reads(i, self.cache.owner[todo], todo, [1])
-        futs = [self.reader.submit(*r) for r in reads]
-        if pipelined:  # up/down of the whole ones while the others' rows are read
+        todo, tg = todo[order], tg[order]
+        futs = [self.reader.submit(*r) for r in self._part_reads(i, self.cache.owner[todo], todo, [1])]
+        if self.mode == "full":  # up/down of the whole ones while the others' rows are read
             self._updown(i, x, fs[whole], fg[whole], weight)
             self._wait([(futs, todo)])
-            self._updown(i, x, todo, fg[~whole][order], weight)
+            self._updown(i, x, todo, tg, weight)
         else:
             self._wait([(futs, todo)])
-            self._updown(i, x, np.concatenate([fs[whole], todo]), np.concatenate([fg[whole], fg[~whole][order]]),
-                         weight)
+            self._updown(i, x, np.concatenate([fs[whole], todo]), np.concatenate([fg[whole], tg]), weight)
         self.cache.complete[todo] = True
 
     def _fires(self, i: int, g: np.ndarray) -> np.ndarray:

@@ -210,6 +210,46 @@ def test_oracle_mask_sparse_equals_dense(packed):
             np.testing.assert_allclose(m.decode(t), want, rtol=2e-3, atol=2e-3 * np.abs(want).max())
 
 
+@pytest.mark.parametrize("mode", ["cache", "full"])
+def test_split_records_read_up_down_rows_only_for_neurons_whose_gate_fired(packed, mode):
+    """Exact up/down masks: with split records every up/down read is of a neuron whose gate fired (computed by
+    the compiled gate kernel), misses beyond the cold segment go in waves, and the bytes of the fired records
+    are reported per token."""
+    from xpuc.runtime.offload import OffloadModel
+
+    d, _ = packed
+    with OffloadModel(d / "art", mode, 0.3) as m:
+        if not m.exact:
+            pytest.skip("records stored whole")
+        fired_slots, updown_slots = set(), []
+        fires, part_reads = m._fires, m._part_reads
+
+        def spy_fires(i, g):
+            out = fires(i, g)
+            fired_slots.update(int(s) for s in spy_fires.slots[out])
+            return out
+
+        def spy_part_reads(i, clusters, slots, parts):
+            if list(parts) == [1]:
+                updown_slots.extend(int(s) for s in slots)
+            return part_reads(i, clusters, slots, parts)
+
+        gate = m._gate
+
+        def spy_gate(x, slots, idx, g):
+            spy_fires.slots = np.asarray(slots)
+            return gate(x, slots, idx, g)
+
+        m._fires, m._part_reads, m._gate = spy_fires, spy_part_reads, spy_gate
+        m.prefill([5])
+        for t in [11, 250, 3, 97]:
+            m.decode(t)
+        assert updown_slots and set(updown_slots) <= fired_slots
+        assert all(tm.fired_bytes > 0 for tm in m.token_metrics)
+        waves = max(-(-m.flash.n_clusters // max(s.n_cold, 1)) for s in m.cache.layers)
+        assert waves > 1  # this budget makes a token's misses overflow the cold segment
+
+
 def test_units_whose_clusters_always_fire_skip_the_predictor(packed, monkeypatch):
     """The generated model is sparse, so every unit runs its predictor; a unit expected to fire everywhere computes
     all its clusters without one (exact: the dense model), and the predictor is never called for it."""
@@ -257,7 +297,7 @@ def test_wholly_resident_dense_model_decodes_in_one_call_per_token(packed, monke
 
 
 def test_native_and_python_readers_agree(packed):
-    from xpuc.runtime.flash_reader import FlashReader, aligned_empty
+    from xpuc.runtime.flash_reader import FlashReader, RecordRows, aligned_empty
     from xpuc.runtime.formats.flash import FlashLayout
 
     d, _ = packed
@@ -267,14 +307,21 @@ def test_native_and_python_readers_agree(packed):
     rb = fl.part_bytes[0]  # whole records, or split records' gate parts
     offs = fl.part_base(1, 0) + want * rb
     out = []
-    for native in (False, True):
+    for native, rows in ((False, False), (True, False), (False, True), (True, True)):
         with FlashReader(d / "art" / "ffn.bin", rb, queue_depth=3, native=native) as r:
-            dest = aligned_empty((len(want), rb), "uint8")
-            r.read(offs, list(dest), crcs.reshape(*crcs.shape[:2], -1)[1, want, 0])
+            if rows:  # into rows of a pool, from a byte offset in each row (a split record's part)
+                pool = aligned_empty((9, rb + 40), "uint8")
+                r.read(offs, RecordRows(pool, np.array([7, 0, 4, 2]), 40),
+                       crcs.reshape(*crcs.shape[:2], -1)[1, want, 0])
+                dest = pool[[7, 0, 4, 2], 40:]
+            else:
+                dest = aligned_empty((len(want), rb), "uint8")
+                r.read(offs, list(dest), crcs.reshape(*crcs.shape[:2], -1)[1, want, 0])
             out.append(dest.copy())
             assert r.metrics()["records"] == len(want)
     raw = (d / "art" / "ffn.bin").read_bytes()
-    np.testing.assert_array_equal(out[0], out[1])
+    for o in out[1:]:
+        np.testing.assert_array_equal(out[0], o)
     assert out[0][2].tobytes() == raw[offs[2]:offs[2] + rb]
 
 

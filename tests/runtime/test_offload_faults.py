@@ -48,22 +48,22 @@ def test_corrupted_record_fails_its_checksum(packed, tmp_path):
 
 
 @pytest.mark.parametrize("mode", ["naive", "full"])
-def test_corrupted_up_down_rows_of_split_records_fail_their_checksum(packed, tmp_path, mode):
-    """Split records: the up/down part, read apart from the gate row (only for neurons that fired, in full
-    mode), has its own checksum, checked on every read; naive mode checks both parts of every record."""
+def test_corrupted_records_fail_their_checksum_while_decoding(packed, tmp_path, mode):
+    """Every record part the runtime reads is checked: naive mode's streamed layers (both parts of split
+    records) and full mode's misses; for split records the up/down part, read apart from the gate row and only
+    for neurons that fired, has its own checksum."""
     from xpuc.runtime.formats.flash import FlashLayout
     from xpuc.runtime.offload import OffloadModel
 
     art = _copy_art(packed[0], tmp_path)
     fl = FlashLayout.load(art / "flash.json")
-    if not fl.split:
-        pytest.skip("records stored whole")
-    pb = fl.part_bytes[1]
+    last = len(fl.part_bytes) - 1  # split: the up/down part; whole records: the record
+    pb = fl.part_bytes[last]
     with OffloadModel(art, mode, 0.3) as m:
-        with open(art / "ffn.bin", "r+b") as f:  # after loading: every cold neuron's up/down rows, every layer
+        with open(art / "ffn.bin", "r+b") as f:  # after loading: every cold record, every layer
             for i in range(len(fl.layers)):
                 for j in range(m.cache.layers[i].n_hot if m.cache else 0, fl.n_clusters):
-                    f.seek(fl.part_base(i, 1) + j * pb + pb - 8)
+                    f.seek(fl.part_base(i, last) + j * pb + pb - 8)
                     f.write(b"\x5a" * 4)
         with pytest.raises(XpucError, match="checksum|corrupt"):
             for t in range(40):  # until a cold neuron fires
