@@ -189,10 +189,12 @@ class FFNPaths:
         self._stall += time.perf_counter() - t0
         self.kernel["dense"](x, self._thr_t[i], self.pool_t, self._new_part(weight))
 
-    def _part_reads(self, i: int, clusters: np.ndarray, slots: np.ndarray, parts) -> list[tuple]:
+    def _part_reads(self, i: int, clusters: np.ndarray, slots: np.ndarray, parts,
+                    table: np.ndarray | None = None) -> list[tuple]:
         """``FlashReader.read`` arguments reading ``parts`` of unit ``i``'s records ``clusters`` (sorted) into
-        pool ``slots``: (offsets, destinations, CRCs, part bytes) per part."""
-        fl, flat = self.flash, self._pool_bytes
+        rows ``slots`` of ``table`` (default: the pool, as bytes): (offsets, destinations, CRCs, part bytes) per
+        part."""
+        fl, flat = self.flash, self._pool_bytes if table is None else table
         clusters = np.asarray(clusters, np.int64)
         out = []
         for p in parts:
@@ -253,11 +255,6 @@ class FFNPaths:
             return
         # more misses than free cold slots: compute the resident clusters, then stream the misses through
         # the whole cold segment wave by wave (each wave computed before its slots are reused)
-        part = hit_slots[~self.cache.complete[hit_slots]]  # split records' gate parts alone: read the rest first
-        if part.size:
-            part = part[np.argsort(self.cache.owner[part], kind="stable")]
-            self.reader.read(*self._part_reads(i, self.cache.owner[part], part, [1])[0])
-            self.cache.complete[part] = True
         self._run(i, x, hit_slots, weight)
         for a in range(0, miss.size, max(seg.n_cold, 1)):
             part = miss[a:a + seg.n_cold]
@@ -404,12 +401,10 @@ class FFNPaths:
             missing[~missing] = ~self.cache.complete[slots[~missing]]  # a split record's gate part alone: read
             dest[~missing] = self.cache.pool[slots[~missing]]
         if missing.any():
-            want = ids[missing]
-            fl, flat = self.flash, dest.reshape(dest.shape[0], -1).view(np.uint8)
-            at = np.flatnonzero(missing)
-            for p, (pb, skip) in enumerate(zip(fl.part_bytes, fl.part_skip, strict=True)):
-                offs = fl.part_base(i, p) + want.astype(np.int64) * pb
-                self.reader.read(offs, RecordRows(flat, at, skip), self.crcs[i, want, p], pb)
+            flat = dest.reshape(dest.shape[0], -1).view(np.uint8)
+            for read in self._part_reads(i, ids[missing], np.flatnonzero(missing), range(len(self.flash.part_bytes)),
+                                         flat):
+                self.reader.read(*read)
 
     def _prefill_buffer(self) -> np.ndarray:
         """Aligned staging buffer of the prefill's cluster chunks (about PREFILL_CHUNK_BYTES dequantized)."""
