@@ -9,7 +9,7 @@
 2. Builds llama.cpp natively from the ``llama-cpp-python==0.3.36`` sdist (``benchmarks/llamacpp_build.py``;
    AMX off where the native build traps) and prints its ``system_info`` line.
 3. Profiles the model on a license text, trains the predictor, plans for this host (its measured disk curve)
-   and packs it (int4 q4_0 records, q8_0 fixed segment).
+   and packs it (int4 q4_0 records; the fixed segment in `--fixed-dtype`, q4_0 by default).
 4. Runs, interleaved, ``--repeats`` rounds, each engine in its own process: xpuc ``bench`` (``--modes``) at each
    budget; llama.cpp's ``llama-bench`` (mmap, its default) with all memory, and with only the memory xpuc's
    process used at that budget (its peak RSS) available, the rest held by ``benchmarks/memory_balloon.py``.
@@ -46,10 +46,10 @@ def prepare(args: argparse.Namespace, w: Path) -> tuple[Path, Path]:
     if not (w / "plan.json").is_file():
         xpuc("plan", str(gguf), "--stats", str(w / "stats.json"), "--device", "host", "--memory-budget", "64GiB",
              "--weight-dtype", "q4_0", "--cluster", "1", "--context", "512", "-o", str(w / "plan.json"))
-    art = w / ("packed" if args.records == "auto" else f"packed-{args.records}")
+    art = w / f"packed-{args.records}-{args.fixed_dtype}"
     if not art.is_dir():
         xpuc("pack", str(gguf), "--stats", str(w / "stats.json"), "--plan", str(w / "plan.json"),
-             "--predictor", str(w / "pred.safetensors"), "--fixed-dtype", "q8_0", "--records", args.records,
+             "--predictor", str(w / "pred.safetensors"), "--fixed-dtype", args.fixed_dtype, "--records", args.records,
              "-o", str(art))
     return gguf, art
 
@@ -95,6 +95,9 @@ def main() -> None:
     ap.add_argument("--calib-tokens", type=int, default=1024)
     ap.add_argument("--records", default="auto", choices=["auto", "split", "whole"],
                     help="xpuc pack --records (auto: gate rows apart from up/down rows where it applies)")
+    ap.add_argument("--fixed-dtype", default="q4_0", choices=["q4_0", "q8_0", "float16"],
+                    help="xpuc pack --fixed-dtype: attention, norms and the rest kept in memory (q4_0: the GGUF's "
+                         "own type, so both engines read the same bytes per token)")
     ap.add_argument("--eval", action="store_true", help="also measure the predictor and quality on held-out text")
     ap.add_argument("--work", default=None, help="default: .cache/xpuc/bench-peer/<shape>")
     ap.add_argument("-o", "--output", default=None)
@@ -121,7 +124,8 @@ def main() -> None:
     print(table)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"shape": args.shape, "layers": args.layers, "gguf_bytes": gguf.stat().st_size,
-                               "llamacpp_system_info": info, "llamacpp_extra_flags": flags, "rounds": rounds,
+                               "llamacpp_system_info": info, "llamacpp_extra_flags": flags,
+                               "records": args.records, "fixed_dtype": args.fixed_dtype, "rounds": rounds,
                                "table": table}, indent=1))
     print(f"wrote {out}")
 
