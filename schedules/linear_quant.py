@@ -1,11 +1,10 @@
-"""Dense kernels over GGML-quantized weight rows (q4_0, q4_1, q8_0), written directly in TIR.
+"""Dense kernels over GGML-quantized weight rows, written directly in TIR.
 
-Each row of a weight matrix ``W`` (out, in) is a sequence of GGML blocks of 32 values along the input
-dimension, byte-identical to llama.cpp's ``block_q4_0`` (fp16 scale, 16 bytes of nibbles: value
-``(q - 8) * s``), ``block_q4_1`` (fp16 scale, fp16 minimum, 16 bytes of nibbles: ``q * s + m``) and
-``block_q8_0`` (fp16 scale, 32 int8: ``q * s``); a GGUF model's quantized matrices keep their exact values
-(see :func:`quantize_rows`). The kernels take the blocks of ``R`` = 8 consecutive rows interleaved
-(:func:`quantize_matrix`): storage ``(out/R, in/32, R, block_bytes)`` uint8, so that a task computing those
+Each row of a weight matrix ``W`` (out, in) is a sequence of GGML blocks along the input dimension,
+byte-identical to llama.cpp's: q4_0, q4_1, q5_0, q8_0 (32 values a block) and the K formats q4_k, q5_k, q6_k
+(256 values), see :mod:`xpuc.schedules.quant_formats`; a GGUF model's quantized matrices keep their exact
+bytes. The kernels take the blocks of ``R`` = 8 consecutive rows interleaved (:func:`quantize_matrix`,
+:func:`interleave_rows`): storage ``(out/R, in/block values, R, block bytes)`` uint8, so that a task computing those
 ``R`` rows reads one sequential stream (measured on the 576x1536 q4_1 GEMV with weights streamed from memory:
 6.4 GB/s against 3.9-4.8 GB/s for row-after-row storage).
 
@@ -30,20 +29,20 @@ import numpy as np
 from tvm import tirx
 from tvm.script import tirx as T
 
-from xpuc.runtime.formats.bundle import QBLOCK, dequantize_q4, quantize_q4
 from xpuc.schedules.linear import largest_divisor
+from xpuc.schedules.quant_formats import (
+    BLOCKS,
+    QBLOCK,
+    check_format,
+    dequantize_rows,
+    element,
+    quantize_rows,
+)
 from xpuc.schedules.sparse_ffn import _activation_exprs
 
-QUANT_FORMATS = {"q4_0": 18, "q4_1": 20, "q8_0": 34}
+__all__ = ["BLOCKS", "dequantize_matrix", "dequantize_rows", "embedding_quant", "gate_up_act_quant",
+           "interleave_rows", "linear_quant", "quantize_matrix", "quantize_rows", "quantized_shape"]
 LANES = 16
-
-
-def _check(fmt: str, in_features: int) -> int:
-    if fmt not in QUANT_FORMATS:
-        raise ValueError(f"unknown quantized format '{fmt}' (known: {', '.join(QUANT_FORMATS)})")
-    if in_features % QBLOCK:
-        raise ValueError(f"{fmt} rows need a multiple of {QBLOCK} values, got {in_features}")
-    return QUANT_FORMATS[fmt]
 
 
 ROW_GROUP = 8
@@ -59,86 +58,29 @@ def row_group(out_features: int) -> int:
 
 
 def quantized_shape(in_features: int, out_features: int, fmt: str) -> tuple[int, int, int, int]:
-    """Storage shape (uint8) of an (out, in) matrix in ``fmt``: (out/R, in/32, R, block bytes)."""
-    bb = _check(fmt, in_features)
+    """Storage shape (uint8) of an (out, in) matrix in ``fmt``: (out/R, in/block values, R, block bytes)."""
+    qk, bb = check_format(fmt, in_features)
     R = row_group(out_features)
-    return out_features // R, in_features // QBLOCK, R, bb
+    return out_features // R, in_features // qk, R, bb
+
+
+def interleave_rows(rows: np.ndarray, fmt: str, in_features: int) -> np.ndarray:
+    """(out, in/values * bytes) uint8 blocks (a GGUF tensor's rows) -> the kernels' storage, rows interleaved."""
+    nr, nb, r, bb = quantized_shape(in_features, rows.shape[0], fmt)
+    if rows.shape != (nr * r, nb * bb):
+        raise ValueError(f"{fmt} rows of {in_features} values: expected {(nr * r, nb * bb)} bytes, got {rows.shape}")
+    return np.ascontiguousarray(rows.reshape(nr, r, nb, bb).transpose(0, 2, 1, 3))
 
 
 def quantize_matrix(w: np.ndarray, fmt: str) -> np.ndarray:
     """(out, in) float matrix -> the kernels' storage (:func:`quantized_shape`): GGML blocks, rows interleaved."""
-    n, k = w.shape
-    nr, nb, r, bb = quantized_shape(k, n, fmt)
-    return np.ascontiguousarray(quantize_rows(w, fmt).reshape(nr, r, nb, bb).transpose(0, 2, 1, 3))
+    return interleave_rows(quantize_rows(w, fmt), fmt, w.shape[1])
 
 
 def dequantize_matrix(data: np.ndarray, fmt: str) -> np.ndarray:
     """Inverse of :func:`quantize_matrix` (float32, (out, in))."""
     nr, nb, r, bb = data.shape
     return dequantize_rows(np.ascontiguousarray(data.transpose(0, 2, 1, 3)).reshape(nr * r, nb * bb), fmt)
-
-
-def quantize_rows(w: np.ndarray, fmt: str) -> np.ndarray:
-    """(out, in) float matrix -> (out, in/32 * block_bytes) uint8 GGML blocks.
-
-    The rounding follows llama.cpp's reference quantizers, so a matrix that was dequantized from the same
-    format is quantized back to the same values (the block's extreme values fix the scale and minimum).
-    """
-    _check(fmt, w.shape[-1])
-    if fmt in ("q4_0", "q4_1"):
-        return quantize_q4(w, with_min=fmt == "q4_1")
-    x = w.astype(np.float32).reshape(*w.shape[:-1], -1, QBLOCK)
-    amax = np.abs(x).max(-1)
-    s = (amax / 127.0).astype(np.float16)
-    s32 = s.astype(np.float32)
-    inv = np.where(s32 > 0, 1.0 / np.where(s32 > 0, s32, 1), 0.0)
-    q = np.clip(np.round(x * inv[..., None]), -127, 127).astype(np.int8)
-    blocks = np.concatenate([s.view(np.uint8).reshape(*s.shape, 2), q.view(np.uint8)], axis=-1)
-    return np.ascontiguousarray(blocks.reshape(*w.shape[:-1], -1))
-
-
-def dequantize_rows(data: np.ndarray, fmt: str) -> np.ndarray:
-    """Inverse of :func:`quantize_rows` (float32)."""
-    if fmt in ("q4_0", "q4_1"):
-        return dequantize_q4(data, with_min=fmt == "q4_1")
-    b = data.reshape(*data.shape[:-1], -1, QUANT_FORMATS["q8_0"])
-    s = np.ascontiguousarray(b[..., 0:2]).view(np.float16)[..., 0].astype(np.float32)[..., None]
-    v = np.ascontiguousarray(b[..., 2:]).view(np.int8).astype(np.float32) * s
-    return v.reshape(*data.shape[:-1], -1)
-
-
-def _row_elem(fmt: str):
-    """Builder of the fp32 value at row group ``g``, block ``b``, row ``r`` of the group, half ``half`` (0/1),
-    lane ``l`` (0..15)."""
-    bb = QUANT_FORMATS[fmt]
-
-    def half_float(w, g, b, r, at):
-        bits = T.Cast("uint16", w[g, b, r, at]) | T.shift_left(T.Cast("uint16", w[g, b, r, at + 1]), T.uint16(8))
-        return T.Cast("float32", T.reinterpret("float16", bits))
-
-    if fmt == "q8_0":
-
-        def elem(w, g, b, r, half, l):
-            q = T.Cast("float32", T.reinterpret("int8", w[g, b, r, 2 + half * 16 + l]))
-            return q * half_float(w, g, b, r, 0)
-
-        return elem
-
-    def nibble(w, g, b, r, half, l):
-        byte = w[g, b, r, (bb - 16) + l]
-        return T.Cast("float32", T.shift_right(byte, T.Cast("uint8", half * 4)) & T.uint8(15))
-
-    if fmt == "q4_0":
-
-        def elem(w, g, b, r, half, l):
-            return (nibble(w, g, b, r, half, l) - T.float32(8)) * half_float(w, g, b, r, 0)
-
-        return elem
-
-    def elem(w, g, b, r, half, l):
-        return nibble(w, g, b, r, half, l) * half_float(w, g, b, r, 0) + half_float(w, g, b, r, 2)
-
-    return elem
 
 
 def _prefetch_block(w, g, b, last: int, R: int, bb: int) -> None:
@@ -149,7 +91,7 @@ def _prefetch_block(w, g, b, last: int, R: int, bb: int) -> None:
                                       T.int32(0), T.int32(3), T.int32(1)))
 
 
-def _group_dot(elem, NB: int, R: int, bb: int):
+def _group_dot(elem, NS: int, SUB: int, R: int, bb: int):
     """Macro ``group_dot(x, acc, w, g, last)``: the dot products of x with the ``R`` rows of group ``g``, each
     left in ``acc[r, 0]`` (16-lane accumulators sharing every activation load; group ``g + PREFETCH_GROUPS``,
     at most ``last``, prefetched block by block)."""
@@ -159,12 +101,14 @@ def _group_dot(elem, NB: int, R: int, bb: int):
         for r in T.unroll(R):
             for l in T.vectorized(LANES):
                 acc[r, l] = T.float32(0)
-        for b in range(NB):
-            _prefetch_block(w, g + PREFETCH_GROUPS, b, last, R, bb)
-            for half in T.unroll(2):
-                for r in T.unroll(R):
-                    for l in T.vectorized(LANES):
-                        acc[r, l] = acc[r, l] + x[0, 0, b * QBLOCK + half * 16 + l] * elem(w, g, b, r, half, l)
+        for sb in range(NS):
+            _prefetch_block(w, g + PREFETCH_GROUPS, sb, last, R, bb)
+            for j in T.unroll(SUB):
+                for half in T.unroll(2):
+                    for r in T.unroll(R):
+                        for l in T.vectorized(LANES):
+                            acc[r, l] = acc[r, l] + x[0, 0, (sb * SUB + j) * QBLOCK + half * 16 + l] * elem(
+                                w, g, sb, j, r, half, l)
         for r in T.unroll(R):
             for l in T.vectorized(8):
                 acc[r, l] = acc[r, l] + acc[r, l + 8]
@@ -186,7 +130,7 @@ def linear_quant(in_features: int, out_features: int, fmt: str) -> tirx.PrimFunc
     in_features, out_features:
         Static matrix shape; ``in_features`` must be a multiple of 32.
     fmt:
-        ``q4_0`` | ``q4_1`` | ``q8_0``.
+        a format of :data:`~xpuc.schedules.quant_formats.BLOCKS`.
 
     Returns
     -------
@@ -196,9 +140,10 @@ def linear_quant(in_features: int, out_features: int, fmt: str) -> tirx.PrimFunc
     """
     K, N = in_features, out_features
     WSHAPE = quantized_shape(K, N, fmt)
-    NR, NB, R, BB = WSHAPE
-    elem = _row_elem(fmt)
-    group_dot = _group_dot(elem, NB, R, BB)
+    NR, NS, R, BB = WSHAPE
+    SUB = BLOCKS[fmt][0] // QBLOCK
+    elem = element(fmt)
+    group_dot = _group_dot(elem, NS, SUB, R, BB)
 
     @T.prim_func(private=True, s_tir=True)
     def linear(var_x: T.handle, w: T.Buffer(WSHAPE, "uint8"), var_y: T.handle):
@@ -216,10 +161,12 @@ def linear_quant(in_features: int, out_features: int, fmt: str) -> tirx.PrimFunc
                 else:
                     wblk = T.alloc_buffer((R, K), "float32", scope="global")
                     for r in range(R):
-                        for b in range(NB):
-                            for half in T.unroll(2):
-                                for l in T.vectorized(LANES):
-                                    wblk[r, b * QBLOCK + half * 16 + l] = elem(w, ib, b, r, half, l)
+                        for sb in range(NS):
+                            for j in T.unroll(SUB):
+                                for half in T.unroll(2):
+                                    for l in T.vectorized(LANES):
+                                        wblk[r, (sb * SUB + j) * QBLOCK + half * 16 + l] = elem(w, ib, sb, j, r,
+                                                                                                 half, l)
                     for t in range(n):
                         for r in T.unroll(R):
                             for l in T.vectorized(LANES):
@@ -240,8 +187,9 @@ def linear_quant(in_features: int, out_features: int, fmt: str) -> tirx.PrimFunc
 def embedding_quant(vocab: int, d: int, fmt: str) -> tirx.PrimFunc:
     """``(ids: (1, n) i32, w: quantized_shape(d, vocab) u8, h: (1, n, d) f32)``: the tokens' rows, dequantized."""
     WSHAPE = quantized_shape(d, vocab, fmt)
-    _, NB, R, _ = WSHAPE
-    elem = _row_elem(fmt)
+    _, NS, R, _ = WSHAPE
+    SUB = BLOCKS[fmt][0] // QBLOCK
+    elem = element(fmt)
 
     @T.prim_func(private=True, s_tir=True)
     def embedding(var_ids: T.handle, w: T.Buffer(WSHAPE, "uint8"), var_h: T.handle):
@@ -251,11 +199,12 @@ def embedding_quant(vocab: int, d: int, fmt: str) -> tirx.PrimFunc:
         h = T.match_buffer(var_h, (1, n, d), "float32")
         with T.sblock("root"):
             for t in range(n):
-                for b in range(NB):
-                    for half in T.unroll(2):
-                        for l in T.vectorized(LANES):
-                            h[0, t, b * QBLOCK + half * 16 + l] = elem(w, ids[0, t] // R, b, ids[0, t] % R, half,
-                                                                       l)
+                for sb in range(NS):
+                    for j in T.unroll(SUB):
+                        for half in T.unroll(2):
+                            for l in T.vectorized(LANES):
+                                h[0, t, (sb * SUB + j) * QBLOCK + half * 16 + l] = elem(
+                                    w, ids[0, t] // R, sb, j, ids[0, t] % R, half, l)
 
     return embedding
 
@@ -269,7 +218,7 @@ def gate_up_act_quant(d: int, d_ff: int, fmt: str, kind: str) -> tirx.PrimFunc:
     d, d_ff:
         Model width and number of neurons; the weight is the fused ``[gate; up]`` matrix (2 d_ff, d).
     fmt:
-        ``q4_0`` | ``q4_1`` | ``q8_0``.
+        a format of :data:`~xpuc.schedules.quant_formats.BLOCKS`.
     kind:
         ``swiglu`` (fires when ``|silu(g)| > thr``), ``reglu`` or ``drelu`` (fire when ``g > 0``).
 
@@ -285,11 +234,11 @@ def gate_up_act_quant(d: int, d_ff: int, fmt: str, kind: str) -> tirx.PrimFunc:
     if kind not in ("swiglu", "reglu", "drelu"):
         raise ValueError(f"gate_up_act_quant needs a gated FFN kind, got '{kind}'")
     WSHAPE = quantized_shape(d, 2 * d_ff, fmt)
-    NR, NB, G, BB = WSHAPE
+    NR, NS, G, BB = WSHAPE
     if d_ff % G:
         raise ValueError(f"d_ff={d_ff} is not a multiple of the row group {G}")
     UP = d_ff // G  # first row group of the up rows
-    group_dot = _group_dot(_row_elem(fmt), NB, G, BB)
+    group_dot = _group_dot(element(fmt), NS, BLOCKS[fmt][0] // QBLOCK, G, BB)
     fires, combine = _activation_exprs(kind)
 
     @T.prim_func(private=True, s_tir=True)
