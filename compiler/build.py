@@ -110,7 +110,8 @@ def compile_model(model: str | os.PathLike, output: str | os.PathLike, device: s
     Decode (and a CPU prefill) is always built for the device's CPU; with ``prefill_on="gpu"`` (the
     default where the profile has a GPU) a second module runs prefill on the GPU. ``debug_dump``
     writes the IR after each lowering phase. ``quantize`` stores the CPU module's projections as GGML
-    blocks (``q4_0``/``q4_1``/``q8_0``; embedding and LM head ``q8_0``); ``ffn_stats`` (a profile from
+    blocks (``q4_0``/``q4_1``/``q8_0``; embedding and LM head ``q8_0``), or with ``keep`` every matrix as
+    the GGUF file stores it (:mod:`xpuc.compiler.weight_formats`); ``ffn_stats`` (a profile from
     ``xpuc profile --sparsity``) gives its decode kernels per-layer activation thresholds (thresholded
     sparsity: the up row of a neuron below its layer's threshold is skipped). The artifact is written to a
     temporary directory beside ``output`` and renamed when complete.
@@ -137,11 +138,19 @@ def compile_model(model: str | os.PathLike, output: str | os.PathLike, device: s
                         "builds dense models — run MoE models with `xpuc profile`, `plan`, `pack` and `run`")
     steps.done(f"{spec.config.architecture}, {spec.config.num_parameters() / 1e6:.0f} M parameters")
     thresholds = _thresholds(spec, quantize, ffn_stats)
+    formats = None
+    if quantize == "keep":
+        from xpuc.compiler.weight_formats import weight_formats
+
+        formats = weight_formats(spec)
+        if not quiet:
+            print(f"  weights: {formats.summary()}", flush=True)
 
     with staged_directory(output, force) as tmp:
         steps.start("building the Relax module")
         target = profile.cpu_target()
-        mod, params = export_model(spec.config, target, quant=quantize)
+        mod, params = export_model(spec.config, target, quant=quantize,
+                                   formats=formats.formats if formats else None)
         steps.done(f"{len(params)} parameters")
 
         steps.start(f"compiling for {target.attrs.get('mtriple', 'host')} ({target.attrs.get('mcpu', '')})")
@@ -153,8 +162,10 @@ def compile_model(model: str | os.PathLike, output: str | os.PathLike, device: s
                          if isinstance(f, tvm.tirx.PrimFunc))
         steps.done(toolchain.name)
 
-        steps.start(f"quantizing weights to {quantize} (embedding q8_0)" if quantize else "converting weights to fp16")
-        arrays = param_arrays(spec, quant=quantize, thresholds=thresholds)
+        steps.start("copying the GGUF's weight blocks" if formats else
+                    f"quantizing weights to {quantize} (embedding q8_0)" if quantize else "converting weights to fp16")
+        arrays = param_arrays(spec, quant=quantize, thresholds=thresholds,
+                              formats=formats.formats if formats else None)
         missing = [n for n, _, _ in params if n not in arrays]
         if missing:
             raise XpucError(f"internal: no weights for parameters {missing[:3]}")
@@ -170,8 +181,9 @@ def compile_model(model: str | os.PathLike, output: str | os.PathLike, device: s
                                role="prefill+decode" if prefill == "cpu" else "decode",
                                target=str(target), mtriple=str(target.attrs.get("mtriple", "")),
                                toolchain=toolchain.name, kernels=kernels,
-                               info={"weights": quantize or "float16",
-                                     **({"embedding": "q8_0", "ffn_thresholds": thresholds} if quantize else {})})]
+                               info={"weights": formats.summary() if formats else quantize or "float16",
+                                     **({"embedding": "q8_0"} if quantize and not formats else {}),
+                                     **({"ffn_thresholds": thresholds} if quantize else {})})]
         files = [LIB_FILE, WEIGHTS_FILE]
         if prefill != "cpu":
             xpu = profile.gpu if prefill == "gpu" else profile.npu

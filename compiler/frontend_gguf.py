@@ -12,6 +12,7 @@ from xpuc.compiler.spec import LazyWeights, ModelSpec, TokenizerSource
 from xpuc.runtime.errors import XpucError
 from xpuc.runtime.formats.arch import FFN_KINDS, SUPPORTED_ARCHITECTURES, ArchConfig
 from xpuc.runtime.tokenizer import tokenizer_json_from_gguf_vocab
+from xpuc.schedules.quant_formats import GGUF_FORMATS
 
 GGUF_MAGIC = b"GGUF"
 
@@ -124,6 +125,20 @@ def _dequantizer(path: Path, tensor, fix_rope_heads: int | None, expert: int | N
     return load, shape, qtype.name
 
 
+def _block_loader(tensor, fix_rope_heads: int | None):
+    """A loader of ``tensor``'s rows of GGML blocks (Q/K rows put in rotate-half order, as ``load`` does), or
+    None when its type has no dense kernel."""
+    fmt = GGUF_FORMATS.get(tensor.tensor_type.name)
+    if fmt is None or len(tensor.data.shape) != 2:
+        return None
+
+    def load() -> tuple[np.ndarray, str]:
+        rows = np.asarray(tensor.data)
+        return (_unpermute_rope(rows, fix_rope_heads) if fix_rope_heads else rows), fmt
+
+    return load
+
+
 def _expert_loader(path: Path, tensor, e: int, n_experts: int):
     if len(tensor.shape) != 3 or int(tensor.shape[2]) != n_experts:
         raise XpucError(f"{path}: tensor '{tensor.name}' is not stacked over the {n_experts} experts "
@@ -221,7 +236,7 @@ def load_gguf(path: str | os.PathLike, with_tokenizer: bool = True) -> ModelSpec
     n_heads, n_kv = config.num_heads, config.num_kv_heads
     # llama.cpp permutes Q/K rows of llama-family models; qwen2 is stored in rotate-half order.
     permuted = arch in ("llama", "mistral")
-    loaders, meta = {}, {}
+    loaders, meta, blocks = {}, {}, {}
     for name, t in tensors.items():
         canon = _GLOBAL_NAMES.get(name)
         fix = None
@@ -249,7 +264,9 @@ def load_gguf(path: str | os.PathLike, with_tokenizer: bool = True) -> ModelSpec
             continue
         load, shape, qname = _dequantizer(path, t, fix)
         loaders[canon], meta[canon] = load, (shape, qname)
-    spec = ModelSpec(config=config, weights=LazyWeights(loaders, meta),
+        if (rows := _block_loader(t, fix)) is not None:
+            blocks[canon] = rows
+    spec = ModelSpec(config=config, weights=LazyWeights(loaders, meta, blocks),
                      tokenizer=_tokenizer_from_gguf(path, reader) if with_tokenizer else None,
                      source=str(path), source_format="gguf")
     spec.check_complete()

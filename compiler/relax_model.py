@@ -27,10 +27,12 @@ from xpuc.schedules.linear import embedding_fp16, linear_fp16, pack_rows, packed
 from xpuc.schedules.linear_quant import (
     embedding_quant,
     gate_up_act_quant,
+    interleave_rows,
     linear_quant,
     quantize_matrix,
     quantized_shape,
 )
+from xpuc.schedules.quant_formats import BLOCKS
 
 WEIGHT_DTYPE = "float16"
 ACT_DTYPE = "float32"
@@ -42,9 +44,14 @@ ACT_DTYPE = "float32"
 KERNELS = ("cpu", "generic")
 _FLAVOUR = {"value": "cpu"}
 # Quantized weights (cpu kernels only): GGML format of the projections, and of the embedding / LM head.
-QUANTIZATIONS = ("q4_0", "q4_1", "q8_0")
+QUANTIZATIONS = ("q4_0", "q4_1", "q8_0", "keep")  # keep: each matrix as the GGUF file stores it (weight_formats)
 EMBED_QUANT = "q8_0"
 _QUANT: dict[str, str | None] = {"linear": None, "embed": None}
+_FORMATS: dict[str, str | None] = {}  # ModelSpec matrix name -> format (None: fp16), with quant="keep"
+
+
+def _fmt(name: str, default: str | None) -> str | None:
+    return _FORMATS[name] if name in _FORMATS else default
 
 
 def _packed_param(out_f: int, in_f: int, fmt: str | None = None) -> nn.Parameter:
@@ -86,17 +93,31 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, c: ArchConfig) -> None:
+    """Q, K and V as one fused matrix, or as three when their formats differ (a GGUF's kept formats)."""
+
+    def __init__(self, c: ArchConfig, i: int) -> None:
         self.c = c
+        d, lin = c.hidden_size, _QUANT["linear"]
+        fq, fk, fv = (_fmt(f"layers.{i}.{n}_proj", lin) for n in "qkv")
         rows = (c.num_heads + 2 * c.num_kv_heads) * c.head_dim
-        self.qkv_weight = _packed_param(rows, c.hidden_size, _QUANT["linear"])
+        if fq == fk == fv:
+            self.qkv_weight = _packed_param(rows, d, fq)
+        else:
+            self.q_weight = _packed_param(c.num_heads * c.head_dim, d, fq)
+            self.k_weight = _packed_param(c.num_kv_heads * c.head_dim, d, fk)
+            self.v_weight = _packed_param(c.num_kv_heads * c.head_dim, d, fv)
         self.qkv_bias = nn.Parameter((rows,), WEIGHT_DTYPE) if c.qkv_bias else None
-        self.o_weight = _packed_param(c.hidden_size, c.num_heads * c.head_dim, _QUANT["linear"])
+        self.o_weight = _packed_param(d, c.num_heads * c.head_dim, _fmt(f"layers.{i}.o_proj", lin))
 
     def forward(self, x: nn.Tensor, kv: PagedKVCache, layer_id: int) -> nn.Tensor:
         c = self.c
         s = x.shape[1]
-        qkv = _linear(x, self.qkv_weight, self.qkv_bias)
+        if hasattr(self, "qkv_weight"):
+            qkv = _linear(x, self.qkv_weight, self.qkv_bias)
+        else:
+            qkv = op.concat([_linear(x, self.q_weight), _linear(x, self.k_weight), _linear(x, self.v_weight)],
+                            dim=-1)
+            qkv = qkv + self.qkv_bias.astype(ACT_DTYPE) if self.qkv_bias is not None else qkv
         qkv = op.reshape(qkv, (1, s, c.num_heads + 2 * c.num_kv_heads, c.head_dim))
         o = kv.attention_with_fused_qkv(layer_id, qkv, c.num_heads, sm_scale=c.head_dim ** -0.5)
         return _linear(op.reshape(o, (1, s, c.num_heads * c.head_dim)), self.o_weight)
@@ -107,14 +128,22 @@ class FFN(nn.Module):
     not fire (``|silu(g)| <= threshold``, a per-layer parameter; 0 = exact) in one fused kernel; prefill is
     always dense and exact."""
 
-    def __init__(self, c: ArchConfig) -> None:
+    def __init__(self, c: ArchConfig, i: int) -> None:
         self.kind = c.ffn_kind
         self.d, self.d_ff = c.hidden_size, c.intermediate_size
-        self.gate_up_weight = _packed_param(2 * c.intermediate_size, c.hidden_size, _QUANT["linear"])
-        self.down_weight = _packed_param(c.hidden_size, c.intermediate_size, _QUANT["linear"])
-        self.threshold = nn.Parameter((1,), ACT_DTYPE) if _QUANT["linear"] else None
+        lin = _QUANT["linear"]
+        fg, fu = _fmt(f"layers.{i}.gate_proj", lin), _fmt(f"layers.{i}.up_proj", lin)
+        if fg == fu:
+            self.gate_up_weight = _packed_param(2 * c.intermediate_size, c.hidden_size, fg)
+        else:  # formats differ: two matrices, dense decode
+            self.gate_weight = _packed_param(c.intermediate_size, c.hidden_size, fg)
+            self.up_weight = _packed_param(c.intermediate_size, c.hidden_size, fu)
+        self.down_weight = _packed_param(c.hidden_size, c.intermediate_size, _fmt(f"layers.{i}.down_proj", lin))
+        self.threshold = nn.Parameter((1,), ACT_DTYPE) if has_threshold(fg, fu) else None
 
     def forward(self, x: nn.Tensor) -> nn.Tensor:
+        if not hasattr(self, "gate_up_weight"):
+            return _linear(self._act(_linear(x, self.gate_weight), _linear(x, self.up_weight)), self.down_weight)
         fmt = getattr(self.gate_up_weight, "qfmt", None)
         if fmt is not None and isinstance(x.shape[1], int) and x.shape[1] == 1:
             h = op.tensor_ir_op(gate_up_act_quant(self.d, self.d_ff, fmt, self.kind),
@@ -123,21 +152,27 @@ class FFN(nn.Module):
                                 out=nn.Tensor.placeholder([1, 1, self.d_ff], ACT_DTYPE))
             return _linear(h, self.down_weight)
         g, u = op.split(_linear(x, self.gate_up_weight), 2, axis=-1)
+        return _linear(self._act(g, u), self.down_weight)
+
+    def _act(self, g: nn.Tensor, u: nn.Tensor) -> nn.Tensor:
         if self.kind == "swiglu":
-            h = op.silu(g) * u
-        elif self.kind == "reglu":
-            h = op.relu(g) * u
-        else:  # drelu
-            h = op.relu(g) * op.relu(u)
-        return _linear(h, self.down_weight)
+            return op.silu(g) * u
+        if self.kind == "reglu":
+            return op.relu(g) * u
+        return op.relu(g) * op.relu(u)  # drelu
+
+
+def has_threshold(gate_fmt: str | None, up_fmt: str | None) -> bool:
+    """Whether a layer's FFN has the thresholded sparse decode kernel (fused quantized gate/up)."""
+    return gate_fmt is not None and gate_fmt == up_fmt
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, c: ArchConfig) -> None:
+    def __init__(self, c: ArchConfig, i: int) -> None:
         self.attn_norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
-        self.attn = Attention(c)
+        self.attn = Attention(c, i)
         self.ffn_norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
-        self.ffn = FFN(c)
+        self.ffn = FFN(c, i)
 
     def forward(self, h: nn.Tensor, kv: PagedKVCache, layer_id: int) -> nn.Tensor:
         h = h + self.attn(self.attn_norm(h), kv, layer_id)
@@ -166,10 +201,11 @@ class DecoderModel(nn.Module):
     def __init__(self, c: ArchConfig, target) -> None:
         self.c = c
         self.target = target
-        self.embed = _packed_param(c.vocab_size, c.hidden_size, _QUANT["embed"])
-        self.layers = nn.ModuleList([DecoderLayer(c) for _ in range(c.num_layers)])
+        self.embed = _packed_param(c.vocab_size, c.hidden_size, _fmt("embed_tokens", _QUANT["embed"]))
+        self.layers = nn.ModuleList([DecoderLayer(c, i) for i in range(c.num_layers)])
         self.final_norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
-        self.lm_head = None if c.tie_embeddings else _packed_param(c.vocab_size, c.hidden_size, _QUANT["embed"])
+        self.lm_head = None if c.tie_embeddings else _packed_param(c.vocab_size, c.hidden_size,
+                                                                   _fmt("lm_head", _QUANT["embed"]))
 
     def _body(self, input_ids: nn.Tensor, kv: PagedKVCache) -> nn.Tensor:
         s = input_ids.shape[1]
@@ -225,24 +261,31 @@ class DecoderModel(nn.Module):
 
 def export_model(config: ArchConfig, target, kernels: str = "cpu",
                  functions: tuple[str, ...] = ("prefill", "decode", "create_paged_kv_cache"),
-                 quant: str | None = None) -> tuple[object, list[tuple[str, tuple, str]]]:
+                 quant: str | None = None,
+                 formats: dict[str, str | None] | None = None) -> tuple[object, list[tuple[str, tuple, str]]]:
     """Build the Relax IRModule; returns (module, [(param name, shape, dtype)] in packing order).
 
     ``kernels`` picks the flavour (see ``KERNELS``); ``functions`` the exported functions; ``quant`` (cpu
     kernels only) stores the projections in that GGML format and the embedding / LM head in ``q8_0``, and
-    adds a per-layer FFN activation threshold parameter (``layers.i.ffn.threshold``).
+    adds a per-layer FFN activation threshold parameter (``layers.i.ffn.threshold``) where gate and up share a
+    quantized format. ``quant="keep"`` takes each matrix's format from ``formats`` (ModelSpec names, see
+    :func:`xpuc.compiler.weight_formats.weight_formats`); Q/K/V, and gate/up, are fused where they agree.
     """
     if kernels not in KERNELS:
         raise ValueError(f"kernels must be one of {KERNELS}")
     if quant is not None and (quant not in QUANTIZATIONS or kernels != "cpu"):
         raise ValueError(f"quant must be one of {QUANTIZATIONS} (cpu kernels only)")
+    if (quant == "keep") != (formats is not None):
+        raise ValueError("formats go with quant='keep', and only with it")
     _FLAVOUR["value"] = kernels
-    _QUANT.update(linear=quant, embed=EMBED_QUANT if quant else None)
+    _QUANT.update(linear=None if quant == "keep" else quant, embed=EMBED_QUANT if quant else None)
+    _FORMATS.update(formats or {})
     try:
         model = DecoderModel(config, target)
     finally:
         _FLAVOUR["value"] = "cpu"
         _QUANT.update(linear=None, embed=None)
+        _FORMATS.clear()
     spec = {k: v for k, v in model.export_spec().items() if k in functions}
     mod, named_params = model.export_tvm(spec=spec)
     params = [(name, tuple(int(d) for d in p.shape), p.dtype) for name, p in named_params]
@@ -250,37 +293,57 @@ def export_model(config: ArchConfig, target, kernels: str = "cpu",
 
 
 def param_arrays(spec: ModelSpec, kernels: str = "cpu", quant: str | None = None,
-                 thresholds: list[float] | None = None) -> dict[str, np.ndarray]:
+                 thresholds: list[float] | None = None,
+                 formats: dict[str, str | None] | None = None) -> dict[str, np.ndarray]:
     """Relax parameter name -> array, from the ModelSpec: fp16 (matrices row-block packed for ``cpu``), or
-    with ``quant`` the matrices as GGML blocks (embedding / LM head ``q8_0``) and the FFN thresholds."""
+    with ``quant`` the matrices as GGML blocks (embedding / LM head ``q8_0``) and the FFN thresholds; with
+    ``quant="keep"`` each matrix in its format of ``formats``, a GGUF tensor's blocks copied as they are."""
     c, w = spec.config, spec.weights
+    lin = None if quant == "keep" else quant
+    fmts = formats or {}
 
-    def _packed(m: np.ndarray, fmt: str | None = quant) -> np.ndarray:
+    def fmt_of(name: str, default: str | None) -> str | None:
+        return fmts.get(name, default)
+
+    def _packed(names: list[str], fmt: str | None) -> np.ndarray:
         if fmt is not None:
-            return quantize_matrix(m, fmt)
-        m = m.astype(WEIGHT_DTYPE)
+            stored = [w.blocks(n) if hasattr(w, "blocks") else None for n in names] if quant == "keep" else [None]
+            if all(b is not None and b[1] == fmt for b in stored):
+                return interleave_rows(np.concatenate([b[0] for b in stored]), fmt, stored[0][0].shape[1]
+                                       // BLOCKS[fmt][1] * BLOCKS[fmt][0])
+            return quantize_matrix(np.concatenate([w[n] for n in names]), fmt)
+        m = np.concatenate([w[n] for n in names]).astype(WEIGHT_DTYPE)
         return pack_rows(m) if kernels == "cpu" else np.ascontiguousarray(m)
 
     embed_fmt = EMBED_QUANT if quant else None
-    out: dict[str, np.ndarray] = {"embed": _packed(w["embed_tokens"], embed_fmt),
+    out: dict[str, np.ndarray] = {"embed": _packed(["embed_tokens"], fmt_of("embed_tokens", embed_fmt)),
                                   "final_norm.weight": w["final_norm"].astype(WEIGHT_DTYPE)}
     if not c.tie_embeddings:
-        out["lm_head"] = _packed(w["lm_head"], embed_fmt)
-    if quant:
-        t = list(thresholds) if thresholds is not None else [0.0] * c.num_layers
-        if len(t) != c.num_layers:
-            raise ValueError(f"{len(t)} FFN thresholds for {c.num_layers} layers")
-        for i in range(c.num_layers):
-            out[f"layers.{i}.ffn.threshold"] = np.array([t[i]], np.float32)
+        out["lm_head"] = _packed(["lm_head"], fmt_of("lm_head", embed_fmt))
+    t = list(thresholds) if thresholds is not None else [0.0] * c.num_layers
+    if quant and len(t) != c.num_layers:
+        raise ValueError(f"{len(t)} FFN thresholds for {c.num_layers} layers")
     for i in range(c.num_layers):
         p, q = f"layers.{i}.", f"layers.{i}."
         out[q + "attn_norm.weight"] = w[p + "attn_norm"].astype(WEIGHT_DTYPE)
         out[q + "ffn_norm.weight"] = w[p + "ffn_norm"].astype(WEIGHT_DTYPE)
-        out[q + "attn.qkv_weight"] = _packed(np.concatenate([w[p + "q_proj"], w[p + "k_proj"], w[p + "v_proj"]]))
+        fq, fk, fv = (fmt_of(p + n + "_proj", lin) for n in "qkv")
+        if fq == fk == fv:
+            out[q + "attn.qkv_weight"] = _packed([p + "q_proj", p + "k_proj", p + "v_proj"], fq)
+        else:
+            for n, f in zip("qkv", (fq, fk, fv), strict=True):
+                out[q + f"attn.{n}_weight"] = _packed([p + n + "_proj"], f)
         if c.qkv_bias:
             out[q + "attn.qkv_bias"] = np.concatenate(
                 [w[p + "q_bias"], w[p + "k_bias"], w[p + "v_bias"]]).astype(WEIGHT_DTYPE)
-        out[q + "attn.o_weight"] = _packed(w[p + "o_proj"])
-        out[q + "ffn.gate_up_weight"] = _packed(np.concatenate([w[p + "gate_proj"], w[p + "up_proj"]]))
-        out[q + "ffn.down_weight"] = _packed(w[p + "down_proj"])
+        out[q + "attn.o_weight"] = _packed([p + "o_proj"], fmt_of(p + "o_proj", lin))
+        fg, fu = fmt_of(p + "gate_proj", lin), fmt_of(p + "up_proj", lin)
+        if fg == fu:
+            out[q + "ffn.gate_up_weight"] = _packed([p + "gate_proj", p + "up_proj"], fg)
+        else:
+            out[q + "ffn.gate_weight"] = _packed([p + "gate_proj"], fg)
+            out[q + "ffn.up_weight"] = _packed([p + "up_proj"], fu)
+        if has_threshold(fg, fu):
+            out[q + "ffn.threshold"] = np.array([t[i]], np.float32)
+        out[q + "ffn.down_weight"] = _packed([p + "down_proj"], fmt_of(p + "down_proj", lin))
     return out

@@ -44,9 +44,17 @@ class LazyWeights(Mapping):
     """Name -> float32 array, each produced (dequantized) only when asked for, never cached."""
 
     def __init__(self, loaders: dict[str, Callable[[], np.ndarray]],
-                 meta: dict[str, tuple[tuple[int, ...], str]] | None = None) -> None:
+                 meta: dict[str, tuple[tuple[int, ...], str]] | None = None,
+                 blocks: dict[str, Callable[[], tuple[np.ndarray, str]]] | None = None) -> None:
         self._loaders = loaders
         self.meta = meta or {}  # name -> (shape, stored dtype / quantization name)
+        self._blocks = blocks or {}  # name -> loader of (rows of GGML blocks, format), quantized GGUF tensors
+
+    def blocks(self, name: str) -> tuple[np.ndarray, str] | None:
+        """The tensor's rows of GGML blocks as the file stores them (uint8, (out, bytes per row)) and their
+        format (:data:`xpuc.schedules.quant_formats.BLOCKS`), or None when it is not stored in such a format."""
+        load = self._blocks.get(name)
+        return None if load is None else load()
 
     def __getitem__(self, name: str) -> np.ndarray:
         return np.ascontiguousarray(self._loaders[name](), dtype=np.float32)
