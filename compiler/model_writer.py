@@ -38,7 +38,9 @@ def gguf_name(canonical: str) -> str:
 
 
 def write_gguf(path: str | os.PathLike, config: ArchConfig, weights: Mapping[str, np.ndarray],
-               qtype: str = "F32", tokenizer: dict | None = None, extra: dict | None = None) -> Path:
+               qtype: str = "F32", tokenizer: dict | None = None, extra: dict | None = None,
+               tensor_types: Mapping[str, str] | None = None,
+               raw_blocks: Mapping[str, tuple[np.ndarray, str]] | None = None) -> Path:
     """Write a GGUF file.
 
     Parameters
@@ -46,6 +48,11 @@ def write_gguf(path: str | os.PathLike, config: ArchConfig, weights: Mapping[str
     qtype:
         GGML type name for 2-D weight matrices whose row length allows it (``F32``, ``F16``, ``Q8_0``,
         ``Q4_0``, ``Q4_1``, ``Q5_0`` …); norms and biases stay F32.
+    tensor_types:
+        Per-matrix GGML type (canonical names), overriding ``qtype``.
+    raw_blocks:
+        Matrices given as rows of GGML blocks and their type (canonical names, rows in the file's order): written
+        as they are, e.g. K-quant blocks, which the ``gguf`` package cannot quantize.
     tokenizer:
         ``{"tokens": [...], "merges": [...], "token_types": [...], "pre": str, "bos": int, "eos": int,
         "chat_template": str}`` or None for a file without a tokenizer.
@@ -83,10 +90,14 @@ def write_gguf(path: str | os.PathLike, config: ArchConfig, weights: Mapping[str
             w.add_eos_token_id(tokenizer["eos"])
         if tokenizer.get("chat_template"):
             w.add_chat_template(tokenizer["chat_template"])
-    q = gguf.GGMLQuantizationType[qtype]
-    block = gguf.GGML_QUANT_SIZES[q][0]
     permuted = arch in ("llama", "mistral")
     for name in config.weight_shapes():
+        if raw_blocks and name in raw_blocks:
+            rows, t = raw_blocks[name]
+            w.add_tensor(gguf_name(name), rows, raw_shape=rows.shape, raw_dtype=gguf.GGMLQuantizationType[t])
+            continue
+        q = gguf.GGMLQuantizationType[(tensor_types or {}).get(name, qtype)]
+        block = gguf.GGML_QUANT_SIZES[q][0]
         arr = np.asarray(weights[name], dtype=np.float32)
         local = name.split(".", 2)[-1]
         if permuted and local in ("q_proj", "q_bias"):
