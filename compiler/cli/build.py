@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from xpuc.compiler.build import compile_model, compile_onnx
+from xpuc.compiler.frontend_gguf import is_gguf
 from xpuc.compiler.zoo import resolve_model
 from xpuc.runtime.errors import XpucError
 
@@ -21,12 +22,14 @@ def cmd_compile(args: argparse.Namespace) -> int:
     if args.tuning_db:
         raise XpucError("--tuning-db applies to ONNX graphs (xpuc compile model.onnx --tuning-db DIR): a model "
                         "artifact's kernels are hand-scheduled TIR; `xpuc tune MODEL` tunes its dense prefill graph")
-    if args.ffn_stats and not args.quantize:
+    model = resolve_model(args.model)
+    quantize = args.quantize or ("keep" if is_gguf(model) else "fp16")  # a GGUF keeps its formats by default
+    if args.ffn_stats and quantize == "fp16":
         raise XpucError("--ffn-stats sets the thresholds of the quantized decode kernels; "
                         "add --quantize q4_0|q4_1|keep")
-    out = compile_model(resolve_model(args.model), args.output, device=args.device, force=args.force,
+    out = compile_model(model, args.output, device=args.device, force=args.force,
                         quiet=args.quiet, prefill_on=args.prefill_on, debug_dump=args.debug_dump,
-                        quantize=args.quantize, ffn_stats=args.ffn_stats)
+                        quantize=None if quantize == "fp16" else quantize, ffn_stats=args.ffn_stats)
     print(out)
     return 0
 
@@ -44,10 +47,10 @@ def add_parsers(sub) -> None:
     p.add_argument("--tuning-db", metavar="DIR", default=None, help="apply tuned schedules from `xpuc tune` (ONNX)")
     p.add_argument("--buckets", default=None, help="ONNX: sequence lengths that get a static copy of the graph "
                    "(with --tuning-db default: the database's)")
-    p.add_argument("--quantize", default=None, choices=["q4_0", "q4_1", "q8_0", "keep"],
-                   help="store the projections as GGML blocks (embedding/LM head q8_0; default: fp16); keep: "
-                        "a GGUF's matrices as the file stores them (q4_0 q4_1 q5_0 q8_0 q4_k q5_k q6_k; "
-                        "others converted to q8_0, and said so)")
+    p.add_argument("--quantize", default=None, choices=["keep", "fp16", "q4_0", "q4_1", "q8_0"],
+                   help="weights of the CPU module. keep (the default for a GGUF): every matrix as the file "
+                        "stores it (q4_0 q4_1 q5_0 q8_0 q4_k q5_k q6_k; others converted to q8_0, and said so); "
+                        "fp16 (the default otherwise); q4_0/q4_1/q8_0: re-quantized (embedding/LM head q8_0)")
     p.add_argument("--ffn-stats", metavar="PROFILE", default=None,
                    help="with --quantize: per-layer FFN thresholds from `xpuc profile --sparsity` (sparse decode)")
     p.set_defaults(fn=cmd_compile)

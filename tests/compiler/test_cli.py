@@ -24,7 +24,7 @@ def artifact(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("cli")
     cfg = tiny_config()
     model = write_gguf(d / "tiny.gguf", cfg, random_weights(cfg, 11), "Q8_0", tiny_tokenizer())
-    r = xpuc("compile", str(model), "-o", str(d / "art"), "--device", "host")
+    r = xpuc("compile", str(model), "-o", str(d / "art"), "--device", "host", "--quantize", "fp16")
     assert r.returncode == 0, r.stderr
     assert "[6/6]" in r.stderr  # progress shown
     return d / "art"
@@ -238,8 +238,18 @@ def test_compile_quantized_runs_and_records_its_format(tmp_path, artifact):
     a = json.loads(xpuc("run", str(tmp_path / "q"), "--prompt", "hello world", "--max-tokens", "4", "--json").stdout)
     assert 1 <= len(a["tokens"]) <= 4
     assert_clean_error(xpuc("compile", str(artifact.parent / "tiny.gguf"), "-o", str(tmp_path / "x"),
-                            "--ffn-stats", "p.json"), "add --quantize")
+                            "--quantize", "fp16", "--ffn-stats", "p.json"), "add --quantize")
     assert not (tmp_path / "x").exists()
+
+
+def test_compile_keeps_a_ggufs_formats_by_default(tmp_path, artifact):
+    r = xpuc("compile", str(artifact.parent / "tiny.gguf"), "-o", str(tmp_path / "k"))
+    assert r.returncode == 0, r.stderr
+    assert "weights: kept q8_0 x" in r.stderr + r.stdout and "copying the GGUF's weight blocks" in r.stderr
+    info = json.loads((tmp_path / "k" / "manifest.json").read_text())["modules"][0]["info"]
+    assert info["weights"].startswith("kept q8_0 x")
+    a = json.loads(xpuc("run", str(tmp_path / "k"), "--prompt", "hello world", "--max-tokens", "4", "--json").stdout)
+    assert 1 <= len(a["tokens"]) <= 4
 
 
 def test_chat_template_from_model_file_cannot_run_commands(tmp_path):
