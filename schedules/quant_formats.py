@@ -134,12 +134,12 @@ def element(fmt: str):
                     + _half_float(w, g, sb, r, 2))
     elif fmt == "q5_0":
         def elem(w, g, sb, j, r, half, l):
-            low = _bits(w, g, sb, r, 6 + l, half * 4, 15)
-            qh = (T.Cast("uint32", w[g, sb, r, 2]) | T.shift_left(T.Cast("uint32", w[g, sb, r, 3]), T.uint32(8))
-                  | T.shift_left(T.Cast("uint32", w[g, sb, r, 4]), T.uint32(16))
-                  | T.shift_left(T.Cast("uint32", w[g, sb, r, 5]), T.uint32(24)))  # lane-invariant word
-            high = T.Cast("uint8", T.shift_right(qh, T.Cast("uint32", half * 16 + l)) & T.uint32(1))
-            q = T.Cast("float32", low | T.shift_left(high, T.uint8(4)))
+            low = T.Cast("int32", _bits(w, g, sb, r, 6 + l, half * 4, 15))
+            qh = (T.Cast("int32", w[g, sb, r, 2]) | T.shift_left(T.Cast("int32", w[g, sb, r, 3]), 8)
+                  | T.shift_left(T.Cast("int32", w[g, sb, r, 4]), 16)
+                  | T.shift_left(T.Cast("int32", w[g, sb, r, 5]), 24))  # lane-invariant word, 32-bit lanes
+            high = T.shift_left(T.shift_right(qh, half * 16 + l) & 1, 4)
+            q = T.Cast("float32", low | high)
             return (q - T.float32(16)) * _half_float(w, g, sb, r, 0)
     elif fmt in ("q4_k", "q5_k"):
         ql_at = 16 if fmt == "q4_k" else 48
