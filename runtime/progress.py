@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import sys
+import threading
 import time
 
 _open_line = False
+# Set by the CLI's SIGINT handler. A KeyboardInterrupt raised inside a library's callback can be turned into
+# that library's own error and swallowed on the way out (TVM's passes); the next step then stops instead.
+INTERRUPT = threading.Event()
 
 
 def end_open_line() -> None:
@@ -25,6 +29,8 @@ class Steps:
 
     def start(self, label: str) -> None:
         global _open_line
+        if INTERRUPT.is_set():
+            raise KeyboardInterrupt
         self.i += 1
         self._t0 = time.perf_counter()
         if not self.quiet:

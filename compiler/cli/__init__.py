@@ -16,7 +16,7 @@ from xpuc.compiler.cli import run as _run
 from xpuc.compiler.cli import tune as _tune
 from xpuc.compiler.cli.args import POSITIVE, XpucArgumentParser
 from xpuc.runtime.errors import XpucError
-from xpuc.runtime.progress import end_open_line
+from xpuc.runtime.progress import INTERRUPT, end_open_line
 from xpuc.runtime.threads import configure_tvm_threads
 
 EPILOG = """examples:
@@ -84,13 +84,19 @@ def _watch_interrupts():
 
     def on_sigint(signum, frame):
         seen.append(signum)
+        INTERRUPT.set()  # honoured at the next progress step even if this KeyboardInterrupt gets swallowed
         raise KeyboardInterrupt
 
     try:
         previous = signal.signal(signal.SIGINT, on_sigint)
     except ValueError:  # not the main thread (an embedding application): keep its handler
         return (lambda: False), (lambda: None)
-    return (lambda: bool(seen)), (lambda: signal.signal(signal.SIGINT, previous))
+
+    def restore() -> None:
+        signal.signal(signal.SIGINT, previous)
+        INTERRUPT.clear()
+
+    return (lambda: bool(seen)), restore
 
 
 def _interrupted() -> int:
