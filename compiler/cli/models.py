@@ -170,6 +170,10 @@ def _inspect_model(path: Path, as_json: bool) -> int:
     for _, _, d in rows:
         kinds[d] = kinds.get(d, 0) + 1
     print("dtypes     " + ", ".join(f"{k}: {v}" for k, v in sorted(kinds.items())))
+    if spec.source_format == "gguf" and not c.is_moe:
+        from xpuc.compiler.weight_formats import weight_formats
+
+        print(f"compile    matrices {weight_formats(spec).summary()}")
     for n, s, d in rows[:12] + ([("…", [], "")] if len(rows) > 12 else []):
         print(f"  {n:32s} {str(tuple(s)):18s} {d}")
     return 0

@@ -65,6 +65,7 @@ def test_inspect_artifact_and_model(artifact):
     assert m["format"] == "xpuc-artifact" and m["versions"]["tvm"]
     r = xpuc("inspect", str(artifact.parent / "tiny.gguf"))
     assert r.returncode == 0 and "Q8_0" in r.stdout and "num_layers" in r.stdout
+    assert "compile    matrices kept q8_0 x" in r.stdout  # what `xpuc compile` will keep
 
 
 # ---- bad input -------------------------------------------------------------------------------------------
