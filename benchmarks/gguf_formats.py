@@ -41,9 +41,7 @@ def compile_art(gguf: Path, config: str, work: Path) -> Path:
 def xpuc_bench(art: Path, p: int, n: int, r: int, out: Path) -> dict:
     subprocess.run([*XPUC, "bench", str(art), "-p", str(p), "-n", str(n), "-r", str(r), "-o", str(out)],
                    check=True, stdout=subprocess.DEVNULL)
-    data = json.loads(out.read_text())
-    tests = data.get("tests", data.get("results", []))
-    return {t["test"]: t["avg_ts"] for t in tests}
+    return {t["test"]: t["avg_ts"] for t in json.loads(out.read_text())["tests"]}
 
 
 def llama_bench(bin_dir: Path, gguf: Path, p: int, n: int, r: int, threads: int) -> dict:

@@ -32,7 +32,6 @@ from xpuc.schedules.linear_quant import (
     quantize_matrix,
     quantized_shape,
 )
-from xpuc.schedules.quant_formats import BLOCKS
 
 WEIGHT_DTYPE = "float16"
 ACT_DTYPE = "float32"
@@ -307,10 +306,10 @@ def param_arrays(spec: ModelSpec, kernels: str = "cpu", quant: str | None = None
 
     def _packed(names: list[str], fmt: str | None) -> np.ndarray:
         if fmt is not None:
-            stored = [w.blocks(n) if hasattr(w, "blocks") else None for n in names] if quant == "keep" else [None]
-            if all(b is not None and b[1] == fmt for b in stored):
-                return interleave_rows(np.concatenate([b[0] for b in stored]), fmt, stored[0][0].shape[1]
-                                       // BLOCKS[fmt][1] * BLOCKS[fmt][0])
+            stored = [w.blocks(n) for n in names] if quant == "keep" else []
+            if stored and all(b is not None and b[1] == fmt for b in stored):  # the file's blocks, as they are
+                in_f = w.meta[names[0]][0][1]
+                return interleave_rows(np.concatenate([b[0] for b in stored]), fmt, in_f)
             return quantize_matrix(np.concatenate([w[n] for n in names]), fmt)
         m = np.concatenate([w[n] for n in names]).astype(WEIGHT_DTYPE)
         return pack_rows(m) if kernels == "cpu" else np.ascontiguousarray(m)

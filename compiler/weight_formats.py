@@ -14,7 +14,7 @@ from xpuc.compiler.spec import ModelSpec
 from xpuc.runtime.errors import XpucError
 from xpuc.schedules.quant_formats import BLOCKS, GGUF_FORMATS
 
-FLOAT_TYPES = ("F32", "F16", "BF16", "float32", "float16", "bfloat16")
+FLOAT_TYPES = ("F32", "F16", "BF16")  # GGUF float types: kept as float16
 CONVERT_TO = "q8_0"
 
 
