@@ -9,8 +9,9 @@ from pathlib import Path
 
 import numpy as np
 
-from xpuc.compiler.frontend_onnx import import_onnx, read_onnx
+from xpuc.compiler.frontend_onnx import check_model, import_onnx, read_onnx
 from xpuc.compiler.frontends import load_model
+from xpuc.compiler.onnx_prepare import graph_inputs, input_dims, prepare_graph
 from xpuc.runtime.artifact import MANIFEST, Manifest, ModuleEntry, sha256_file, staged_directory, versions
 from xpuc.runtime.errors import XpucError
 from xpuc.runtime.formats.profile_stats import ProfileStats
@@ -233,8 +234,12 @@ GRAPH_LIB_FILE = "graph.so"
 
 def compile_onnx(model: str | os.PathLike, output: str | os.PathLike, device: str = "host", force: bool = False,
                  quiet: bool = False, prefill_on: str = "auto", debug_dump: str | os.PathLike | None = None,
-                 tuning_db: str | os.PathLike | None = None, buckets: tuple[int, ...] | None = None) -> Path:
-    """Compile an ONNX graph (weights embedded) for the device's CPU, GPU or NPU into an artifact directory.
+                 tuning_db: str | os.PathLike | None = None, buckets: tuple[int, ...] | None = None,
+                 input_shapes: dict[str, tuple[int, ...]] | None = None, simplify: bool = True) -> Path:
+    """Compile an ONNX graph for the device's CPU, GPU or NPU into an artifact directory.
+
+    The graph is first prepared (:func:`~xpuc.compiler.onnx_prepare.prepare_graph`): ``input_shapes`` fix
+    input dims, and with ``simplify`` onnxslim infers shapes and folds constants.
 
     With ``tuning_db`` (a directory from ``xpuc tune``) the graph also gets a static copy per sequence
     bucket (the database's buckets unless ``buckets`` is given) whose kernels take their tuned schedules;
@@ -252,13 +257,22 @@ def compile_onnx(model: str | os.PathLike, output: str | os.PathLike, device: st
     steps = Steps(3, quiet)
     steps.start(f"importing {model}")
     proto = read_onnx(model)
-    mod = import_onnx(proto, str(model))
-    inputs = [{"name": i.name, "dtype": int(i.type.tensor_type.elem_type),
-               "shape": [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim]}
-              for i in proto.graph.input if i.name not in {t.name for t in proto.graph.initializer}]
-    outputs = [{"name": o.name, "shape": [d.dim_param or d.dim_value for d in o.type.tensor_type.shape.dim]}
-               for o in proto.graph.output]
-    steps.done(f"{len(proto.graph.node)} nodes")
+    check_model(proto, str(model), ops=False)  # operators are checked after folding, by import_onnx
+    proto, prepared = prepare_graph(proto, input_shapes, str(model), simplify)
+    inputs = [{"name": i.name, "dtype": int(i.type.tensor_type.elem_type), "shape": input_dims(i)}
+              for i in graph_inputs(proto)]
+    outputs = [{"name": o.name, "shape": input_dims(o)} for o in proto.graph.output]
+    symbolic = sorted({d for i in inputs for d in i["shape"] if isinstance(d, str)})
+    try:
+        mod = import_onnx(proto, str(model))
+    except XpucError as e:
+        if symbolic and "cannot import" in str(e):
+            raise XpucError(f"{e}; fix the symbolic dims ({', '.join(symbolic)}) with --input-shape NAME=DIMS") \
+                from None
+        raise
+    steps.done(f"{prepared['nodes_in']} nodes" + (f", {prepared['nodes_out']} after {prepared['simplified_by']}"
+                                                  if "simplified_by" in prepared else "")
+               + (f"; symbolic dims {', '.join(symbolic)}" if symbolic else ""))
     target = {"gpu": profile.gpu_target, "npu": profile.npu_target}.get(where, profile.cpu_target)()
     hexagon = target.kind.name == "hexagon"
     if hexagon:
@@ -272,7 +286,13 @@ def compile_onnx(model: str | os.PathLike, output: str | os.PathLike, device: st
         tuning, buckets, tuned_info = _open_tuning(tuning_db, target, buckets)
     with staged_directory(output, force) as tmp:
         steps.start(f"compiling for {target.kind.name} ({'hexagon' if hexagon else profile.mtriple})")
-        lowered = lower(mod, target, Path(debug_dump) if debug_dump else None, "graph", buckets or (), tuning)
+        try:
+            lowered = lower(mod, target, Path(debug_dump) if debug_dump else None, "graph", buckets or (), tuning)
+        except Exception as e:  # TVM's passes reject some graphs (mostly symbolic shapes) with assertions
+            msg = (str(e).strip().splitlines() or [""])[-1]
+            hint = (f"; fix the symbolic dims ({', '.join(symbolic)}) with --input-shape NAME=DIMS" if symbolic
+                    else "")
+            raise XpucError(f"{model}: TVM cannot lower this graph ({type(e).__name__}: {msg[:160]}){hint}") from None
         report = tuning_report(lowered)
         if report is not None:
             if report["from_database"] == 0 and report["kept_default"] == 0:
@@ -294,7 +314,7 @@ def compile_onnx(model: str | os.PathLike, output: str | os.PathLike, device: st
         src = Path(model)
         manifest = Manifest(
             versions=versions(), device=profile.summary(), config={},
-            source={"path": str(src.resolve()), "format": "onnx", "sha256": sha256_file(src)},
+            source={"path": str(src.resolve()), "format": "onnx", "sha256": sha256_file(src), "prepared": prepared},
             modules=[ModuleEntry(name="graph", file=GRAPH_LIB_FILE, role="graph", target=str(target),
                                  mtriple="hexagon" if hexagon else profile.mtriple,
                                  toolchain=linker, kernels=kernels,

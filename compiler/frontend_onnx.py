@@ -59,8 +59,9 @@ def read_onnx(path: str | os.PathLike):
     return model
 
 
-def check_model(model, where: str = "model") -> None:
-    """Run the ONNX checker and the operator-support check; raise XpucError listing every problem."""
+def check_model(model, where: str = "model", ops: bool = True) -> None:
+    """Run the ONNX checker and (with ``ops``) the operator-support check; raise XpucError listing every
+    problem. Operators of other domains (``ai.onnx.ml``, vendor ops) are listed with their domain."""
     import onnx
 
     try:
@@ -68,8 +69,11 @@ def check_model(model, where: str = "model") -> None:
     except onnx.checker.ValidationError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else "invalid"
         raise XpucError(f"{where}: malformed ONNX graph ({first})") from None
-    ops = {n.op_type for n in model.graph.node if n.domain in ("", "ai.onnx")}
-    missing = sorted(ops - supported_ops())
+    if not ops:
+        return
+    known = supported_ops()
+    missing = sorted({n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}.{n.op_type}"
+                      for n in model.graph.node if n.domain not in ("", "ai.onnx") or n.op_type not in known})
     if missing:
         raise XpucError(f"{where}: unsupported ONNX operators: {', '.join(missing)}")
 

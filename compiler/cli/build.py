@@ -6,6 +6,7 @@ import argparse
 
 from xpuc.compiler.build import compile_model, compile_onnx
 from xpuc.compiler.frontend_gguf import is_gguf
+from xpuc.compiler.onnx_prepare import parse_input_shapes
 from xpuc.compiler.zoo import resolve_model
 from xpuc.runtime.errors import XpucError
 
@@ -17,8 +18,11 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
         print(compile_onnx(args.model, args.output, device=args.device, force=args.force, quiet=args.quiet,
                            prefill_on=args.prefill_on, debug_dump=args.debug_dump, tuning_db=args.tuning_db,
-                           buckets=parse_buckets(args.buckets) if args.buckets else None))
+                           buckets=parse_buckets(args.buckets) if args.buckets else None,
+                           input_shapes=parse_input_shapes(args.input_shape), simplify=not args.no_simplify))
         return 0
+    if args.input_shape or args.no_simplify:
+        raise XpucError("--input-shape and --no-simplify apply to ONNX graphs (xpuc compile model.onnx ...)")
     if args.tuning_db:
         raise XpucError("--tuning-db applies to ONNX graphs (xpuc compile model.onnx --tuning-db DIR): a model "
                         "artifact's kernels are hand-scheduled TIR; `xpuc tune MODEL` tunes its dense prefill graph")
@@ -47,6 +51,10 @@ def add_parsers(sub) -> None:
     p.add_argument("--tuning-db", metavar="DIR", default=None, help="apply tuned schedules from `xpuc tune` (ONNX)")
     p.add_argument("--buckets", default=None, help="ONNX: sequence lengths that get a static copy of the graph "
                    "(with --tuning-db default: the database's)")
+    p.add_argument("--input-shape", metavar="NAME=DIMS", action="append", default=None,
+                   help="ONNX: fix an input's dims, e.g. x=1,3,48,320 (repeatable); computed shapes then fold")
+    p.add_argument("--no-simplify", action="store_true",
+                   help="ONNX: import the graph as is (no onnxslim shape inference / constant folding)")
     p.add_argument("--quantize", default=None, choices=["keep", "fp16", "q4_0", "q4_1", "q8_0"],
                    help="weights of the CPU module. keep (the default for a GGUF): every matrix as the file "
                         "stores it (q4_0 q4_1 q5_0 q8_0 q4_k q5_k q6_k; others converted to q8_0, and said so); "

@@ -1,0 +1,146 @@
+"""Graphs as exporters ship them: computed shapes, anonymous dims, constant-condition ``If`` and foreign
+domains, through ``prepare_graph`` and ``xpuc compile`` against onnxruntime."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from xpuc.compiler.onnx_prepare import fix_input_shapes, input_dims, parse_input_shapes, prepare_graph
+from xpuc.runtime.errors import XpucError
+
+
+def _computed_reshape(dims=("", 4, 6)):
+    """y = Reshape(x, [Shape(x)[0], -1]) * 2: the new shape is computed in the graph, as exporters write it."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [d if d != "" else None for d in dims])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, None])
+    inits = [numpy_helper.from_array(np.array([0], np.int64), "zero"),
+             numpy_helper.from_array(np.array([-1], np.int64), "minus1"),
+             numpy_helper.from_array(np.array(2.0, np.float32), "two")]
+    nodes = [helper.make_node("Shape", ["x"], ["s"]), helper.make_node("Gather", ["s", "zero"], ["n"], axis=0),
+             helper.make_node("Concat", ["n", "minus1"], ["shape"], axis=0),
+             helper.make_node("Reshape", ["x", "shape"], ["r"]), helper.make_node("Mul", ["r", "two"], ["y"])]
+    g = helper.make_graph(nodes, "g", [x], [y], initializer=inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _save(model, path):
+    import onnx
+
+    onnx.save(model, str(path))
+    return path
+
+
+def _xpuc(*args):
+    return subprocess.run([sys.executable, "-m", "xpuc.compiler.cli", *map(str, args)], capture_output=True, text=True)
+
+
+def test_parse_input_shapes():
+    assert parse_input_shapes(["x=1,3,48,320", "mask=1x12", "s="]) == {"x": (1, 3, 48, 320), "mask": (1, 12),
+                                                                        "s": ()}
+    for bad in ("x", "=1,2", "x=1,a", "x=0,3", "x=-1"):
+        with pytest.raises(XpucError, match="--input-shape"):
+            parse_input_shapes([bad])
+    with pytest.raises(XpucError, match="given twice"):
+        parse_input_shapes(["x=1", "x=2"])
+
+
+def test_fix_input_shapes_names_anonymous_dims_and_checks_overrides():
+    m = fix_input_shapes(_computed_reshape(), {})
+    assert input_dims(m.graph.input[0]) == ["x_d0", 4, 6]
+    m = fix_input_shapes(_computed_reshape(), {"x": (3, 4, 6)})
+    assert input_dims(m.graph.input[0]) == [3, 4, 6]
+    with pytest.raises(XpucError, match="does not take.*its inputs: x"):
+        fix_input_shapes(_computed_reshape(), {"img": (1, 4, 6)})
+    with pytest.raises(XpucError, match="3 dims \\[\\?, 4, 6\\]; --input-shape gives 2"):
+        fix_input_shapes(_computed_reshape(), {"x": (3, 4)})
+    with pytest.raises(XpucError, match="dim 1 is fixed at 4"):
+        fix_input_shapes(_computed_reshape(), {"x": (3, 5, 6)})
+
+
+def test_prepare_folds_a_computed_shape_and_records_it():
+    prepared, record = prepare_graph(_computed_reshape(), {"x": (3, 4, 6)})
+    ops = [n.op_type for n in prepared.graph.node]
+    assert "Shape" not in ops and "Reshape" in ops
+    assert record["input_shapes"] == {"x": [3, 4, 6]} and record["nodes_in"] == 5
+    assert record["nodes_out"] == len(ops) and record["simplified_by"].startswith("onnxslim ")
+    _, plain = prepare_graph(_computed_reshape(), {"x": (3, 4, 6)}, simplify=False)
+    assert "simplified_by" not in plain and plain["nodes_out"] == 5
+
+
+def test_computed_shape_graph_compiles_with_input_shape_and_matches_onnxruntime(tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    path = _save(_computed_reshape(), tmp_path / "g.onnx")
+    r = _xpuc("compile", path, "--no-simplify", "-o", tmp_path / "bad")  # the converter needs a constant shape
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert "cannot import" in r.stderr and "symbolic dims (x_d0) with --input-shape" in r.stderr, r.stderr
+    assert not (tmp_path / "bad").exists()
+    r = _xpuc("compile", path, "--input-shape", "x=3,4,6", "-o", tmp_path / "art")
+    assert r.returncode == 0, r.stderr
+    x = np.random.default_rng(0).standard_normal((3, 4, 6)).astype(np.float32)
+    np.savez(tmp_path / "in.npz", x=x)
+    r = _xpuc("run", tmp_path / "art", "--inputs", tmp_path / "in.npz", "--output", tmp_path / "out.npz")
+    assert r.returncode == 0, r.stderr
+    want = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    got = np.load(tmp_path / "out.npz")["y"]
+    assert got.shape == (3, 24)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    from xpuc.runtime.artifact import read_manifest
+
+    prepared = read_manifest(tmp_path / "art").source["prepared"]
+    assert prepared["input_shapes"] == {"x": [3, 4, 6]} and prepared["nodes_out"] < prepared["nodes_in"]
+
+
+def test_computed_shape_over_a_symbolic_dim_folds_and_keeps_the_dim(tmp_path):
+    from xpuc.compiler.build import compile_onnx
+    from xpuc.runtime.graph import GraphRunner
+
+    runner = GraphRunner(compile_onnx(_save(_computed_reshape(), tmp_path / "g.onnx"), tmp_path / "a", quiet=True))
+    assert runner.manifest.io["inputs"][0]["shape"] == ["x_d0", 4, 6]
+    for n in (1, 5):
+        x = np.random.default_rng(n).standard_normal((n, 4, 6)).astype(np.float32)
+        np.testing.assert_allclose(runner(x)[0], 2 * x.reshape(n, 24), rtol=1e-6)
+
+
+def _if_on_rank(rows):
+    """y = Relu(x) if rank(x) == 2 else Neg(x): a condition computed from the input's shape."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [rows, 4])
+    out = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [rows, 4]) for n in ("y", "t", "e")]
+    then_g = helper.make_graph([helper.make_node("Relu", ["x"], ["t"])], "then", [], [out[1]])
+    else_g = helper.make_graph([helper.make_node("Neg", ["x"], ["e"])], "else", [], [out[2]])
+    nodes = [helper.make_node("Shape", ["x"], ["s"]), helper.make_node("Size", ["s"], ["r"]),
+             helper.make_node("Equal", ["r", "two"], ["c"]),
+             helper.make_node("If", ["c"], ["y"], then_branch=then_g, else_branch=else_g)]
+    g = helper.make_graph(nodes, "g", [x], [out[0]], initializer=[numpy_helper.from_array(np.array(2, np.int64),
+                                                                                          "two")])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_if_with_a_condition_known_at_compile_time_is_folded(tmp_path):
+    from xpuc.compiler.build import compile_onnx
+    from xpuc.runtime.graph import GraphRunner
+
+    with pytest.raises(XpucError, match="unsupported ONNX operators: If"):
+        compile_onnx(_save(_if_on_rank("n"), tmp_path / "dyn.onnx"), tmp_path / "a", quiet=True)
+    runner = GraphRunner(compile_onnx(_save(_if_on_rank("n"), tmp_path / "dyn.onnx"), tmp_path / "b", quiet=True,
+                                      input_shapes={"x": (3, 4)}))
+    x = np.random.default_rng(1).standard_normal((3, 4)).astype(np.float32)
+    np.testing.assert_array_equal(runner(x)[0], np.maximum(x, 0))
+
+
+def test_operators_of_other_domains_are_named_with_their_domain(tmp_path):
+    from xpuc.compiler.build import compile_onnx
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])
+    nodes = [helper.make_node("Scaler", ["x"], ["a"], domain="ai.onnx.ml", offset=[0.0] * 3, scale=[2.0] * 3),
+             helper.make_node("Relu", ["a"], ["y"])]
+    m = helper.make_model(helper.make_graph(nodes, "g", [x], [y]),
+                          opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("ai.onnx.ml", 3)])
+    with pytest.raises(XpucError, match="unsupported ONNX operators: ai.onnx.ml.Scaler$"):
+        compile_onnx(_save(m, tmp_path / "ml.onnx"), tmp_path / "a", quiet=True)
+    assert not (tmp_path / "a").exists()
