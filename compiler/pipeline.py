@@ -8,6 +8,8 @@ phase       cpu                                          gpu
 dispatch    DispatchSampling, DispatchSortScan           (none)
 specialize  SpecializeSequenceBuckets (only with         same
             tuning buckets: static copies of ``main``)
+conv        ConvToMatmul (dense NCHW conv2d with   (none)
+            constant weights -> im2col + matmul)
 fastmath    FastMathTransform (softmax, exp, tanh, erf   (none)
             with polynomial approximations that
             vectorize; max rel. error ~1e-7)
@@ -39,6 +41,7 @@ import tvm
 from tvm import relax
 
 from xpuc.compiler.passes.apply_gpu_schedules import ApplyGPUSchedules
+from xpuc.compiler.passes.conv_to_matmul import ConvToMatmul
 from xpuc.compiler.passes.pack_matmul_weights import PackMatmulWeights
 from xpuc.compiler.passes.schedule_cpu_matmul import ScheduleCPUMatmul
 from xpuc.compiler.passes.schedule_cpu_rows import ScheduleCPURows
@@ -46,7 +49,7 @@ from xpuc.compiler.passes.specialize_buckets import SpecializeSequenceBuckets
 
 #: Version of the CPU default schedule (fastmath + packed weights + ScheduleCPUMatmul + ScheduleCPURows). A
 #: tuning database records it next to each default latency it measured; a change makes those latencies stale.
-DEFAULT_CPU_SCHEDULE = "3"
+DEFAULT_CPU_SCHEDULE = "4"
 
 
 def default_cpu_schedule(target: tvm.target.Target) -> tvm.transform.Pass:
@@ -86,6 +89,7 @@ def phases(target: tvm.target.Target, buckets: tuple[int, ...] = (),
     return [
         ("dispatch", tvm.transform.Sequential([relax.backend.DispatchSampling(), relax.backend.DispatchSortScan()])),
         *special,  # before packing: each static copy gets kernels of its own shapes
+        ("conv", ConvToMatmul()),
         ("fastmath", relax.transform.FastMathTransform()),
         ("pack", PackMatmulWeights(panel=4 * simd_lanes(target))),
         ("legalize", relax.transform.LegalizeOps()),

@@ -3,10 +3,10 @@
 TVM 0.27's CPU pipeline schedules nothing and dlight has no CPU matmul rule, so an imported graph's
 ``matmul`` blocks (ONNX MatMul/Gemm, attention's batched matmuls, with fused epilogues such as a bias add or
 SiLU) run as scalar loop nests. For every PrimFunc with a block named ``matmul`` whose iterators are
-spatial except the last (the reduction) and whose column extent is a multiple of the SIMD width or symbolic,
-this pass applies:
+spatial except the last (the reduction) and this pass applies:
 
-* padding (``pad_einsum``) of a symbolic column axis (attention's ``q @ k^T`` over the sequence) to a
+* padding (``pad_einsum``) of a symbolic column axis (attention's ``q @ k^T`` over the sequence), or of a
+  static one that is not a multiple of the SIMD width (a convolution's pixels, a 6,625-class head), to a
   multiple of the tile width: the tiles vectorize without bounds checks, the padded copy of the right operand
   and the copy back carry them (symbolic or ragged rows keep one bounds check per row of a tile: padding them
   too was measured no faster, and packed-weight matmuls are not einsums ``pad_einsum`` accepts);
@@ -58,12 +58,14 @@ def schedule_matmul(func: tirx.PrimFunc, rows: int = 8, lanes: int = 16, kstep: 
         return None
     n_rows = static_extent(iv[-3].dom.extent)
     n_cols = static_extent(iv[-2].dom.extent)
-    if n_cols is not None and n_cols % lanes:
-        return None
-    tile = 4 * lanes if n_cols is not None and n_cols % (4 * lanes) == 0 else 2 * lanes \
-        if n_cols is None or n_cols % (2 * lanes) == 0 else lanes
+    ragged = n_cols is not None and n_cols % lanes != 0
+    if ragged:
+        tile = 4 * lanes if n_cols >= 4 * lanes else lanes
+    else:
+        tile = 4 * lanes if n_cols is not None and n_cols % (4 * lanes) == 0 else 2 * lanes \
+            if n_cols is None or n_cols % (2 * lanes) == 0 else lanes
     pad_rows = rows if PAD_ROWS and (n_rows is None or n_rows % rows) else 1
-    pad_cols = tile if n_cols is None else 1
+    pad_cols = tile if n_cols is None or ragged else 1
     if pad_rows > 1 or pad_cols > 1:
         # symbolic columns (attention's ``q @ k^T``): the kernel computes a padded tile grid that vectorizes;
         # the copy back to the real output (and any epilogue) carries the bounds check instead
@@ -78,7 +80,7 @@ def schedule_matmul(func: tirx.PrimFunc, rows: int = 8, lanes: int = 16, kstep: 
     n_k = static_extent(sch.get(k).extent)
     ksplit = n_k is not None and n_k % kstep == 0 and kstep > 1
     ko, ki = sch.split(k, [None, kstep]) if ksplit else (k, None)
-    n_panels = n_cols // tile if n_cols is not None else 0
+    n_panels = -(-n_cols // tile) if n_cols is not None else 0
     if not outer and n_panels >= panels_per_thread * threads:
         # column panels outermost and parallel: each thread keeps its weight panel in cache for all row tiles
         sch.reorder(jo, io, ko, ii, *([ki] if ki is not None else []), ji)
