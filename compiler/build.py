@@ -259,6 +259,9 @@ def compile_onnx(model: str | os.PathLike, output: str | os.PathLike, device: st
     proto = read_onnx(model)
     check_model(proto, str(model), ops=False)  # operators are checked after folding, by import_onnx
     proto, prepared = prepare_graph(proto, input_shapes, str(model), simplify)
+    if "not_simplified" in prepared and simplify and not quiet:
+        print(f"xpuc: warning: {model}: imported without simplification ({prepared['not_simplified']})",
+              file=sys.stderr)
     inputs = [{"name": i.name, "dtype": int(i.type.tensor_type.elem_type), "shape": input_dims(i)}
               for i in graph_inputs(proto)]
     outputs = [{"name": o.name, "shape": input_dims(o)} for o in proto.graph.output]

@@ -101,30 +101,44 @@ def fix_input_shapes(model, shapes: Mapping[str, tuple[int, ...]], where: str = 
 
 def prepare_graph(model, shapes: Mapping[str, tuple[int, ...]] | None = None, where: str = "model",
                   simplify: bool = True):
-    """(prepared ModelProto, record for the manifest): input dims fixed / named, then simplified."""
+    """(prepared ModelProto, record for the manifest): input dims fixed / named, then simplified.
+
+    A graph onnxslim cannot simplify (or one with sequence / optional inputs or outputs, which it does not
+    handle) is imported as it is; the record's ``not_simplified`` says why.
+    """
     import onnx
 
     shapes = dict(shapes or {})
     fixed = fix_input_shapes(model, shapes, where)
     record: dict = {"input_shapes": {k: list(v) for k, v in shapes.items()}, "nodes_in": len(model.graph.node)}
-    if simplify:
+    if simplify and not all(_is_tensor(v) for v in [*graph_inputs(fixed), *fixed.graph.output]):
+        record["not_simplified"] = "sequence or optional inputs/outputs"  # onnxslim handles tensors only
+    elif simplify:
         import onnxslim
 
-        del fixed.graph.value_info[:]  # stale once input dims changed; shape inference recomputes them
+        slim = onnx.ModelProto()
+        slim.CopyFrom(fixed)
+        del slim.graph.value_info[:]  # stale once input dims changed; shape inference recomputes them
         try:
-            with contextlib.redirect_stdout(io.StringIO()):
-                fixed = onnxslim.slim(fixed)
-        except Exception as e:  # onnxslim fails in many ways on graphs it cannot infer
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                slim = onnxslim.slim(slim)
+            if not isinstance(slim, onnx.ModelProto):
+                raise ValueError("no graph returned")
+            # onnxslim drops initializers from the input list; IR version 3 required them there (4+ do not)
+            slim.ir_version = max(slim.ir_version, 4)
+            onnx.checker.check_model(slim)
+        except Exception as e:  # onnxslim fails in many ways on graphs it cannot infer: import them as they are
             msg = (str(e).strip().splitlines() or [type(e).__name__])[-1]
-            raise XpucError(f"{where}: shape inference / constant folding failed ({msg[:200]}); "
-                            "fix the input dims with --input-shape NAME=DIMS, or pass --no-simplify") from None
-        if not isinstance(fixed, onnx.ModelProto):
-            raise XpucError(f"{where}: shape inference / constant folding returned no graph")
-        # onnxslim drops initializers from the input list; IR version 3 required them there (4 and later do not)
-        fixed.ir_version = max(fixed.ir_version, 4)
-        record["simplified_by"] = f"onnxslim {onnxslim.__version__}"
+            record["not_simplified"] = f"onnxslim {onnxslim.__version__}: {msg[:160]}"
+        else:
+            fixed = slim
+            record["simplified_by"] = f"onnxslim {onnxslim.__version__}"
     record["nodes_out"] = len(fixed.graph.node)
     return fixed, record
+
+
+def _is_tensor(value_info) -> bool:
+    return value_info.type.HasField("tensor_type")
 
 
 def _identifier(name: str) -> bool:

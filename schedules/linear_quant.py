@@ -35,9 +35,9 @@ from xpuc.schedules.quant_formats import (
     QBLOCK,
     check_format,
     dequantize_rows,
-    element,
     quantize_rows,
 )
+from xpuc.schedules.quant_tir import element
 from xpuc.schedules.sparse_ffn import _activation_exprs
 
 __all__ = ["BLOCKS", "dequantize_matrix", "dequantize_rows", "embedding_quant", "gate_up_act_quant",

@@ -14,14 +14,12 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 from xpuc.compiler.cli.args import NON_NEGATIVE, POSITIVE, float_in
 from xpuc.runtime.artifact import read_manifest
 from xpuc.runtime.budget import parse_budget
 from xpuc.runtime.errors import XpucError
 from xpuc.runtime.generation import generate
-from xpuc.runtime.graph import GraphRunner
+from xpuc.runtime.graph import GraphRunner, load_npz, save_npz
 from xpuc.runtime.offload import MODES, OffloadModel
 from xpuc.runtime.sampler import SamplingParams
 from xpuc.runtime.tokenizer import XpucTokenizer
@@ -164,17 +162,14 @@ def _run_graph(args: argparse.Namespace) -> int:
     runner = GraphRunner(args.artifact)
     if not args.inputs:
         raise XpucError(f"this artifact is an ONNX graph: pass --inputs FILE.npz with arrays {runner.inputs}")
-    try:
-        data = np.load(args.inputs)
-    except (OSError, ValueError) as e:
-        raise XpucError(f"{args.inputs}: not a readable .npz file ({e})") from None
+    data = load_npz(args.inputs)
     missing = [n for n in runner.inputs if n not in data]
     if missing:
         raise XpucError(f"{args.inputs}: missing inputs {missing}")
     outs = runner(*[data[n] for n in runner.inputs])
     names = [o["name"] for o in runner.manifest.io.get("outputs", [])] or [f"output{i}" for i in range(len(outs))]
     if args.output:
-        np.savez(args.output, **dict(zip(names, outs, strict=False)))
+        save_npz(args.output, dict(zip(names, outs, strict=False)))
     for n, o in zip(names, outs, strict=False):
         print(f"{n}: shape {list(o.shape)} {o.dtype}")
     return 0

@@ -33,6 +33,7 @@ from tvm.s_tir import Schedule
 from xpuc.compiler.passes.schedule_cpu_rows import (
     ATTR,
     parallel_rows,
+    root_blocks,
     schedule_unscheduled,
     static_extent,
     strip_leading_units,
@@ -45,7 +46,7 @@ def schedule_matmul(func: tirx.PrimFunc, rows: int = 8, lanes: int = 16, kstep: 
                     panels_per_thread: int = 4, threads: int = 2) -> tirx.PrimFunc | None:
     """The scheduled function, or None when ``func`` has no matmul block of the supported form."""
     sch = Schedule(func)
-    blocks = sch.get_child_blocks(sch.get_sblock("root"))
+    blocks = root_blocks(sch)
     mm = [b for b in blocks if sch.get(b).name_hint == "matmul"]
     if len(mm) != 1:
         return None

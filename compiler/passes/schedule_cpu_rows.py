@@ -70,6 +70,19 @@ def _vectorize_inner(sch: Schedule, loop, lanes: int) -> None:
         pass  # a reduction (or otherwise not data-parallel) innermost loop stays scalar
 
 
+def root_blocks(sch: Schedule) -> list:
+    """The blocks under the function's root block; none for a kernel written as plain statements (TOPI's
+    scatter kernels are) or one with an empty loop (a slice that selects nothing): nothing to schedule."""
+    try:
+        blocks = sch.get_child_blocks(sch.get_sblock("root"))
+    except tvm.s_tir.schedule.ScheduleError:
+        return []
+    for b in blocks:
+        if any(static_extent(sch.get(lp).extent) == 0 for lp in sch.get_loops(b)):
+            return []
+    return list(blocks)
+
+
 def parallel_rows(sch: Schedule, blk, lanes: int) -> bool:
     """Run one block's leading spatial loops fused in parallel and vectorize its innermost spatial loop.
 
@@ -91,7 +104,7 @@ def parallel_rows(sch: Schedule, blk, lanes: int) -> bool:
 def schedule_rows(func: tirx.PrimFunc, lanes: int = 16) -> tirx.PrimFunc | None:
     """The scheduled function, or None when nothing applies (no blocks, a matmul, loops not one per iterator)."""
     sch = Schedule(func)
-    blocks = sch.get_child_blocks(sch.get_sblock("root"))
+    blocks = root_blocks(sch)
     if not blocks or any(sch.get(b).name_hint == "matmul" for b in blocks):
         return None
     out = blocks[-1]

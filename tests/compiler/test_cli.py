@@ -316,3 +316,15 @@ def test_run_stops_at_a_full_context_and_refuses_more_than_the_model_has(artifac
     assert rep["stop"] == "context" and rep["prompt_tokens"] + rep["generated_tokens"] == 17  # 16 fed + 1 sampled
     assert_clean_error(xpuc("run", str(artifact), "--prompt", "hi", "--max-context", "100000"),
                        "exceeds the model's context length")
+
+
+def test_the_cli_imports_no_tvm_before_a_command_runs():
+    """`xpuc run` loads TVM's runtime library only (TVM_USE_RUNTIME_LIB), which works only if nothing
+    imported TVM before it decides; a module-level `import tvm` in anything the CLI imports breaks that."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", "import sys, xpuc.compiler.cli; print('tvm' in sys.modules)"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "False"

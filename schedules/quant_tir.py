@@ -1,0 +1,84 @@
+"""TIR access to one value of a GGML block (formats in :mod:`xpuc.schedules.quant_formats`).
+
+The kernels walk a row in units of 32 values (``half`` 0/1 x 16 lanes); a 256-value block is 8 such units
+(``SUB``). :func:`element` returns the TIR expression of one value at (row group ``g``, block ``sb``, unit
+``j`` of the block, row ``r`` of the group, ``half``, lane ``l``); everything but the lane is a constant or
+a scalar, so the lanes vectorize.
+"""
+
+from __future__ import annotations
+
+from tvm.script import tirx as T
+
+from xpuc.schedules.quant_formats import BLOCKS
+
+
+def _half_float(w, g, sb, r, at):
+    bits = T.Cast("uint16", w[g, sb, r, at]) | T.shift_left(T.Cast("uint16", w[g, sb, r, at + 1]), T.uint16(8))
+    return T.Cast("float32", T.reinterpret("float16", bits))
+
+
+def _bits(w, g, sb, r, at, shift, mask: int):
+    return T.shift_right(w[g, sb, r, at], T.Cast("uint8", shift)) & T.uint8(mask)
+
+
+def _k_scale_min(w, g, sb, r, j):
+    """q4_k / q5_k: the 6-bit scale and minimum of unit ``j`` (a constant or a loop variable; the scales sit at
+    bytes 4..15), as float32."""
+    sc = T.if_then_else(j < 4, _bits(w, g, sb, r, 4 + j, 0, 63),
+                        _bits(w, g, sb, r, 8 + j, 0, 15) | T.shift_left(_bits(w, g, sb, r, j, 6, 3), T.uint8(4)))
+    m = T.if_then_else(j < 4, _bits(w, g, sb, r, 8 + j, 0, 63),
+                       _bits(w, g, sb, r, 8 + j, 4, 15) | T.shift_left(_bits(w, g, sb, r, 4 + j, 6, 3), T.uint8(4)))
+    return T.Cast("float32", sc), T.Cast("float32", m)
+
+
+def element(fmt: str):
+    """``elem(w, g, sb, j, r, half, l)`` -> float32 value for weights stored as ``(groups, blocks, R, bytes)``."""
+    if fmt not in BLOCKS:
+        raise ValueError(f"unknown quantized format '{fmt}' (known: {', '.join(BLOCKS)})")
+    bb = BLOCKS[fmt][1]
+
+    def nibble(w, g, sb, r, at, shift):
+        return T.Cast("float32", _bits(w, g, sb, r, at, shift, 15))
+
+    if fmt == "q8_0":
+        def elem(w, g, sb, j, r, half, l):
+            q = T.Cast("float32", T.reinterpret("int8", w[g, sb, r, 2 + half * 16 + l]))
+            return q * _half_float(w, g, sb, r, 0)
+    elif fmt == "q4_0":
+        def elem(w, g, sb, j, r, half, l):
+            return (nibble(w, g, sb, r, (bb - 16) + l, half * 4) - T.float32(8)) * _half_float(w, g, sb, r, 0)
+    elif fmt == "q4_1":
+        def elem(w, g, sb, j, r, half, l):
+            return (nibble(w, g, sb, r, (bb - 16) + l, half * 4) * _half_float(w, g, sb, r, 0)
+                    + _half_float(w, g, sb, r, 2))
+    elif fmt == "q5_0":
+        def elem(w, g, sb, j, r, half, l):
+            low = T.Cast("int32", _bits(w, g, sb, r, 6 + l, half * 4, 15))
+            qh = (T.Cast("int32", w[g, sb, r, 2]) | T.shift_left(T.Cast("int32", w[g, sb, r, 3]), 8)
+                  | T.shift_left(T.Cast("int32", w[g, sb, r, 4]), 16)
+                  | T.shift_left(T.Cast("int32", w[g, sb, r, 5]), 24))  # lane-invariant word, 32-bit lanes
+            high = T.shift_left(T.shift_right(qh, half * 16 + l) & 1, 4)
+            q = T.Cast("float32", low | high)
+            return (q - T.float32(16)) * _half_float(w, g, sb, r, 0)
+    elif fmt in ("q4_k", "q5_k"):
+        ql_at = 16 if fmt == "q4_k" else 48
+
+        def elem(w, g, sb, j, r, half, l):
+            sc, m = _k_scale_min(w, g, sb, r, j)
+            q = _bits(w, g, sb, r, ql_at + (j // 2) * 32 + half * 16 + l, 4 * (j % 2), 15)
+            if fmt == "q5_k":
+                high = _bits(w, g, sb, r, 16 + half * 16 + l, j, 1)
+                q = q | T.shift_left(high, T.uint8(4))
+            return (_half_float(w, g, sb, r, 0) * sc * T.Cast("float32", q)
+                    - _half_float(w, g, sb, r, 2) * m)
+    else:  # q6_k
+        def elem(w, g, sb, j, r, half, l):
+            a, s, t = j // 4, (j // 2) % 2, j % 4
+            low = _bits(w, g, sb, r, a * 64 + (j % 2) * 32 + half * 16 + l, 4 * s, 15)
+            high = _bits(w, g, sb, r, 128 + a * 32 + half * 16 + l, 2 * t, 3)
+            q = T.Cast("float32", low | T.shift_left(high, T.uint8(4))) - T.float32(32)
+            sc = T.Cast("float32", T.reinterpret("int8", w[g, sb, r, 192 + j * 2 + half]))
+            return _half_float(w, g, sb, r, 208) * sc * q
+
+    return elem
