@@ -230,13 +230,16 @@ def _thresholds(spec, quantize: str | None, ffn_stats) -> list[float] | None:
 
 
 GRAPH_LIB_FILE = "graph.so"
+GRAPH_WEIGHTS_FILE = "params.safetensors"  # the graph's constant tensors (LiftConstants), read by GraphRunner
 
 
 def compile_onnx(model: str | os.PathLike, output: str | os.PathLike, device: str = "host", force: bool = False,
                  quiet: bool = False, prefill_on: str = "auto", debug_dump: str | os.PathLike | None = None,
                  tuning_db: str | os.PathLike | None = None, buckets: tuple[int, ...] | None = None,
                  input_shapes: dict[str, tuple[int, ...]] | None = None, simplify: bool = True) -> Path:
-    """Compile an ONNX graph for the device's CPU, GPU or NPU into an artifact directory.
+    """Compile an ONNX graph for the device's CPU, GPU or NPU into an artifact directory: the library
+    (``graph.so``) and its constant tensors (``params.safetensors``, lifted out of the library by
+    :class:`~xpuc.compiler.passes.lift_constants.LiftConstants` after lowering).
 
     The graph is first prepared (:func:`~xpuc.compiler.onnx_prepare.prepare_graph`): ``input_shapes`` fix
     input dims, and with ``simplify`` onnxslim infers shapes and folds constants.
@@ -245,7 +248,10 @@ def compile_onnx(model: str | os.PathLike, output: str | os.PathLike, device: st
     bucket (the database's buckets unless ``buckets`` is given) whose kernels take their tuned schedules;
     the database must cover at least one kernel.
     """
+    from tvm.relax.frontend import detach_params
+
     from xpuc.compiler.passes.apply_tuning_database import tuning_report
+    from xpuc.compiler.passes.lift_constants import LiftConstants
     from xpuc.compiler.pipeline import compile_lowered, lower
 
     output = Path(output)
@@ -303,8 +309,12 @@ def compile_onnx(model: str | os.PathLike, output: str | os.PathLike, device: st
                                 "of this graph (tuned for another model, or other --buckets)")
             tuned_info.update(tuned_kernels=report["from_database"], tunable_kernels=report["tunable"],
                               kept_default_schedule=report["kept_default"])
+        lowered, lifted = detach_params(LiftConstants()(lowered))
+        if debug_dump:
+            (Path(debug_dump) / "graph" / "99_lift.py").write_text(lowered.script())
         ex = compile_lowered(lowered, target)
         ex.export_library(str(tmp / GRAPH_LIB_FILE), fcompile=fcompile)
+        params, function_params = _save_graph_params(lowered, lifted, tmp / GRAPH_WEIGHTS_FILE)
         kernels = sorted(gv.name_hint for gv, f in mod.functions.items() if type(f).__name__ == "PrimFunc")
         if hexagon:
             kernels, info = _kernels_of(ex, target, mod)
@@ -322,11 +332,30 @@ def compile_onnx(model: str | os.PathLike, output: str | os.PathLike, device: st
                                  mtriple="hexagon" if hexagon else profile.mtriple,
                                  toolchain=linker, kernels=kernels,
                                  info=tuned_info)],
-            params=[], weights_file="", files={GRAPH_LIB_FILE: sha256_file(tmp / GRAPH_LIB_FILE)},
-            kind="graph", io={"inputs": inputs, "outputs": outputs, "buckets": list(buckets or ())})
+            params=params, weights_file=GRAPH_WEIGHTS_FILE if params else "",
+            files={f: sha256_file(tmp / f) for f in (GRAPH_LIB_FILE, *([GRAPH_WEIGHTS_FILE] if params else []))},
+            kind="graph", io={"inputs": inputs, "outputs": outputs, "buckets": list(buckets or ()),
+                              "function_params": function_params})
         (tmp / MANIFEST).write_text(manifest.to_json())
         steps.done()
     return output
+
+
+def _save_graph_params(mod, lifted: dict, path: Path) -> tuple[list[dict], dict[str, list[str]]]:
+    """Write the lifted constants to ``path`` (safetensors); (manifest params, function -> parameter names)."""
+    from safetensors.numpy import save_file
+
+    arrays: dict[str, np.ndarray] = {}
+    function_params: dict[str, list[str]] = {}
+    for fn, values in lifted.items():
+        names = [str(v.name) for v in mod[fn].params[-len(values):]]
+        function_params[fn] = names
+        for n, v in zip(names, values, strict=True):
+            arrays.setdefault(n, np.ascontiguousarray(v.numpy()))
+    if arrays:
+        save_file(arrays, str(path))
+    params = [{"name": n, "shape": list(a.shape), "dtype": str(a.dtype)} for n, a in arrays.items()]
+    return params, function_params
 
 
 def _open_tuning(path, target, buckets):

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import numpy as np
 
-from xpuc.runtime.artifact import read_manifest, verify
+from xpuc.runtime.artifact import member_path, read_manifest, verify
 from xpuc.runtime.errors import XpucError
 from xpuc.runtime.graph_builtins import register_missing
+from xpuc.runtime.weights import load_tensors
 
 BFLOAT16 = 16  # ONNX TensorProto.BFLOAT16
 
@@ -27,7 +28,8 @@ class GraphRunner:
         self.manifest = read_manifest(self.path)
         if self.manifest.kind != "graph":
             raise XpucError(f"{self.path}: not an ONNX graph artifact (kind '{self.manifest.kind}')")
-        verify(self.path, self.manifest)
+        weights = self.manifest.weights_file
+        verify(self.path, self.manifest, streamed=(weights,) if weights else ())  # weights: checked as read
         module = self.manifest.modules[0]
         if module.mtriple.split("-")[0] != platform.machine() or "android" in module.mtriple:
             raise XpucError(f"{self.path}: compiled for {module.mtriple}; this machine is {platform.machine()}")
@@ -38,7 +40,23 @@ class GraphRunner:
         self._dim_at = self._find_symbolic_axis()
         register_missing()  # the host functions some operators call, where only the runtime library is loaded
         self._vm = VirtualMachine(tvm.runtime.load_module(str(self.path / module.file)), tvm.cpu())
+        self._params = self._load_params() if weights else {}
         self.last_function = ""
+
+    def _load_params(self) -> dict[str, list]:
+        """Function name -> its constant tensors (``params.safetensors``, digest checked over the bytes read)."""
+        weights = self.manifest.weights_file
+        tensors = load_tensors(member_path(self.path, weights), self.manifest.files.get(weights),
+                               fix="recompile the graph")
+        for p in self.manifest.params:
+            t = tensors.get(p["name"])
+            if t is None or list(t.shape) != list(p["shape"]) or str(t.dtype) != p["dtype"]:
+                raise XpucError(f"{self.path}: constant '{p['name']}' does not match the manifest")
+        try:
+            return {fn: [tensors[n] for n in names]
+                    for fn, names in self.manifest.io.get("function_params", {}).items()}
+        except KeyError as e:
+            raise XpucError(f"{self.path}: constant {e} is not in {weights}") from None
 
     def _find_symbolic_axis(self) -> tuple[int, int] | None:
         """(input index, axis) of the graph's symbolic dim, which the sequence buckets bind."""
@@ -72,7 +90,8 @@ class GraphRunner:
         arrays = [self._as_declared(k, a) for k, a in enumerate(arrays)]
         self.last_function = self.function_for(arrays)
         # np.asarray(order="C") keeps a 0-d input 0-d (np.ascontiguousarray would make it 1-d)
-        out = self._vm[self.last_function](*[tvm.runtime.tensor(np.asarray(a, order="C")) for a in arrays])
+        out = self._vm[self.last_function](*[tvm.runtime.tensor(np.asarray(a, order="C")) for a in arrays],
+                                           *self._params.get(self.last_function, []))
         return _flatten(out)
 
 
