@@ -28,6 +28,9 @@ schedule    ScheduleCPUMatmul (matmuls left naive by     ApplyGPUSchedules (dlig
 build       tvm.compile: memory planning, VM lowering    same, plus device codegen (OpenCL / CUDA)
 ==========  ===========================================  ==========================================
 
+An ONNX graph's lowered module then gets ``LiftConstants`` (``compile_onnx``; ``--debug-dump`` writes
+``99_lift.py``): its constant tensors become parameters stored beside the library.
+
 The NPU (Hexagon HVX) gets the CPU phases with 32-lane (128-byte) vectors and the DSP's 4 hardware
 threads; its build runs VM lowering and codegen with Hexagon as the host (``targets/hexagon.py``).
 """
