@@ -48,8 +48,8 @@ def test_modules_and_manifest(android_artifact):
 
 
 def test_debug_dump_has_every_phase(android_artifact):
-    for tag, phases in (("cpu", ["00_input", "01_dispatch", "02_fastmath", "03_pack", "04_legalize", "05_annotate",
-                                 "06_fuse", "07_schedule"]),
+    for tag, phases in (("cpu", ["00_input", "01_dispatch", "02_conv", "03_fastmath", "04_pack", "05_legalize",
+                                 "06_annotate", "07_fuse", "08_schedule"]),
                         ("prefill_gpu", ["00_input", "01_legalize", "02_annotate", "03_schedule"])):
         files = sorted(p.stem for p in (android_artifact / "ir" / tag).glob("*.py"))
         assert files == phases, (tag, files)
