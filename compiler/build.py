@@ -272,12 +272,12 @@ def compile_onnx(model: str | os.PathLike, output: str | os.PathLike, device: st
               for i in graph_inputs(proto)]
     outputs = [{"name": o.name, "shape": input_dims(o)} for o in proto.graph.output]
     symbolic = sorted({d for i in inputs for d in i["shape"] if isinstance(d, str)})
+    hint = f"; fix the symbolic dims ({', '.join(symbolic)}) with --input-shape NAME=DIMS" if symbolic else ""
     try:
         mod = import_onnx(proto, str(model))
     except XpucError as e:
-        if symbolic and "cannot import" in str(e):
-            raise XpucError(f"{e}; fix the symbolic dims ({', '.join(symbolic)}) with --input-shape NAME=DIMS") \
-                from None
+        if hint and "cannot import" in str(e):
+            raise XpucError(f"{e}{hint}") from None
         raise
     steps.done(f"{prepared['nodes_in']} nodes" + (f", {prepared['nodes_out']} after {prepared['simplified_by']}"
                                                   if "simplified_by" in prepared else "")
@@ -299,8 +299,6 @@ def compile_onnx(model: str | os.PathLike, output: str | os.PathLike, device: st
             lowered = lower(mod, target, Path(debug_dump) if debug_dump else None, "graph", buckets or (), tuning)
         except Exception as e:  # TVM's passes reject some graphs (mostly symbolic shapes) with assertions
             msg = (str(e).strip().splitlines() or [""])[-1]
-            hint = (f"; fix the symbolic dims ({', '.join(symbolic)}) with --input-shape NAME=DIMS" if symbolic
-                    else "")
             raise XpucError(f"{model}: TVM cannot lower this graph ({type(e).__name__}: {msg[:160]}){hint}") from None
         report = tuning_report(lowered)
         if report is not None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tvm
+from support.host_run import run_main
 from tvm import relax
 from tvm.script import ir as I
 from tvm.script import relax as R
@@ -71,16 +72,6 @@ def _build(x_shape, w, **attrs):
     return bb.get()
 
 
-def _run(mod, x):
-    from xpuc.targets.profile import load_profile
-
-    target = load_profile("host").cpu_target()
-    mod = relax.transform.LegalizeOps()(mod)
-    with target:
-        ex = tvm.compile(mod, target=target, relax_pipeline=relax.pipeline.default_build_pipeline())
-    return relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
-
-
 @pytest.mark.parametrize("stride,pad,dil", [((1, 1), (1, 1, 1, 1), (1, 1)), ((2, 2), (1, 0, 2, 1), (1, 1)),
                                             ((1, 2), (0, 0, 0, 0), (2, 1)), ((2, 2), (0, 0, 0, 0), (1, 1))])
 def test_numerics_match_numpy(stride, pad, dil):
@@ -91,7 +82,7 @@ def test_numerics_match_numpy(stride, pad, dil):
     after = ConvToMatmul()(before)
     assert any(gv.name_hint.startswith("im2col") for gv in after.functions)
     assert "conv2d" not in after.script()
-    np.testing.assert_allclose(_run(after, x), _conv_ref(x, w, stride, pad, dil), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(run_main(after, x), _conv_ref(x, w, stride, pad, dil), rtol=1e-4, atol=1e-4)
 
 
 def test_transposed_convolution_with_stride_equal_to_kernel():
@@ -108,8 +99,8 @@ def test_transposed_convolution_with_stride_equal_to_kernel():
     after = ConvToMatmul()(before)
     assert "conv2d_transpose" not in after.script()
     want = np.einsum("nchw,coab->nohawb", x, w).reshape(1, 6, 6, 10)
-    np.testing.assert_allclose(_run(after, x), want, rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(_run(before, x), want, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(run_main(after, x), want, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(run_main(before, x), want, rtol=1e-4, atol=1e-4)
 
 
 def test_leaves_grouped_and_non_constant_convolutions_alone():

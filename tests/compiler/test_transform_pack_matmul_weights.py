@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tvm
+from support.host_run import run_main
 from tvm import relax
 from tvm.script import ir as I
 from tvm.script import relax as R
@@ -71,21 +72,11 @@ def test_structure():
     tvm.ir.assert_structural_equal(after, _bound(Expected, "wp", pack_panels(W, 16)))
 
 
-def _run(mod, x):
-    from xpuc.targets.profile import load_profile
-
-    target = load_profile("host").cpu_target()
-    mod = relax.transform.LegalizeOps()(mod)
-    with target:
-        ex = tvm.compile(mod, target=target, relax_pipeline=relax.pipeline.default_build_pipeline())
-    return relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
-
-
 @pytest.mark.parametrize("n", [1, 5, 16])
 def test_numerics_match_numpy(n):
     x = np.random.default_rng(n).standard_normal((1, n, 8)).astype(np.float32)
     after = PackMatmulWeights(panel=16)(_bound(Before, "w", W))
-    np.testing.assert_allclose(_run(after, x), x @ W, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(run_main(after, x), x @ W, rtol=1e-5, atol=1e-5)
 
 
 def test_scheduled_decoder_graph_with_packed_weights_matches_onnxruntime(tmp_path):
