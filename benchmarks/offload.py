@@ -53,6 +53,9 @@ def main() -> None:
     ap.add_argument("--records", default="auto",
                     help="xpuc pack --records: split gate rows from up/down rows (auto: where it applies); a "
                          "comma list (e.g. whole,split) packs each and runs them interleaved, round by round")
+    ap.add_argument("--dot", default="auto",
+                    help="comma-separated dot products of the packed kernels (auto, int8, float32): each is packed and "
+                         "run, interleaved")
     ap.add_argument("--work", default=str(ROOT / ".cache" / "xpuc" / "bench-offload"))
     ap.add_argument("-o", "--output", default=None, help="default: benchmarks/results/offload_7b.json / _moe.json")
     args = ap.parse_args()
@@ -80,16 +83,21 @@ def main() -> None:
         xpuc("plan", str(w / "model"), "--stats", str(w / "stats.json"), "--device", args.device,
              "--memory-budget", "64GiB", "--weight-dtype", "q4_0", "--cluster", "1", "--context", "512",
              "-o", str(plan))
+    dots = args.dot.split(",")
+    if not set(dots) <= {"auto", "int8", "float32"}:
+        ap.error(f"--dot: each of auto, int8, float32 (got {args.dot})")
     arts = {}
     for rec in records:
-        arts[rec] = art = w / (("art" if args.fixed_dtype == "float16" else f"art-{args.fixed_dtype}") + tag
-                               + ("" if rec == "auto" else f"-{rec}"))
-        if not art.exists():
-            xpuc("pack", str(w / "model"), "--stats", str(w / "stats.json"), "--plan", str(plan),
-                 "--predictor", str(w / "pred.safetensors"), "--fixed-dtype", args.fixed_dtype, "--records",
-                 rec, "-o", str(art))
-    if len(records) == 1:
-        xpuc("bench", str(arts[records[0]]), "--budget", args.budget, "--modes", args.modes, "--tokens",
+        for dot in dots:
+            name = rec if len(dots) == 1 else f"{rec}/{dot}"
+            arts[name] = art = w / (("art" if args.fixed_dtype == "float16" else f"art-{args.fixed_dtype}") + tag
+                                    + ("" if rec == "auto" else f"-{rec}") + ("" if dot == "auto" else f"-{dot}"))
+            if not art.exists():
+                xpuc("pack", str(w / "model"), "--stats", str(w / "stats.json"), "--plan", str(plan),
+                     "--predictor", str(w / "pred.safetensors"), "--fixed-dtype", args.fixed_dtype, "--records",
+                     rec, "--dot", dot, "-o", str(art))
+    if len(arts) == 1:
+        xpuc("bench", str(next(iter(arts.values()))), "--budget", args.budget, "--modes", args.modes, "--tokens",
              str(args.tokens), "--repeats", str(args.repeats), "-o", out)
         memory_bound(out)
         return
@@ -102,14 +110,14 @@ def compare_records(arts: dict, args, out: str) -> None:
     rounds: dict[str, list[dict]] = {rec: [] for rec in arts}
     for r in range(args.repeats):
         for rec, art in arts.items():
-            part = f"{out}.{rec}.{r}.json"
+            part = f"{out}.{rec.replace('/', '-')}.{r}.json"
             xpuc("bench", str(art), "--budget", args.budget, "--modes", args.modes, "--tokens", str(args.tokens),
                  "--repeats", "1", "-o", part)
             rounds[rec].append(json.loads(Path(part).read_text()))
             Path(part).unlink()
             Path(part).with_suffix(".png").unlink(missing_ok=True)
     report = {"budget": args.budget, "tokens": args.tokens, "repeats": args.repeats, "records": {}}
-    print(f"{'records':<8} {'mode':<9} {'tok/s (runs)':<28} {'MiB read/tok':>12} {'req/tok':>8} {'fired MiB':>9}")
+    print(f"{'packing':<8} {'mode':<9} {'tok/s (runs)':<28} {'MiB read/tok':>12} {'req/tok':>8} {'fired MiB':>9}")
     for rec, reps in rounds.items():
         rows = []
         for mode in args.modes.split(","):
@@ -121,6 +129,14 @@ def compare_records(arts: dict, args, out: str) -> None:
                   f"{row['bytes_read_per_token'] / 2**20:>12.1f} {row['requests_per_token']:>8.0f} "
                   f"{row.get('fired_bytes_per_token', 0) / 2**20:>9.1f}")
         report["records"][rec] = {"artifact": str(arts[rec]), "modes": rows}
+    Path(out).write_text(json.dumps(report))
+    for rec in arts:  # each packing's share of the memory-bandwidth bound, one bandwidth measurement each
+        part = Path(f"{out}.{rec.replace('/', '-')}.json")
+        part.write_text(json.dumps({"modes": report["records"][rec]["modes"]}))
+        print(f"{rec}:")
+        memory_bound(str(part))
+        report["records"][rec]["modes"] = json.loads(part.read_text())["modes"]
+        part.unlink()
     Path(out).write_text(json.dumps(report))
     print(f"wrote {out}")
 

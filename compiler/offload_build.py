@@ -47,7 +47,8 @@ from xpuc.runtime.errors import XpucError
 from xpuc.runtime.formats.arch import ArchConfig
 from xpuc.schedules.linear import embedding_fp16, linear_fp16, pack_rows, packed_shape
 from xpuc.schedules.linear_quant import embedding_quant, linear_quant, quantize_matrix, quantized_shape
-from xpuc.schedules.sparse_ffn import dequantize_kernel, sparse_ffn_kernel
+from xpuc.schedules.sparse_dequant import dequantize_kernel
+from xpuc.schedules.sparse_ffn import int8_dot_available, sparse_ffn_kernel
 
 DECODE_LIB = "decode.so"
 EMBED_QUANT = "q8_0"  # embedding / LM head format when the fixed segment is quantized (as `compile --quantize`)
@@ -127,11 +128,12 @@ class OffloadStep(nn.Module):
     """The per-layer decode and prefill steps of a packed model (no parameters: weights are arguments)."""
 
     def __init__(self, c: ArchConfig, fixed_dtype: str, cluster: int, rank: int, target, layout=None,
-                 threads: int = 2) -> None:
+                 threads: int = 2, int8: bool = False) -> None:
         self.c, self.fmt, self.cluster, self.rank, self.target = c, fixed_dtype, cluster, rank, target
         self.embed_fmt = embed_format(fixed_dtype)
         self.n_clusters = c.intermediate_size // cluster
         self.layout, self.threads = layout, threads  # the flash records' layout: decode_resident's FFN kernel
+        self.int8 = int8  # decode_resident's FFN kernel takes int8 dot products
 
     # --- pieces ----------------------------------------------------------------------------------------
     def _add_parts(self, h: nn.Tensor, ys: nn.Tensor, yw: nn.Tensor) -> nn.Tensor:
@@ -200,7 +202,7 @@ class OffloadStep(nn.Module):
 
     def decode_resident(self, ids, kv, table, final_norm, head, pool, layers):
         d = self.c.hidden_size
-        kernel = sparse_ffn_kernel(self.layout, "fused", self.threads, symbolic=True)
+        kernel = sparse_ffn_kernel(self.layout, "fused", self.threads, symbolic=True, int8=self.int8)
         h = self.embed(ids, table)
         for i, (attn_norm, qkv, o, ffn_norm, thr, slots, *bias) in enumerate(layers):
             h, x = self._attend(h, kv, i, attn_norm, qkv, bias[0] if bias else None, o, ffn_norm)
@@ -258,35 +260,49 @@ class OffloadStep(nn.Module):
 
 
 def build_decode_module(config: ArchConfig, fixed_dtype: str, cluster: int, rank: int, target, layout=None,
-                        threads: int = 2):
+                        threads: int = 2, int8: bool = False):
     """The Relax VM executable of :class:`OffloadStep` for ``target`` (not yet exported)."""
     import tvm
 
-    step = OffloadStep(config, fixed_dtype, cluster, rank, target, layout, threads)
+    step = OffloadStep(config, fixed_dtype, cluster, rank, target, layout, threads, int8)
     mod, _ = step.export_tvm(spec=step.export_spec())
     return tvm.compile(mod, target=target)
 
 
-def build_ffn_module(layout, threads: int, target):
+def build_ffn_module(layout, threads: int, target, int8: bool = False):
     """The neuron-cluster kernels over a pool of any number of slots, and the records' dequantizer."""
     import tvm
 
     modes = ["fused", "dense"] + (["gate", "updown"] if layout.gated else [])
-    funcs = {m: sparse_ffn_kernel(layout, m, threads, symbolic=True).with_attr("global_symbol", m) for m in modes}
+    funcs = {m: sparse_ffn_kernel(layout, m, threads, symbolic=True, int8=int8).with_attr("global_symbol", m)
+             for m in modes}
     funcs["dequant"] = dequantize_kernel(layout, threads, symbolic=True).with_attr("global_symbol", "dequant")
     return tvm.compile(tvm.IRModule(funcs), target=target)
 
 
+def sparse_dot(layout, target, dot: str = "auto") -> str:
+    """The dot products of the neuron-cluster kernels: ``int8`` (activations quantized to int8 blocks, as llama.cpp
+    does) where ``dot`` asks for it or, with ``auto``, where the target has the instructions and the records are
+    q4_0; else ``float32``."""
+    available = layout.dtype == "q4_0" and int8_dot_available(target)
+    if dot == "int8" and not available:
+        raise XpucError(f"--dot int8 needs q4_0 records and a CPU with AVX-512 VNNI (records {layout.dtype}, "
+                        f"target {target.attrs.get('mcpu', '?')})")
+    return "int8" if dot == "int8" or (dot == "auto" and available) else "float32"
+
+
 def export_offload_modules(config: ArchConfig, layout, fixed_dtype: str, rank: int, threads: int, profile,
-                           out: Path) -> dict:
+                           out: Path, dot: str = "auto") -> dict:
     """Build and link both libraries for ``profile``'s CPU into ``out``; returns their manifest entries."""
 
     target, toolchain = profile.cpu_target(), profile.toolchain()
+    dot = sparse_dot(layout, target, dot)
     if not toolchain.available():
         raise XpucError(f"toolchain '{toolchain.name}' for {toolchain.mtriple} not found ({toolchain.compiler}); "
                         "install it (Debian: apt-get install clang lld gcc-aarch64-linux-gnu)")
-    build_decode_module(config, fixed_dtype, layout.cluster, rank, target, layout, threads).export_library(
+    int8 = dot == "int8"
+    build_decode_module(config, fixed_dtype, layout.cluster, rank, target, layout, threads, int8).export_library(
         str(out / DECODE_LIB), fcompile=toolchain.fcompile())
-    build_ffn_module(layout, threads, target).export_library(str(out / FFN_LIB), fcompile=toolchain.fcompile())
+    build_ffn_module(layout, threads, target, int8).export_library(str(out / FFN_LIB), fcompile=toolchain.fcompile())
     return {"decode": DECODE_LIB, "ffn": FFN_LIB, "mtriple": profile.mtriple, "target": str(target),
-            "toolchain": toolchain.name, "threads": threads, "device": profile.name}
+            "toolchain": toolchain.name, "threads": threads, "device": profile.name, "dot": dot}

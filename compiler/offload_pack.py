@@ -75,7 +75,7 @@ def fixed_segment(spec, predictor, flash, fixed_dtype: str) -> dict[str, np.ndar
 
 def pack_offload(model: str, stats_path: str, plan_path: str, predictor_path: str, out: str | Path,
                  force: bool = False, quiet: bool = False, fixed_dtype: str = "float16", device: str = "host",
-                 layout: str = "coactivation", records: str = "auto") -> Path:
+                 layout: str = "coactivation", records: str = "auto", dot: str = "auto") -> Path:
     """Write the packed model and compile its modules for ``device``.
 
     ``fixed_dtype`` is the format of the fixed segment's matrices (attention projections, embedding, LM head;
@@ -83,7 +83,9 @@ def pack_offload(model: str, stats_path: str, plan_path: str, predictor_path: st
     (:mod:`xpuc.schedules.linear_quant`). ``layout``: the cold neurons' order on flash, ``coactivation`` (the
     profile's co-activation order, where it recorded one) or ``frequency`` (most frequent first). ``records``:
     ``split`` (gate rows apart from up/down rows, read only for neurons whose gate fired; clusters of one neuron
-    of a gated FFN), ``whole`` or ``auto`` (split where it applies).
+    of a gated FFN), ``whole`` or ``auto`` (split where it applies). ``dot``: the neuron-cluster kernels' dot
+    products, ``int8`` (activations quantized to int8 blocks), ``float32`` or ``auto`` (int8 where the device's
+    CPU has the instructions and the records are q4_0; :func:`xpuc.compiler.offload_build.sparse_dot`).
     """
     from safetensors.numpy import save_file
 
@@ -93,6 +95,8 @@ def pack_offload(model: str, stats_path: str, plan_path: str, predictor_path: st
         raise XpucError(f"--layout must be coactivation or frequency, got '{layout}'")
     if records not in ("auto", "split", "whole"):
         raise XpucError(f"--records must be auto, split or whole, got '{records}'")
+    if dot not in ("auto", "int8", "float32"):
+        raise XpucError(f"--dot must be auto, int8 or float32, got '{dot}'")
     from xpuc.compiler.offload_build import export_offload_modules
 
     profile = load_profile(device)
@@ -137,7 +141,7 @@ def pack_offload(model: str, stats_path: str, plan_path: str, predictor_path: st
         steps = Steps(1, quiet)
         steps.start(f"compiling the decode and FFN modules for {profile.name}")
         modules = export_offload_modules(c, fl.bundle_layout(fl.n_clusters), fixed_dtype,
-                                         predictor.layers[0].rank, plan.compute_threads, profile, tmp)
+                                         predictor.layers[0].rank, plan.compute_threads, profile, tmp, dot)
         steps.done(modules["toolchain"])
         files = {n: sha256_file(tmp / n) for n in (*SMALL_FILES, modules["decode"], modules["ffn"])}
         sample: list[int] = []
@@ -150,7 +154,8 @@ def pack_offload(model: str, stats_path: str, plan_path: str, predictor_path: st
             sample = tok.encode("The cache keeps the hot neurons in memory and reads the others from flash.")
         entries = [ModuleEntry(name=role, file=modules[role], role=role, target=modules["target"],
                                mtriple=modules["mtriple"], toolchain=modules["toolchain"],
-                               info={"threads": modules["threads"]}) for role in ("decode", "ffn")]
+                               info={"threads": modules["threads"], "dot": modules["dot"]})
+                   for role in ("decode", "ffn")]
         info = OffloadInfo(ffn_bytes=fl.file_bytes, fixed_dtype=fixed_dtype, predictor_rank=predictor.layers[0].rank,
                            fingerprint=fingerprint, sample_prompt=sample)
         manifest = Manifest(versions=versions(), device={"name": profile.name, "mtriple": profile.mtriple},

@@ -24,8 +24,8 @@ read-modify-write of the partial output per four neurons); where rows are short,
 ``PREFETCH_AHEAD`` neurons ahead (in the next active cluster at a cluster's end) is prefetched.
 Measured on the SmolLM2 FFN (576 x 1536, q4_0, clusters of 32, every cluster active, 30 layers' records
 streamed from memory, 2 threads): 96 us per layer against 160-170 us with one chain, per-neuron AXPYs and no
-prefetch. LLVM maps the 16-lane vectors onto
-AVX-512/AVX2 on x86 and onto four 128-bit NEON registers on ARM.
+prefetch. LLVM maps the 16-lane vectors onto AVX-512/AVX2 on x86 and onto four 128-bit NEON registers on
+ARM. With ``int8=True`` the gate and up dot products run over int8 activations (:mod:`xpuc.schedules.int8_dot`).
 """
 
 from __future__ import annotations
@@ -36,6 +36,9 @@ from tvm import tirx
 from tvm.script import tirx as T
 
 from xpuc.runtime.formats.bundle import QBLOCK, BundleLayout
+from xpuc.schedules.int8_dot import int8_dot_available, int8_dot_macros
+
+__all__ = ["MODES", "int8_dot_available", "sparse_ffn_kernel"]
 
 MODES = ("fused", "gate", "updown", "dense")
 LANES = 16
@@ -112,7 +115,7 @@ def _activation_exprs(kind: str):
 
 @cache
 def sparse_ffn_kernel(layout: BundleLayout, mode: str = "fused", threads: int = 2,
-                      symbolic: bool = False) -> tirx.PrimFunc:
+                      symbolic: bool = False, int8: bool = False) -> tirx.PrimFunc:
     """Generate the TIR PrimFunc for ``layout`` in ``mode`` with ``threads`` parallel tasks.
 
     Parameters
@@ -126,6 +129,10 @@ def sparse_ffn_kernel(layout: BundleLayout, mode: str = "fused", threads: int = 
     symbolic:
         The bundle's cluster count is a variable (``w`` of shape ``(n, C, R, row)``): one build serves a
         neuron cache's pool of any size (``layout.n_clusters`` is then ignored).
+    int8:
+        Gate and up dot products over activations quantized to int8 blocks (``vpdpbusd``, x86 with
+        AVX-512 VNNI; :func:`int8_dot_available`), as llama.cpp does; q4_0 weights only. The down AXPYs
+        stay float32.
 
     Returns
     -------
@@ -139,6 +146,8 @@ def sparse_ffn_kernel(layout: BundleLayout, mode: str = "fused", threads: int = 
         raise ValueError(f"unknown mode '{mode}' (known: {', '.join(MODES)})")
     if mode in ("gate", "updown") and not layout.gated:
         raise ValueError("the two-step kernels need a gated FFN kind")
+    if int8 and layout.dtype != "q4_0":
+        raise ValueError(f"int8 dot products need q4_0 weights, not {layout.dtype}")
     D, C, R, NCL, P = layout.d_model, layout.cluster, layout.rows, layout.n_clusters, threads
     NB = D // QBLOCK
     DOWN = R - 1
@@ -148,12 +157,14 @@ def sparse_ffn_kernel(layout: BundleLayout, mode: str = "fused", threads: int = 
     fires, combine = _activation_exprs(layout.kind)
 
     ROW = layout.row_length
+    XQ, XS = (D, NB) if int8 else (1, 1)  # the int8 activations' buffers (placeholders without int8)
     ITEM = {"float32": 4, "float16": 2}.get(layout.dtype, 1)
     G = DOWN_GROUP
 
     @T.macro
-    def dot(x, acc, s, w, c, i, r, out_slot):
+    def dot32(xv, acc, s, w, c, i, r, out_slot):
         """s[out_slot] = x . row r of neuron i of cluster c, over CHAINS independent accumulators."""
+        x = xv[0]
         for a in T.unroll(CHAINS):
             for l in T.vectorized(LANES):
                 acc[a, l] = T.float32(0)
@@ -176,6 +187,14 @@ def sparse_ffn_kernel(layout: BundleLayout, mode: str = "fused", threads: int = 
         for l in T.vectorized(2):
             acc[0, l] = acc[0, l] + acc[0, l + 2]
         s[out_slot] = acc[0, 0] + acc[0, 1]
+
+    dot8, quantize_x = int8_dot_macros(layout) if int8 else (None, None)
+    dot = dot8 if int8 else dot32
+
+    @T.macro
+    def prepare_x(x, xq, xs, xadj):
+        if int8:
+            quantize_x(x, xq, xs, xadj)
 
     @T.macro
     def axpy(part, w, c, i, p, h):
@@ -276,6 +295,10 @@ def sparse_ffn_kernel(layout: BundleLayout, mode: str = "fused", threads: int = 
                   y: T.Buffer((D,), "float32")):
             T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True})
             with T.sblock("root"):
+                xq = T.alloc_buffer((XQ,), "int8", scope="global")
+                xs = T.alloc_buffer((XS,), "float32", scope="global")
+                xadj = T.alloc_buffer((XS * 8,), "int32", scope="global")
+                prepare_x(x, xq, xs, xadj)
                 part = T.alloc_buffer((P, D), "float32", scope="global")
                 for p in T.parallel(P):
                     acc = T.alloc_buffer((CHAINS, LANES), "float32", scope="global")
@@ -283,8 +306,8 @@ def sparse_ffn_kernel(layout: BundleLayout, mode: str = "fused", threads: int = 
                     clear_partial(part, p)
                     for c in range(NCL * p // P, NCL * (p + 1) // P):
                         for i in range(C):
-                            dot(x, acc, s, w, c, i, 0, 0)
-                            up_down(x, acc, s, part, thr, w, c, i, p, True)
+                            dot((x, xq, xs, xadj), acc, s, w, c, i, 0, 0)
+                            up_down((x, xq, xs, xadj), acc, s, part, thr, w, c, i, p, True)
                 reduce_partials(part, y)
 
         return dense
@@ -298,9 +321,13 @@ def sparse_ffn_kernel(layout: BundleLayout, mode: str = "fused", threads: int = 
             k = T.int32()
             idx = T.match_buffer(var_idx, (k,), "int32")
             with T.sblock("root"):
+                xq = T.alloc_buffer((XQ,), "int8", scope="global")
+                xs = T.alloc_buffer((XS,), "float32", scope="global")
+                xadj = T.alloc_buffer((XS * 8,), "int32", scope="global")
+                prepare_x(x, xq, xs, xadj)
                 part = T.alloc_buffer((P, D), "float32", scope="global")
                 for p in T.parallel(P):
-                    firing_down(x, idx, None, thr, w, part, p, k)
+                    firing_down((x, xq, xs, xadj), idx, None, thr, w, part, p, k)
                 reduce_partials(part, y)
 
         return fused
@@ -314,12 +341,16 @@ def sparse_ffn_kernel(layout: BundleLayout, mode: str = "fused", threads: int = 
             idx = T.match_buffer(var_idx, (k,), "int32")
             g = T.match_buffer(var_g, (k, C), "float32")
             with T.sblock("root"):
+                xq = T.alloc_buffer((XQ,), "int8", scope="global")
+                xs = T.alloc_buffer((XS,), "float32", scope="global")
+                xadj = T.alloc_buffer((XS * 8,), "int32", scope="global")
+                prepare_x(x, xq, xs, xadj)
                 for p in T.parallel(P):
                     acc = T.alloc_buffer((CHAINS, LANES), "float32", scope="global")
                     s = T.alloc_buffer((3,), "float32", scope="global")
                     for j in range(k * p // P, k * (p + 1) // P):
                         for i in range(C):
-                            dot(x, acc, s, w, idx[j], i, 0, 0)
+                            dot((x, xq, xs, xadj), acc, s, w, idx[j], i, 0, 0)
                             g[j, i] = s[0]
 
         return gate
@@ -332,9 +363,13 @@ def sparse_ffn_kernel(layout: BundleLayout, mode: str = "fused", threads: int = 
         idx = T.match_buffer(var_idx, (k,), "int32")
         g = T.match_buffer(var_g, (k, C), "float32")
         with T.sblock("root"):
+            xq = T.alloc_buffer((XQ,), "int8", scope="global")
+            xs = T.alloc_buffer((XS,), "float32", scope="global")
+            xadj = T.alloc_buffer((XS * 8,), "int32", scope="global")
+            prepare_x(x, xq, xs, xadj)
             part = T.alloc_buffer((P, D), "float32", scope="global")
             for p in T.parallel(P):
-                firing_down(x, idx, g, thr, w, part, p, k)
+                firing_down((x, xq, xs, xadj), idx, g, thr, w, part, p, k)
             reduce_partials(part, y)
 
     return updown
@@ -345,29 +380,3 @@ def _weight_shape(layout: BundleLayout, symbolic: bool) -> tuple:
     shape = layout.shape()
     # int64: a pool over all layers of a 7B model passes 2 GiB, whose byte offsets overflow int32
     return (tirx.Var("n_slots", "int64"), *shape[1:]) if symbolic else shape
-
-
-@cache
-def dequantize_kernel(layout: BundleLayout, threads: int = 2, symbolic: bool = False) -> tirx.PrimFunc:
-    """``dequant(w, out)``: the bundle ``w`` (``layout.shape()``) as float32 ``out`` (NCL, C, R, d).
-
-    The dense prefill of the offloading runtime dequantizes a chunk of records with it, then multiplies the
-    whole prompt by the float32 weights (numpy/BLAS). Same element decoding as the sparse kernels; clusters in
-    parallel, 16 lanes vectorized.
-    """
-    D, C, R = layout.d_model, layout.cluster, layout.rows
-    NB = D // QBLOCK
-    WSHAPE, WDT = _weight_shape(layout, symbolic), layout.storage_dtype
-    NCL = WSHAPE[0]
-    elem = _element_getter(layout)
-
-    @T.prim_func(private=True, s_tir=True)
-    def dequant(w: T.Buffer(WSHAPE, WDT), out: T.Buffer((NCL, C, R, D), "float32")):
-        T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True})
-        for c in T.parallel(NCL):
-            for i, r, b in T.grid(C, R, NB):
-                for half in T.unroll(2):
-                    for lane in T.vectorized(LANES):
-                        out[c, i, r, b * QBLOCK + half * 16 + lane] = elem(w, c, i, r, b, half, lane)
-
-    return dequant

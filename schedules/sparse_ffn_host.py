@@ -35,6 +35,8 @@ class SparseFFNKernel:
         :func:`xpuc.runtime.flash_reader.aligned_empty`): a neuron cache fills it and the kernels see it.
     threshold:
         Activation threshold of the ``swiglu`` kind (CATS/TEAL-style); ignored by the ReLU kinds.
+    int8:
+        Gate and up dot products over int8-quantized activations (q4_0 weights, a CPU with AVX-512 VNNI).
     """
 
     layout: BundleLayout
@@ -43,6 +45,7 @@ class SparseFFNKernel:
     threads: int = 2
     threshold: float = 0.0
     share: bool = False  # use ``bundle``'s memory in place (page-aligned array; later writes are seen)
+    int8: bool = False
 
     def __post_init__(self) -> None:
         import tvm
@@ -54,7 +57,8 @@ class SparseFFNKernel:
                             f"{self.layout.shape()} {self.layout.storage_dtype}")
         target = self.target or load_profile("host").cpu_target()
         modes = ["fused", "dense"] + (["gate", "updown"] if self.layout.gated else [])
-        funcs = {m: sparse_ffn_kernel(self.layout, m, self.threads).with_attr("global_symbol", m) for m in modes}
+        funcs = {m: sparse_ffn_kernel(self.layout, m, self.threads, int8=self.int8).with_attr("global_symbol", m)
+                 for m in modes}
         self.module = tvm.compile(tvm.IRModule(funcs), target=target)
         self._dev = tvm.cpu()
         self._w = tvm.runtime.from_dlpack(self.bundle) if self.share else tvm.runtime.tensor(self.bundle, self._dev)
@@ -170,7 +174,7 @@ class BundleDequantizer:
     def __init__(self, layout: BundleLayout, target=None, threads: int = 2) -> None:
         import tvm
 
-        from xpuc.schedules.sparse_ffn import dequantize_kernel
+        from xpuc.schedules.sparse_dequant import dequantize_kernel
 
         self.layout = layout
         func = dequantize_kernel(layout, threads).with_attr("global_symbol", "dequant")

@@ -108,7 +108,7 @@ def cmd_pack(args: argparse.Namespace) -> int:
 
     out = pack_offload(args.model, args.stats, args.plan, args.predictor, args.output, args.force, args.quiet,
                        fixed_dtype=args.fixed_dtype, device=args.device, layout=args.layout,
-                       records=args.records)
+                       records=args.records, dot=args.dot)
     print(f"wrote {out}")
     return 0
 
@@ -176,6 +176,9 @@ def add_parsers(sub) -> None:
                    help="split: each neuron's gate row apart from its up/down rows, so that up/down are read only "
                         "for neurons whose gate fired (clusters of one neuron, gated FFNs); whole: one record per "
                         "cluster; auto (default): split where it applies")
+    p.add_argument("--dot", default="auto", choices=["auto", "int8", "float32"],
+                   help="dot products of the neuron-cluster kernels: int8 (activations quantized to 8-bit blocks, "
+                        "AVX-512 VNNI, q4_0 records), float32, or auto (default: int8 where the device has it)")
     p.add_argument("--force", action="store_true", help="replace an existing directory")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(fn=cmd_pack)

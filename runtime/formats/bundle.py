@@ -156,14 +156,25 @@ def activation(kind: str, g: np.ndarray, u: np.ndarray | None, threshold: float 
     return np.where(np.abs(s) > threshold, s, 0.0) * u
 
 
+def int8_activations(x: np.ndarray) -> np.ndarray:
+    """``x`` as the int8 dot products see it: blocks of 32 values quantized to int8 with the scale max|x|/127
+    (rounded half away from zero), dequantized back to float32."""
+    b = np.asarray(x, np.float32).reshape(-1, QBLOCK)
+    scale = (np.abs(b).max(1, keepdims=True) / np.float32(127)).astype(np.float32)
+    v = b / np.where(scale > 0, scale, np.float32(1))
+    q = np.where(v >= 0, np.floor(v + np.float32(0.5)), np.ceil(v - np.float32(0.5)))
+    return (q.astype(np.float32) * scale).reshape(-1)
+
+
 def sparse_ffn_reference(layout: BundleLayout, bundle: np.ndarray, x: np.ndarray,
-                         clusters: np.ndarray | None, threshold: float = 0.0) -> np.ndarray:
-    """FFN output over the given active clusters (all clusters when None), float64 numpy."""
+                         clusters: np.ndarray | None, threshold: float = 0.0, int8: bool = False) -> np.ndarray:
+    """FFN output over the given active clusters (all clusters when None), float64 numpy; with ``int8``, the gate
+    and up dot products see :func:`int8_activations` of ``x``, as the int8 kernels do."""
     w = dequantize_bundle(layout, bundle).astype(np.float64)
     if clusters is not None:
         w = w[np.asarray(clusters, np.int64)]
     w = w.reshape(-1, layout.rows, layout.d_model)
-    x = np.asarray(x, np.float64)
+    x = np.asarray(int8_activations(x) if int8 else x, np.float64)
     g = w[:, 0] @ x
     u = w[:, 1] @ x if layout.gated else None
     h = activation(layout.kind, g, u, threshold)
