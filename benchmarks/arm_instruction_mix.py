@@ -3,7 +3,8 @@
 Usage: python benchmarks/arm_instruction_mix.py [--device oneplus-12] [--out benchmarks/results/arm_mix.json]
 
 Builds the fused sparse kernel of the TurboSparse-Mistral-7B FFN shape (d=4096, n=14336, C=32) for each
-weight dtype with the device profile's CPU target and toolchain, and counts instruction classes in the
+weight dtype (and q4_0 with int8 dot products where the CPU has them) with the device profile's CPU target and
+toolchain, and counts instruction classes in the
 disassembly (llvm-objdump): NEON floating-point vector ops, vector loads, widening conversions, integer
 dot products, and scalar floating-point ops.
 """
@@ -36,21 +37,25 @@ def main() -> int:
     args = ap.parse_args()
 
     from xpuc.runtime.formats.bundle import BundleLayout
-    from xpuc.schedules.sparse_ffn import sparse_ffn_kernel
+    from xpuc.schedules.sparse_ffn import int8_dot_isa, sparse_ffn_kernel
     from xpuc.targets.arm_build import android_target, build_library, inspect_elf
     from xpuc.targets.profile import load_profile
 
     profile = load_profile(args.device)
     target = android_target(profile)
     rows = []
-    for dtype in ("float32", "float16", "q4_0", "q4_1"):
+    isa = int8_dot_isa(target)
+    variants = [("float32", ""), ("float16", ""), ("q4_0", ""), ("q4_1", "")] + ([("q4_0", isa)] if isa else [])
+    for dtype, int8 in variants:
         layout = BundleLayout("reglu", 4096, 14336, 32, dtype)
         with tempfile.TemporaryDirectory() as d:
-            so = build_library({"ffn": sparse_ffn_kernel(layout, "fused", profile.num_cores)}, target,
+            so = build_library({"ffn": sparse_ffn_kernel(layout, "fused", profile.num_cores, int8=int8)}, target,
                                Path(d) / "ffn.so")
             rep = inspect_elf(so)
-            asm = subprocess.run(["llvm-objdump", "-d", str(so)], capture_output=True, text=True).stdout
+            asm = subprocess.run(["llvm-objdump", "-d", "--mattr=+dotprod,+i8mm,+fullfp16", str(so)],
+                                 capture_output=True, text=True).stdout
         counts = Counter({k: len(re.findall(p, asm)) for k, p in CLASSES.items()})
+        dtype += f" int8 ({int8})" if int8 else ""
         rows.append({"dtype": dtype, "machine": rep.machine, "glibc_versions": rep.glibc_versions,
                      "exported": rep.exported_ffi, **counts})
         print(f"{dtype:8s} {rep.machine}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))

@@ -48,7 +48,7 @@ from xpuc.runtime.formats.arch import ArchConfig
 from xpuc.schedules.linear import embedding_fp16, linear_fp16, pack_rows, packed_shape
 from xpuc.schedules.linear_quant import embedding_quant, linear_quant, quantize_matrix, quantized_shape
 from xpuc.schedules.sparse_dequant import dequantize_kernel
-from xpuc.schedules.sparse_ffn import int8_dot_available, sparse_ffn_kernel
+from xpuc.schedules.sparse_ffn import int8_dot_available, int8_dot_isa, sparse_ffn_kernel
 
 DECODE_LIB = "decode.so"
 EMBED_QUANT = "q8_0"  # embedding / LM head format when the fixed segment is quantized (as `compile --quantize`)
@@ -133,7 +133,7 @@ class OffloadStep(nn.Module):
         self.embed_fmt = embed_format(fixed_dtype)
         self.n_clusters = c.intermediate_size // cluster
         self.layout, self.threads = layout, threads  # the flash records' layout: decode_resident's FFN kernel
-        self.int8 = int8  # decode_resident's FFN kernel takes int8 dot products
+        self.int8 = int8_dot_isa(target) if int8 else ""  # decode_resident's FFN kernel: int8 dot products
 
     # --- pieces ----------------------------------------------------------------------------------------
     def _add_parts(self, h: nn.Tensor, ys: nn.Tensor, yw: nn.Tensor) -> nn.Tensor:
@@ -274,7 +274,8 @@ def build_ffn_module(layout, threads: int, target, int8: bool = False):
     import tvm
 
     modes = ["fused", "dense"] + (["gate", "updown"] if layout.gated else [])
-    funcs = {m: sparse_ffn_kernel(layout, m, threads, symbolic=True, int8=int8).with_attr("global_symbol", m)
+    isa = int8_dot_isa(target) if int8 else ""
+    funcs = {m: sparse_ffn_kernel(layout, m, threads, symbolic=True, int8=isa).with_attr("global_symbol", m)
              for m in modes}
     funcs["dequant"] = dequantize_kernel(layout, threads, symbolic=True).with_attr("global_symbol", "dequant")
     return tvm.compile(tvm.IRModule(funcs), target=target)
@@ -286,7 +287,8 @@ def sparse_dot(layout, target, dot: str = "auto") -> str:
     q4_0; else ``float32``."""
     available = layout.dtype == "q4_0" and int8_dot_available(target)
     if dot == "int8" and not available:
-        raise XpucError(f"--dot int8 needs q4_0 records and a CPU with AVX-512 VNNI (records {layout.dtype}, "
+        raise XpucError(f"--dot int8 needs q4_0 records and a CPU with int8 dot products (AVX-512 VNNI, arm64 "
+                        f"dotprod; records {layout.dtype}, "
                         f"target {target.attrs.get('mcpu', '?')})")
     return "int8" if dot == "int8" or (dot == "auto" and available) else "float32"
 

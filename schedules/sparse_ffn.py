@@ -25,7 +25,7 @@ read-modify-write of the partial output per four neurons); where rows are short,
 Measured on the SmolLM2 FFN (576 x 1536, q4_0, clusters of 32, every cluster active, 30 layers' records
 streamed from memory, 2 threads): 96 us per layer against 160-170 us with one chain, per-neuron AXPYs and no
 prefetch. LLVM maps the 16-lane vectors onto AVX-512/AVX2 on x86 and onto four 128-bit NEON registers on
-ARM. With ``int8=True`` the gate and up dot products run over int8 activations (:mod:`xpuc.schedules.int8_dot`).
+ARM. With ``int8`` (an ISA) the gate and up dot products run over int8 activations (:mod:`xpuc.schedules.int8_dot`).
 """
 
 from __future__ import annotations
@@ -36,9 +36,9 @@ from tvm import tirx
 from tvm.script import tirx as T
 
 from xpuc.runtime.formats.bundle import QBLOCK, BundleLayout
-from xpuc.schedules.int8_dot import int8_dot_available, int8_dot_macros
+from xpuc.schedules.int8_dot import int8_dot_available, int8_dot_isa, int8_dot_macros
 
-__all__ = ["MODES", "int8_dot_available", "sparse_ffn_kernel"]
+__all__ = ["MODES", "int8_dot_available", "int8_dot_isa", "sparse_ffn_kernel"]
 
 MODES = ("fused", "gate", "updown", "dense")
 LANES = 16
@@ -115,7 +115,7 @@ def _activation_exprs(kind: str):
 
 @cache
 def sparse_ffn_kernel(layout: BundleLayout, mode: str = "fused", threads: int = 2,
-                      symbolic: bool = False, int8: bool = False) -> tirx.PrimFunc:
+                      symbolic: bool = False, int8: str = "") -> tirx.PrimFunc:
     """Generate the TIR PrimFunc for ``layout`` in ``mode`` with ``threads`` parallel tasks.
 
     Parameters
@@ -130,9 +130,9 @@ def sparse_ffn_kernel(layout: BundleLayout, mode: str = "fused", threads: int = 
         The bundle's cluster count is a variable (``w`` of shape ``(n, C, R, row)``): one build serves a
         neuron cache's pool of any size (``layout.n_clusters`` is then ignored).
     int8:
-        Gate and up dot products over activations quantized to int8 blocks (``vpdpbusd``, x86 with
-        AVX-512 VNNI; :func:`int8_dot_available`), as llama.cpp does; q4_0 weights only. The down AXPYs
-        stay float32.
+        ``""`` (float32 dot products) or the instructions of the int8 dot products over activations quantized
+        to int8 blocks, as llama.cpp does: ``avx512vnni`` or ``dotprod`` (:func:`int8_dot_isa`); q4_0 weights
+        only. The down AXPYs stay float32.
 
     Returns
     -------
@@ -188,12 +188,13 @@ def sparse_ffn_kernel(layout: BundleLayout, mode: str = "fused", threads: int = 
             acc[0, l] = acc[0, l] + acc[0, l + 2]
         s[out_slot] = acc[0, 0] + acc[0, 1]
 
-    dot8, quantize_x = int8_dot_macros(layout) if int8 else (None, None)
+    dot8, quantize_x = int8_dot_macros(layout, int8) if int8 else (None, None)
     dot = dot8 if int8 else dot32
+    quantized = bool(int8)
 
     @T.macro
     def prepare_x(x, xq, xs, xadj):
-        if int8:
+        if quantized:
             quantize_x(x, xq, xs, xadj)
 
     @T.macro

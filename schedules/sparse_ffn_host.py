@@ -36,7 +36,8 @@ class SparseFFNKernel:
     threshold:
         Activation threshold of the ``swiglu`` kind (CATS/TEAL-style); ignored by the ReLU kinds.
     int8:
-        Gate and up dot products over int8-quantized activations (q4_0 weights, a CPU with AVX-512 VNNI).
+        Gate and up dot products over int8-quantized activations (q4_0 weights, a target with int8 dot
+        products: :func:`xpuc.schedules.sparse_ffn.int8_dot_isa`).
     """
 
     layout: BundleLayout
@@ -50,14 +51,17 @@ class SparseFFNKernel:
     def __post_init__(self) -> None:
         import tvm
 
-        from xpuc.schedules.sparse_ffn import sparse_ffn_kernel
+        from xpuc.schedules.sparse_ffn import int8_dot_isa, sparse_ffn_kernel
 
         if tuple(self.bundle.shape) != self.layout.shape() or str(self.bundle.dtype) != self.layout.storage_dtype:
             raise XpucError(f"bundle has shape {self.bundle.shape} {self.bundle.dtype}, expected "
                             f"{self.layout.shape()} {self.layout.storage_dtype}")
         target = self.target or load_profile("host").cpu_target()
         modes = ["fused", "dense"] + (["gate", "updown"] if self.layout.gated else [])
-        funcs = {m: sparse_ffn_kernel(self.layout, m, self.threads, int8=self.int8).with_attr("global_symbol", m)
+        isa = int8_dot_isa(target) if self.int8 else ""
+        if self.int8 and not isa:
+            raise XpucError(f"int8 dot products: target {target} has no int8 dot-product instructions")
+        funcs = {m: sparse_ffn_kernel(self.layout, m, self.threads, int8=isa).with_attr("global_symbol", m)
                  for m in modes}
         self.module = tvm.compile(tvm.IRModule(funcs), target=target)
         self._dev = tvm.cpu()

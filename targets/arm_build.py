@@ -81,7 +81,9 @@ def inspect_elf(path: Path) -> ElfReport:
         if len(parts) >= 8 and parts[0].endswith(":"):
             name = parts[7].split("@")[0]
             (undefined if parts[6] == "UND" else exported).append(name)
-    asm = subprocess.run([objdump, "-d", str(path)], capture_output=True, text=True).stdout
+    # llvm-objdump decodes the dot-product and int8-matmul extensions only when asked to
+    decode = ["--mattr=+dotprod,+i8mm,+fullfp16"] if objdump == "llvm-objdump" else []
+    asm = subprocess.run([objdump, "-d", *decode, str(path)], capture_output=True, text=True).stdout
     neon = len(re.findall(r"\b(fmla|fmul|fadd|fcvtl2?|ld1|ucvtf|scvtf)\s+v\d+\.", asm))
     sdot = len(re.findall(r"\bsdot\b", asm))
     return ElfReport(machine, versions, sorted(n for n in exported if n.startswith("__tvm_ffi")),

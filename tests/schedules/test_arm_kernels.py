@@ -69,6 +69,19 @@ def emulated_results():
                               "args": ["x", f"idx_{tag}", f"g_{tag}", "thr", f"w_{tag}", f"yu_{tag}"],
                               "outputs": [f"yu_{tag}"]})
                 expected[f"yu_{tag}"] = expected[f"yf_{tag}"]
+    # int8 dot products (sdot) over q4_0 records, against numpy on the int8-rounded activations
+    for kind in FFN_KINDS:
+        for d in (64, 96):  # an even and an odd number of blocks per row
+            lay = BundleLayout(kind, d, F, C, "q4_0")
+            g, u, dn = (rng.standard_normal(s).astype(np.float32) for s in [(F, d), (F, d), (d, F)])
+            w, xi = bundle_ffn(lay, u, dn * 0.1, g), rng.standard_normal(d).astype(np.float32)
+            tag = f"i8_{kind}_{d}"
+            idx = np.sort(rng.choice(lay.n_clusters, 5, replace=False)).astype(np.int32)
+            arrays.update({f"x_{tag}": xi, f"w_{tag}": w, f"idx_{tag}": idx, f"y_{tag}": np.zeros(d, np.float32)})
+            funcs[f"fused_{tag}"] = sparse_ffn_kernel(lay, "fused", int8="dotprod")
+            cases.append({"name": tag, "func": f"fused_{tag}",
+                          "args": [f"x_{tag}", f"idx_{tag}", "thr", f"w_{tag}", f"y_{tag}"], "outputs": [f"y_{tag}"]})
+            expected[f"y_{tag}"] = sparse_ffn_reference(lay, w, xi, idx, 0.1, int8=True)
     # dense fp16 linear (decode and prefill paths) and the embedding gather
     for K, N, bias, n in [(64, 96, False, 1), (64, 96, True, 3), (96, 40, False, 4)]:
         tag = f"lin_{K}_{N}_{int(bias)}_{n}"
@@ -111,6 +124,10 @@ def test_android_shared_object(tmp_path):
     so = build_library(funcs, android_target(profile), tmp_path / "k.so")
     rep = inspect_elf(so)
     assert rep.is_aarch64, rep.machine
+    assert rep.sdot == 0
+    int8 = build_library({"ffn_fused": sparse_ffn_kernel(lay, "fused", 4, int8="dotprod")}, android_target(profile),
+                         tmp_path / "k8.so")
+    assert inspect_elf(int8).sdot >= 4  # the int8 dot products are sdot instructions, not scalar code
     assert rep.glibc_versions == []
     assert "__tvm_ffi_ffn_fused" in rep.exported_ffi and "__tvm_ffi_linear" in rep.exported_ffi
     assert rep.neon_fp_ops > 50  # vectorized: NEON fmla/fmul/fadd/ld1 on v registers

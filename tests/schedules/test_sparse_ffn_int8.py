@@ -7,7 +7,7 @@ import pytest
 
 from xpuc.runtime.errors import XpucError
 from xpuc.runtime.formats.bundle import FFN_KINDS, BundleLayout, bundle_ffn, int8_activations, sparse_ffn_reference
-from xpuc.schedules.sparse_ffn import int8_dot_available, sparse_ffn_kernel
+from xpuc.schedules.sparse_ffn import int8_dot_available, int8_dot_isa, sparse_ffn_kernel
 from xpuc.schedules.sparse_ffn_host import SparseFFNKernel
 from xpuc.targets.profile import load_profile
 
@@ -67,16 +67,20 @@ def test_int8_differs_from_float32_by_the_activation_rounding_only():
 
 
 def test_int8_needs_q4_0_and_the_instructions():
+    import tvm
+
     with pytest.raises(ValueError, match="q4_0"):
-        sparse_ffn_kernel(BundleLayout("reglu", 64, 64, 4, "q4_1"), "fused", 2, int8=True)
+        sparse_ffn_kernel(BundleLayout("reglu", 64, 64, 4, "q4_1"), "fused", 2, int8="avx512vnni")
     from xpuc.compiler.offload_build import sparse_dot
 
-    arm = load_profile("oneplus-12").cpu_target()
     layout = BundleLayout("drelu", 64, 64, 1, "q4_0")
-    assert not int8_dot_available(arm)
-    assert sparse_dot(layout, arm, "auto") == "float32"
-    with pytest.raises(XpucError, match="AVX-512 VNNI"):
-        sparse_dot(layout, arm, "int8")
-    assert sparse_dot(BundleLayout("drelu", 64, 64, 1, "q4_1"), HOST, "auto") == "float32"
-    assert sparse_dot(layout, HOST, "float32") == "float32"
-    assert sparse_dot(layout, HOST, "auto") == ("int8" if int8_dot_available(HOST) else "float32")
+    phone = load_profile("oneplus-12").cpu_target()
+    assert int8_dot_isa(phone) == "dotprod" and sparse_dot(layout, phone, "auto") == "int8"
+    plain = tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]})
+    old_x86 = tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "haswell"})
+    for target in (plain, old_x86):
+        assert int8_dot_isa(target) == "" and sparse_dot(layout, target, "auto") == "float32"
+        with pytest.raises(XpucError, match="int8 dot products"):
+            sparse_dot(layout, target, "int8")
+    assert sparse_dot(BundleLayout("drelu", 64, 64, 1, "q4_1"), phone, "auto") == "float32"
+    assert sparse_dot(layout, phone, "float32") == "float32"

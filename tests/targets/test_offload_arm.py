@@ -9,6 +9,7 @@ neuron cache, the predictor and the flash reads, its batch-read helper cross-com
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -38,14 +39,20 @@ def test_packed_twin_under_qemu_decodes_the_host_tokens(tmp_path, shape, monkeyp
     from xpuc.compiler.synth import synthesize, synthesize_moe
     from xpuc.runtime.generation import generate
     from xpuc.runtime.offload import OffloadModel
+    from xpuc.schedules.sparse_ffn import int8_dot_available
     from xpuc.targets.arm_build import inspect_elf
+    from xpuc.targets.profile import load_profile
     from xpuc.targets.qemu import run_aarch64, xpuc_package
 
     (synthesize if shape == "tiny" else synthesize_moe)(shape, 0.9, 5, tmp_path / "model")
     profile_predict_plan(tmp_path, 1024, "linux-arm64", 4 << 20, "q4_0", 16)
     parts = [str(tmp_path / n) for n in ("stats.json", "plan.json", "pred.safetensors")]
-    for device in ("host", "linux-arm64"):  # the same arithmetic on both (the arm64 kernels have no int8 dots)
-        pack_offload(str(tmp_path / "model"), *parts, tmp_path / device, device=device, quiet=True, dot="float32")
+    # the default, int8 dot products, where this host has them too (VNNI; the twin: sdot); else float32 on both
+    dot = "int8" if int8_dot_available(load_profile("host").cpu_target()) else "float32"
+    for device in ("host", "linux-arm64"):
+        pack_offload(str(tmp_path / "model"), *parts, tmp_path / device, device=device, quiet=True, dot=dot)
+        info = json.loads((tmp_path / device / "manifest.json").read_text())["modules"][1]["info"]
+        assert info["dot"] == dot
     for lib in ("decode.so", "ffn.so"):
         assert inspect_elf(tmp_path / "linux-arm64" / lib).machine == "AArch64"
 
