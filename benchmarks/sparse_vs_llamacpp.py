@@ -6,7 +6,8 @@ Steps (cached under ``--work``): ``xpuc profile`` at ``--sparsity`` on license t
 with a budget that holds every neuron, ``xpuc pack`` (q4_0 records, clusters of 32), and ``xpuc compile
 --quantize q4_1 --ffn-stats`` (the GGUF's own q4_1/q8_0 blocks, the profile's thresholds in the decode kernels);
 then, each in its own process so that peak RSS is its own: the compiled artifact (``xpuc run``'s engine), the
-offloading runtime's ``cache`` mode with 100 % of the FFN in memory, and llama.cpp (llama-cpp-python, Q4_1 GGUF,
+offloading runtime's ``cache`` mode with 100 % of the FFN in memory (its default int8 dot products where the CPU
+has them, and the same records packed with ``--dot float32``), and llama.cpp (llama-cpp-python, Q4_1 GGUF,
 same thread count), in ``--repeats`` interleaved rounds. Median greedy decode tok/s (timed from the first
 generated token), peak RSS (``ru_maxrss``), the
 share of identical greedy tokens, and the thresholded model's top-1 agreement with the dense one on held-out
@@ -48,7 +49,7 @@ def worker(kind: str, path: str, tokens: int, threads: int) -> None:
         from xpuc.runtime.generation import generate
         from xpuc.runtime.tokenizer import XpucTokenizer
 
-        if kind == "xpuc-offload":
+        if kind.startswith("xpuc-offload"):
             from xpuc.runtime.offload import OffloadModel
 
             session = OffloadModel(path, "cache", 1.0, threads=threads, context=512)
@@ -107,6 +108,10 @@ def main() -> None:
              "4GiB", "--weight-dtype", "q4_0", "--cluster", "32", "--context", "512", "-o", str(w / "plan.json"))
         xpuc("pack", "smollm2-135m", "--stats", str(w / "stats.json"), "--plan", str(w / "plan.json"),
              "--predictor", str(w / "pred.safetensors"), "--fixed-dtype", "q4_1", "-o", str(w / "art"))
+    f32 = w / "art-float32"  # the same records with float32 dot products: what the int8 ones change
+    if not f32.exists():
+        xpuc("pack", "smollm2-135m", "--stats", str(w / "stats.json"), "--plan", str(w / "plan.json"),
+             "--predictor", str(w / "pred.safetensors"), "--fixed-dtype", "q4_1", "--dot", "float32", "-o", str(f32))
     if not (w / "compiled").exists():
         xpuc("compile", "smollm2-135m", "-o", str(w / "compiled"), "--quantize", "q4_1", "--ffn-stats",
              str(w / "stats.json"))
@@ -114,7 +119,7 @@ def main() -> None:
     if not dense.exists():
         xpuc("compile", "smollm2-135m", "-o", str(dense), "--quantize", "q4_1")
     engines = (("xpuc-compiled", str(w / "compiled")), ("xpuc-compiled-dense", str(dense)),
-               ("xpuc-offload", str(w / "art")), ("llama.cpp", gguf))
+               ("xpuc-offload", str(w / "art")), ("xpuc-offload-float32", str(f32)), ("llama.cpp", gguf))
     runs: dict[str, list[dict]] = {kind: [] for kind, _ in engines}
     for rnd in range(args.repeats):  # interleaved rounds: a slow spell of the host hits every engine
         for kind, path in engines:
@@ -128,7 +133,7 @@ def main() -> None:
         med = sorted(rs, key=lambda r: r["tok_per_s"])[len(rs) // 2]
         rows[kind] = {**med, "tok_per_s_rounds": [r["tok_per_s"] for r in rs]}
     ref = rows["llama.cpp"]
-    xpuc_rows = ("xpuc-compiled", "xpuc-compiled-dense", "xpuc-offload")
+    xpuc_rows = ("xpuc-compiled", "xpuc-compiled-dense", "xpuc-offload", "xpuc-offload-float32")
     for kind in xpuc_rows:
         a, b = rows[kind]["tokens"], ref["tokens"]
         rows[kind].update(
