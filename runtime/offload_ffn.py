@@ -21,6 +21,9 @@ PREDICTOR_MIN_IDLE = 0.01  # a unit whose clusters are expected idle on fewer th
 
 CHUNK_BYTES = 1 << 20  # bytes of records per pipelined read batch (full mode, per_chunk)
 PREFILL_CHUNK_BYTES = 16 << 20  # dequantized float32 weights per prefill chunk
+# prompts of up to this many tokens run the compiled dense kernel once per token over each fetched chunk instead
+# of dequantizing it for numpy (7B-shaped layers, 5 tokens: see OffloadModel.prefill)
+FEW_TOKENS = 8
 
 
 class FFNPaths:
@@ -366,16 +369,36 @@ class FFNPaths:
             return y
 
     def _ffn_dense_batch(self, i: int, x: np.ndarray) -> np.ndarray:
-        """Dense FFN of unit ``i`` for a batch ``x`` (T, d): chunks of clusters dequantized by the compiled
-        kernel, multiplied by numpy/BLAS."""
+        """Dense FFN of unit ``i`` for a batch ``x`` (T, d), over chunks of its clusters fetched once: for up to
+        ``FEW_TOKENS`` tokens the compiled dense neuron-cluster kernel runs on each chunk once per token (the
+        chunk stays in cache), for more the chunk is dequantized by the compiled kernel and multiplied by
+        numpy/BLAS."""
         fl = self.flash
-        chunk = self._prefill_buffer()
+        chunks = self._prefill_buffer()
         layout = fl.bundle_layout(1)
         y = np.zeros_like(x)
-        for a in range(0, fl.n_clusters, chunk.shape[0]):
-            ids = np.arange(a, min(a + chunk.shape[0], fl.n_clusters), dtype=np.int64)
-            buf = chunk[:ids.size]
-            self._fetch_clusters(i, ids, buf)
+        few = x.shape[0] <= FEW_TOKENS
+        if few:
+            xs, part = aligned_empty(x.shape, "float32"), aligned_empty(x.shape, "float32")
+            xs[...] = x
+            x_t, part_t = [self._view(r) for r in xs], [self._view(r) for r in part]
+        per = chunks.shape[1]
+        spans = [np.arange(a, min(a + per, fl.n_clusters), dtype=np.int64) for a in range(0, fl.n_clusters, per)]
+        pending = self._fetch_clusters(i, spans[0], chunks[0, :spans[0].size], wait=False)
+        for k, ids in enumerate(spans):  # the next chunk's reads in flight while this one is computed
+            for f in pending:
+                f.result()
+            buf = chunks[k % 2, :ids.size]
+            if k + 1 < len(spans):
+                pending = self._fetch_clusters(i, spans[k + 1], chunks[(k + 1) % 2, :spans[k + 1].size], wait=False)
+            else:
+                pending = []
+            if few:
+                records = self._view(buf)
+                for t in range(x.shape[0]):
+                    self.kernel["dense"](x_t[t], self._thr_t[i], records, part_t[t])
+                y += part
+                continue
             w = self._dequantize(buf).reshape(-1, layout.rows, layout.d_model)
             g = x @ w[:, 0].T
             u = x @ w[:, 1].T if layout.gated else None
@@ -392,8 +415,9 @@ class FFNPaths:
         self.kernel["dequant"](self._view(records), out_t)
         return out
 
-    def _fetch_clusters(self, i: int, ids: np.ndarray, dest: np.ndarray) -> None:
-        """Records of layer ``i``'s clusters ``ids`` (sorted) into ``dest``: from the cache when resident."""
+    def _fetch_clusters(self, i: int, ids: np.ndarray, dest: np.ndarray, wait: bool = True) -> list:
+        """Records of layer ``i``'s clusters ``ids`` (sorted) into ``dest``: from the cache when resident. With
+        ``wait=False`` the reads are queued on the reader's I/O thread and their futures returned."""
         missing = np.ones(ids.size, bool)
         if self.cache is not None:
             slots = self.cache.layers[i].slot_of[ids]
@@ -402,16 +426,20 @@ class FFNPaths:
             dest[~missing] = self.cache.pool[slots[~missing]]
         if missing.any():
             flat = dest.reshape(dest.shape[0], -1).view(np.uint8)
-            for read in self._part_reads(i, ids[missing], np.flatnonzero(missing), range(len(self.flash.part_bytes)),
-                                         flat):
+            reads = self._part_reads(i, ids[missing], np.flatnonzero(missing), range(len(self.flash.part_bytes)), flat)
+            if not wait:
+                return [self.reader.submit(*read) for read in reads]
+            for read in reads:
                 self.reader.read(*read)
+        return []
 
     def _prefill_buffer(self) -> np.ndarray:
-        """Aligned staging buffer of the prefill's cluster chunks (about PREFILL_CHUNK_BYTES dequantized)."""
+        """The prefill's two aligned staging buffers of cluster chunks (each about PREFILL_CHUNK_BYTES dequantized):
+        one is read into while the other is computed."""
         if self._prefill_chunk_buf is None:
             fl = self.flash
             layout = fl.bundle_layout(1)
             per_cluster = fl.cluster * layout.rows * layout.d_model * 4  # float32 after dequantization
             n = int(min(fl.n_clusters, max(1, PREFILL_CHUNK_BYTES // per_cluster)))
-            self._prefill_chunk_buf = aligned_empty((n, *layout.shape()[1:]), layout.storage_dtype)
+            self._prefill_chunk_buf = aligned_empty((2, n, *layout.shape()[1:]), layout.storage_dtype)
         return self._prefill_chunk_buf

@@ -132,6 +132,21 @@ def test_dense_prefill_matches_numpy_in_every_mode_and_reads_each_layer_once(pac
     np.testing.assert_allclose(dense, ref.forward(long)[-1], rtol=2e-3, atol=2e-3 * np.abs(want).max())
     np.testing.assert_allclose(short, ReferenceModel(spec, "float16").forward(long[:-1])[-1], rtol=2e-3,
                                atol=2e-3 * np.abs(want).max())
+    # a short prompt's FFN runs the compiled dense kernel per token, a long one dequantizes for numpy: the same
+    from xpuc.runtime import offload_ffn
+
+    few = (prompt * 2)[:offload_ffn.FEW_TOKENS]
+    with OffloadModel(d / "art", "full", ffn_fraction=0.4, threads=2) as m:
+        by_kernel = m.prefill_dense(few)
+        m.reset()
+        offload_ffn.FEW_TOKENS, saved = 0, offload_ffn.FEW_TOKENS
+        try:
+            by_numpy = m.prefill_dense(few)
+        finally:
+            offload_ffn.FEW_TOKENS = saved
+    np.testing.assert_allclose(by_kernel, by_numpy, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    np.testing.assert_allclose(by_kernel, ReferenceModel(spec, "float16").forward(few)[-1], rtol=2e-3,
+                               atol=2e-3 * np.abs(want).max())
     with OffloadModel(d / "art", "cache", ffn_fraction=0.4, threads=2) as m:
         with pytest.raises(XpucError, match="empty"):
             m.prefill_dense([])
