@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from xpuc.compiler.frontend_onnx import check_model, import_onnx, read_onnx
+from xpuc.compiler.frontend_onnx import check_model, import_onnx, read_onnx, unverified_ops
 from xpuc.compiler.frontends import load_model
 from xpuc.compiler.onnx_prepare import graph_inputs, input_dims, prepare_graph
 from xpuc.runtime.artifact import MANIFEST, Manifest, ModuleEntry, sha256_file, staged_directory, versions
@@ -279,6 +279,12 @@ def compile_onnx(model: str | os.PathLike, output: str | os.PathLike, device: st
         if hint and "cannot import" in str(e):
             raise XpucError(f"{e}{hint}") from None
         raise
+    unverified = unverified_ops(proto)
+    if unverified:  # TVM converts them, but some of their node tests fail: say so, and record it
+        prepared["unverified_ops"] = unverified
+        if not quiet:
+            print(f"xpuc: warning: {model}: operators outside xpuc's verified set (TVM's converter fails some of "
+                  f"their ONNX node tests; compare the outputs): {', '.join(unverified)}", file=sys.stderr)
     steps.done(f"{prepared['nodes_in']} nodes" + (f", {prepared['nodes_out']} after {prepared['simplified_by']}"
                                                   if "simplified_by" in prepared else "")
                + (f"; symbolic dims {', '.join(symbolic)}" if symbolic else ""))

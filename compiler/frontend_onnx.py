@@ -59,6 +59,12 @@ def read_onnx(path: str | os.PathLike):
     return model
 
 
+def unverified_ops(model) -> list[str]:
+    """Operator types of ``model``'s graph that TVM's converter takes but xpuc does not claim (:data:`CLAIMED_OPS`):
+    over the whole ONNX node suite (``benchmarks/onnx_node_suite.py``) some of their cases give wrong values."""
+    return sorted({n.op_type for n in model.graph.node if n.domain in ("", "ai.onnx")} - CLAIMED_OPS)
+
+
 def check_model(model, where: str = "model", ops: bool = True) -> None:
     """Run the ONNX checker and (with ``ops``) the operator-support check; raise XpucError listing every
     problem. Operators of other domains (``ai.onnx.ml``, vendor ops) are listed with their domain."""

@@ -144,3 +144,32 @@ def test_operators_of_other_domains_are_named_with_their_domain(tmp_path):
     with pytest.raises(XpucError, match="unsupported ONNX operators: ai.onnx.ml.Scaler$"):
         compile_onnx(_save(m, tmp_path / "ml.onnx"), tmp_path / "a", quiet=True)
     assert not (tmp_path / "a").exists()
+
+
+def test_operators_outside_the_verified_set_compile_with_a_warning_in_the_manifest(tmp_path):
+    """LayerNormalization converts, but some of its node tests fail (its optional Mean output): compiled, with a
+    warning that names it and ``source.prepared.unverified_ops``; a graph of claimed operators gets neither."""
+    from xpuc.runtime.artifact import read_manifest
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 8])
+    inits = [numpy_helper.from_array(np.ones(8, np.float32), "scale"),
+             numpy_helper.from_array(np.zeros(8, np.float32), "bias")]
+    ln = helper.make_graph([helper.make_node("LayerNormalization", ["x", "scale", "bias"], ["n"]),
+                            helper.make_node("Relu", ["n"], ["y"])], "g", [x], [y], initializer=inits)
+    path = _save(helper.make_model(ln, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "ln.onnx")
+    r = _xpuc("compile", path, "-o", tmp_path / "ln")
+    assert r.returncode == 0, r.stderr
+    assert "xpuc: warning:" in r.stderr and "outside xpuc's verified set" in r.stderr, r.stderr
+    assert "LayerNormalization" in r.stderr
+    assert read_manifest(tmp_path / "ln").source["prepared"]["unverified_ops"] == ["LayerNormalization"]
+    xv = np.random.default_rng(1).standard_normal((2, 8)).astype(np.float32)
+    np.savez(tmp_path / "in.npz", x=xv)
+    r = _xpuc("run", tmp_path / "ln", "--inputs", tmp_path / "in.npz", "--output", tmp_path / "o.npz")
+    assert r.returncode == 0, r.stderr
+    mu, sd = xv.mean(1, keepdims=True), np.sqrt(xv.var(1, keepdims=True) + 1e-5)
+    np.testing.assert_allclose(np.load(tmp_path / "o.npz")["y"], np.maximum((xv - mu) / sd, 0), rtol=1e-4, atol=1e-5)
+    path = _save(_computed_reshape(), tmp_path / "claimed.onnx")
+    r = _xpuc("compile", path, "--input-shape", "x=3,4,6", "-o", tmp_path / "claimed")
+    assert r.returncode == 0 and "verified set" not in r.stderr, r.stderr
+    assert "unverified_ops" not in read_manifest(tmp_path / "claimed").source["prepared"]
