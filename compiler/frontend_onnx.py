@@ -17,17 +17,18 @@ from xpuc.runtime.errors import XpucError
 # Operators xpuc claims: every single-operator node test that the `onnx` package ships for them passes
 # through xpuc's ONNX path on the host (tests/compiler/test_onnx_node_cases.py), with the inputs that exporters
 # emit as constants (shapes, axes, pads, ...) frozen into initializers. TVM's converter knows more
-# operators; those fail some of their node tests and are not claimed.
+# operators; those fail some of their node tests and are not claimed. LSTM, GRU and RNN are not in TVM's
+# converter: xpuc unrolls them before import (compiler/onnx_recurrent.py).
 CLAIMED_OPS = frozenset((
     "Abs", "Acos", "Acosh", "Add", "And", "ArgMax", "ArgMin", "Asin", "Asinh", "Atan", "Atanh", "AveragePool",
     "BitwiseAnd", "BitwiseNot", "BitwiseOr", "BitwiseXor", "Ceil", "Clip", "Compress", "Concat", "Constant",
     "ConstantOfShape", "Conv", "Cos", "Cosh", "DepthToSpace", "Div", "DynamicQuantizeLinear", "Einsum", "Elu",
     "Equal", "Erf", "Exp", "Expand", "Flatten", "Floor", "Gather", "GatherElements", "GatherND", "Gelu",
-    "Gemm", "GlobalAveragePool", "GlobalMaxPool", "Greater", "GreaterOrEqual", "GridSample",
+    "GRU", "Gemm", "GlobalAveragePool", "GlobalMaxPool", "Greater", "GreaterOrEqual", "GridSample",
     "GroupNormalization", "HardSigmoid", "HardSwish", "Hardmax", "Identity", "InstanceNormalization", "IsNaN",
-    "LRN", "LeakyRelu", "Less", "LessOrEqual", "Log", "LogSoftmax", "LpPool", "MatMul", "MatMulInteger", "Max",
+    "LRN", "LSTM", "LeakyRelu", "Less", "LessOrEqual", "Log", "LogSoftmax", "LpPool", "MatMul", "MatMulInteger", "Max",
     "Mean", "MeanVarianceNormalization", "Min", "Mish", "Mul", "Neg", "NonZero", "Not", "OptionalGetElement",
-    "Or", "PRelu", "Pad", "Range", "Reciprocal", "ReduceMean", "Relu", "Reshape", "Round", "Scatter",
+    "Or", "PRelu", "Pad", "RNN", "Range", "Reciprocal", "ReduceMean", "Relu", "Reshape", "Round", "Scatter",
     "ScatterElements", "ScatterND", "Selu", "Shrink", "Sigmoid", "Sign", "Sin", "Sinh", "Size", "Slice",
     "Softmax", "Softplus", "Softsign", "Sqrt", "Squeeze", "Sub", "Sum", "Tan", "Tanh", "ThresholdedRelu",
     "Tile", "Transpose", "Trilu", "Unique", "Unsqueeze", "Where", "Xor",
@@ -36,7 +37,7 @@ CLAIMED_OPS = frozenset((
 STATIC_INPUTS = {"Reshape": [1], "ReduceMean": [1], "ReduceSum": [1], "ReduceMax": [1], "ReduceMin": [1],
                  "ReduceProd": [1], "Split": [1], "Pad": [1, 2, 3], "Expand": [1], "ConstantOfShape": [0],
                  "Resize": [1, 2, 3], "Slice": [1, 2, 3, 4], "Unsqueeze": [1], "Squeeze": [1], "Tile": [1],
-                 "Range": [0, 1, 2], "Clip": [1, 2]}
+                 "Range": [0, 1, 2], "Clip": [1, 2], "LSTM": [4], "GRU": [4], "RNN": [4]}
 
 
 def supported_ops() -> set[str]:

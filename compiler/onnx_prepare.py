@@ -20,6 +20,7 @@ import contextlib
 import io
 from collections.abc import Mapping
 
+from xpuc.compiler.onnx_recurrent import unroll_recurrent
 from xpuc.runtime.errors import XpucError
 
 
@@ -101,7 +102,8 @@ def fix_input_shapes(model, shapes: Mapping[str, tuple[int, ...]], where: str = 
 
 def prepare_graph(model, shapes: Mapping[str, tuple[int, ...]] | None = None, where: str = "model",
                   simplify: bool = True):
-    """(prepared ModelProto, record for the manifest): input dims fixed / named, then simplified.
+    """(prepared ModelProto, record for the manifest): input dims fixed / named, recurrent operators unrolled
+    (:mod:`xpuc.compiler.onnx_recurrent`), then simplified.
 
     A graph onnxslim cannot simplify (or one with sequence / optional inputs or outputs, which it does not
     handle) is imported as it is; the record's ``not_simplified`` says why.
@@ -111,6 +113,9 @@ def prepare_graph(model, shapes: Mapping[str, tuple[int, ...]] | None = None, wh
     shapes = dict(shapes or {})
     fixed = fix_input_shapes(model, shapes, where)
     record: dict = {"input_shapes": {k: list(v) for k, v in shapes.items()}, "nodes_in": len(model.graph.node)}
+    fixed, unrolled = unroll_recurrent(fixed, where)
+    if unrolled:
+        record["unrolled"] = unrolled
     if simplify and not all(_is_tensor(v) for v in [*graph_inputs(fixed), *fixed.graph.output]):
         record["not_simplified"] = "sequence or optional inputs/outputs"  # onnxslim handles tensors only
     elif simplify:
