@@ -1,6 +1,6 @@
 """Real ONNX graphs shipped in PyPI packages: compiled as shipped by `xpuc compile`, against onnxruntime.
 
-Usage: python benchmarks/onnx_real.py [--models ppocr-cls,ppocr-rec,ppocr-det,magika] [--rounds 5]
+Usage: python benchmarks/onnx_real.py [--models ppocr-cls,ppocr-rec,ppocr-det,magika,silero-vad] [--rounds 5]
                                       [--work DIR] [--out benchmarks/results/onnx_real.json]
 
 Each graph is fetched with ``pip download --no-deps`` (wheel and member checked by SHA-256), compiled with
@@ -28,6 +28,8 @@ from xpuc.runtime.errors import XpucError  # noqa: E402
 
 RAPIDOCR = dict(package="rapidocr-onnxruntime==1.4.4", wheel="rapidocr_onnxruntime-1.4.4-py3-none-any.whl",
                 wheel_sha256="971d7d5f223a7a808662229df1ef69893809d8457d834e6373d3854bc1782cbf")
+SILERO = dict(package="silero-vad==6.2.3", wheel="silero_vad-6.2.3-py3-none-any.whl",
+              wheel_sha256="7b7f5436cfcb02fae583a05b512ea96467fd449fe54cb49a5e4f06c51a1e43b8")
 MAGIKA = dict(package="magika==1.0.3", wheel="magika-1.0.3-py3-none-manylinux_2_28_x86_64.whl",
               wheel_sha256="3e9b49134e8116ee40b431664dcbed9e199413efddcce1a173c734b4e0521529")
 
@@ -49,6 +51,10 @@ GRAPHS = {
                         member_sha256="fe2d2eb49c5f88a9e0a6c048e15d6ffdf86235519c2afc535044de433169ec8c",
                         description="Magika file-type classifier (bytes -> content type)", **MAGIKA),
                {"bytes": (1, 2048)}, "bytes"),
+    "silero-vad": (ZooModel("silero-vad", member="silero_vad/data/silero_vad_16k_sequence.onnx",
+                            member_sha256="9ccdacc4719d8aa7e45a77536bfabec45a03ba1f2fad5e241ab4060b24238a85",
+                            description="Silero VAD, 16 kHz sequence model (conv front end + LSTM)", **SILERO),
+                   {"input": (64, 576), "h": (1, 1, 128), "c": (1, 1, 128)}, "audio"),
 }
 
 
@@ -56,6 +62,8 @@ def _input(kind: str, shape: tuple[int, ...], dtype) -> np.ndarray:
     rng = np.random.default_rng(0)
     if kind == "bytes":
         return rng.integers(0, 257, size=shape).astype(dtype)  # 256 = padding token
+    if kind == "audio":
+        return (rng.standard_normal(shape) * 0.1).astype(dtype)  # samples (and LSTM states) of a quiet signal
     return rng.standard_normal(shape).astype(dtype)
 
 
@@ -83,9 +91,8 @@ def main() -> int:
         entry, shapes, kind = GRAPHS[name]
         path = fetch_member(entry)
         model = onnx.load(str(path))
-        inp = next(i for i in model.graph.input if i.name in shapes)
-        dtype = helper.tensor_dtype_to_np_dtype(inp.type.tensor_type.elem_type)
-        x = _input(kind, shapes[inp.name], dtype)
+        feeds = {i.name: _input(kind, shapes[i.name], helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type))
+                 for i in model.graph.input if i.name in shapes}
         row = {"name": name, "description": entry.description, "package": entry.package,
                "input_shape": {k: list(v) for k, v in shapes.items()}}
         t0 = time.perf_counter()
@@ -101,12 +108,12 @@ def main() -> int:
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
         sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-        want = sess.run(None, {inp.name: x})
-        got = runner(x)
+        want = sess.run(None, feeds)
+        args_in = [feeds[n] for n in runner.inputs]
+        got = runner(*args_in)
         err = max(float(np.abs(g - w).max() / max(1e-6, float(np.abs(w).max())))
                   for g, w in zip(got, want, strict=True))
-        feeds = {inp.name: x}
-        best = interleaved_best({"xpuc": lambda r=runner, a=x: r(a),
+        best = interleaved_best({"xpuc": lambda r=runner, a=args_in: r(*a),
                                  "onnxruntime": lambda s=sess, f=feeds: s.run(None, f)}, args.rounds)
         row.update(max_rel_err=err, xpuc_ms=best["xpuc"] * 1e3, onnxruntime_ms=best["onnxruntime"] * 1e3,
                    speed_vs_onnxruntime=best["onnxruntime"] / best["xpuc"])

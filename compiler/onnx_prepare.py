@@ -108,38 +108,48 @@ def prepare_graph(model, shapes: Mapping[str, tuple[int, ...]] | None = None, wh
     A graph onnxslim cannot simplify (or one with sequence / optional inputs or outputs, which it does not
     handle) is imported as it is; the record's ``not_simplified`` says why.
     """
-    import onnx
 
     shapes = dict(shapes or {})
     fixed = fix_input_shapes(model, shapes, where)
     record: dict = {"input_shapes": {k: list(v) for k, v in shapes.items()}, "nodes_in": len(model.graph.node)}
+    if simplify and not all(_is_tensor(v) for v in [*graph_inputs(fixed), *fixed.graph.output]):
+        record["not_simplified"] = "sequence or optional inputs/outputs"  # onnxslim handles tensors only
+        simplify = False
+    if simplify:
+        fixed = _slim(fixed, record)
+    # after folding, so that a recurrent node's input has the static shape its sequence length is read from
     fixed, unrolled = unroll_recurrent(fixed, where)
     if unrolled:
         record["unrolled"] = unrolled
-    if simplify and not all(_is_tensor(v) for v in [*graph_inputs(fixed), *fixed.graph.output]):
-        record["not_simplified"] = "sequence or optional inputs/outputs"  # onnxslim handles tensors only
-    elif simplify:
-        import onnxslim
-
-        slim = onnx.ModelProto()
-        slim.CopyFrom(fixed)
-        del slim.graph.value_info[:]  # stale once input dims changed; shape inference recomputes them
-        try:
-            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-                slim = onnxslim.slim(slim)
-            if not isinstance(slim, onnx.ModelProto):
-                raise ValueError("no graph returned")
-            # onnxslim drops initializers from the input list; IR version 3 required them there (4+ do not)
-            slim.ir_version = max(slim.ir_version, 4)
-            onnx.checker.check_model(slim)
-        except Exception as e:  # onnxslim fails in many ways on graphs it cannot infer: import them as they are
-            msg = (str(e).strip().splitlines() or [type(e).__name__])[-1]
-            record["not_simplified"] = f"onnxslim {onnxslim.__version__}: {msg[:160]}"
-        else:
-            fixed = slim
-            record["simplified_by"] = f"onnxslim {onnxslim.__version__}"
+        if simplify and "not_simplified" not in record:
+            fixed = _slim(fixed, record)  # the unrolled weights' slices and transposes fold into constants
     record["nodes_out"] = len(fixed.graph.node)
     return fixed, record
+
+
+def _slim(model, record: dict):
+    """onnxslim's shape inference and constant folding of ``model``; ``model`` itself where onnxslim fails (the
+    reason in ``record['not_simplified']``)."""
+    import onnx
+    import onnxslim
+
+    slim = onnx.ModelProto()
+    slim.CopyFrom(model)
+    del slim.graph.value_info[:]  # stale once input dims changed; shape inference recomputes them
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            slim = onnxslim.slim(slim)
+        if not isinstance(slim, onnx.ModelProto):
+            raise ValueError("no graph returned")
+        # onnxslim drops initializers from the input list; IR version 3 required them there (4+ do not)
+        slim.ir_version = max(slim.ir_version, 4)
+        onnx.checker.check_model(slim)
+    except Exception as e:  # onnxslim fails in many ways on graphs it cannot infer: import them as they are
+        msg = (str(e).strip().splitlines() or [type(e).__name__])[-1]
+        record["not_simplified"] = f"onnxslim {onnxslim.__version__}: {msg[:160]}"
+        return model
+    record["simplified_by"] = f"onnxslim {onnxslim.__version__}"
+    return slim
 
 
 def _is_tensor(value_info) -> bool:

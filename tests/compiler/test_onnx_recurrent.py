@@ -105,3 +105,32 @@ def test_what_the_unrolling_does_not_cover_is_refused_with_one_line():
     del plain.graph.node[:]
     plain.graph.node.append(helper.make_node("Relu", ["x"], ["y"]))
     assert unroll_recurrent(plain) == (plain, {})
+
+
+def test_sequence_length_known_only_after_folding_a_computed_shape(tmp_path):
+    """As in Silero VAD: the LSTM's input comes out of a Reshape whose shape the graph computes from its input;
+    with --input-shape, folding fixes it and the LSTM unrolls."""
+    import onnx
+
+    ort = pytest.importorskip("onnxruntime")
+    lstm = _model("LSTM", seq="steps")
+    g = lstm.graph
+    g.input[0].CopyFrom(helper.make_tensor_value_info("inp", TensorProto.FLOAT, ["steps", BATCH * IN]))
+    g.initializer.extend([numpy_helper.from_array(np.array([0], np.int64), "zero"),
+                          numpy_helper.from_array(np.array([BATCH, IN], np.int64), "tail")])
+    g.node.insert(0, helper.make_node("Reshape", ["inp", "shape"], ["x"]))
+    g.node.insert(0, helper.make_node("Concat", ["n", "tail"], ["shape"], axis=0))
+    g.node.insert(0, helper.make_node("Gather", ["s", "zero"], ["n"], axis=0))
+    g.node.insert(0, helper.make_node("Shape", ["inp"], ["s"]))
+    path = tmp_path / "lstm.onnx"
+    onnx.save(lstm, str(path))
+    r = _xpuc("compile", path, "--input-shape", f"inp=6,{BATCH * IN}", "-o", tmp_path / "art")
+    assert r.returncode == 0, r.stderr
+    x = np.random.default_rng(3).standard_normal((6, BATCH * IN)).astype(np.float32)
+    np.savez(tmp_path / "in.npz", inp=x)
+    r = _xpuc("run", tmp_path / "art", "--inputs", tmp_path / "in.npz", "--output", tmp_path / "o.npz")
+    assert r.returncode == 0, r.stderr
+    want = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"inp": x})
+    got = np.load(tmp_path / "o.npz")
+    for name, w in zip(("y", "yh", "yc"), want, strict=True):
+        np.testing.assert_allclose(got[name], w, rtol=1e-4, atol=1e-5, err_msg=name)
