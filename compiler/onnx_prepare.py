@@ -20,6 +20,7 @@ import contextlib
 import io
 from collections.abc import Mapping
 
+from xpuc.compiler.onnx_ml import lower_ml_ops
 from xpuc.compiler.onnx_recurrent import unroll_recurrent
 from xpuc.runtime.errors import XpucError
 
@@ -102,8 +103,9 @@ def fix_input_shapes(model, shapes: Mapping[str, tuple[int, ...]], where: str = 
 
 def prepare_graph(model, shapes: Mapping[str, tuple[int, ...]] | None = None, where: str = "model",
                   simplify: bool = True):
-    """(prepared ModelProto, record for the manifest): input dims fixed / named, recurrent operators unrolled
-    (:mod:`xpuc.compiler.onnx_recurrent`), then simplified.
+    """(prepared ModelProto, record for the manifest): input dims fixed / named, the numeric ``ai.onnx.ml``
+    operators rewritten (:mod:`xpuc.compiler.onnx_ml`), simplified, recurrent operators unrolled
+    (:mod:`xpuc.compiler.onnx_recurrent`) and simplified again.
 
     A graph onnxslim cannot simplify (or one with sequence / optional inputs or outputs, which it does not
     handle) is imported as it is; the record's ``not_simplified`` says why.
@@ -112,6 +114,9 @@ def prepare_graph(model, shapes: Mapping[str, tuple[int, ...]] | None = None, wh
     shapes = dict(shapes or {})
     fixed = fix_input_shapes(model, shapes, where)
     record: dict = {"input_shapes": {k: list(v) for k, v in shapes.items()}, "nodes_in": len(model.graph.node)}
+    fixed, lowered = lower_ml_ops(fixed, where)
+    if lowered:
+        record["lowered_ml"] = lowered
     if simplify and not all(_is_tensor(v) for v in [*graph_inputs(fixed), *fixed.graph.output]):
         record["not_simplified"] = "sequence or optional inputs/outputs"  # onnxslim handles tensors only
         simplify = False

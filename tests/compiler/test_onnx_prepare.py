@@ -137,11 +137,11 @@ def test_operators_of_other_domains_are_named_with_their_domain(tmp_path):
 
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])
-    nodes = [helper.make_node("Scaler", ["x"], ["a"], domain="ai.onnx.ml", offset=[0.0] * 3, scale=[2.0] * 3),
+    nodes = [helper.make_node("Normalizer", ["x"], ["a"], domain="ai.onnx.ml", norm="L2"),
              helper.make_node("Relu", ["a"], ["y"])]
     m = helper.make_model(helper.make_graph(nodes, "g", [x], [y]),
                           opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("ai.onnx.ml", 3)])
-    with pytest.raises(XpucError, match="unsupported ONNX operators: ai.onnx.ml.Scaler$"):
+    with pytest.raises(XpucError, match="unsupported ONNX operators: ai.onnx.ml.Normalizer$"):
         compile_onnx(_save(m, tmp_path / "ml.onnx"), tmp_path / "a", quiet=True)
     assert not (tmp_path / "a").exists()
 
@@ -173,3 +173,43 @@ def test_operators_outside_the_verified_set_compile_with_a_warning_in_the_manife
     r = _xpuc("compile", path, "--input-shape", "x=3,4,6", "-o", tmp_path / "claimed")
     assert r.returncode == 0 and "verified set" not in r.stderr, r.stderr
     assert "unverified_ops" not in read_manifest(tmp_path / "claimed").source["prepared"]
+
+
+def test_scikit_learn_operators_are_rewritten_and_match_onnxruntime(tmp_path):
+    """A skl2onnx-style pipeline: Scaler (StandardScaler) -> LinearRegressor (two targets), and column selection
+    (ArrayFeatureExtractor) -> Binarizer; compiled by ``xpuc compile`` as shipped, run by ``xpuc run``."""
+    ort = pytest.importorskip("onnxruntime")
+    from xpuc.runtime.artifact import read_manifest
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 4])
+    outs = [helper.make_tensor_value_info("pred", TensorProto.FLOAT, [None, 2]),
+            helper.make_tensor_value_info("bits", TensorProto.FLOAT, [None, 2])]
+    ml = "ai.onnx.ml"
+    nodes = [helper.make_node("Scaler", ["x"], ["s"], domain=ml, offset=[0.5, -1.0, 2.0, 0.0],
+                              scale=[2.0, 0.5, 1.5, 1.0]),
+             helper.make_node("LinearRegressor", ["s"], ["pred"], domain=ml, targets=2,
+                              coefficients=[0.1, -0.2, 0.3, 0.4, 1.0, 0.0, -1.0, 0.5], intercepts=[0.25, -0.75]),
+             helper.make_node("ArrayFeatureExtractor", ["x", "cols"], ["picked"], domain=ml),
+             helper.make_node("Binarizer", ["picked"], ["bits"], domain=ml, threshold=0.1)]
+    g = helper.make_graph(nodes, "pipeline", [x], outs,
+                          initializer=[numpy_helper.from_array(np.array([3, 1], np.int64), "cols")])
+    path = _save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 13), helper.make_opsetid(ml, 1)]),
+                 tmp_path / "skl.onnx")
+    r = _xpuc("compile", path, "--input-shape", "x=5,4", "-o", tmp_path / "art")
+    assert r.returncode == 0, r.stderr
+    assert read_manifest(tmp_path / "art").source["prepared"]["lowered_ml"] == {
+        "Scaler": 1, "LinearRegressor": 1, "ArrayFeatureExtractor": 1, "Binarizer": 1}
+    xv = np.random.default_rng(4).standard_normal((5, 4)).astype(np.float32)
+    np.savez(tmp_path / "in.npz", x=xv)
+    r = _xpuc("run", tmp_path / "art", "--inputs", tmp_path / "in.npz", "--output", tmp_path / "o.npz")
+    assert r.returncode == 0, r.stderr
+    want = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": xv})
+    got = np.load(tmp_path / "o.npz")
+    np.testing.assert_allclose(got["pred"], want[0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(got["bits"], want[1])
+
+    bad = helper.make_model(helper.make_graph(
+        [helper.make_node("LinearRegressor", ["x"], ["pred"], domain=ml, targets=3, coefficients=[1.0] * 8)],
+        "bad", [x], outs[:1]), opset_imports=[helper.make_opsetid("", 13), helper.make_opsetid(ml, 1)])
+    r = _xpuc("compile", _save(bad, tmp_path / "bad.onnx"), "-o", tmp_path / "bad")
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "malformed ai.onnx.ml.LinearRegressor" in r.stderr
