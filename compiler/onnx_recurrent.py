@@ -113,6 +113,8 @@ def _unroll(node, model_inits: dict, dims: dict, where: str) -> _Emitter:
     hidden = int(a["hidden_size"])
     G = _GATES[kind]
     clip = a.get("clip")
+    if direction not in ("forward", "reverse", "bidirectional") or layout not in (0, 1):
+        raise ValueError(f"direction '{direction}', layout {layout}")
     dirs = ["forward", "reverse"] if direction == "bidirectional" else [direction]
     e = _Emitter(f"{node.name or node.output[0]}_unrolled".replace("/", "_"))
     xs = e.op("Transpose", x_name, perm=[1, 0, 2]) if layout else x_name  # [seq, batch, in]
@@ -213,7 +215,11 @@ def unroll_recurrent(model, where: str = "model"):
         if node.op_type not in RECURRENT_OPS or node.domain not in ("", "ai.onnx"):
             nodes.append(node)
             continue
-        e = _unroll(node, inits, dims, where)
+        try:
+            e = _unroll(node, inits, dims, where)
+        except (KeyError, ValueError, TypeError) as err:  # a missing hidden_size, an unknown direction, ...
+            raise XpucError(f"{where}: malformed {node.op_type} '{node.name or node.output[0]}' "
+                            f"({type(err).__name__}: {err})") from None
         nodes.extend(e.nodes)
         m.graph.initializer.extend(e.inits)
         counts[node.op_type] = counts.get(node.op_type, 0) + 1

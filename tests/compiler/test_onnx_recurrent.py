@@ -101,6 +101,16 @@ def test_what_the_unrolling_does_not_cover_is_refused_with_one_line():
     lens.graph.node[0].input[4] = "lens"
     with pytest.raises(XpucError, match="sequence_lens"):
         unroll_recurrent(lens)
+    for attr in ("hidden_size", "direction"):  # a malformed node is one error line, not a traceback
+        bad = _model("GRU", gates=3, dirs=1)
+        node = bad.graph.node[0]
+        keep = [a for a in node.attribute if a.name != attr]
+        del node.attribute[:]
+        node.attribute.extend(keep)
+        if attr == "direction":
+            node.attribute.append(helper.make_attribute("direction", "sideways"))
+        with pytest.raises(XpucError, match="malformed GRU"):
+            unroll_recurrent(bad)
     plain = _model("RNN", gates=1, dirs=1)
     del plain.graph.node[:]
     plain.graph.node.append(helper.make_node("Relu", ["x"], ["y"]))
