@@ -35,6 +35,9 @@ def _lower(node, k: int, where: str, types: dict) -> tuple[list, list]:
         return f"{p}_{name}"
 
     xf = f"{p}_x"
+    if node.op_type == "ArrayFeatureExtractor":  # keeps X's type
+        nodes.append(helper.make_node("Gather", [x, node.input[1]], [y], axis=-1))
+        return nodes, inits
     nodes.append(helper.make_node("Cast", [x], [xf], to=TensorProto.FLOAT))
     if node.op_type == "Scaler":
         off = np.asarray(a.get("offset", [0.0]), np.float32)
@@ -51,13 +54,8 @@ def _lower(node, k: int, where: str, types: dict) -> tuple[list, list]:
         icpt = np.asarray(a.get("intercepts", [0.0] * targets), np.float32)
         nodes.append(helper.make_node("MatMul", [xf, const("coef", coef.T.copy())], [f"{p}_m"]))
         nodes.append(helper.make_node("Add", [f"{p}_m", const("intercepts", icpt)], [y]))
-    elif node.op_type == "ArrayFeatureExtractor":
-        del nodes[:]  # keeps X's type
-        nodes.append(helper.make_node("Gather", [x, node.input[1]], [y], axis=-1))
     else:  # Binarizer: X's type, 1 where X > threshold
-        del nodes[:]
         thr = float(a.get("threshold", 0.0))
-        nodes.append(helper.make_node("Cast", [x], [xf], to=TensorProto.FLOAT))
         nodes.append(helper.make_node("Greater", [xf, const("threshold", np.float32(thr))], [f"{p}_g"]))
         nodes.append(helper.make_node("Cast", [f"{p}_g"], [y], to=types.get(x, TensorProto.FLOAT)))
     return nodes, inits

@@ -385,24 +385,26 @@ class FFNPaths:
         per = chunks.shape[1]
         spans = [np.arange(a, min(a + per, fl.n_clusters), dtype=np.int64) for a in range(0, fl.n_clusters, per)]
         pending = self._fetch_clusters(i, spans[0], chunks[0, :spans[0].size], wait=False)
-        for k, ids in enumerate(spans):  # the next chunk's reads in flight while this one is computed
+        try:
+            for k, ids in enumerate(spans):  # the next chunk's reads in flight while this one is computed
+                for f in pending:
+                    f.result()
+                buf = chunks[k % 2, :ids.size]
+                pending = [] if k + 1 == len(spans) else self._fetch_clusters(
+                    i, spans[k + 1], chunks[(k + 1) % 2, :spans[k + 1].size], wait=False)
+                if few:
+                    records = self._view(buf)
+                    for t in range(x.shape[0]):
+                        self.kernel["dense"](x_t[t], self._thr_t[i], records, part_t[t])
+                    y += part
+                    continue
+                w = self._dequantize(buf).reshape(-1, layout.rows, layout.d_model)
+                g = x @ w[:, 0].T
+                u = x @ w[:, 1].T if layout.gated else None
+                y += activation(layout.kind, g, u, self._thr[i]).astype(np.float32) @ w[:, -1]
+        finally:  # an error or Ctrl-C: the reads still in flight finish before the buffers are reused
             for f in pending:
-                f.result()
-            buf = chunks[k % 2, :ids.size]
-            if k + 1 < len(spans):
-                pending = self._fetch_clusters(i, spans[k + 1], chunks[(k + 1) % 2, :spans[k + 1].size], wait=False)
-            else:
-                pending = []
-            if few:
-                records = self._view(buf)
-                for t in range(x.shape[0]):
-                    self.kernel["dense"](x_t[t], self._thr_t[i], records, part_t[t])
-                y += part
-                continue
-            w = self._dequantize(buf).reshape(-1, layout.rows, layout.d_model)
-            g = x @ w[:, 0].T
-            u = x @ w[:, 1].T if layout.gated else None
-            y += activation(layout.kind, g, u, self._thr[i]).astype(np.float32) @ w[:, -1]
+                f.cancel() or f.exception()
         return y
 
     def _dequantize(self, records: np.ndarray) -> np.ndarray:
