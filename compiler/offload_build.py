@@ -42,6 +42,7 @@ from tvm.relax.frontend.nn import op
 from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache
 from tvm.script import tirx as T
 
+from xpuc.compiler.passes.cpu_attention import ReplaceCPUAttention
 from xpuc.compiler.relax_model import paged_kv_cache
 from xpuc.runtime.errors import XpucError
 from xpuc.runtime.formats.arch import ArchConfig
@@ -266,7 +267,7 @@ def build_decode_module(config: ArchConfig, fixed_dtype: str, cluster: int, rank
 
     step = OffloadStep(config, fixed_dtype, cluster, rank, target, layout, threads, int8)
     mod, _ = step.export_tvm(spec=step.export_spec())
-    return tvm.compile(mod, target=target)
+    return tvm.compile(ReplaceCPUAttention()(mod), target=target)
 
 
 def build_ffn_module(layout, threads: int, target, int8: bool = False):

@@ -6,6 +6,8 @@ Phases (per target kind):
 phase       cpu                                          gpu
 ==========  ===========================================  ==========================================
 dispatch    DispatchSampling, DispatchSortScan           (none)
+attention   ReplaceCPUAttention (the paged KV cache's    (none)
+            kernels: parallel, vectorized)
 specialize  SpecializeSequenceBuckets (only with         same
             tuning buckets: static copies of ``main``)
 conv        ConvToMatmul (dense NCHW conv2d with   (none)
@@ -45,6 +47,7 @@ from tvm import relax
 
 from xpuc.compiler.passes.apply_gpu_schedules import ApplyGPUSchedules
 from xpuc.compiler.passes.conv_to_matmul import ConvToMatmul
+from xpuc.compiler.passes.cpu_attention import ReplaceCPUAttention
 from xpuc.compiler.passes.pack_matmul_weights import PackMatmulWeights
 from xpuc.compiler.passes.schedule_cpu_matmul import ScheduleCPUMatmul
 from xpuc.compiler.passes.schedule_cpu_rows import ScheduleCPURows
@@ -91,6 +94,7 @@ def phases(target: tvm.target.Target, buckets: tuple[int, ...] = (),
                 ("schedule", ApplyGPUSchedules(target))]
     return [
         ("dispatch", tvm.transform.Sequential([relax.backend.DispatchSampling(), relax.backend.DispatchSortScan()])),
+        ("attention", ReplaceCPUAttention()),
         *special,  # before packing: each static copy gets kernels of its own shapes
         ("conv", ConvToMatmul()),
         ("fastmath", relax.transform.FastMathTransform()),
