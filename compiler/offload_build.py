@@ -43,6 +43,7 @@ from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache
 from tvm.script import tirx as T
 
 from xpuc.compiler.passes.cpu_attention import ReplaceCPUAttention
+from xpuc.compiler.pipeline import simd_lanes
 from xpuc.compiler.relax_model import paged_kv_cache
 from xpuc.runtime.errors import XpucError
 from xpuc.runtime.formats.arch import ArchConfig
@@ -74,14 +75,15 @@ def embed_format(fixed_dtype: str) -> str:
     return "float16" if fixed_dtype == "float16" else EMBED_QUANT
 
 
-def _linear(x: nn.Tensor, w: nn.Tensor, in_f: int, out_f: int, fmt: str, bias: nn.Tensor | None = None):
+def _linear(x: nn.Tensor, w: nn.Tensor, in_f: int, out_f: int, fmt: str, bias: nn.Tensor | None = None,
+            lanes: int = 16):
     s = x.shape[1]
     out = nn.Tensor.placeholder([1, s, out_f], F32)
     if fmt == "float16":
         func = linear_fp16(in_f, out_f, bias is not None)
         args = [x, w] + ([bias] if bias is not None else [])
         return op.tensor_ir_op(func, f"linear_{in_f}x{out_f}" + ("_bias" if bias is not None else ""), args, out)
-    y = op.tensor_ir_op(linear_quant(in_f, out_f, fmt), f"linear_{fmt}_{in_f}x{out_f}", [x, w], out)
+    y = op.tensor_ir_op(linear_quant(in_f, out_f, fmt, lanes), f"linear_{fmt}_{in_f}x{out_f}", [x, w], out)
     return y + bias.astype(F32) if bias is not None else y
 
 
@@ -131,6 +133,7 @@ class OffloadStep(nn.Module):
     def __init__(self, c: ArchConfig, fixed_dtype: str, cluster: int, rank: int, target, layout=None,
                  threads: int = 2, int8: bool = False) -> None:
         self.c, self.fmt, self.cluster, self.rank, self.target = c, fixed_dtype, cluster, rank, target
+        self.lanes = simd_lanes(target)
         self.embed_fmt = embed_format(fixed_dtype)
         self.n_clusters = c.intermediate_size // cluster
         self.layout, self.threads = layout, threads  # the flash records' layout: decode_resident's FFN kernel
@@ -159,11 +162,11 @@ class OffloadStep(nn.Module):
     def _attend(self, h, kv, layer_id, attn_norm, qkv, qkv_bias, o, ffn_norm):
         c, s = self.c, h.shape[1]
         rows = (c.num_heads + 2 * c.num_kv_heads) * c.head_dim
-        q = _linear(self._norm(h, attn_norm), qkv, c.hidden_size, rows, self.fmt, qkv_bias)
+        q = _linear(self._norm(h, attn_norm), qkv, c.hidden_size, rows, self.fmt, qkv_bias, self.lanes)
         q = op.reshape(q, (1, s, c.num_heads + 2 * c.num_kv_heads, c.head_dim))
         a = kv.attention_with_fused_qkv(layer_id, q, c.num_heads, sm_scale=c.head_dim ** -0.5)
         a = op.reshape(a, (1, s, c.num_heads * c.head_dim))
-        h = h + _linear(a, o, c.num_heads * c.head_dim, c.hidden_size, self.fmt)
+        h = h + _linear(a, o, c.num_heads * c.head_dim, c.hidden_size, self.fmt, lanes=self.lanes)
         return h, op.reshape(self._norm(h, ffn_norm), (s * c.hidden_size,))
 
     # --- exported functions ----------------------------------------------------------------------------
@@ -216,7 +219,8 @@ class OffloadStep(nn.Module):
         last = op.tensor_expr_op(
             lambda x: te.compute((1, 1, c.hidden_size), lambda b, t, j: x[b, x.shape[1] - 1, j], name="last"),
             "last_token", [h])
-        return _linear(self._norm(last, final_norm), head, c.hidden_size, c.vocab_size, self.embed_fmt)
+        return _linear(self._norm(last, final_norm), head, c.hidden_size, c.vocab_size, self.embed_fmt,
+                       lanes=self.lanes)
 
     def create_paged_kv_cache(self, max_batch_size: int, max_total_seq_len: int, prefill_chunk_size: int,
                               page_size: int, support_sliding_window: int) -> PagedKVCache:

@@ -21,6 +21,7 @@ from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import op
 from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedKVCache
 
+from xpuc.compiler.pipeline import simd_lanes
 from xpuc.compiler.spec import ModelSpec
 from xpuc.runtime.formats.arch import ArchConfig
 from xpuc.schedules.linear import embedding_fp16, linear_fp16, pack_rows, packed_shape
@@ -47,6 +48,7 @@ QUANTIZATIONS = ("q4_0", "q4_1", "q8_0", "keep")  # keep: each matrix as the GGU
 EMBED_QUANT = "q8_0"
 _QUANT: dict[str, str | None] = {"linear": None, "embed": None}
 _FORMATS: dict[str, str | None] = {}  # ModelSpec matrix name -> format (None: fp16), with quant="keep"
+_LANES = {"value": 16}  # fp32 SIMD lanes of the export's target (the prefill GEMM's tile)
 
 
 def _fmt(name: str, default: str | None) -> str | None:
@@ -70,7 +72,8 @@ def _linear(x: nn.Tensor, weight: nn.Parameter, bias: nn.Tensor | None = None) -
     out_f, in_f = weight.logical_shape
     fmt = getattr(weight, "qfmt", None)
     if fmt is not None:
-        y = op.tensor_ir_op(linear_quant(in_f, out_f, fmt), f"linear_{fmt}_{in_f}x{out_f}", args=[x, weight],
+        y = op.tensor_ir_op(linear_quant(in_f, out_f, fmt, _LANES["value"]), f"linear_{fmt}_{in_f}x{out_f}",
+                            args=[x, weight],
                             out=nn.Tensor.placeholder([1, x.shape[1], out_f], ACT_DTYPE))
         return y + bias.astype(ACT_DTYPE) if bias is not None else y
     if len(weight.shape) == 2:  # generic flavour
@@ -279,12 +282,14 @@ def export_model(config: ArchConfig, target, kernels: str = "cpu",
     _FLAVOUR["value"] = kernels
     _QUANT.update(linear=None if quant == "keep" else quant, embed=EMBED_QUANT if quant else None)
     _FORMATS.update(formats or {})
+    _LANES["value"] = simd_lanes(target)
     try:
         model = DecoderModel(config, target)
     finally:
         _FLAVOUR["value"] = "cpu"
         _QUANT.update(linear=None, embed=None)
         _FORMATS.clear()
+        _LANES["value"] = 16
     spec = {k: v for k, v in model.export_spec().items() if k in functions}
     mod, named_params = model.export_tvm(spec=spec)
     params = [(name, tuple(int(d) for d in p.shape), p.dtype) for name, p in named_params]

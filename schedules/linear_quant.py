@@ -12,8 +12,9 @@ Kernels (activations fp32, a symbolic number of tokens ``n``):
 
 * :func:`linear_quant` — ``y[0, t, i] = sum_k x[0, t, k] * W[i, k]``. One token (decode): parallel tasks
   over blocks of ``R`` rows whose 16-lane accumulators share every activation load, weights unpacked in
-  registers. Several tokens (prefill): each task dequantizes its rows into an fp32 scratch once and reuses
-  them for every token.
+  registers. Several tokens (prefill): each task dequantizes its rows into an input-major fp32 panel once and
+  runs register tiles of 6 tokens x 32 rows over it (SmolLM2's layer GEMMs at 256 tokens: 9.4 ms against 12.9
+  ms for the per-token dot products they replace, 2 threads).
 * :func:`embedding_quant` — gather of token rows, dequantized.
 * :func:`gate_up_act_quant` — the decode half of a gated FFN with **thresholded sparsity**: the gate rows'
   dot products of a group of neurons, then, only if one of them fires (``|silu(g)| > thr`` for SwiGLU,
@@ -121,8 +122,18 @@ def _group_dot(elem, NS: int, SUB: int, R: int, bb: int):
     return group_dot
 
 
+#: Tokens per register tile of the prefill GEMM: ``TILE_TOKENS`` x (rows / lanes) accumulators (12 with two
+#: vectors of rows), which leaves registers for the weights' loads on AVX2 (16) as on AVX-512 / NEON (32).
+TILE_TOKENS = 6
+
+
+def _gemm_rows(out_features: int, lanes: int) -> int:
+    """Rows of one prefill task: two vectors of ``lanes`` (32 on AVX-512), or fewer where they do not divide."""
+    return max(largest_divisor(out_features, 2 * lanes), row_group(out_features))
+
+
 @cache
-def linear_quant(in_features: int, out_features: int, fmt: str) -> tirx.PrimFunc:
+def linear_quant(in_features: int, out_features: int, fmt: str, lanes: int = LANES) -> tirx.PrimFunc:
     """Return the TIR PrimFunc of ``y = x @ W.T`` with ``W`` in GGML format ``fmt``.
 
     Parameters
@@ -131,12 +142,18 @@ def linear_quant(in_features: int, out_features: int, fmt: str) -> tirx.PrimFunc
         Static matrix shape; ``in_features`` must be a multiple of 32.
     fmt:
         a format of :data:`~xpuc.schedules.quant_formats.BLOCKS`.
+    lanes:
+        fp32 lanes of the target's SIMD registers (16 AVX-512, 8 AVX2, 4 NEON); sets the prefill tile.
 
     Returns
     -------
     func : tirx.PrimFunc
-        ``(x: (1, n, in) f32, w: quantized_shape(in, out) u8, y: (1, n, out) f32)``; one parallel task per
-        group of ``R`` interleaved rows.
+        ``(x: (1, n, in) f32, w: quantized_shape(in, out) u8, y: (1, n, out) f32)``. One token (decode): one
+        parallel task per group of ``R`` interleaved rows. Several tokens (prefill): one task per ``M`` rows
+        (two vectors of lanes): the task dequantizes its rows once into an fp32 panel stored input-major
+        (``(in, M)``), then runs a register tile of ``TILE_TOKENS`` tokens x ``M`` rows over the panel, each
+        step one broadcast activation times one row vector per token (no horizontal sums); leftover tokens
+        take a one-token tile.
     """
     K, N = in_features, out_features
     WSHAPE = quantized_shape(K, N, fmt)
@@ -144,6 +161,9 @@ def linear_quant(in_features: int, out_features: int, fmt: str) -> tirx.PrimFunc
     SUB = BLOCKS[fmt][0] // QBLOCK
     elem = element(fmt)
     group_dot = _group_dot(elem, NS, SUB, R, BB)
+    M = _gemm_rows(N, lanes)
+    P = M // R  # row groups per prefill task
+    TT = TILE_TOKENS
 
     @T.prim_func(private=True, s_tir=True)
     def linear(var_x: T.handle, w: T.Buffer(WSHAPE, "uint8"), var_y: T.handle):
@@ -152,33 +172,44 @@ def linear_quant(in_features: int, out_features: int, fmt: str) -> tirx.PrimFunc
         x = T.match_buffer(var_x, (1, n, K), "float32")
         y = T.match_buffer(var_y, (1, n, N), "float32")
         with T.sblock("root"):
-            for ib in T.parallel(NR):
-                acc = T.alloc_buffer((R, LANES), "float32", scope="global")
-                if n == T.int64(1):
+            if n == T.int64(1):
+                for ib in T.parallel(NR):
+                    acc = T.alloc_buffer((R, LANES), "float32", scope="global")
                     group_dot(x, acc, w, ib, NR - 1)
                     for r in T.unroll(R):
                         y[0, 0, ib * R + r] = acc[r, 0]
-                else:
-                    wblk = T.alloc_buffer((R, K), "float32", scope="global")
-                    for r in range(R):
-                        for sb in range(NS):
-                            for j in T.unroll(SUB):
-                                for half in T.unroll(2):
-                                    for l in T.vectorized(LANES):
-                                        wblk[r, (sb * SUB + j) * QBLOCK + half * 16 + l] = elem(w, ib, sb, j, r,
-                                                                                                 half, l)
-                    for t in range(n):
-                        for r in T.unroll(R):
-                            for l in T.vectorized(LANES):
-                                acc[r, l] = T.float32(0)
-                        for kb in range(K // LANES):
-                            for r in T.unroll(R):
-                                for l in T.vectorized(LANES):
-                                    acc[r, l] = acc[r, l] + x[0, t, kb * LANES + l] * wblk[r, kb * LANES + l]
-                        for r in T.unroll(R):
-                            y[0, t, ib * R + r] = T.float32(0)
-                            for l in range(LANES):
-                                y[0, t, ib * R + r] = y[0, t, ib * R + r] + acc[r, l]
+            else:
+                for ib in T.parallel(N // M):
+                    panel = T.alloc_buffer((K, M), "float32", scope="global")
+                    tile = T.alloc_buffer((TT, M), "float32", scope="global")
+                    for p in range(P):
+                        for r in range(R):
+                            for sb in range(NS):
+                                for j in T.unroll(SUB):
+                                    for half in T.unroll(2):
+                                        for l in T.vectorized(LANES):
+                                            panel[(sb * SUB + j) * QBLOCK + half * 16 + l, p * R + r] = elem(
+                                                w, ib * P + p, sb, j, r, half, l)
+                    for tt in range(n // TT):
+                        for t in T.unroll(TT):
+                            for c in T.vectorized(M):
+                                tile[t, c] = T.float32(0)
+                        for ko in range(K // 4):
+                            for ki in T.unroll(4):
+                                for t in T.unroll(TT):
+                                    for c in T.vectorized(M):
+                                        tile[t, c] = tile[t, c] + x[0, tt * TT + t, ko * 4 + ki] * panel[ko * 4 + ki, c]
+                        for t in T.unroll(TT):
+                            for c in T.vectorized(M):
+                                y[0, tt * TT + t, ib * M + c] = tile[t, c]
+                    for t in range(n // TT * TT, n):
+                        for c in T.vectorized(M):
+                            tile[0, c] = T.float32(0)
+                        for k in range(K):
+                            for c in T.vectorized(M):
+                                tile[0, c] = tile[0, c] + x[0, t, k] * panel[k, c]
+                        for c in T.vectorized(M):
+                            y[0, t, ib * M + c] = tile[0, c]
 
     return linear
 

@@ -41,16 +41,17 @@ def _t(a):
 
 
 @pytest.mark.parametrize("fmt", sorted(BLOCKS))
-def test_linear_over_gguf_blocks_matches_the_gguf_dequantization(fmt):
+@pytest.mark.parametrize("N", [24, 64])  # prefill tasks of 8 rows, and of 32 (two AVX-512 vectors)
+def test_linear_over_gguf_blocks_matches_the_gguf_dequantization(fmt, N):
     rng = np.random.default_rng(3)
-    K, N = 512, 24
+    K = 512
     rows = random_rows(rng, fmt, N, K)
     w = dequantize_rows(rows, fmt)  # the gguf package's (or llama.cpp-identical) reading of the bytes
     storage = interleave_rows(rows, fmt, K)
     assert storage.shape == quantized_shape(K, N, fmt)
     np.testing.assert_array_equal(dequantize_matrix(storage, fmt), w)
     f = _build(linear_quant(K, N, fmt))
-    for n in (1, 3):  # decode GEMV, prefill GEMM
+    for n in (1, 3, 13):  # decode GEMV; prefill GEMM: one-token tiles only, two 6-token tiles and one left
         x = rng.standard_normal((1, n, K)).astype(np.float32)
         y = tvm.runtime.empty((1, n, N), "float32")
         f(_t(x), _t(storage), y)
