@@ -86,12 +86,15 @@ def _linear(x: nn.Tensor, weight: nn.Parameter, bias: nn.Tensor | None = None) -
 
 
 class RMSNorm(nn.Module):
+    """RMS norm; its weight is stored in float32 (values rounded through fp16 like every weight), so that a
+    decode step runs no cast kernel per norm."""
+
     def __init__(self, d: int, eps: float) -> None:
-        self.weight = nn.Parameter((d,), WEIGHT_DTYPE)
+        self.weight = nn.Parameter((d,), ACT_DTYPE)
         self.eps = eps
 
     def forward(self, x: nn.Tensor) -> nn.Tensor:
-        return op.rms_norm(x, self.weight.astype(ACT_DTYPE), axes=-1, epsilon=self.eps)
+        return op.rms_norm(x, self.weight, axes=-1, epsilon=self.eps)
 
 
 class Attention(nn.Module):
@@ -296,6 +299,11 @@ def export_model(config: ArchConfig, target, kernels: str = "cpu",
     return mod, params
 
 
+def _norm(weight: np.ndarray) -> np.ndarray:
+    """A norm's weight as :class:`RMSNorm` stores it: float32 values rounded through fp16."""
+    return weight.astype(WEIGHT_DTYPE).astype(ACT_DTYPE)
+
+
 def param_arrays(spec: ModelSpec, kernels: str = "cpu", quant: str | None = None,
                  thresholds: list[float] | None = None,
                  formats: dict[str, str | None] | None = None) -> dict[str, np.ndarray]:
@@ -321,7 +329,7 @@ def param_arrays(spec: ModelSpec, kernels: str = "cpu", quant: str | None = None
 
     embed_fmt = EMBED_QUANT if quant else None
     out: dict[str, np.ndarray] = {"embed": _packed(["embed_tokens"], fmt_of("embed_tokens", embed_fmt)),
-                                  "final_norm.weight": w["final_norm"].astype(WEIGHT_DTYPE)}
+                                  "final_norm.weight": _norm(w["final_norm"])}
     if not c.tie_embeddings:
         out["lm_head"] = _packed(["lm_head"], fmt_of("lm_head", embed_fmt))
     t = list(thresholds) if thresholds is not None else [0.0] * c.num_layers
@@ -329,8 +337,8 @@ def param_arrays(spec: ModelSpec, kernels: str = "cpu", quant: str | None = None
         raise ValueError(f"{len(t)} FFN thresholds for {c.num_layers} layers")
     for i in range(c.num_layers):
         p, q = f"layers.{i}.", f"layers.{i}."
-        out[q + "attn_norm.weight"] = w[p + "attn_norm"].astype(WEIGHT_DTYPE)
-        out[q + "ffn_norm.weight"] = w[p + "ffn_norm"].astype(WEIGHT_DTYPE)
+        out[q + "attn_norm.weight"] = _norm(w[p + "attn_norm"])
+        out[q + "ffn_norm.weight"] = _norm(w[p + "ffn_norm"])
         fq, fk, fv = (fmt_of(p + n + "_proj", lin) for n in "qkv")
         if fq == fk == fv:
             out[q + "attn.qkv_weight"] = _packed([p + "q_proj", p + "k_proj", p + "v_proj"], fq)
