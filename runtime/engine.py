@@ -73,6 +73,9 @@ class Engine:
         if not _host_can_run(module.mtriple):
             raise XpucError(f"{self.path}: compiled for {module.mtriple}; this machine is {platform.machine()} "
                             "(copy the artifact to the device, or compile with --device host)")
+        # the tokenizer first: its parse's transient heap is given back before the weights arrive (peak RSS)
+        tok_file = self.path / "tokenizer.json"
+        self.tokenizer = XpucTokenizer.from_artifact_dir(self.path) if tok_file.is_file() else None
         lib = tvm.runtime.load_module(str(member_path(self.path, module.file)))
         params = self._load_params(self.manifest.params, self.manifest.weights_file, tvm.cpu())
         self.weight_bytes = int(sum(int(np.prod(p["shape"])) * np.dtype(p["dtype"]).itemsize
@@ -88,8 +91,6 @@ class Engine:
                 self.session = SplitSession(DecoderSession(pre_lib, pre_params, max_context, device=dev),
                                             self.session)
                 self.prefill_on = pre.name
-        tok_file = self.path / "tokenizer.json"
-        self.tokenizer = XpucTokenizer.from_artifact_dir(self.path) if tok_file.is_file() else None
 
     def _load_params(self, entries: list[dict], weights_file: str, dev) -> list:
         """The weights in the manifest's order, read once with their file's digest checked over the bytes read."""
