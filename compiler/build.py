@@ -105,7 +105,7 @@ def _kernels_of(ex, target, mod) -> tuple[list[str], dict]:
 def compile_model(model: str | os.PathLike, output: str | os.PathLike, device: str = "host",
                   force: bool = False, quiet: bool = False, prefill_on: str = "auto",
                   debug_dump: str | os.PathLike | None = None, quantize: str | None = None,
-                  ffn_stats: str | os.PathLike | None = None) -> Path:
+                  ffn_stats: str | os.PathLike | None = None, dot: str = "auto") -> Path:
     """Compile ``model`` (GGUF file or HF directory) for ``device`` into the artifact directory ``output``.
 
     Decode (and a CPU prefill) is always built for the device's CPU; with ``prefill_on="gpu"`` (the
@@ -115,7 +115,8 @@ def compile_model(model: str | os.PathLike, output: str | os.PathLike, device: s
     the GGUF file stores it (:mod:`xpuc.compiler.weight_formats`); ``ffn_stats`` (a profile from
     ``xpuc profile --sparsity``) gives its decode kernels per-layer activation thresholds (thresholded
     sparsity: the up row of a neuron below its layer's threshold is skipped). The artifact is written to a
-    temporary directory beside ``output`` and renamed when complete.
+    temporary directory beside ``output`` and renamed when complete. ``dot`` picks the decode GEMV's dot products
+    over q4_0 / q4_1 / q5_0 / q8_0 blocks (:func:`gemv_dot`).
     """
     import tvm
     from safetensors.numpy import save_file
@@ -150,8 +151,9 @@ def compile_model(model: str | os.PathLike, output: str | os.PathLike, device: s
     with staged_directory(output, force) as tmp:
         steps.start("building the Relax module")
         target = profile.cpu_target()
+        dot = gemv_dot(target, dot) if quantize else "float32"
         mod, params = export_model(spec.config, target, quant=quantize,
-                                   formats=formats.formats if formats else None)
+                                   formats=formats.formats if formats else None, int8=dot == "int8")
         steps.done(f"{len(params)} parameters")
 
         steps.start(f"compiling for {target.attrs.get('mtriple', 'host')} ({target.attrs.get('mcpu', '')})")
@@ -184,7 +186,7 @@ def compile_model(model: str | os.PathLike, output: str | os.PathLike, device: s
                                toolchain=toolchain.name, kernels=kernels,
                                info={"weights": formats.summary() if formats else quantize or "float16",
                                      **({"embedding": "q8_0"} if quantize and not formats else {}),
-                                     **({"ffn_thresholds": thresholds} if quantize else {})})]
+                                     **({"ffn_thresholds": thresholds, "dot": dot} if quantize else {})})]
         files = [LIB_FILE, WEIGHTS_FILE]
         if prefill != "cpu":
             xpu = profile.gpu if prefill == "gpu" else profile.npu
@@ -215,6 +217,19 @@ def compile_model(model: str | os.PathLike, output: str | os.PathLike, device: s
         steps.start(f"finishing {output}")
     steps.done()
     return output
+
+
+def gemv_dot(target, dot: str = "auto") -> str:
+    """The decode GEMV's dot products: ``int8`` (activations quantized to int8 blocks, llama.cpp's way; x86 with
+    AVX-512 VNNI) where ``dot`` asks for it or, with ``auto``, where the target has the instructions; else
+    ``float32``."""
+    from xpuc.schedules.int8_dot import int8_dot_isa
+
+    available = int8_dot_isa(target) == "avx512vnni"
+    if dot == "int8" and not available:
+        raise XpucError(f"--dot int8: the int8 GEMV needs AVX-512 VNNI (x86); target "
+                        f"{target.attrs.get('mcpu', '?')} has none (use --dot float32)")
+    return "int8" if dot == "int8" or (dot == "auto" and available) else "float32"
 
 
 def _thresholds(spec, quantize: str | None, ffn_stats) -> list[float] | None:

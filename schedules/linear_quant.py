@@ -30,6 +30,7 @@ import numpy as np
 from tvm import tirx
 from tvm.script import tirx as T
 
+from xpuc.schedules.int8_gemv import INT8_FORMATS, int8_buffers, int8_gemv, int8_parts
 from xpuc.schedules.linear import largest_divisor
 from xpuc.schedules.quant_formats import (
     BLOCKS,
@@ -38,7 +39,7 @@ from xpuc.schedules.quant_formats import (
     dequantize_rows,
     quantize_rows,
 )
-from xpuc.schedules.quant_tir import element
+from xpuc.schedules.quant_tir import PREFETCH_GROUPS, element, prefetch_block
 from xpuc.schedules.sparse_ffn import _activation_exprs
 
 __all__ = ["BLOCKS", "dequantize_matrix", "dequantize_rows", "embedding_quant", "gate_up_act_quant",
@@ -47,10 +48,6 @@ LANES = 16
 
 
 ROW_GROUP = 8
-# Software prefetch: while computing block b of row group g, fetch block b of group g + PREFETCH_GROUPS (one
-# group = R * in/32 * block bytes ahead, ~3 KiB for SmolLM2). Measured on the 576x1536 q4_1 GEMV with weights
-# streamed from memory: 47 us instead of 82 us (11.8 vs 6.6 GB/s) on 2 vCPUs.
-PREFETCH_GROUPS = 2
 
 
 def row_group(out_features: int) -> int:
@@ -84,14 +81,6 @@ def dequantize_matrix(data: np.ndarray, fmt: str) -> np.ndarray:
     return dequantize_rows(np.ascontiguousarray(data.transpose(0, 2, 1, 3)).reshape(nr * r, nb * bb), fmt)
 
 
-def _prefetch_block(w, g, b, last: int, R: int, bb: int) -> None:
-    """Emit prefetches of block ``b`` of row group ``min(g, last)`` (its R * bb bytes, one per cache line)."""
-    for j in range((R * bb + 63) // 64):
-        T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0",
-                                      T.address_of(w[T.min(g, last), b, j * 64 // bb, j * 64 % bb]),
-                                      T.int32(0), T.int32(3), T.int32(1)))
-
-
 def _group_dot(elem, NS: int, SUB: int, R: int, bb: int):
     """Macro ``group_dot(x, acc, w, g, last)``: the dot products of x with the ``R`` rows of group ``g``, each
     left in ``acc[r, 0]`` (16-lane accumulators sharing every activation load; group ``g + PREFETCH_GROUPS``,
@@ -103,7 +92,7 @@ def _group_dot(elem, NS: int, SUB: int, R: int, bb: int):
             for l in T.vectorized(LANES):
                 acc[r, l] = T.float32(0)
         for sb in range(NS):
-            _prefetch_block(w, g + PREFETCH_GROUPS, sb, last, R, bb)
+            prefetch_block(w, g + PREFETCH_GROUPS, sb, last, R, bb)
             for j in T.unroll(SUB):
                 for half in T.unroll(2):
                     for r in T.unroll(R):
@@ -133,7 +122,8 @@ def _gemm_rows(out_features: int, lanes: int) -> int:
 
 
 @cache
-def linear_quant(in_features: int, out_features: int, fmt: str, lanes: int = LANES) -> tirx.PrimFunc:
+def linear_quant(in_features: int, out_features: int, fmt: str, lanes: int = LANES,
+                 int8: bool = False) -> tirx.PrimFunc:
     """Return the TIR PrimFunc of ``y = x @ W.T`` with ``W`` in GGML format ``fmt``.
 
     Parameters
@@ -144,6 +134,8 @@ def linear_quant(in_features: int, out_features: int, fmt: str, lanes: int = LAN
         a format of :data:`~xpuc.schedules.quant_formats.BLOCKS`.
     lanes:
         fp32 lanes of the target's SIMD registers (16 AVX-512, 8 AVX2, 4 NEON); sets the prefill tile.
+    int8:
+        One token: int8 dot products (:mod:`xpuc.schedules.int8_gemv`, x86 AVX-512 VNNI) where ``fmt`` has them.
 
     Returns
     -------
@@ -164,6 +156,7 @@ def linear_quant(in_features: int, out_features: int, fmt: str, lanes: int = LAN
     M = _gemm_rows(N, lanes)
     P = M // R  # row groups per prefill task
     TT = TILE_TOKENS
+    gemv8 = int8_gemv(WSHAPE, fmt) if int8 and fmt in INT8_FORMATS else None
 
     @T.prim_func(private=True, s_tir=True)
     def linear(var_x: T.handle, w: T.Buffer(WSHAPE, "uint8"), var_y: T.handle):
@@ -173,11 +166,14 @@ def linear_quant(in_features: int, out_features: int, fmt: str, lanes: int = LAN
         y = T.match_buffer(var_y, (1, n, N), "float32")
         with T.sblock("root"):
             if n == T.int64(1):
-                for ib in T.parallel(NR):
-                    acc = T.alloc_buffer((R, LANES), "float32", scope="global")
-                    group_dot(x, acc, w, ib, NR - 1)
-                    for r in T.unroll(R):
-                        y[0, 0, ib * R + r] = acc[r, 0]
+                if gemv8 is not None:
+                    gemv8(x, w, y)
+                else:
+                    for ib in T.parallel(NR):
+                        acc = T.alloc_buffer((R, LANES), "float32", scope="global")
+                        group_dot(x, acc, w, ib, NR - 1)
+                        for r in T.unroll(R):
+                            y[0, 0, ib * R + r] = acc[r, 0]
             else:
                 for ib in T.parallel(N // M):
                     panel = T.alloc_buffer((K, M), "float32", scope="global")
@@ -241,7 +237,7 @@ def embedding_quant(vocab: int, d: int, fmt: str) -> tirx.PrimFunc:
 
 
 @cache
-def gate_up_act_quant(d: int, d_ff: int, fmt: str, kind: str) -> tirx.PrimFunc:
+def gate_up_act_quant(d: int, d_ff: int, fmt: str, kind: str, int8: bool = False) -> tirx.PrimFunc:
     """The gate/up half of a gated FFN for one token, skipping the up row of neurons that do not fire.
 
     Parameters
@@ -252,6 +248,8 @@ def gate_up_act_quant(d: int, d_ff: int, fmt: str, kind: str) -> tirx.PrimFunc:
         a format of :data:`~xpuc.schedules.quant_formats.BLOCKS`.
     kind:
         ``swiglu`` (fires when ``|silu(g)| > thr``), ``reglu`` or ``drelu`` (fire when ``g > 0``).
+    int8:
+        int8 dot products (:mod:`xpuc.schedules.int8_gemv`, x86 AVX-512 VNNI) where ``fmt`` has them.
 
     One parallel task per group of ``R`` neurons (the interleaved row group): their gate rows share every
     activation load; the group's up rows are read only when one of its neurons fires (they are interleaved,
@@ -271,6 +269,34 @@ def gate_up_act_quant(d: int, d_ff: int, fmt: str, kind: str) -> tirx.PrimFunc:
     UP = d_ff // G  # first row group of the up rows
     group_dot = _group_dot(element(fmt), NS, BLOCKS[fmt][0] // QBLOCK, G, BB)
     fires, combine = _activation_exprs(kind)
+    if int8 and fmt in INT8_FORMATS:
+        quantize, group_dot8 = int8_parts(WSHAPE, fmt)
+
+        @T.prim_func(private=True, s_tir=True)
+        def gate_up_act8(x: T.Buffer((1, 1, d), "float32"), w: T.Buffer(WSHAPE, "uint8"),
+                         thr: T.Buffer((1,), "float32"), h: T.Buffer((1, 1, d_ff), "float32")):
+            T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True})
+            with T.sblock("root"):
+                xv = int8_buffers(d)
+                quantize(x, xv)
+                for grp in T.parallel(d_ff // G):
+                    acc = T.alloc_buffer((G, 8), "float32", scope="global")
+                    up = T.alloc_buffer((G, 8), "float32", scope="global")
+                    group_dot8(xv, acc, w, grp, UP - 1)
+                    fired = T.alloc_buffer((1,), "int32", scope="global")
+                    fired[0] = 0
+                    for r in range(G):
+                        if fires(acc[r, 0], thr[0]):
+                            fired[0] = 1
+                    if fired[0] == 1:
+                        group_dot8(xv, up, w, UP + grp, NR - 1)
+                        for r in range(G):
+                            h[0, 0, grp * G + r] = combine(acc[r, 0], up[r, 0], thr[0])
+                    else:
+                        for r in range(G):
+                            h[0, 0, grp * G + r] = T.float32(0)
+
+        return gate_up_act8
 
     @T.prim_func(private=True, s_tir=True)
     def gate_up_act(x: T.Buffer((1, 1, d), "float32"), w: T.Buffer(WSHAPE, "uint8"),

@@ -82,3 +82,17 @@ def element(fmt: str):
             return _half_float(w, g, sb, r, 208) * sc * q
 
     return elem
+
+
+# Software prefetch: while computing block b of row group g, fetch block b of group g + PREFETCH_GROUPS (one
+# group = R * in/32 * block bytes ahead, ~3 KiB for SmolLM2). Measured on the 576x1536 q4_1 GEMV with weights
+# streamed from memory: 47 us instead of 82 us (11.8 vs 6.6 GB/s) on 2 vCPUs.
+PREFETCH_GROUPS = 2
+
+
+def prefetch_block(w, g, b, last: int, R: int, bb: int) -> None:
+    """Emit prefetches of block ``b`` of row group ``min(g, last)`` (its R * bb bytes, one per cache line)."""
+    for j in range((R * bb + 63) // 64):
+        T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0",
+                                      T.address_of(w[T.min(g, last), b, j * 64 // bb, j * 64 % bb]),
+                                      T.int32(0), T.int32(3), T.int32(1)))

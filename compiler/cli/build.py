@@ -33,7 +33,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
                         "add --quantize q4_0|q4_1|keep")
     out = compile_model(model, args.output, device=args.device, force=args.force,
                         quiet=args.quiet, prefill_on=args.prefill_on, debug_dump=args.debug_dump,
-                        quantize=None if quantize == "fp16" else quantize, ffn_stats=args.ffn_stats)
+                        quantize=None if quantize == "fp16" else quantize, ffn_stats=args.ffn_stats, dot=args.dot)
     print(out)
     return 0
 
@@ -55,6 +55,9 @@ def add_parsers(sub) -> None:
                    help="ONNX: fix an input's dims, e.g. x=1,3,48,320 (repeatable); computed shapes then fold")
     p.add_argument("--no-simplify", action="store_true",
                    help="ONNX: import the graph as is (no onnxslim shape inference / constant folding)")
+    p.add_argument("--dot", default="auto", choices=["auto", "int8", "float32"],
+                   help="decode GEMV over q4_0/q4_1/q5_0/q8_0 blocks: int8 (activations quantized to 8-bit "
+                        "blocks, AVX-512 VNNI), float32, or auto (default: int8 where the device has it)")
     p.add_argument("--quantize", default=None, choices=["keep", "fp16", "q4_0", "q4_1", "q8_0"],
                    help="weights of the CPU module. keep (the default for a GGUF): every matrix as the file "
                         "stores it (q4_0 q4_1 q5_0 q8_0 q4_k q5_k q6_k; others converted to q8_0, and said so); "

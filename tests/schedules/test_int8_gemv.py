@@ -1,0 +1,81 @@
+"""The decode GEMV and the thresholded gate/up kernel with int8 dot products (x86 AVX-512 VNNI) over GGUF blocks:
+against numpy on the int8-rounded activations, within int8 rounding of float32, and a decoder built with them."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tvm
+from support.gguf_blocks import random_rows
+from support.models import random_weights, spec_from, tiny_config
+
+from xpuc.compiler.relax_model import export_model, param_arrays
+from xpuc.runtime.formats.bundle import activation, int8_activations
+from xpuc.runtime.session import DecoderSession
+from xpuc.schedules.int8_dot import int8_dot_isa
+from xpuc.schedules.int8_gemv import INT8_FORMATS
+from xpuc.schedules.linear_quant import dequantize_matrix, gate_up_act_quant, interleave_rows, linear_quant
+from xpuc.targets.profile import load_profile
+
+TARGET = load_profile("host").cpu_target()
+pytestmark = pytest.mark.skipif(int8_dot_isa(TARGET) != "avx512vnni", reason="the int8 GEMV needs AVX-512 VNNI")
+
+
+def _t(a):
+    return tvm.runtime.tensor(np.ascontiguousarray(a))
+
+
+def _build(func):
+    return tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=TARGET)["main"]
+
+
+@pytest.mark.parametrize("fmt", sorted(INT8_FORMATS))
+def test_int8_gemv_is_the_product_with_int8_rounded_activations(fmt):
+    rng = np.random.default_rng(5)
+    K, N = 288, 40  # an odd number of 32-value blocks; five row groups
+    storage = interleave_rows(random_rows(rng, fmt, N, K), fmt, K)
+    w = dequantize_matrix(storage, fmt)
+    x = (rng.standard_normal((1, 1, K)) * rng.uniform(0.1, 3, (1, 1, K))).astype(np.float32)
+    x[0, 0, 32:64] = 0  # an all-zero block: scale 0
+    y = tvm.runtime.empty((1, 1, N), "float32")
+    _build(linear_quant(K, N, fmt, 16, True))(_t(x), _t(storage), y)
+    want = w @ int8_activations(x[0, 0])
+    np.testing.assert_allclose(y.numpy()[0, 0], want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+    exact = w @ x[0, 0]
+    assert np.abs(y.numpy()[0, 0] - exact).max() < 0.02 * np.abs(exact).max()  # int8 rounding, not a wrong sum
+
+
+@pytest.mark.parametrize("fmt", ["q4_1", "q5_0"])
+def test_int8_gate_up_skips_the_neurons_below_threshold(fmt):
+    rng = np.random.default_rng(3)
+    d, F = 64, 96
+    storage = interleave_rows(random_rows(rng, fmt, 2 * F, d, scale=0.05), fmt, d)
+    wd = dequantize_matrix(storage, fmt)
+    x = rng.standard_normal((1, 1, d)).astype(np.float32)
+    xi = int8_activations(x[0, 0])
+    g, u = wd[:F] @ xi, wd[F:] @ xi
+    a = np.sort(np.abs(g / (1 + np.exp(-g))))
+    thr = float(a[F * 2 // 5: F * 2 // 5 + 2].mean())  # between two neurons
+    h = _t(np.zeros((1, 1, F), np.float32))
+    _build(gate_up_act_quant(d, F, fmt, "swiglu", True))(_t(x), _t(storage), _t(np.array([thr], np.float32)), h)
+    want = activation("swiglu", g, u, thr)
+    np.testing.assert_allclose(h.numpy()[0, 0], want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    assert 0.3 < float((h.numpy() == 0).mean()) < 0.9
+
+
+def test_decoder_with_int8_gemvs_decodes_like_the_float32_one():
+    cfg = tiny_config("llama", "swiglu")
+    spec = spec_from(cfg, random_weights(cfg, 3))
+    arrays = param_arrays(spec, quant="q4_0")
+    logits = []
+    for int8 in (False, True):
+        mod, params = export_model(cfg, TARGET, quant="q4_0", int8=int8)
+        ex = tvm.compile(mod, target=TARGET)
+        sess = DecoderSession(ex, [tvm.runtime.tensor(arrays[n]) for n, _, _ in params], 64, 16)
+        out = [sess.prefill([1, 5, 9])]
+        for tok in (3, 7, 11):
+            out.append(sess.decode(tok))
+        logits.append(np.stack(out))
+    f32, i8 = logits
+    assert np.abs(i8 - f32).max() < 0.05 * np.abs(f32).max()  # the prefill's LM head is a GEMV too
+    assert not np.array_equal(i8, f32)  # the int8 kernels really ran
