@@ -1,5 +1,6 @@
-"""The decode GEMV and the thresholded gate/up kernel with int8 dot products (x86 AVX-512 VNNI) over GGUF blocks:
-against numpy on the int8-rounded activations, within int8 rounding of float32, and a decoder built with them."""
+"""The decode GEMV, the prefill GEMM and the thresholded gate/up kernel with int8 dot products (x86 AVX-512 VNNI)
+over GGUF blocks: against numpy on the int8-rounded activations, within int8 rounding of float32, and a decoder
+built with them."""
 
 from __future__ import annotations
 
@@ -30,19 +31,25 @@ def _build(func):
 
 
 @pytest.mark.parametrize("fmt", sorted(INT8_FORMATS))
-def test_int8_gemv_is_the_product_with_int8_rounded_activations(fmt):
+@pytest.mark.parametrize("N", [48, 40])  # 40: not a multiple of the GEMM's 16 rows, its prefill stays float32
+def test_int8_gemv_and_gemm_are_the_product_with_int8_rounded_activations(fmt, N):
     rng = np.random.default_rng(5)
-    K, N = 288, 40  # an odd number of 32-value blocks; five row groups
+    K = 288  # an odd number of 32-value blocks
     storage = interleave_rows(random_rows(rng, fmt, N, K), fmt, K)
     w = dequantize_matrix(storage, fmt)
-    x = (rng.standard_normal((1, 1, K)) * rng.uniform(0.1, 3, (1, 1, K))).astype(np.float32)
-    x[0, 0, 32:64] = 0  # an all-zero block: scale 0
-    y = tvm.runtime.empty((1, 1, N), "float32")
-    _build(linear_quant(K, N, fmt, 16, True))(_t(x), _t(storage), y)
-    want = w @ int8_activations(x[0, 0])
-    np.testing.assert_allclose(y.numpy()[0, 0], want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
-    exact = w @ x[0, 0]
-    assert np.abs(y.numpy()[0, 0] - exact).max() < 0.02 * np.abs(exact).max()  # int8 rounding, not a wrong sum
+    f = _build(linear_quant(K, N, fmt, 16, True))
+    for n in (1, 3, 13):  # GEMV; GEMM with one-token tiles only, and two 6-token tiles and one left
+        x = (rng.standard_normal((1, n, K)) * rng.uniform(0.1, 3, (1, n, K))).astype(np.float32)
+        x[0, :, 32:64] = 0  # an all-zero block: scale 0
+        y = tvm.runtime.empty((1, n, N), "float32")
+        f(_t(x), _t(storage), y)
+        exact = x[0] @ w.T
+        if n == 1 or N % 16 == 0:
+            want = np.stack([int8_activations(row) for row in x[0]]) @ w.T
+            np.testing.assert_allclose(y.numpy()[0], want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+            assert np.abs(y.numpy()[0] - exact).max() < 0.02 * np.abs(exact).max()  # int8 rounding only
+        else:
+            np.testing.assert_allclose(y.numpy()[0], exact, rtol=1e-4, atol=1e-4 * np.abs(exact).max())
 
 
 @pytest.mark.parametrize("fmt", ["q4_1", "q5_0"])
@@ -77,5 +84,5 @@ def test_decoder_with_int8_gemvs_decodes_like_the_float32_one():
             out.append(sess.decode(tok))
         logits.append(np.stack(out))
     f32, i8 = logits
-    assert np.abs(i8 - f32).max() < 0.05 * np.abs(f32).max()  # the prefill's LM head is a GEMV too
+    assert np.abs(i8 - f32).max() < 0.05 * np.abs(f32).max()
     assert not np.array_equal(i8, f32)  # the int8 kernels really ran

@@ -1,0 +1,131 @@
+"""Prefill GEMM over GGML blocks with int8 dot products (x86 with AVX-512 VNNI), llama.cpp's way.
+
+Every token's activations are quantized to int8 blocks of 32 (as in :mod:`xpuc.schedules.int8_gemv`). Each
+parallel task takes ``M`` = 16 rows: it unpacks their blocks once into a panel of unsigned bytes ordered
+``(block, quad, row, 4 values)`` — the 4-/5-bit values as they are, q8_0's signed bytes plus 128 — with each
+row's block scale ``d`` and correction ``c`` (``-offset * d``: -8 d for q4_0, -16 d for q5_0, -128 d for q8_0;
+q4_1's minimum), so that
+
+    y[t, row] = sum_b  d[b, row] * xs[t, b] * I[t, b, row]  +  c[b, row] * xs[t, b] * S[t, b]
+
+with ``I`` the int32 dot product of the block's bytes with the token's int8 values and ``S`` their sum. A
+register tile of ``TILE_TOKENS`` tokens x 16 rows runs over the panel: per block and token eight 512-bit
+``vpdpbusd`` (16 rows x 4 values each, the token's 4 activations broadcast), one conversion and two FMAs.
+"""
+
+from __future__ import annotations
+
+from tvm.script import tirx as T
+
+from xpuc.schedules.int8_gemv import INT8_FORMATS, _half
+from xpuc.schedules.quant_formats import QBLOCK
+
+__all__ = ["GEMM_ROWS", "TILE_TOKENS", "int8_gemm"]
+
+GEMM_ROWS = 16  # one 512-bit vector of int32 accumulators
+TILE_TOKENS = 6
+
+
+def _unsigned_value(fmt: str):
+    """``u(w, g, b, r, v)``: value ``v`` (0..31) of a block as the unsigned byte the panel holds."""
+
+    def u(w, g, b, r, v):
+        if fmt == "q8_0":
+            return T.bitwise_xor(w[g, b, r, 2 + v], T.uint8(128))
+        qs = 4 if fmt == "q4_1" else (6 if fmt == "q5_0" else 2)
+        nib = T.if_then_else(v < 16, T.bitwise_and(w[g, b, r, qs + v % 16], T.uint8(15)),
+                             T.shift_right(w[g, b, r, qs + v % 16], T.uint8(4)))
+        if fmt != "q5_0":
+            return nib
+        bit = T.bitwise_and(T.shift_right(w[g, b, r, 2 + v // 8], T.Cast("uint8", v % 8)), T.uint8(1))
+        return T.bitwise_or(nib, T.shift_left(bit, T.uint8(4)))
+
+    return u
+
+
+def int8_gemm(wshape: tuple[int, int, int, int], fmt: str, n_rows: int):
+    """The TIR macro ``gemm8(x, w, y, n)`` of ``y[0, t] = W @ x[0, t]`` for ``n`` tokens with int8 dot products
+    (module docstring); weights of storage shape ``wshape`` in ``fmt`` (one of :data:`INT8_FORMATS`), ``n_rows``
+    output rows, a multiple of 16."""
+    if fmt not in INT8_FORMATS:
+        raise ValueError(f"no int8 GEMM for '{fmt}' (have: {', '.join(INT8_FORMATS)})")
+    if n_rows % GEMM_ROWS:
+        raise ValueError(f"{n_rows} rows are not a multiple of {GEMM_ROWS}")
+    _, NB, R, _ = wshape
+    K = NB * QBLOCK
+    M = GEMM_ROWS
+    P = M // R
+    TT = TILE_TOKENS
+    OFFSET = INT8_FORMATS[fmt]
+    u = _unsigned_value(fmt)
+
+    def vnni(acc, wv, xv):
+        return T.call_llvm_pure_intrin("int32x16", "llvm.x86.avx512.vpdpbusd.512", acc, wv, xv)
+
+    def x4(xq, t, at):
+        """The token's 4 int8 activations from ``at``, broadcast to the 64 byte lanes."""
+        return T.reinterpret("int8x64", T.Broadcast(T.reinterpret("int32", xq[t, T.Ramp(at, 1, 4)]), 16))
+
+    @T.macro
+    def gemm8(x, w, y, n):
+        xq = T.alloc_buffer((n, K), "int8", scope="global")
+        xs = T.alloc_buffer((n, NB), "float32", scope="global")
+        xsum = T.alloc_buffer((n, NB), "float32", scope="global")  # scale x the block's sum of int8 values
+        for t in T.parallel(n):
+            for b in range(NB):
+                xs[t, b] = T.float32(0)
+                for l in range(QBLOCK):
+                    xs[t, b] = T.max(xs[t, b], T.fabs(x[0, t, b * QBLOCK + l]))
+                xs[t, b] = xs[t, b] / T.float32(127)
+                for l in T.vectorized(QBLOCK):
+                    xq[t, b * QBLOCK + l] = T.Cast("int8", T.round(x[0, t, b * QBLOCK + l] / T.Select(
+                        xs[t, b] > T.float32(0), xs[t, b], T.float32(1))))
+                xsum[t, b] = T.float32(0)
+                for l in range(QBLOCK):
+                    xsum[t, b] = xsum[t, b] + T.Cast("float32", xq[t, b * QBLOCK + l])
+                xsum[t, b] = xsum[t, b] * xs[t, b]
+        for task in T.parallel(n_rows // M):
+            panel = T.alloc_buffer((NB, QBLOCK // 4, M * 4), "uint8", scope="global")
+            wd = T.alloc_buffer((NB, M), "float32", scope="global")
+            wc = T.alloc_buffer((NB, M), "float32", scope="global")
+            iacc = T.alloc_buffer((TT, M), "int32", scope="global")
+            facc = T.alloc_buffer((TT, M), "float32", scope="global")
+            for p in range(P):
+                for r in range(R):
+                    for b in range(NB):
+                        wd[b, p * R + r] = _half(w, task * P + p, b, r, 0)
+                        if fmt == "q4_1":
+                            wc[b, p * R + r] = _half(w, task * P + p, b, r, 2)
+                        else:
+                            wc[b, p * R + r] = T.float32(-OFFSET) * wd[b, p * R + r]
+                        for v in range(QBLOCK):
+                            panel[b, v // 4, (p * R + r) * 4 + v % 4] = u(w, task * P + p, b, r, v)
+            for tt in range(n // TT):
+                for t in T.unroll(TT):
+                    facc[t, T.Ramp(0, 1, M)] = T.Broadcast(T.float32(0), M)
+                for b in range(NB):
+                    for t in T.unroll(TT):
+                        iacc[t, T.Ramp(0, 1, M)] = T.Broadcast(T.int32(0), M)
+                    for k4 in T.unroll(QBLOCK // 4):
+                        for t in T.unroll(TT):
+                            iacc[t, T.Ramp(0, 1, M)] = vnni(iacc[t, T.Ramp(0, 1, M)], panel[b, k4, T.Ramp(0, 1, 64)],
+                                                            x4(xq, tt * TT + t, b * QBLOCK + k4 * 4))
+                    for t in T.unroll(TT):
+                        facc[t, T.Ramp(0, 1, M)] = facc[t, T.Ramp(0, 1, M)] + T.Cast(
+                            "float32x16", iacc[t, T.Ramp(0, 1, M)]) * wd[b, T.Ramp(0, 1, M)] * T.Broadcast(
+                            xs[tt * TT + t, b], M) + wc[b, T.Ramp(0, 1, M)] * T.Broadcast(xsum[tt * TT + t, b], M)
+                for t in T.unroll(TT):
+                    y[0, tt * TT + t, T.Ramp(task * M, 1, M)] = facc[t, T.Ramp(0, 1, M)]
+            for t in range(n // TT * TT, n):
+                facc[0, T.Ramp(0, 1, M)] = T.Broadcast(T.float32(0), M)
+                for b in range(NB):
+                    iacc[0, T.Ramp(0, 1, M)] = T.Broadcast(T.int32(0), M)
+                    for k4 in T.unroll(QBLOCK // 4):
+                        iacc[0, T.Ramp(0, 1, M)] = vnni(iacc[0, T.Ramp(0, 1, M)], panel[b, k4, T.Ramp(0, 1, 64)],
+                                                        x4(xq, t, b * QBLOCK + k4 * 4))
+                    facc[0, T.Ramp(0, 1, M)] = facc[0, T.Ramp(0, 1, M)] + T.Cast(
+                        "float32x16", iacc[0, T.Ramp(0, 1, M)]) * wd[b, T.Ramp(0, 1, M)] * T.Broadcast(
+                        xs[t, b], M) + wc[b, T.Ramp(0, 1, M)] * T.Broadcast(xsum[t, b], M)
+                y[0, t, T.Ramp(task * M, 1, M)] = facc[0, T.Ramp(0, 1, M)]
+
+    return gemm8
