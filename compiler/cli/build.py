@@ -31,6 +31,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
     if args.ffn_stats and quantize == "fp16":
         raise XpucError("--ffn-stats sets the thresholds of the quantized decode kernels; "
                         "add --quantize q4_0|q4_1|keep")
+    if args.dot == "int8" and quantize == "fp16":
+        raise XpucError("--dot int8 applies to GGML blocks; a float16 build has none (add --quantize keep|q4_0|q4_1)")
     out = compile_model(model, args.output, device=args.device, force=args.force,
                         quiet=args.quiet, prefill_on=args.prefill_on, debug_dump=args.debug_dump,
                         quantize=None if quantize == "fp16" else quantize, ffn_stats=args.ffn_stats, dot=args.dot)

@@ -135,3 +135,9 @@ def test_ctrl_c_swallowed_inside_a_library_still_stops_at_the_next_step(model, t
     assert main(["compile", str(model), "-o", str(out)]) == 130
     assert "xpuc: interrupted" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_int8_dot_products_for_a_float16_build_are_refused(model, tmp_path):
+    assert_clean_error(xpuc("compile", str(model), "--quantize", "fp16", "--dot", "int8", "-o", str(tmp_path / "a")),
+                       "--dot int8 applies to GGML blocks")
+    assert not (tmp_path / "a").exists()
