@@ -19,43 +19,35 @@ from __future__ import annotations
 
 from tvm.script import tirx as T
 
-from xpuc.schedules.int8_gemv import INT8_FORMATS, _half, _nibbles32, _q5_values
-from xpuc.schedules.quant_formats import QBLOCK
+from xpuc.schedules.int8_gemv import INT8_FORMATS, unit_parts
+from xpuc.schedules.quant_formats import BLOCKS, QBLOCK
 
-__all__ = ["GEMM_ROWS", "TILE_TOKENS", "int8_gemm"]
+__all__ = ["GEMM_FORMATS", "GEMM_ROWS", "TILE_TOKENS", "int8_gemm"]
+
+#: formats with one scale per 32-value unit (q6_k's 16-value scales keep the float32 GEMM)
+GEMM_FORMATS = ("q4_0", "q4_1", "q5_0", "q8_0", "q4_k", "q5_k")
 
 GEMM_ROWS = 16  # one 512-bit vector of int32 accumulators
 TILE_TOKENS = 6
-
-
-def _block_bytes(fmt: str):
-    """``values(w, g, b, r)``: a block's 32 values as the unsigned bytes the panel holds (uint8x32, value order)."""
-
-    def values(w, g, b, r):
-        if fmt == "q8_0":
-            return T.bitwise_xor(w[g, b, r, T.Ramp(2, 1, QBLOCK)], T.Broadcast(T.uint8(128), QBLOCK))
-        if fmt == "q5_0":
-            return _q5_values(w, g, b, r)
-        return _nibbles32(w, g, b, r, 4 if fmt == "q4_1" else 2)
-
-    return values
 
 
 def int8_gemm(wshape: tuple[int, int, int, int], fmt: str, n_rows: int):
     """The TIR macro ``gemm8(x, w, y, n)`` of ``y[0, t] = W @ x[0, t]`` for ``n`` tokens with int8 dot products
     (module docstring); weights of storage shape ``wshape`` in ``fmt`` (one of :data:`INT8_FORMATS`), ``n_rows``
     output rows, a multiple of 16."""
-    if fmt not in INT8_FORMATS:
-        raise ValueError(f"no int8 GEMM for '{fmt}' (have: {', '.join(INT8_FORMATS)})")
+    if fmt not in GEMM_FORMATS:
+        raise ValueError(f"no int8 GEMM for '{fmt}' (have: {', '.join(GEMM_FORMATS)})")
     if n_rows % GEMM_ROWS:
         raise ValueError(f"{n_rows} rows are not a multiple of {GEMM_ROWS}")
-    _, NB, R, _ = wshape
+    _, NS, R, _ = wshape
+    SUB = BLOCKS[fmt][0] // QBLOCK
+    NB = NS * SUB  # 32-value units
     K = NB * QBLOCK
     M = GEMM_ROWS
     P = M // R
     TT = TILE_TOKENS
     OFFSET = INT8_FORMATS[fmt]
-    values = _block_bytes(fmt)
+    values, scale, corr = unit_parts(fmt)
 
     def vnni(acc, wv, xv):
         return T.call_llvm_pure_intrin("int32x16", "llvm.x86.avx512.vpdpbusd.512", acc, wv, xv)
@@ -63,6 +55,11 @@ def int8_gemm(wshape: tuple[int, int, int, int], fmt: str, n_rows: int):
     def x4(xq, t, at):
         """The token's 4 int8 activations from ``at``, broadcast to the 64 byte lanes."""
         return T.reinterpret("int8x64", T.Broadcast(T.reinterpret("int32", xq[t, T.Ramp(at, 1, 4)]), 16))
+
+    def correction(w, g, sb, j, r):
+        """The weight of the activations' block sum: the format's minimum, or -offset x scale."""
+        c = corr(w, g, sb, j, r)
+        return c if c is not None else T.float32(-OFFSET) * scale(w, g, sb, j, r)
 
     def quad(panel, b, k4):
         """Values 4 k4 .. 4 k4 + 3 of block ``b`` of the task's 16 rows: 64 unsigned bytes."""
@@ -94,14 +91,12 @@ def int8_gemm(wshape: tuple[int, int, int, int], fmt: str, n_rows: int):
             facc = T.alloc_buffer((TT, M), "float32", scope="global")
             for p in range(P):
                 for r in range(R):
-                    for b in range(NB):
-                        wd[b, p * R + r] = _half(w, task * P + p, b, r, 0)
-                        if fmt == "q4_1":
-                            wc[b, p * R + r] = _half(w, task * P + p, b, r, 2)
-                        else:
-                            wc[b, p * R + r] = T.float32(-OFFSET) * wd[b, p * R + r]
-                        panel[T.Ramp(b * 8 * M + p * R + r, M, 8)] = T.reinterpret(
-                            "int32x8", values(w, task * P + p, b, r))
+                    for sb in range(NS):
+                        for j in T.unroll(SUB):
+                            wd[sb * SUB + j, p * R + r] = scale(w, task * P + p, sb, j, r)
+                            wc[sb * SUB + j, p * R + r] = correction(w, task * P + p, sb, j, r)
+                            panel[T.Ramp((sb * SUB + j) * 8 * M + p * R + r, M, 8)] = T.reinterpret(
+                                "int32x8", values(w, task * P + p, sb, j, r))
             for tt in range(n // TT):
                 for t in T.unroll(TT):
                     facc[t, T.Ramp(0, 1, M)] = T.Broadcast(T.float32(0), M)

@@ -1,31 +1,32 @@
 """Decode GEMV over GGML blocks with int8 dot products (x86 with AVX-512 VNNI), llama.cpp's way.
 
 The token's activations are quantized once per call to int8 blocks of 32 (scale ``max|x| / 127``, rounded half
-away from zero: :func:`xpuc.runtime.formats.bundle.int8_activations`), then every weight block's dot product is
-one 256-bit ``vpdpbusd`` (unsigned bytes times signed bytes, four products summed per int32 lane):
+away from zero: :func:`xpuc.runtime.formats.bundle.int8_activations`), then each 32-value unit of a weight row
+is one 256-bit ``vpdpbusd`` (unsigned bytes times signed bytes, four products summed per int32 lane):
 
-* q4_0 / q5_0: the unsigned 4- / 5-bit values times the activations, the accumulator starting at ``-8`` /
-  ``-16`` times each group of four activations' sum (the formats' offset folded in);
-* q4_1: the nibbles times the activations, plus the block's minimum times the activations' block sum;
+* q4_0 / q5_0 / q6_k: the unsigned 4- / 5- / 6-bit values times the activations, the accumulator starting at
+  ``-8`` / ``-16`` / ``-32`` times each group of four activations' sum (the formats' offset folded in);
+* q4_1, q4_k, q5_k: the values times the activations, plus the unit's minimum times the activations' block sum;
 * q8_0: the signed weights plus 128 (top bit flipped: unsigned) times the activations, the accumulator
   starting at ``-128`` times each group of four activations' sum.
 
-The int32 lanes are converted and scaled by the weight block's fp16 scale times the activation block's scale.
-The weights keep :mod:`xpuc.schedules.linear_quant`'s storage (blocks of 8 rows interleaved); the 8 rows of a
-group share every activation load.
+The int32 lanes are converted and scaled by the unit's scale (the K formats' sub-block scales; q6_k's two
+16-value halves per lane group) times the activation block's scale. The weights keep
+:mod:`xpuc.schedules.linear_quant`'s storage (blocks of 8 rows interleaved); the 8 rows of a group share every
+activation load.
 """
 
 from __future__ import annotations
 
 from tvm.script import tirx as T
 
-from xpuc.schedules.quant_formats import QBLOCK
-from xpuc.schedules.quant_tir import PREFETCH_GROUPS, prefetch_block
+from xpuc.schedules.quant_formats import BLOCKS, QBLOCK
+from xpuc.schedules.quant_tir import PREFETCH_GROUPS, _k_scale_min, prefetch_block
 
 __all__ = ["INT8_FORMATS", "int8_buffers", "int8_gemv", "int8_parts"]
 
 #: formats with an int8 GEMV, and the offset each folds into the accumulators' initial value
-INT8_FORMATS = {"q4_0": 8, "q4_1": 0, "q5_0": 16, "q8_0": 128}
+INT8_FORMATS = {"q4_0": 8, "q4_1": 0, "q5_0": 16, "q8_0": 128, "q4_k": 0, "q5_k": 0, "q6_k": 32}
 
 
 def _half(w, g, b, r, at):
@@ -50,25 +51,65 @@ def _q5_values(w, g, b, r):
     return T.bitwise_or(_nibbles32(w, g, b, r, 6), high)
 
 
-def _block_dot(fmt: str):
-    """``dot(w, g, b, r, xq, xadj) -> int32x8`` of weight block ``b`` of row ``r`` (before scales)."""
+def _bytes32(w, g, sb, r, at):
+    return w[g, sb, r, T.Ramp(at, 1, QBLOCK)]
 
-    def vnni(acc, u8, s8):
-        return T.call_llvm_pure_intrin("int32x8", "llvm.x86.avx512.vpdpbusd.256", acc, u8, s8)
 
-    def dot(w, g, b, r, xq, xadj):
-        xv = xq[T.Ramp(b * QBLOCK, 1, QBLOCK)]
-        if fmt == "q4_0":
-            return vnni(xadj[T.Ramp(b * 8, 1, 8)], _nibbles32(w, g, b, r, 2), xv)
-        if fmt == "q5_0":
-            return vnni(xadj[T.Ramp(b * 8, 1, 8)], _q5_values(w, g, b, r), xv)
-        if fmt == "q4_1":
-            return vnni(T.Broadcast(T.int32(0), 8), _nibbles32(w, g, b, r, 4), xv)
-        # q8_0: the signed bytes plus 128 (their top bit flipped) are unsigned; 128 x the sums come off via xadj
-        q = T.bitwise_xor(w[g, b, r, T.Ramp(2, 1, QBLOCK)], T.Broadcast(T.uint8(128), QBLOCK))
-        return vnni(xadj[T.Ramp(b * 8, 1, 8)], q, xv)
+def _field(v, shift, mask: int):
+    """``(v >> shift) & mask`` over uint8x32 (``shift`` a constant or a loop variable)."""
+    return T.bitwise_and(T.shift_right(v, T.Broadcast(T.Cast("uint8", shift), QBLOCK)),
+                         T.Broadcast(T.uint8(mask), QBLOCK))
 
-    return dot
+
+def unit_parts(fmt: str):
+    """``(values, scale, corr)`` of the 32-value unit ``j`` of storage block ``sb`` of row ``r``: its values as
+    the unsigned bytes of the dot products (uint8x32, value order), its scale (float32; for q6_k, whose two
+    16-value halves differ, float32x8: one per 4 values) and the weight of the activations' block sum (``None``:
+    the format's offset is folded into the accumulators instead, :data:`INT8_FORMATS`). Blocks of 32 values have
+    one unit (``j`` = 0)."""
+
+    if fmt in ("q4_0", "q4_1", "q5_0", "q8_0"):
+        def values(w, g, sb, j, r):
+            if fmt == "q8_0":  # the signed bytes plus 128 (top bit flipped) are unsigned
+                return T.bitwise_xor(_bytes32(w, g, sb, r, 2), T.Broadcast(T.uint8(128), QBLOCK))
+            if fmt == "q5_0":
+                return _q5_values(w, g, sb, r)
+            return _nibbles32(w, g, sb, r, 4 if fmt == "q4_1" else 2)
+
+        def scale(w, g, sb, j, r):
+            return _half(w, g, sb, r, 0)
+
+        def corr(w, g, sb, j, r):
+            return _half(w, g, sb, r, 2) if fmt == "q4_1" else None
+    elif fmt in ("q4_k", "q5_k"):
+        def values(w, g, sb, j, r):
+            low = _field(_bytes32(w, g, sb, r, (16 if fmt == "q4_k" else 48) + (j // 2) * QBLOCK), (j % 2) * 4, 15)
+            if fmt == "q4_k":
+                return low
+            return T.bitwise_or(low, T.shift_left(_field(_bytes32(w, g, sb, r, 16), j, 1),
+                                                  T.Broadcast(T.uint8(4), QBLOCK)))
+
+        def scale(w, g, sb, j, r):
+            return _half(w, g, sb, r, 0) * _k_scale_min(w, g, sb, r, j)[0]
+
+        def corr(w, g, sb, j, r):
+            return T.float32(0) - _half(w, g, sb, r, 2) * _k_scale_min(w, g, sb, r, j)[1]
+    elif fmt == "q6_k":
+        def values(w, g, sb, j, r):
+            low = _field(_bytes32(w, g, sb, r, (j // 4) * 64 + (j % 2) * QBLOCK), ((j // 2) % 2) * 4, 15)
+            high = _field(_bytes32(w, g, sb, r, 128 + (j // 4) * QBLOCK), (j % 4) * 2, 3)
+            return T.bitwise_or(low, T.shift_left(high, T.Broadcast(T.uint8(4), QBLOCK)))
+
+        def scale(w, g, sb, j, r):
+            halves = [T.Broadcast(T.Cast("float32", T.reinterpret("int8", w[g, sb, r, 192 + j * 2 + h])), 4)
+                      for h in range(2)]
+            return T.Shuffle(halves, list(range(8))) * T.Broadcast(_half(w, g, sb, r, 208), 8)
+
+        def corr(w, g, sb, j, r):
+            return None
+    else:
+        raise ValueError(f"no int8 dot products for '{fmt}' (have: {', '.join(INT8_FORMATS)})")
+    return values, scale, corr
 
 
 def int8_parts(wshape: tuple[int, int, int, int], fmt: str):
@@ -81,9 +122,22 @@ def int8_parts(wshape: tuple[int, int, int, int], fmt: str):
     """
     if fmt not in INT8_FORMATS:
         raise ValueError(f"no int8 GEMV for '{fmt}' (have: {', '.join(INT8_FORMATS)})")
-    _, NB, R, BB = wshape
+    _, NS, R, BB = wshape
+    SUB = BLOCKS[fmt][0] // QBLOCK
+    NB = NS * SUB  # 32-value units
     OFFSET = INT8_FORMATS[fmt]
-    dot = _block_dot(fmt)
+    values, scale, corr = unit_parts(fmt)
+
+    def vnni(acc, u8, s8):
+        return T.call_llvm_pure_intrin("int32x8", "llvm.x86.avx512.vpdpbusd.256", acc, u8, s8)
+
+    def init(xadj, u):
+        """The accumulators' initial value for unit ``u``: the folded offset, or zeros."""
+        return xadj[T.Ramp(u * 8, 1, 8)] if OFFSET else T.Broadcast(T.int32(0), 8)
+
+    def scale8(w, g, sb, j, r):
+        sc = scale(w, g, sb, j, r)
+        return sc if str(sc.ty).endswith("x8") else T.Broadcast(sc, 8)
 
     @T.macro
     def quantize(x, xv):
@@ -110,13 +164,16 @@ def int8_parts(wshape: tuple[int, int, int, int], fmt: str):
         xq, xs, xadj, xsum = xv[0], xv[1], xv[2], xv[3]
         for r in T.unroll(R):
             acc[r, T.Ramp(0, 1, 8)] = T.Broadcast(T.float32(0), 8)
-        for b in range(NB):
-            prefetch_block(w, g + PREFETCH_GROUPS, b, last, R, BB)
-            for r in T.unroll(R):
-                acc[r, T.Ramp(0, 1, 8)] = acc[r, T.Ramp(0, 1, 8)] + T.Cast(
-                    "float32x8", dot(w, g, b, r, xq, xadj)) * T.Broadcast(_half(w, g, b, r, 0) * xs[b], 8)
-                if fmt == "q4_1":
-                    acc[r, 0] = acc[r, 0] + _half(w, g, b, r, 2) * xsum[b]
+        for sb in range(NS):
+            prefetch_block(w, g + PREFETCH_GROUPS, sb, last, R, BB)
+            for j in T.unroll(SUB):
+                for r in T.unroll(R):
+                    acc[r, T.Ramp(0, 1, 8)] = acc[r, T.Ramp(0, 1, 8)] + T.Cast("float32x8", vnni(
+                        init(xadj, sb * SUB + j), values(w, g, sb, j, r),
+                        xq[T.Ramp((sb * SUB + j) * QBLOCK, 1, QBLOCK)])) * scale8(w, g, sb, j, r) * T.Broadcast(
+                        xs[sb * SUB + j], 8)
+                    if corr(w, g, sb, j, r) is not None:
+                        acc[r, 0] = acc[r, 0] + corr(w, g, sb, j, r) * xsum[sb * SUB + j]
         for r in T.unroll(R):
             acc[r, 0] = ((acc[r, 0] + acc[r, 4]) + (acc[r, 1] + acc[r, 5])) + (
                 (acc[r, 2] + acc[r, 6]) + (acc[r, 3] + acc[r, 7]))
@@ -134,12 +191,12 @@ def int8_buffers(k: int):
 def int8_gemv(wshape: tuple[int, int, int, int], fmt: str):
     """The TIR macro ``gemv8(x, w, y)`` of the one-token ``y[0, 0] = W @ x[0, 0]`` with int8 dot products (module
     docstring): the activations quantized on the calling thread, then one parallel task per row group."""
-    NR, NB, R, _ = wshape
+    NR, NS, R, _ = wshape
     quantize, group_dot8 = int8_parts(wshape, fmt)
 
     @T.macro
     def gemv8(x, w, y):
-        xv = int8_buffers(NB * QBLOCK)
+        xv = int8_buffers(NS * BLOCKS[fmt][0])
         quantize(x, xv)
         for g in T.parallel(NR):
             acc = T.alloc_buffer((R, 8), "float32", scope="global")

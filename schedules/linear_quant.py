@@ -30,7 +30,7 @@ import numpy as np
 from tvm import tirx
 from tvm.script import tirx as T
 
-from xpuc.schedules.int8_gemm import GEMM_ROWS, int8_gemm
+from xpuc.schedules.int8_gemm import GEMM_FORMATS, GEMM_ROWS, int8_gemm
 from xpuc.schedules.int8_gemv import INT8_FORMATS, int8_buffers, int8_gemv, int8_parts
 from xpuc.schedules.linear import largest_divisor
 from xpuc.schedules.quant_formats import (
@@ -158,7 +158,7 @@ def linear_quant(in_features: int, out_features: int, fmt: str, lanes: int = LAN
     P = M // R  # row groups per prefill task
     TT = TILE_TOKENS
     gemv8 = int8_gemv(WSHAPE, fmt) if int8 and fmt in INT8_FORMATS else None
-    gemm8 = int8_gemm(WSHAPE, fmt, N) if gemv8 is not None and N % GEMM_ROWS == 0 else None
+    gemm8 = int8_gemm(WSHAPE, fmt, N) if int8 and fmt in GEMM_FORMATS and N % GEMM_ROWS == 0 else None
 
     @T.prim_func(private=True, s_tir=True)
     def linear(var_x: T.handle, w: T.Buffer(WSHAPE, "uint8"), var_y: T.handle):

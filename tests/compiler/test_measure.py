@@ -28,7 +28,7 @@ def compiled(tmp_path_factory) -> tuple[Path, Path]:
     d = tmp_path_factory.mktemp("measure")
     cfg = tiny_config()
     model = write_gguf(d / "tiny.gguf", cfg, random_weights(cfg, 5), "Q8_0", tiny_tokenizer())
-    r = xpuc("compile", str(model), "-o", str(d / "art"), "--device", "host", "--quiet")
+    r = xpuc("compile", str(model), "-o", str(d / "art"), "--device", "host", "--quiet", "--dot", "float32")
     assert r.returncode == 0, r.stderr
     return model, d / "art"
 

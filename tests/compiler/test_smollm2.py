@@ -69,7 +69,8 @@ def test_quantized_build_keeps_the_gguf_blocks_and_matches_reference(smollm2_pat
     ProfileStats(config=spec.config.to_dict(), fingerprint=spec.fingerprint(), tokens=0,
                  target_sparsity=0.1, thresholds=thresholds,
                  frequency=[[1.0] * spec.config.intermediate_size] * spec.config.num_layers).save(stats)
-    art = compile_model(smollm2_path, tmp_path / "art", quiet=True, quantize="q4_1", ffn_stats=stats)
+    art = compile_model(smollm2_path, tmp_path / "art", quiet=True, quantize="q4_1", ffn_stats=stats,
+                        dot="float32")  # the reference multiplies float32 activations
     # byte-identical blocks: layer 0's down projection (no RoPE row permutation) and the Q8_0 embedding
     raw = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(smollm2_path).tensors
            if t.name in ("blk.0.ffn_down.weight", "token_embd.weight")}

@@ -94,7 +94,7 @@ def test_scheduled_decoder_graph_with_packed_weights_matches_onnxruntime(tmp_pat
          if not k.startswith(("embed", "final"))}
     path = decoder_prefill_onnx(tmp_path / "d.onnx", cfg, w)
     runner = GraphRunner(compile_onnx(path, tmp_path / "art", quiet=True, debug_dump=tmp_path / "ir"))
-    dumped = (tmp_path / "ir" / "graph" / "04_pack.py").read_text()
+    dumped = (tmp_path / "ir" / "graph" / "05_pack.py").read_text()
     assert "matmul_packed" in dumped and "R.matmul(" in dumped  # attention's matmuls have no constant weight
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     for n in (3, 17):

@@ -150,8 +150,8 @@ def test_symbolic_rows_onnx_decoder_graph(tmp_path):
 
     runner = GraphRunner(compile_onnx(path, tmp_path / "art", quiet=True, debug_dump=tmp_path / "ir"))
     dumped = sorted(p.name for p in (tmp_path / "ir" / "graph").iterdir())
-    assert "08_schedule.py" in dumped
-    assert "tirx.is_scheduled" in (tmp_path / "ir" / "graph" / "08_schedule.py").read_text()
+    assert "09_schedule.py" in dumped
+    assert "tirx.is_scheduled" in (tmp_path / "ir" / "graph" / "09_schedule.py").read_text()
     import onnxruntime as ort
 
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])

@@ -48,8 +48,8 @@ def test_modules_and_manifest(android_artifact):
 
 
 def test_debug_dump_has_every_phase(android_artifact):
-    for tag, phases in (("cpu", ["00_input", "01_dispatch", "02_conv", "03_fastmath", "04_pack", "05_legalize",
-                                 "06_annotate", "07_fuse", "08_schedule"]),
+    for tag, phases in (("cpu", ["00_input", "01_dispatch", "02_attention", "03_conv", "04_fastmath", "05_pack",
+                                 "06_legalize", "07_annotate", "08_fuse", "09_schedule"]),
                         ("prefill_gpu", ["00_input", "01_legalize", "02_annotate", "03_schedule"])):
         files = sorted(p.stem for p in (android_artifact / "ir" / tag).glob("*.py"))
         assert files == phases, (tag, files)
