@@ -273,6 +273,27 @@ def gate_up_act_quant(d: int, d_ff: int, fmt: str, kind: str, int8: bool = False
     UP = d_ff // G  # first row group of the up rows
     group_dot = _group_dot(element(fmt), NS, BLOCKS[fmt][0] // QBLOCK, G, BB)
     fires, combine = _activation_exprs(kind)
+    @T.macro
+    def gated(xa, dot, w, thr, h):
+        """Per group of G neurons: the gate rows' dot products (``dot`` over the activations ``xa``), then the up
+        rows only if one fires."""
+        for grp in T.parallel(d_ff // G):
+            acc = T.alloc_buffer((G, LANES), "float32", scope="global")
+            up = T.alloc_buffer((G, LANES), "float32", scope="global")
+            dot(xa, acc, w, grp, UP - 1)
+            fired = T.alloc_buffer((1,), "int32", scope="global")
+            fired[0] = 0
+            for r in range(G):
+                if fires(acc[r, 0], thr[0]):
+                    fired[0] = 1
+            if fired[0] == 1:
+                dot(xa, up, w, UP + grp, NR - 1)
+                for r in range(G):
+                    h[0, 0, grp * G + r] = combine(acc[r, 0], up[r, 0], thr[0])
+            else:
+                for r in range(G):
+                    h[0, 0, grp * G + r] = T.float32(0)
+
     if int8 and fmt in INT8_FORMATS:
         quantize, group_dot8 = int8_parts(WSHAPE, fmt)
 
@@ -283,22 +304,7 @@ def gate_up_act_quant(d: int, d_ff: int, fmt: str, kind: str, int8: bool = False
             with T.sblock("root"):
                 xv = int8_buffers(d)
                 quantize(x, xv)
-                for grp in T.parallel(d_ff // G):
-                    acc = T.alloc_buffer((G, 8), "float32", scope="global")
-                    up = T.alloc_buffer((G, 8), "float32", scope="global")
-                    group_dot8(xv, acc, w, grp, UP - 1)
-                    fired = T.alloc_buffer((1,), "int32", scope="global")
-                    fired[0] = 0
-                    for r in range(G):
-                        if fires(acc[r, 0], thr[0]):
-                            fired[0] = 1
-                    if fired[0] == 1:
-                        group_dot8(xv, up, w, UP + grp, NR - 1)
-                        for r in range(G):
-                            h[0, 0, grp * G + r] = combine(acc[r, 0], up[r, 0], thr[0])
-                    else:
-                        for r in range(G):
-                            h[0, 0, grp * G + r] = T.float32(0)
+                gated(xv, group_dot8, w, thr, h)
 
         return gate_up_act8
 
@@ -307,21 +313,6 @@ def gate_up_act_quant(d: int, d_ff: int, fmt: str, kind: str, int8: bool = False
                     thr: T.Buffer((1,), "float32"), h: T.Buffer((1, 1, d_ff), "float32")):
         T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True})
         with T.sblock("root"):
-            for grp in T.parallel(d_ff // G):
-                acc = T.alloc_buffer((G, LANES), "float32", scope="global")
-                up = T.alloc_buffer((G, LANES), "float32", scope="global")
-                group_dot(x, acc, w, grp, UP - 1)
-                fired = T.alloc_buffer((1,), "int32", scope="global")
-                fired[0] = 0
-                for r in range(G):
-                    if fires(acc[r, 0], thr[0]):
-                        fired[0] = 1
-                if fired[0] == 1:
-                    group_dot(x, up, w, UP + grp, NR - 1)
-                    for r in range(G):
-                        h[0, 0, grp * G + r] = combine(acc[r, 0], up[r, 0], thr[0])
-                else:
-                    for r in range(G):
-                        h[0, 0, grp * G + r] = T.float32(0)
+            gated(x, group_dot, w, thr, h)
 
     return gate_up_act
