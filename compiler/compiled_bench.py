@@ -15,7 +15,7 @@ import numpy as np
 
 @dataclass
 class BenchTest:
-    test: str  # "pp512" / "tg128"
+    test: str  # "pp512" / "tg128" / "tg128 @ d512"
     tokens: int
     t_s: list[float]  # tokens/s of each repetition
 
@@ -32,27 +32,36 @@ class BenchTest:
 
 
 def bench_session(session, vocab_size: int, n_prompt: int, n_gen: int, repetitions: int, bos: int | None = None,
-                  seed: int = 0, progress=None) -> list[BenchTest]:
-    """The ``ppP`` and ``tgN`` tests (either skipped when its size is 0) on ``session``; one warm-up run each."""
+                  seed: int = 0, progress=None, depth: int = 0) -> list[BenchTest]:
+    """The ``ppP`` and ``tgN`` tests (either skipped when its size is 0) on ``session``; one warm-up run each.
+    With ``depth`` (llama-bench's ``-d``) each run first fills the KV cache with that many random tokens, untimed,
+    and the tests are named ``ppP @ dD`` / ``tgN @ dD``."""
     rng = np.random.default_rng(seed)
     tests = []
+    at = f" @ d{depth}" if depth else ""
+
+    def start() -> None:
+        session.reset()
+        if depth:
+            session.prefill(rng.integers(0, vocab_size, depth).tolist())
+
     if n_prompt:
         times = []
         for r in range(repetitions + 1):
             ids = rng.integers(0, vocab_size, n_prompt).tolist()
-            session.reset()
+            start()
             t0 = time.perf_counter()
             session.prefill(ids)
             if r:  # the first run warms up
                 times.append(n_prompt / (time.perf_counter() - t0))
             if progress:
-                progress(f"pp{n_prompt}", r, repetitions)
-        tests.append(BenchTest(f"pp{n_prompt}", n_prompt, times))
+                progress(f"pp{n_prompt}{at}", r, repetitions)
+        tests.append(BenchTest(f"pp{n_prompt}{at}", n_prompt, times))
     if n_gen:
         times = []
         for r in range(repetitions + 1):
-            session.reset()
-            token = bos if bos is not None else int(rng.integers(vocab_size))
+            start()
+            token = bos if bos is not None and not depth else int(rng.integers(vocab_size))
             t0 = time.perf_counter()
             session.prefill([token])
             for _ in range(n_gen - 1):
@@ -60,8 +69,8 @@ def bench_session(session, vocab_size: int, n_prompt: int, n_gen: int, repetitio
             if r:
                 times.append(n_gen / (time.perf_counter() - t0))
             if progress:
-                progress(f"tg{n_gen}", r, repetitions)
-        tests.append(BenchTest(f"tg{n_gen}", n_gen, times))
+                progress(f"tg{n_gen}{at}", r, repetitions)
+        tests.append(BenchTest(f"tg{n_gen}{at}", n_gen, times))
     return tests
 
 

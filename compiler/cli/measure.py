@@ -41,11 +41,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
         check_output_file(args.output)
     if args.n_prompt == 0 and args.n_gen == 0:
         raise XpucError("nothing to measure: -p and -n are both 0")
-    engine = Engine(args.artifact, max_context=max(args.n_prompt, args.n_gen, 1))
+    engine = Engine(args.artifact, max_context=args.n_depth + max(args.n_prompt, args.n_gen, 1))
     tok = engine.tokenizer
     bos = tok.bos_token_id if tok is not None and tok.add_bos else None
     tests = bench_session(engine.session, engine.config.vocab_size, args.n_prompt, args.n_gen, args.repetitions,
-                          bos, progress=None if args.quiet else lambda t, i, n: count(t, i, n))
+                          bos, progress=None if args.quiet else lambda t, i, n: count(t, i, n), depth=args.n_depth)
     model = Path(args.artifact).resolve().name
     threads = configure_tvm_threads(args.threads)
     backend = "CPU" + (f" + {engine.prefill_on} prefill" if engine.prefill_on != "cpu" else "")
@@ -125,6 +125,8 @@ def add_parsers(sub) -> None:
     p.add_argument("-p", "--n-prompt", type=int_at_least(0), default=512, help="compiled: prompt tokens (pp test)")
     p.add_argument("-n", "--n-gen", type=int_at_least(0), default=128, help="compiled: generated tokens (tg test)")
     p.add_argument("-r", "--repetitions", type=POSITIVE, default=5, help="compiled: runs per test (default 5)")
+    p.add_argument("-d", "--n-depth", type=int_at_least(0), default=0,
+                   help="compiled: tokens already in the KV cache before each test (llama-bench's -d; default 0)")
     p.add_argument("--budget", default="50%",
                    help="packed: share of the FFN weights kept in memory (50%%) or a total memory budget (2GiB)")
     p.add_argument("--modes", default="naive,llmflash,cache,full", help="packed: comma-separated modes")

@@ -10,6 +10,7 @@ import pytest
 from support.cli import assert_clean_error, xpuc
 from support.models import reference_chunk_nll
 
+from xpuc.compiler.compiled_bench import bench_session
 from xpuc.compiler.frontends import load_model
 from xpuc.compiler.reference import ReferenceModel
 from xpuc.runtime.errors import XpucError
@@ -103,3 +104,33 @@ def test_bench_compiled_model_prints_llama_bench_tests(compiled, tmp_path):
     for t in report["tests"]:
         assert len(t["t_s"]) == 2 and all(v > 0 for v in t["t_s"]) and t["avg_ts"] > 0
     assert_clean_error(xpuc("bench", str(art), "-p", "0", "-n", "0"), "nothing to measure")
+    r = xpuc("bench", str(art), "-p", "8", "-n", "4", "-d", "20", "-r", "1", "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert [ln.split("|")[6].strip() for ln in r.stdout.splitlines() if ln.startswith("| art |")] == [
+        "pp8 @ d20", "tg4 @ d20"]
+
+
+class _Counting:
+    """A session that records how many tokens each run put in its cache before being reset."""
+
+    def __init__(self) -> None:
+        self.position, self.runs = 0, []
+
+    def reset(self) -> None:
+        if self.position:
+            self.runs.append(self.position)
+        self.position = 0
+
+    def prefill(self, ids) -> None:
+        self.position += len(ids)
+
+    def decode(self, token) -> None:
+        self.position += 1
+
+
+def test_bench_depth_fills_the_cache_before_each_timed_run():
+    s = _Counting()
+    tests = bench_session(s, 100, n_prompt=8, n_gen=4, repetitions=2, depth=20)
+    s.reset()
+    assert [t.test for t in tests] == ["pp8 @ d20", "tg4 @ d20"]
+    assert s.runs == [28, 28, 28, 24, 24, 24]  # warm-up + 2 runs each: the depth, then the test's tokens
