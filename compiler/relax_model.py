@@ -48,7 +48,7 @@ QUANTIZATIONS = ("q4_0", "q4_1", "q8_0", "keep")  # keep: each matrix as the GGU
 EMBED_QUANT = "q8_0"
 _QUANT: dict[str, str | None] = {"linear": None, "embed": None}
 _FORMATS: dict[str, str | None] = {}  # ModelSpec matrix name -> format (None: fp16), with quant="keep"
-_LANES = {"value": 16, "int8": False}  # the target's fp32 SIMD lanes (prefill GEMM tile); int8 decode GEMV
+_KERNEL_CHOICE = {"lanes": 16, "int8": False}  # the target's fp32 SIMD lanes (GEMM tile); int8 dot products
 
 
 def _fmt(name: str, default: str | None) -> str | None:
@@ -72,7 +72,7 @@ def _linear(x: nn.Tensor, weight: nn.Parameter, bias: nn.Tensor | None = None) -
     out_f, in_f = weight.logical_shape
     fmt = getattr(weight, "qfmt", None)
     if fmt is not None:
-        func = linear_quant(in_f, out_f, fmt, _LANES["value"], _LANES["int8"])
+        func = linear_quant(in_f, out_f, fmt, _KERNEL_CHOICE["lanes"], _KERNEL_CHOICE["int8"])
         y = op.tensor_ir_op(func, f"linear_{fmt}_{in_f}x{out_f}", args=[x, weight],
                             out=nn.Tensor.placeholder([1, x.shape[1], out_f], ACT_DTYPE))
         return y + bias.astype(ACT_DTYPE) if bias is not None else y
@@ -151,7 +151,7 @@ class FFN(nn.Module):
             return _linear(self._act(_linear(x, self.gate_weight), _linear(x, self.up_weight)), self.down_weight)
         fmt = getattr(self.gate_up_weight, "qfmt", None)
         if fmt is not None and isinstance(x.shape[1], int) and x.shape[1] == 1:
-            h = op.tensor_ir_op(gate_up_act_quant(self.d, self.d_ff, fmt, self.kind, _LANES["int8"]),
+            h = op.tensor_ir_op(gate_up_act_quant(self.d, self.d_ff, fmt, self.kind, _KERNEL_CHOICE["int8"]),
                                 f"gate_up_act_{fmt}_{self.d}x{self.d_ff}_{self.kind}",
                                 args=[x, self.gate_up_weight, self.threshold],
                                 out=nn.Tensor.placeholder([1, 1, self.d_ff], ACT_DTYPE))
@@ -287,7 +287,7 @@ def export_model(config: ArchConfig, target, kernels: str = "cpu",
     _FLAVOUR["value"] = kernels
     _QUANT.update(linear=None if quant == "keep" else quant, embed=EMBED_QUANT if quant else None)
     _FORMATS.update(formats or {})
-    _LANES.update(value=simd_lanes(target), int8=int8)
+    _KERNEL_CHOICE.update(lanes=simd_lanes(target), int8=int8)
     try:  # the kernels are chosen while the forward functions are traced, inside export_tvm
         model = DecoderModel(config, target)
         spec = {k: v for k, v in model.export_spec().items() if k in functions}
@@ -296,7 +296,7 @@ def export_model(config: ArchConfig, target, kernels: str = "cpu",
         _FLAVOUR["value"] = "cpu"
         _QUANT.update(linear=None, embed=None)
         _FORMATS.clear()
-        _LANES.update(value=16, int8=False)
+        _KERNEL_CHOICE.update(lanes=16, int8=False)
     params = [(name, tuple(int(d) for d in p.shape), p.dtype) for name, p in named_params]
     return mod, params
 
