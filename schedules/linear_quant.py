@@ -122,6 +122,38 @@ def _gemm_rows(out_features: int, lanes: int) -> int:
     return max(largest_divisor(out_features, 2 * lanes), row_group(out_features))
 
 
+def panel_gemm(K: int, M: int, TT: int):
+    """Macro ``gemm(x, panel, tile, y, n, col0)``: ``y[0, :, col0:col0 + M] = x[0] @ panel`` for an input-major
+    fp32 ``panel`` (K, M), by register tiles of ``TT`` tokens x ``M`` rows in ``tile`` (TT, M): each step one
+    broadcast activation times one row vector per token (no horizontal sums); leftover tokens take a one-token
+    tile."""
+
+    @T.macro
+    def gemm(x, panel, tile, y, n, col0):
+        for tt in range(n // TT):
+            for t in T.unroll(TT):
+                for c in T.vectorized(M):
+                    tile[t, c] = T.float32(0)
+            for ko in range(K // 4):
+                for ki in T.unroll(4):
+                    for t in T.unroll(TT):
+                        for c in T.vectorized(M):
+                            tile[t, c] = tile[t, c] + x[0, tt * TT + t, ko * 4 + ki] * panel[ko * 4 + ki, c]
+            for t in T.unroll(TT):
+                for c in T.vectorized(M):
+                    y[0, tt * TT + t, col0 + c] = tile[t, c]
+        for t in range(n // TT * TT, n):
+            for c in T.vectorized(M):
+                tile[0, c] = T.float32(0)
+            for k in range(K):
+                for c in T.vectorized(M):
+                    tile[0, c] = tile[0, c] + x[0, t, k] * panel[k, c]
+            for c in T.vectorized(M):
+                y[0, t, col0 + c] = tile[0, c]
+
+    return gemm
+
+
 @cache
 def linear_quant(in_features: int, out_features: int, fmt: str, lanes: int = LANES,
                  int8: bool = False) -> tirx.PrimFunc:
@@ -157,6 +189,7 @@ def linear_quant(in_features: int, out_features: int, fmt: str, lanes: int = LAN
     M = _gemm_rows(N, lanes)
     P = M // R  # row groups per prefill task
     TT = TILE_TOKENS
+    gemm = panel_gemm(K, M, TT)
     gemv8 = int8_gemv(WSHAPE, fmt) if int8 and fmt in INT8_FORMATS else None
     gemm8 = int8_gemm(WSHAPE, fmt, N) if int8 and fmt in GEMM_FORMATS and N % GEMM_ROWS == 0 else None
 
@@ -190,26 +223,7 @@ def linear_quant(in_features: int, out_features: int, fmt: str, lanes: int = LAN
                                         for l in T.vectorized(LANES):
                                             panel[(sb * SUB + j) * QBLOCK + half * 16 + l, p * R + r] = elem(
                                                 w, ib * P + p, sb, j, r, half, l)
-                    for tt in range(n // TT):
-                        for t in T.unroll(TT):
-                            for c in T.vectorized(M):
-                                tile[t, c] = T.float32(0)
-                        for ko in range(K // 4):
-                            for ki in T.unroll(4):
-                                for t in T.unroll(TT):
-                                    for c in T.vectorized(M):
-                                        tile[t, c] = tile[t, c] + x[0, tt * TT + t, ko * 4 + ki] * panel[ko * 4 + ki, c]
-                        for t in T.unroll(TT):
-                            for c in T.vectorized(M):
-                                y[0, tt * TT + t, ib * M + c] = tile[t, c]
-                    for t in range(n // TT * TT, n):
-                        for c in T.vectorized(M):
-                            tile[0, c] = T.float32(0)
-                        for k in range(K):
-                            for c in T.vectorized(M):
-                                tile[0, c] = tile[0, c] + x[0, t, k] * panel[k, c]
-                        for c in T.vectorized(M):
-                            y[0, t, ib * M + c] = tile[0, c]
+                    gemm(x, panel, tile, y, n, ib * M)
 
     return linear
 

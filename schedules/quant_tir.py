@@ -32,6 +32,16 @@ def _k_scale_min(w, g, sb, r, j):
     return T.Cast("float32", sc), T.Cast("float32", m)
 
 
+def q5_value(w, g, sb, r, half, l):
+    """q5_0's unsigned 5-bit value (0..31) of element ``half * 16 + l``, as float32."""
+    low = T.Cast("int32", _bits(w, g, sb, r, 6 + l, half * 4, 15))
+    qh = (T.Cast("int32", w[g, sb, r, 2]) | T.shift_left(T.Cast("int32", w[g, sb, r, 3]), 8)
+          | T.shift_left(T.Cast("int32", w[g, sb, r, 4]), 16)
+          | T.shift_left(T.Cast("int32", w[g, sb, r, 5]), 24))  # lane-invariant word, 32-bit lanes
+    high = T.shift_left(T.shift_right(qh, half * 16 + l) & 1, 4)
+    return T.Cast("float32", low | high)
+
+
 def element(fmt: str):
     """``elem(w, g, sb, j, r, half, l)`` -> float32 value for weights stored as ``(groups, blocks, R, bytes)``."""
     if fmt not in BLOCKS:
@@ -54,13 +64,7 @@ def element(fmt: str):
                     + _half_float(w, g, sb, r, 2))
     elif fmt == "q5_0":
         def elem(w, g, sb, j, r, half, l):
-            low = T.Cast("int32", _bits(w, g, sb, r, 6 + l, half * 4, 15))
-            qh = (T.Cast("int32", w[g, sb, r, 2]) | T.shift_left(T.Cast("int32", w[g, sb, r, 3]), 8)
-                  | T.shift_left(T.Cast("int32", w[g, sb, r, 4]), 16)
-                  | T.shift_left(T.Cast("int32", w[g, sb, r, 5]), 24))  # lane-invariant word, 32-bit lanes
-            high = T.shift_left(T.shift_right(qh, half * 16 + l) & 1, 4)
-            q = T.Cast("float32", low | high)
-            return (q - T.float32(16)) * _half_float(w, g, sb, r, 0)
+            return (q5_value(w, g, sb, r, half, l) - T.float32(16)) * _half_float(w, g, sb, r, 0)
     elif fmt in ("q4_k", "q5_k"):
         ql_at = 16 if fmt == "q4_k" else 48
 
