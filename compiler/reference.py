@@ -52,19 +52,22 @@ def silu(x: np.ndarray) -> np.ndarray:
     return x / (1.0 + np.exp(-x))
 
 
-def ffn(x: np.ndarray, gate: np.ndarray, up: np.ndarray, down: np.ndarray, kind: str) -> np.ndarray:
-    """Gated FFN of the given kind (weights in (out, in) layout)."""
+def ffn_hidden(x: np.ndarray, gate: np.ndarray, up: np.ndarray, kind: str) -> np.ndarray:
+    """A gated FFN's activations (the down projection's input), weights in (out, in) layout."""
     g = x @ gate.T
     u = x @ up.T
     if kind == "swiglu":
-        h = silu(g) * u
-    elif kind == "reglu":
-        h = np.maximum(g, 0) * u
-    elif kind == "drelu":
-        h = np.maximum(g, 0) * np.maximum(u, 0)
-    else:
-        raise ValueError(kind)
-    return h @ down.T
+        return silu(g) * u
+    if kind == "reglu":
+        return np.maximum(g, 0) * u
+    if kind == "drelu":
+        return np.maximum(g, 0) * np.maximum(u, 0)
+    raise ValueError(kind)
+
+
+def ffn(x: np.ndarray, gate: np.ndarray, up: np.ndarray, down: np.ndarray, kind: str) -> np.ndarray:
+    """Gated FFN of the given kind (weights in (out, in) layout)."""
+    return ffn_hidden(x, gate, up, kind) @ down.T
 
 
 def causal_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_offset: int) -> np.ndarray:
@@ -165,7 +168,7 @@ class ReferenceModel:
         (the model generator calibrates one layer at a time this way).
         """
         c, w, p = self.config, self.w, f"layers.{i}."
-        x = rms_norm(h, w[p + "attn_norm"], c.rms_norm_eps)
+        x = self.projection_input("attn", i, rms_norm(h, w[p + "attn_norm"], c.rms_norm_eps))
         q, k, v = x @ w[p + "q_proj"].T, x @ w[p + "k_proj"].T, x @ w[p + "v_proj"].T
         if c.qkv_bias:
             q, k, v = q + w[p + "q_bias"], k + w[p + "k_bias"], v + w[p + "v_bias"]
@@ -178,7 +181,7 @@ class ReferenceModel:
             offset = self.k_cache[i].shape[0]
             self.k_cache[i] = k = np.concatenate([self.k_cache[i], k])
             self.v_cache[i] = v = np.concatenate([self.v_cache[i], v])
-        a = causal_attention(q, k, v, offset).reshape(s, -1)
+        a = self.projection_input("o", i, causal_attention(q, k, v, offset).reshape(s, -1))
         h = h + a @ w[p + "o_proj"].T
         return h, rms_norm(h, w[p + "ffn_norm"], c.rms_norm_eps)
 
@@ -197,7 +200,15 @@ class ReferenceModel:
     def unit_ffn(self, u: int, x: np.ndarray) -> np.ndarray:
         """FFN unit ``u`` (a layer's FFN or one expert) on the rows ``x`` (subclasses make it sparse)."""
         p = self.config.ffn_prefix(u)
-        return ffn(x, self.w[p + "gate_proj"], self.w[p + "up_proj"], self.w[p + "down_proj"], self.config.ffn_kind)
+        x = self.projection_input("ffn", u, x)
+        h = ffn_hidden(x, self.w[p + "gate_proj"], self.w[p + "up_proj"], self.config.ffn_kind)
+        return self.projection_input("down", u, h) @ self.w[p + "down_proj"].T
+
+    def projection_input(self, point: str, index: int, x: np.ndarray) -> np.ndarray:
+        """The input of a projection, as the model uses it: ``point`` is ``attn`` (Q/K/V), ``o``, ``ffn``
+        (gate/up) or ``down``; ``index`` the layer (the FFN unit for ``ffn`` / ``down``). The identity here;
+        subclasses record or sparsify the inputs (:mod:`xpuc.compiler.act_sparsity`)."""
+        return x
 
     def forward(self, ids: list[int] | np.ndarray) -> np.ndarray:
         """Run ``ids`` after what is already cached; returns logits (len(ids), vocab)."""

@@ -55,10 +55,11 @@ class QualityReport:
     perplexity_dense: float
     perplexity_sparse: float
     computed_share: float  # mean share of FFN neurons computed by the sparse model
+    computed_what: str = "FFN neurons computed"
 
     def summary(self) -> str:
         return (f"sparse vs dense on {self.tokens} held-out tokens: top-1 agreement {self.top1_agreement:.3f}, "
-                f"perplexity {self.perplexity_dense:.2f} -> {self.perplexity_sparse:.2f}, FFN neurons computed "
+                f"perplexity {self.perplexity_dense:.2f} -> {self.perplexity_sparse:.2f}, {self.computed_what} "
                 f"{100 * self.computed_share:.1f} %")
 
 
@@ -81,8 +82,15 @@ def clusters_by_frequency(frequency: list[list[float]], cluster: int) -> list[np
 
 def measure_quality(spec: ModelSpec, token_ids: list[int], thresholds: list[float], predictor=None,
                     window: int = 256, cluster_of: list[np.ndarray] | None = None) -> QualityReport:
-    dense = ReferenceModel(spec, "float16")
     sparse = SparseReference(spec, thresholds, predictor, cluster_of)
+    return compare_models(ReferenceModel(spec, "float16"), sparse, token_ids, window,
+                          lambda: float(np.mean(sparse.computed)))
+
+
+def compare_models(dense: ReferenceModel, sparse: ReferenceModel, token_ids: list[int], window: int,
+                   computed_share, computed_what: str = "FFN neurons computed") -> QualityReport:
+    """Teacher-forced top-1 agreement and both perplexities over windows of ``token_ids``;
+    ``computed_share()`` gives the report's share computed, read after the evaluation."""
     windows = [np.asarray(token_ids[s:s + window + 1]) for s in range(0, len(token_ids) - 1, window)]
     windows = [ids for ids in windows if len(ids) >= 2]
     agree, nll_d, nll_s, n = 0, 0.0, 0.0, 0
@@ -92,5 +100,5 @@ def measure_quality(spec: ModelSpec, token_ids: list[int], thresholds: list[floa
         nll_d += float(_nll(ld, ids[1:]).sum())
         nll_s += float(_nll(ls, ids[1:]).sum())
         n += len(ids) - 1
-    return QualityReport(n, agree / n, float(np.exp(nll_d / n)), float(np.exp(nll_s / n)),
-                         float(np.mean(sparse.computed)))
+    return QualityReport(n, agree / n, float(np.exp(nll_d / n)), float(np.exp(nll_s / n)), computed_share(),
+                         computed_what)
