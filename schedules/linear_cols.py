@@ -45,8 +45,6 @@ __all__ = ["COLUMN_FORMATS", "column_format", "cols_shape", "dequantize_cols", "
 COLUMN_FORMATS = QUANTIZABLE  # 32-value formats: a column's run of blocks along the output dimension
 MAX_TILE = 512  # output rows of a decode task: a column's run is at most 16 blocks (320 bytes in q4_1)
 PREFETCH_COLUMNS = 4  # kept columns ahead whose runs are prefetched
-CHUNK_BLOCKS = 16  # blocks of a tile accumulated per pass over the kept columns
-GROUP = 64  # kept columns per pass over a tile's chunks (their runs stay in L1 between chunks)
 
 
 def column_format(fmt: str | None) -> str:
@@ -143,7 +141,6 @@ def linear_cols(in_features: int, out_features: int, fmt: str) -> tirx.PrimFunc:
     value, scale, offset = column_parts(fmt)
     gemm = panel_gemm(K, QBLOCK, TILE_TOKENS)
     LINES = (NB * BB + 63) // 64
-    CB = max(c for c in range(1, CHUNK_BLOCKS + 1) if NB % c == 0)
 
     @T.prim_func(private=True, s_tir=True)
     def linear(var_x: T.handle, w: T.Buffer(WSHAPE, "uint8"), thr: T.Buffer((1,), "float32"), var_y: T.handle):
@@ -164,40 +161,29 @@ def linear_cols(in_features: int, out_features: int, fmt: str) -> tirx.PrimFunc:
                     keep[kept[0] + j] = 0
                 for t in T.parallel(NT):
                     acc = T.alloc_buffer((TILE,), "float32", scope="global")
+                    shift = T.alloc_buffer((NB,), "float32", scope="global")  # per block: sum of x_k offset_k
                     for c in T.vectorized(TILE):
                         acc[c] = T.float32(0)
-                    for g in range((kept[0] + GROUP - 1) // GROUP):
-                        for ch in range(NB // CB):
-                            reg = T.alloc_buffer((CB * QBLOCK,), "float32", scope="local")
-                            shift = T.alloc_buffer((CB,), "float32", scope="local")
-                            for b in T.unroll(CB):
-                                shift[b] = T.float32(0)
-                            for c in T.unroll(CB * 2):
+                    for b in range(NB):
+                        shift[b] = T.float32(0)
+                    for j in range(kept[0]):
+                        for line in T.unroll(LINES):
+                            T.evaluate(T.call_llvm_intrin(
+                                "void", "llvm.prefetch.p0",
+                                T.address_of(w[keep[j + PREFETCH_COLUMNS], t, line * 64 // BB, line * 64 % BB]),
+                                T.int32(0), T.int32(3), T.int32(1)))
+                        k: T.let[T.int32] = keep[j]
+                        xk: T.let[T.float32] = x[0, 0, k]
+                        for b in T.unroll(NB):
+                            xd: T.let[T.float32] = xk * scale(w, k, t, b)
+                            for half in T.unroll(2):
                                 for lane in T.vectorized(16):
-                                    reg[c * 16 + lane] = acc[ch * CB * QBLOCK + c * 16 + lane]
-                            for j in range(g * GROUP, T.min(kept[0], g * GROUP + GROUP)):
-                                if ch == 0:
-                                    for line in T.unroll(LINES):
-                                        T.evaluate(T.call_llvm_intrin(
-                                            "void", "llvm.prefetch.p0",
-                                            T.address_of(w[keep[j + PREFETCH_COLUMNS], t, line * 64 // BB,
-                                                           line * 64 % BB]),
-                                            T.int32(0), T.int32(3), T.int32(1)))
-                                k: T.let[T.int32] = keep[j]
-                                xk: T.let[T.float32] = x[0, 0, k]
-                                for b in T.unroll(CB):
-                                    xd: T.let[T.float32] = xk * scale(w, k, t, ch * CB + b)
-                                    for half in T.unroll(2):
-                                        for lane in T.vectorized(16):
-                                            reg[b * QBLOCK + half * 16 + lane] = (
-                                                reg[b * QBLOCK + half * 16 + lane]
-                                                + xd * value(w, k, t, ch * CB + b, half, lane))
-                                    shift[b] = shift[b] + xk * offset(w, k, t, ch * CB + b)
-                            for c in T.unroll(CB * 2):
-                                for lane in T.vectorized(16):
-                                    acc[ch * CB * QBLOCK + c * 16 + lane] = reg[c * 16 + lane] + shift[c // 2]
-                    for c in T.vectorized(TILE):
-                        y[0, 0, t * TILE + c] = acc[c]
+                                    acc[b * QBLOCK + half * 16 + lane] = (
+                                        acc[b * QBLOCK + half * 16 + lane] + xd * value(w, k, t, b, half, lane))
+                            shift[b] = shift[b] + xk * offset(w, k, t, b)
+                    for b in T.unroll(NB):
+                        for lane in T.vectorized(QBLOCK):
+                            y[0, 0, t * TILE + b * QBLOCK + lane] = acc[b * QBLOCK + lane] + shift[b]
             else:
                 for tb in T.parallel(NT * NB):
                     panel = T.alloc_buffer((K, QBLOCK), "float32", scope="global")
