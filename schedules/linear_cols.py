@@ -12,9 +12,9 @@ A skipped column is then one gap of ``out`` values in every task's stream, never
 prefetchers read through.
 
 Measured (AMD Zen 4 guest, 2 threads, q4_1, weights streamed from memory, median of 7 x 100 calls): a
-4864 -> 896 projection takes 174 / 97 / 54 us with all / half / 30 % of its columns kept, against 106 us for
-the dense int8 row GEMV of :mod:`xpuc.schedules.int8_gemv`; 896 -> 9728 takes 366 / 206 / 102 us against 212
-us. The fp32 multiply-adds (about 23 G/s on two Zen 4 threads, whose AVX-512 units are 256 bits wide) bound
+4864 -> 896 projection takes 172 / 86 / 55 us with all / half / 30 % of its columns kept, against 106 us for
+the dense int8 row GEMV of :mod:`xpuc.schedules.int8_gemv`; 896 -> 9728 takes 512 / 233 / 98 us against 196
+us. The fp32 multiply-adds (about 25 G/s on two Zen 4 threads, whose AVX-512 units are 256 bits wide) bound
 the kernel, not the bytes: it beats the int8 row kernel from about half the columns skipped on tall
 matrices, and from about 60 % on wide ones.
 
