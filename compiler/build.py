@@ -168,7 +168,7 @@ def compile_model(model: str | os.PathLike, output: str | os.PathLike, device: s
         steps.start("copying the GGUF's weight blocks" if formats else
                     f"quantizing weights to {quantize} (embedding q8_0)" if quantize else "converting weights to fp16")
         arrays = param_arrays(spec, quant=quantize, thresholds=thresholds,
-                              formats=formats.formats if formats else None)
+                              formats=formats.formats if formats else None, int8=dot == "int8")
         missing = [n for n, _, _ in params if n not in arrays]
         if missing:
             raise XpucError(f"internal: no weights for parameters {missing[:3]}")

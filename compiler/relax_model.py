@@ -216,7 +216,8 @@ class DecoderModel(nn.Module):
         s = input_ids.shape[1]
         fmt = getattr(self.embed, "qfmt", None)
         if fmt is not None:
-            h = op.tensor_ir_op(embedding_quant(self.c.vocab_size, self.c.hidden_size, fmt), f"embedding_{fmt}",
+            h = op.tensor_ir_op(embedding_quant(self.c.vocab_size, self.c.hidden_size, fmt, _KERNEL_CHOICE["int8"]),
+                                f"embedding_{fmt}",
                                 args=[input_ids, self.embed],
                                 out=nn.Tensor.placeholder([1, s, self.c.hidden_size], ACT_DTYPE))
         elif len(self.embed.shape) == 2:  # generic flavour
@@ -308,10 +309,12 @@ def _norm(weight: np.ndarray) -> np.ndarray:
 
 def param_arrays(spec: ModelSpec, kernels: str = "cpu", quant: str | None = None,
                  thresholds: list[float] | None = None,
-                 formats: dict[str, str | None] | None = None) -> dict[str, np.ndarray]:
+                 formats: dict[str, str | None] | None = None, int8: bool = False) -> dict[str, np.ndarray]:
     """Relax parameter name -> array, from the ModelSpec: fp16 (matrices row-block packed for ``cpu``), or
     with ``quant`` the matrices as GGML blocks (embedding / LM head ``q8_0``) and the FFN thresholds; with
-    ``quant="keep"`` each matrix in its format of ``formats``, a GGUF tensor's blocks copied as they are."""
+    ``quant="keep"`` each matrix in its format of ``formats``, a GGUF tensor's blocks copied as they are. ``int8``
+    (a module exported with it) stores the blocks of the int8 kernels' formats lane by lane
+    (:mod:`xpuc.schedules.int8_lanes`: the same bytes, rearranged)."""
     c, w = spec.config, spec.weights
     lin = None if quant == "keep" else quant
     fmts = formats or {}
@@ -324,8 +327,8 @@ def param_arrays(spec: ModelSpec, kernels: str = "cpu", quant: str | None = None
             stored = [w.blocks(n) for n in names] if quant == "keep" else []
             if stored and all(b is not None and b[1] == fmt for b in stored):  # the file's blocks, as they are
                 in_f = w.meta[names[0]][0][1]
-                return interleave_rows(np.concatenate([b[0] for b in stored]), fmt, in_f)
-            return quantize_matrix(np.concatenate([w[n] for n in names]), fmt)
+                return interleave_rows(np.concatenate([b[0] for b in stored]), fmt, in_f, int8)
+            return quantize_matrix(np.concatenate([w[n] for n in names]), fmt, int8)
         m = np.concatenate([w[n] for n in names]).astype(WEIGHT_DTYPE)
         return pack_rows(m) if kernels == "cpu" else np.ascontiguousarray(m)
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 from tvm.script import tirx as T
 
 from xpuc.schedules.int8_gemv import INT8_FORMATS, unit_parts
+from xpuc.schedules.int8_lanes import lane_unit_parts
 from xpuc.schedules.quant_formats import BLOCKS, QBLOCK
 
 __all__ = ["GEMM_FORMATS", "GEMM_ROWS", "TILE_TOKENS", "int8_gemm"]
@@ -31,10 +32,11 @@ GEMM_ROWS = 16  # one 512-bit vector of int32 accumulators
 TILE_TOKENS = 6
 
 
-def int8_gemm(wshape: tuple[int, int, int, int], fmt: str, n_rows: int):
+def int8_gemm(wshape: tuple[int, int, int, int], fmt: str, n_rows: int, lanes: bool = False):
     """The TIR macro ``gemm8(x, w, y, n)`` of ``y[0, t] = W @ x[0, t]`` for ``n`` tokens with int8 dot products
     (module docstring); weights of storage shape ``wshape`` in ``fmt`` (one of :data:`INT8_FORMATS`), ``n_rows``
-    output rows, a multiple of 16."""
+    output rows, a multiple of 16. With ``lanes``, the weights are in the lane layout
+    (:mod:`xpuc.schedules.int8_lanes`) and ``w`` is its flat view."""
     if fmt not in GEMM_FORMATS:
         raise ValueError(f"no int8 GEMM for '{fmt}' (have: {', '.join(GEMM_FORMATS)})")
     if n_rows % GEMM_ROWS:
@@ -47,7 +49,7 @@ def int8_gemm(wshape: tuple[int, int, int, int], fmt: str, n_rows: int):
     P = M // R
     TT = TILE_TOKENS
     OFFSET = INT8_FORMATS[fmt]
-    values, scale, corr = unit_parts(fmt)
+    values, scale, corr = lane_unit_parts(fmt) if lanes else unit_parts(fmt)
 
     def vnni(acc, wv, xv):
         return T.call_llvm_pure_intrin("int32x16", "llvm.x86.avx512.vpdpbusd.512", acc, wv, xv)

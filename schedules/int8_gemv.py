@@ -20,13 +20,11 @@ from __future__ import annotations
 
 from tvm.script import tirx as T
 
-from xpuc.schedules.quant_formats import BLOCKS, QBLOCK
+from xpuc.schedules.int8_lanes import lane_buffers, lane_parts
+from xpuc.schedules.quant_formats import BLOCKS, INT8_FORMATS, QBLOCK
 from xpuc.schedules.quant_tir import PREFETCH_GROUPS, _k_scale_min, prefetch_block
 
 __all__ = ["INT8_FORMATS", "int8_buffers", "int8_gemv", "int8_parts"]
-
-#: formats with an int8 GEMV, and the offset each folds into the accumulators' initial value
-INT8_FORMATS = {"q4_0": 8, "q4_1": 0, "q5_0": 16, "q8_0": 128, "q4_k": 0, "q5_k": 0, "q6_k": 32}
 
 
 def _half(w, g, b, r, at):
@@ -188,15 +186,17 @@ def int8_buffers(k: int):
             T.alloc_buffer((k // QBLOCK,), "float32", scope="global"))
 
 
-def int8_gemv(wshape: tuple[int, int, int, int], fmt: str):
+def int8_gemv(wshape: tuple[int, int, int, int], fmt: str, lanes: bool = False):
     """The TIR macro ``gemv8(x, w, y)`` of the one-token ``y[0, 0] = W @ x[0, 0]`` with int8 dot products (module
-    docstring): the activations quantized on the calling thread, then one parallel task per row group."""
+    docstring): the activations quantized on the calling thread, then one parallel task per row group. With
+    ``lanes``, over the lane layout (:mod:`xpuc.schedules.int8_lanes`; ``w`` its flat view)."""
     NR, NS, R, _ = wshape
-    quantize, group_dot8 = int8_parts(wshape, fmt)
+    quantize, group_dot8 = lane_parts(wshape, fmt) if lanes else int8_parts(wshape, fmt)
+    buffers = lane_buffers if lanes else int8_buffers
 
     @T.macro
     def gemv8(x, w, y):
-        xv = int8_buffers(NS * BLOCKS[fmt][0])
+        xv = buffers(NS * BLOCKS[fmt][0])
         quantize(x, xv)
         for g in T.parallel(NR):
             acc = T.alloc_buffer((R, 8), "float32", scope="global")

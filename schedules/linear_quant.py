@@ -32,6 +32,7 @@ from tvm.script import tirx as T
 
 from xpuc.schedules.int8_gemm import GEMM_FORMATS, GEMM_ROWS, int8_gemm
 from xpuc.schedules.int8_gemv import INT8_FORMATS, int8_buffers, int8_gemv, int8_parts
+from xpuc.schedules.int8_lanes import from_lanes, lane_buffers, lane_element, lane_parts, to_lanes, uses_lanes
 from xpuc.schedules.linear import largest_divisor
 from xpuc.schedules.quant_formats import (
     BLOCKS,
@@ -63,22 +64,27 @@ def quantized_shape(in_features: int, out_features: int, fmt: str) -> tuple[int,
     return out_features // R, in_features // qk, R, bb
 
 
-def interleave_rows(rows: np.ndarray, fmt: str, in_features: int) -> np.ndarray:
-    """(out, in/values * bytes) uint8 blocks (a GGUF tensor's rows) -> the kernels' storage, rows interleaved."""
+def interleave_rows(rows: np.ndarray, fmt: str, in_features: int, int8: bool = False) -> np.ndarray:
+    """(out, in/values * bytes) uint8 blocks (a GGUF tensor's rows) -> the kernels' storage, rows interleaved; for
+    the int8 kernels, in the lane layout where :func:`~xpuc.schedules.int8_lanes.uses_lanes` says so."""
     nr, nb, r, bb = quantized_shape(in_features, rows.shape[0], fmt)
     if rows.shape != (nr * r, nb * bb):
         raise ValueError(f"{fmt} rows of {in_features} values: expected {(nr * r, nb * bb)} bytes, got {rows.shape}")
-    return np.ascontiguousarray(rows.reshape(nr, r, nb, bb).transpose(0, 2, 1, 3))
+    storage = np.ascontiguousarray(rows.reshape(nr, r, nb, bb).transpose(0, 2, 1, 3))
+    return to_lanes(storage, fmt) if uses_lanes(fmt, rows.shape[0], int8) else storage
 
 
-def quantize_matrix(w: np.ndarray, fmt: str) -> np.ndarray:
-    """(out, in) float matrix -> the kernels' storage (:func:`quantized_shape`): GGML blocks, rows interleaved."""
-    return interleave_rows(quantize_rows(w, fmt), fmt, w.shape[1])
+def quantize_matrix(w: np.ndarray, fmt: str, int8: bool = False) -> np.ndarray:
+    """(out, in) float matrix -> the kernels' storage (:func:`quantized_shape`): GGML blocks, rows interleaved (the
+    lane layout for the int8 kernels where it applies)."""
+    return interleave_rows(quantize_rows(w, fmt), fmt, w.shape[1], int8)
 
 
-def dequantize_matrix(data: np.ndarray, fmt: str) -> np.ndarray:
+def dequantize_matrix(data: np.ndarray, fmt: str, int8: bool = False) -> np.ndarray:
     """Inverse of :func:`quantize_matrix` (float32, (out, in))."""
     nr, nb, r, bb = data.shape
+    if uses_lanes(fmt, nr * r, int8):
+        data = from_lanes(data, fmt)
     return dequantize_rows(np.ascontiguousarray(data.transpose(0, 2, 1, 3)).reshape(nr * r, nb * bb), fmt)
 
 
@@ -190,8 +196,9 @@ def linear_quant(in_features: int, out_features: int, fmt: str, lanes: int = LAN
     P = M // R  # row groups per prefill task
     TT = TILE_TOKENS
     gemm = panel_gemm(K, M, TT)
-    gemv8 = int8_gemv(WSHAPE, fmt) if int8 and fmt in INT8_FORMATS else None
-    gemm8 = int8_gemm(WSHAPE, fmt, N) if int8 and fmt in GEMM_FORMATS and N % GEMM_ROWS == 0 else None
+    lanes = uses_lanes(fmt, N, int8)
+    gemv8 = int8_gemv(WSHAPE, fmt, lanes) if int8 and fmt in INT8_FORMATS else None
+    gemm8 = int8_gemm(WSHAPE, fmt, N, lanes) if int8 and fmt in GEMM_FORMATS and N % GEMM_ROWS == 0 else None
 
     @T.prim_func(private=True, s_tir=True)
     def linear(var_x: T.handle, w: T.Buffer(WSHAPE, "uint8"), var_y: T.handle):
@@ -200,9 +207,10 @@ def linear_quant(in_features: int, out_features: int, fmt: str, lanes: int = LAN
         x = T.match_buffer(var_x, (1, n, K), "float32")
         y = T.match_buffer(var_y, (1, n, N), "float32")
         with T.sblock("root"):
+            wf = T.decl_buffer((NR, NS, R * BB), "uint8", data=w.data)  # the lane layout's flat view
             if n == T.int64(1):
                 if gemv8 is not None:
-                    gemv8(x, w, y)
+                    gemv8(x, wf if lanes else w, y)
                 else:
                     for ib in T.parallel(NR):
                         acc = T.alloc_buffer((R, LANES), "float32", scope="global")
@@ -210,7 +218,7 @@ def linear_quant(in_features: int, out_features: int, fmt: str, lanes: int = LAN
                         for r in T.unroll(R):
                             y[0, 0, ib * R + r] = acc[r, 0]
             elif gemm8 is not None:
-                gemm8(x, w, y, n)
+                gemm8(x, wf if lanes else w, y, n)
             else:
                 for ib in T.parallel(N // M):
                     panel = T.alloc_buffer((K, M), "float32", scope="global")
@@ -229,20 +237,24 @@ def linear_quant(in_features: int, out_features: int, fmt: str, lanes: int = LAN
 
 
 @cache
-def embedding_quant(vocab: int, d: int, fmt: str) -> tirx.PrimFunc:
-    """``(ids: (1, n) i32, w: quantized_shape(d, vocab) u8, h: (1, n, d) f32)``: the tokens' rows, dequantized."""
+def embedding_quant(vocab: int, d: int, fmt: str, int8: bool = False) -> tirx.PrimFunc:
+    """``(ids: (1, n) i32, w: quantized_shape(d, vocab) u8, h: (1, n, d) f32)``: the tokens' rows, dequantized
+    (``int8``: from the lane layout where the int8 build stores the matrix so, a tied LM head's)."""
     WSHAPE = quantized_shape(d, vocab, fmt)
-    _, NS, R, _ = WSHAPE
+    NR, NS, R, BB = WSHAPE
     SUB = BLOCKS[fmt][0] // QBLOCK
-    elem = element(fmt)
+    lanes = uses_lanes(fmt, vocab, int8)
+    elem = lane_element(fmt) if lanes else element(fmt)
 
     @T.prim_func(private=True, s_tir=True)
-    def embedding(var_ids: T.handle, w: T.Buffer(WSHAPE, "uint8"), var_h: T.handle):
+    def embedding(var_ids: T.handle, w4: T.Buffer(WSHAPE, "uint8"), var_h: T.handle):
         T.func_attr({"tir.noalias": True})
         n = T.int64()
         ids = T.match_buffer(var_ids, (1, n), "int32")
         h = T.match_buffer(var_h, (1, n, d), "float32")
         with T.sblock("root"):
+            wf = T.decl_buffer((NR, NS, R * BB), "uint8", data=w4.data)  # the lane layout's flat view
+            w = wf if lanes else w4
             for t in range(n):
                 for sb in range(NS):
                     for j in T.unroll(SUB):
@@ -309,16 +321,19 @@ def gate_up_act_quant(d: int, d_ff: int, fmt: str, kind: str, int8: bool = False
                     h[0, 0, grp * G + r] = T.float32(0)
 
     if int8 and fmt in INT8_FORMATS:
-        quantize, group_dot8 = int8_parts(WSHAPE, fmt)
+        lanes = uses_lanes(fmt, 2 * d_ff, int8)
+        quantize, group_dot8 = lane_parts(WSHAPE, fmt) if lanes else int8_parts(WSHAPE, fmt)
+        buffers = lane_buffers if lanes else int8_buffers
 
         @T.prim_func(private=True, s_tir=True)
         def gate_up_act8(x: T.Buffer((1, 1, d), "float32"), w: T.Buffer(WSHAPE, "uint8"),
                          thr: T.Buffer((1,), "float32"), h: T.Buffer((1, 1, d_ff), "float32")):
             T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True})
             with T.sblock("root"):
-                xv = int8_buffers(d)
+                wf = T.decl_buffer((NR, NS, G * BB), "uint8", data=w.data)  # the lane layout's flat view
+                xv = buffers(d)
                 quantize(x, xv)
-                gated(xv, group_dot8, w, thr, h)
+                gated(xv, group_dot8, wf if lanes else w, thr, h)
 
         return gate_up_act8
 

@@ -31,6 +31,8 @@ BLOCKS = {"q4_0": (32, 18), "q4_1": (32, 20), "q5_0": (32, 22), "q8_0": (32, 34)
 GGUF_FORMATS = {"Q4_0": "q4_0", "Q4_1": "q4_1", "Q5_0": "q5_0", "Q8_0": "q8_0",
                 "Q4_K": "q4_k", "Q5_K": "q5_k", "Q6_K": "q6_k"}
 QUANTIZABLE = ("q4_0", "q4_1", "q5_0", "q8_0")  # formats xpuc can quantize float weights into
+#: formats with int8 dot products, and the offset each folds into the accumulators' initial value
+INT8_FORMATS = {"q4_0": 8, "q4_1": 0, "q5_0": 16, "q8_0": 128, "q4_k": 0, "q5_k": 0, "q6_k": 32}
 
 
 def check_format(fmt: str, in_features: int) -> tuple[int, int]:

@@ -16,6 +16,7 @@ from xpuc.runtime.session import DecoderSession
 from xpuc.schedules.int8_dot import int8_dot_isa
 from xpuc.schedules.int8_gemm import GEMM_FORMATS
 from xpuc.schedules.int8_gemv import INT8_FORMATS
+from xpuc.schedules.int8_lanes import LANE_FORMATS
 from xpuc.schedules.linear_quant import dequantize_matrix, gate_up_act_quant, interleave_rows, linear_quant
 from xpuc.targets.profile import load_profile
 
@@ -36,8 +37,10 @@ def _build(func):
 def test_int8_gemv_and_gemm_are_the_product_with_int8_rounded_activations(fmt, N):
     rng = np.random.default_rng(5)
     K = 512 if fmt.endswith("_k") else 288  # two 256-value blocks; an odd number of 32-value blocks
-    storage = interleave_rows(random_rows(rng, fmt, N, K), fmt, K)
-    w = dequantize_matrix(storage, fmt)
+    rows = random_rows(rng, fmt, N, K)
+    storage = interleave_rows(rows, fmt, K, int8=True)  # N = 48: q4_0 / q4_1 / q5_0 / q8_0 lane by lane
+    assert np.array_equal(storage, interleave_rows(rows, fmt, K)) == (N % 16 != 0 or fmt not in LANE_FORMATS)
+    w = dequantize_matrix(storage, fmt, int8=True)
     f = _build(linear_quant(K, N, fmt, 16, True))
     for n in (1, 3, 13):  # GEMV; GEMM with one-token tiles only, and two 6-token tiles and one left
         x = (rng.standard_normal((1, n, K)) * rng.uniform(0.1, 3, (1, n, K))).astype(np.float32)
@@ -57,8 +60,8 @@ def test_int8_gemv_and_gemm_are_the_product_with_int8_rounded_activations(fmt, N
 def test_int8_gate_up_skips_the_neurons_below_threshold(fmt):
     rng = np.random.default_rng(3)
     d, F = 64, 96
-    storage = interleave_rows(random_rows(rng, fmt, 2 * F, d, scale=0.05), fmt, d)
-    wd = dequantize_matrix(storage, fmt)
+    storage = interleave_rows(random_rows(rng, fmt, 2 * F, d, scale=0.05), fmt, d, int8=True)  # lane by lane
+    wd = dequantize_matrix(storage, fmt, int8=True)
     x = rng.standard_normal((1, 1, d)).astype(np.float32)
     xi = int8_activations(x[0, 0])
     g, u = wd[:F] @ xi, wd[F:] @ xi
@@ -71,12 +74,13 @@ def test_int8_gate_up_skips_the_neurons_below_threshold(fmt):
     assert 0.3 < float((h.numpy() == 0).mean()) < 0.9
 
 
-def test_decoder_with_int8_gemvs_decodes_like_the_float32_one():
-    cfg = tiny_config("llama", "swiglu")
+@pytest.mark.parametrize("vocab", [None, 272])  # 272: the tied embedding / LM head lane by lane too
+def test_decoder_with_int8_gemvs_decodes_like_the_float32_one(vocab):
+    cfg = tiny_config("llama", "swiglu", vocab=vocab)
     spec = spec_from(cfg, random_weights(cfg, 3))
-    arrays = param_arrays(spec, quant="q4_0")
     logits = []
-    for int8 in (False, True):
+    for int8 in (False, True):  # int8: the projections' and the embedding's blocks lane by lane where N % 16 == 0
+        arrays = param_arrays(spec, quant="q4_0", int8=int8)
         mod, params = export_model(cfg, TARGET, quant="q4_0", int8=int8)
         ex = tvm.compile(mod, target=TARGET)
         sess = DecoderSession(ex, [tvm.runtime.tensor(arrays[n]) for n, _, _ in params], 64, 16)
