@@ -1,88 +1,34 @@
-"""int8 decode GEMV over row groups stored lane by lane (x86 AVX-512 VNNI): 8 rows per 512-bit dot product.
+"""int8 dot products over the lane layout (x86 AVX-512 VNNI): one 512-bit ``vpdpbusd`` covers 8 rows.
 
-:mod:`xpuc.schedules.int8_gemv` takes a row's 32-value block as one 256-bit vector: per block and row it expands
-the values (q5_0: the 32 high bits too), runs one ``vpdpbusd``, converts, and scales by the row's ``d`` — scalar
-work per row that makes it compute-bound (q5_0 896x9728: ≈ 17-22 GB/s of weights on 2 Zen 4 cores). Here the
-8 rows of a row group's block are stored so that one 512-bit register holds 8 values of each of the 8 rows, int32
-lane ``2 r + h`` being row ``r``'s values ``8 i + 4 h .. 8 i + 4 h + 3`` of register ``i``: with the token's 8
-activations broadcast, four ``vpdpbusd`` cover the block for all 8 rows, the 8 rows' scales are one vector
-conversion, and q5_0's high bits are one 64-bit mask per register.
+:mod:`xpuc.schedules.int8_gemv` takes a row's 32-value unit as one 256-bit vector: per unit and row it expands
+the values, runs one ``vpdpbusd``, converts, and scales by the row's own scale (the K formats: a 6-bit sub-block
+scale decoded per row) — scalar work per row that makes it compute-bound (q5_0 896x9728: 17-22 GB/s of weights
+on 2 Zen 4 cores, q4_k / q6_k 4864x896: ≈ 15 GB/s). Over the lane layout (:mod:`xpuc.schedules.lane_layout`)
+register ``i`` of a unit holds values ``8 i .. 8 i + 7`` of all 8 rows of a row group (int32 lanes ``2 r`` and
+``2 r + 1``: row ``r``): with the token's 8 activations broadcast, four ``vpdpbusd`` cover the unit for the 8
+rows, and the 8 rows' scales are one vector (the K formats' sub-block scales decoded for 8 rows x 8 units at
+once). Measured (2 threads, AMD Zen 4, six copies of the weights in rotation): q5_0 896x9728 111-121 us
+against 272-275 us for the per-row kernel, q8_0 896x151936 3.1-3.3 ms against 4.2-4.8 ms.
 
-The (row group, block) chunk holds the same bytes as the 8 GGUF blocks, rearranged (nothing re-quantized):
-
-* bytes 0..15: the rows' fp16 scales ``d`` (row ``r`` at ``2 r``); q4_1: 16..31 their fp16 minimums ``m``;
-* q5_0: 16..47 the high bits, byte ``8 i + r`` = byte ``i`` of row ``r``'s ``qh`` (bit ``b`` of word ``i`` is
-  value ``8 i + b % 8`` of row ``b // 8``);
-* the values. q4_0 / q4_1 / q5_0: two 64-byte chunks, byte ``64 c + 8 r + k`` = byte ``8 c + k`` of row ``r``'s
-  nibbles (low: value ``8 c + k``, high: ``16 + 8 c + k``); q8_0: four, byte ``64 i + 8 r + k`` = value
-  ``8 i + k`` of row ``r``.
-
-Kernels index the chunk through a flat ``(groups, blocks, R * block bytes)`` view of the 4-D storage (a
-``T.decl_buffer`` over its data). Measured on the 896x9728 q5_0 GEMV (2 threads, AMD Zen 4, weights streamed): 168 us
-against 278-360 us for :mod:`~xpuc.schedules.int8_gemv`'s kernel.
+Kernels index a chunk through a flat ``(groups, blocks, 8 * block bytes)`` view of the 4-D storage (a
+``T.decl_buffer`` over its data).
 """
 
 from __future__ import annotations
 
-import numpy as np
 from tvm.script import tirx as T
 
+from xpuc.schedules.lane_layout import LANE_FORMATS, LANE_ROWS, field_offset
 from xpuc.schedules.quant_formats import BLOCKS, INT8_FORMATS, QBLOCK
-from xpuc.schedules.quant_tir import PREFETCH_GROUPS
+from xpuc.schedules.quant_tir import k_scale_min
 
-__all__ = ["LANE_FORMATS", "LANE_ROWS", "from_lanes", "lane_buffers", "lane_element", "lane_parts",
-           "lane_unit_parts", "to_lanes", "uses_lanes"]
+__all__ = ["lane_buffers", "lane_parts", "lane_unit_parts", "lane_values16"]
 
-#: formats with the lane layout (32-value blocks, one scale each)
-LANE_FORMATS = ("q4_0", "q4_1", "q5_0", "q8_0")
-LANE_ROWS = 8
-_QS_IN_BLOCK = {"q4_0": 2, "q4_1": 4, "q5_0": 6, "q8_0": 2}  # where a GGUF block's values start
-
-
-def uses_lanes(fmt: str | None, out_features: int, int8: bool) -> bool:
-    """Whether an (out_features, in) matrix in ``fmt`` is stored lane by lane: int8 dot products, a format of
-    :data:`LANE_FORMATS`, and rows in whole 16-row prefill tasks (so 8-row groups) — the storage and the kernels
-    of a build both decide by this."""
-    return bool(int8) and fmt in LANE_FORMATS and out_features % 16 == 0
-
-
-def _offsets(fmt: str) -> tuple[int | None, int | None, int]:
-    """Chunk offsets of the minimums (q4_1), the high bits (q5_0) and the values."""
-    m = 16 if fmt == "q4_1" else None
-    qh = 16 if fmt == "q5_0" else None
-    qs = {"q4_0": 16, "q4_1": 32, "q5_0": 48, "q8_0": 16}[fmt]
-    return m, qh, qs
-
-
-def to_lanes(storage: np.ndarray, fmt: str) -> np.ndarray:
-    """Row-interleaved storage ``(groups, blocks, 8, block bytes)`` -> the lane layout, same shape and bytes."""
-    ng, nb, r, bb = storage.shape
-    if fmt not in LANE_FORMATS or r != LANE_ROWS or bb != BLOCKS[fmt][1]:
-        raise ValueError(f"no lane layout for {fmt} storage of shape {storage.shape}")
-    parts = [storage[..., 0:2].reshape(ng, nb, 16)]
-    if fmt == "q4_1":
-        parts.append(storage[..., 2:4].reshape(ng, nb, 16))
-    if fmt == "q5_0":
-        parts.append(storage[..., 2:6].transpose(0, 1, 3, 2).reshape(ng, nb, 32))
-    qs = storage[..., _QS_IN_BLOCK[fmt]:]
-    n = qs.shape[-1] // 8
-    parts.append(qs.reshape(ng, nb, r, n, 8).transpose(0, 1, 3, 2, 4).reshape(ng, nb, r * qs.shape[-1]))
-    return np.ascontiguousarray(np.concatenate(parts, axis=2).reshape(storage.shape))
-
-
-def from_lanes(storage: np.ndarray, fmt: str) -> np.ndarray:
-    """Inverse of :func:`to_lanes`."""
-    ng, nb, r, bb = storage.shape
-    flat = storage.reshape(ng, nb, r * bb)
-    m_at, qh_at, qs_at = _offsets(fmt)
-    parts = [flat[..., 0:16].reshape(ng, nb, r, 2)]
-    if m_at is not None:
-        parts.append(flat[..., m_at:m_at + 16].reshape(ng, nb, r, 2))
-    if qh_at is not None:
-        parts.append(flat[..., qh_at:qh_at + 32].reshape(ng, nb, 4, r).transpose(0, 1, 3, 2))
-    nq = bb - _QS_IN_BLOCK[fmt]
-    parts.append(flat[..., qs_at:].reshape(ng, nb, nq // 8, r, 8).transpose(0, 1, 3, 2, 4).reshape(ng, nb, r, nq))
-    return np.ascontiguousarray(np.concatenate(parts, axis=3))
+# Software prefetch of the task's stream this far ahead (a few chunks; 2 row groups ahead, as the per-row kernels
+# do, is 44 KB for a 4864-wide q4_k row group: past L1).
+PREFETCH_BYTES = 4096
+_K_SCALES = ("q4_k", "q5_k")  # 6-bit scales and minimums per 32-value unit
+_SPLIT = ("q6_k",)  # int8 scales per 16 values: two accumulators a unit
 
 
 def _u8(v: int, lanes: int):
@@ -94,61 +40,108 @@ def _half(w, g, sb, at):
     return T.Cast("float32", T.reinterpret("float16", bits))
 
 
-def _pairs(w, g, sb, at):
-    """The 8 rows' fp16 fields at ``at`` as float32x16, each row's twice (lanes 2 r and 2 r + 1)."""
-    f = T.Cast("float32x8", T.reinterpret("float16x8", w[g, sb, T.Ramp(at, 1, 16)]))
-    return T.Shuffle([f, f], [lane // 2 for lane in range(16)])
+def _halves8(w, g, sb, at):
+    """The 8 rows' fp16 field at ``at`` as float32x8."""
+    return T.Cast("float32x8", T.reinterpret("float16x8", w[g, sb, T.Ramp(at, 1, 16)]))
 
 
-def _register(fmt: str, w, g, sb, i):
-    """Register ``i`` (an unrolled loop variable) of the chunk: values ``8 i .. 8 i + 7`` of the 8 rows as unsigned
-    bytes (uint8x64)."""
-    _, qh_at, qs_at = _offsets(fmt)
+def _twice(v8):
+    """float32x8 per row -> float32x16 with row ``r``'s value in lanes ``2 r`` and ``2 r + 1``."""
+    return T.Shuffle([v8, v8], [lane // 2 for lane in range(16)])
+
+
+def _shr(v, shift, lanes: int):
+    return T.shift_right(v, T.Broadcast(T.Cast("uint8", shift), lanes))
+
+
+def _and(v, mask: int, lanes: int):
+    return T.bitwise_and(v, _u8(mask, lanes))
+
+
+def _bit_set(v, bit, lanes: int):
+    """Lanes of ``v`` whose bit ``bit`` (a constant or an unrolled loop variable) is set."""
+    return T.bitwise_and(v, T.shift_left(_u8(1, lanes), T.Broadcast(T.Cast("uint8", bit), lanes))) != _u8(0, lanes)
+
+
+def _register(fmt: str, w, g, sb, j, i):
+    """Register ``i`` of unit ``j`` (unrolled loop variables): values ``8 i .. 8 i + 7`` of the unit for the 8 rows,
+    as the unsigned bytes of the dot products (uint8x64)."""
+
+    def load(field, run):  # 64 bytes: run ``run`` (8 bytes) of the field for the 8 rows
+        return w[g, sb, T.Ramp(field_offset(fmt, field) + 64 * run, 1, 64)]
+
     if fmt == "q8_0":  # signed bytes plus 128 (top bit flipped)
-        return T.bitwise_xor(w[g, sb, T.Ramp(qs_at + 64 * i, 1, 64)], _u8(128, 64))
-    q = w[g, sb, T.Ramp(qs_at + 64 * (i % 2), 1, 64)]
-    v = T.bitwise_and(T.shift_right(q, T.Broadcast(T.Cast("uint8", (i // 2) * 4), 64)), _u8(15, 64))
-    if fmt != "q5_0":
-        return v
-    word = T.Shuffle([w[g, sb, T.Ramp(qh_at + 8 * i, 1, 8)]] * 8, [b // 8 for b in range(64)])  # byte r -> 8 r..
-    bit = T.shift_left(_u8(1, 64), T.bitwise_and(T.Ramp(T.uint8(0), T.uint8(1), 64), _u8(7, 64)))
-    return T.Select(T.bitwise_and(word, bit) != _u8(0, 64), T.bitwise_or(v, _u8(16, 64)), v)
+        return T.bitwise_xor(load("qs", i), _u8(128, 64))
+    if fmt in ("q4_0", "q4_1", "q5_0"):
+        v = _and(_shr(load("qs", i % 2), (i // 2) * 4, 64), 15, 64)
+        if fmt != "q5_0":
+            return v
+        word = w[g, sb, T.Ramp(field_offset(fmt, "qh") + 8 * i, 1, 8)]  # byte r: row r's bits of the 8 values
+        spread = T.Shuffle([word] * 8, [b // 8 for b in range(64)])
+        bit = T.shift_left(_u8(1, 64), T.bitwise_and(T.Ramp(T.uint8(0), T.uint8(1), 64), _u8(7, 64)))
+        return T.Select(T.bitwise_and(spread, bit) != _u8(0, 64), T.bitwise_or(v, _u8(16, 64)), v)
+    if fmt in _K_SCALES:
+        v = _and(_shr(load("qs", 4 * (j // 2) + i), (j % 2) * 4, 64), 15, 64)
+        if fmt == "q4_k":
+            return v
+        return T.Select(_bit_set(load("qh", i), j, 64), T.bitwise_or(v, _u8(16, 64)), v)
+    a, t = j // 4, j % 4  # q6_k: the 128-value half and the unit in it
+    low = _and(_shr(load("ql", 4 * (2 * a + t % 2) + i), (t // 2) * 4, 64), 15, 64)
+    return T.bitwise_or(low, T.shift_left(_and(_shr(load("qh", 4 * a + i), 2 * t, 64), 3, 64), _u8(4, 64)))
 
 
 def lane_buffers(k: int):
     """Allocate the quantized activations of :func:`lane_parts` for ``k`` inputs (inside a TIR body): int8 values,
-    block scales, the accumulators' initial vectors (16 int32 a block) and half the blocks' scaled sums."""
+    the 32-value blocks' scales, initial accumulators (16 int32 per 16 values) and half the blocks' scaled sums."""
     return (T.alloc_buffer((k,), "int8", scope="global"), T.alloc_buffer((k // QBLOCK,), "float32", scope="global"),
-            T.alloc_buffer((k // 2,), "int32", scope="global"),
-            T.alloc_buffer((k // QBLOCK,), "float32", scope="global"))
+            T.alloc_buffer((k,), "int32", scope="global"), T.alloc_buffer((k // QBLOCK,), "float32", scope="global"))
 
 
 def lane_parts(wshape: tuple[int, int, int, int], fmt: str):
     """The TIR macros ``(quantize, group_dot8)`` of int8 dot products over lane-layout weights: the interface of
     :func:`xpuc.schedules.int8_gemv.int8_parts`, with ``xv`` from :func:`lane_buffers` and ``w`` the flat view.
 
-    ``quantize(x, xv)`` quantizes ``x[0, 0]`` to int8 blocks of 32 (as ``int8_gemv``) and stores per block the
-    initial accumulators (``-offset x`` the block's sum in the even lanes: the format's offset folded in) and half
-    its scaled sum (q4_1's minimums, added to both lanes of a row). ``group_dot8(xv, acc, w, g, last)`` leaves the
-    8 rows' dot products in ``acc[r, 0]`` (``acc``: (8, 8) float32).
+    ``quantize(x, xv)`` quantizes ``x[0, 0]`` to int8 blocks of 32 (as ``int8_gemv``) and stores the initial
+    accumulators (the format's offset times the activations' sum, in the even lanes; q6_k: one per 16 values) and
+    half each block's scaled sum (the minimums', added to both lanes of a row). ``group_dot8(xv, acc, w, g, last)``
+    leaves the 8 rows' dot products in ``acc[r, 0]`` (``acc``: at least (8, 8) float32).
     """
     if fmt not in LANE_FORMATS or wshape[2] != LANE_ROWS:
         raise ValueError(f"no lane layout for {fmt} storage of shape {wshape}")
-    _, NS, R, BB = wshape
+    NG, NS, R, BB = wshape
+    SUB = BLOCKS[fmt][0] // QBLOCK
+    NB = NS * SUB
     OFFSET = INT8_FORMATS[fmt]
-    m_at, _, _ = _offsets(fmt)
+    D = field_offset(fmt, "d")
+    MIN = field_offset(fmt, "m") if fmt == "q4_1" else field_offset(fmt, "dmin") if fmt in _K_SCALES else None
+    SC = field_offset(fmt, "scales") if fmt in _K_SCALES + _SPLIT else None
 
     def vnni(acc, u8, s8):
         return T.call_llvm_pure_intrin("int32x16", "llvm.x86.avx512.vpdpbusd.512", acc, u8, s8)
 
-    def x8(xq, b, i):
-        """Activations ``8 i .. 8 i + 7`` of block ``b``, broadcast to the 8 rows' lanes."""
-        return T.reinterpret("int8x64", T.Broadcast(T.reinterpret("int64", xq[T.Ramp(b * QBLOCK + 8 * i, 1, 8)]), 8))
+    def x8(xq, u, i):
+        """Activations ``8 i .. 8 i + 7`` of unit ``u``, broadcast to the 8 rows' lanes."""
+        return T.reinterpret("int8x64", T.Broadcast(T.reinterpret("int64", xq[T.Ramp(u * QBLOCK + 8 * i, 1, 8)]), 8))
+
+    def scale8(w, g, sb, j, h, scm):
+        """The 8 rows' scale of unit ``j`` (q6_k: of its 16-value half ``h``), float32x8."""
+        d = _halves8(w, g, sb, D)
+        if fmt in _K_SCALES:
+            return d * T.Cast("float32x8", scm[T.Ramp(8 * j, 1, 8)])
+        if fmt in _SPLIT:
+            return d * T.Cast("float32x8", T.reinterpret("int8x8", w[g, sb, T.Ramp(SC + 8 * (2 * j + h), 1, 8)]))
+        return d
+
+    def min8(w, g, sb, j, scm):
+        """The 8 rows' weight of the activations' sum in unit ``j`` (q4_1's ``m``, the K formats' ``-dmin m``)."""
+        if fmt in _K_SCALES:
+            return T.float32(0) - _halves8(w, g, sb, MIN) * T.Cast("float32x8", scm[T.Ramp(64 + 8 * j, 1, 8)])
+        return _halves8(w, g, sb, MIN)
 
     @T.macro
     def quantize(x, xv):
         xq, xs, xinit, xhalf = xv[0], xv[1], xv[2], xv[3]
-        for b in range(NS):
+        for b in range(NB):
             xs[b] = T.float32(0)
             for k in range(QBLOCK):
                 xs[b] = T.max(xs[b], T.fabs(x[0, 0, b * QBLOCK + k]))
@@ -156,90 +149,153 @@ def lane_parts(wshape: tuple[int, int, int, int], fmt: str):
             for k in T.vectorized(QBLOCK):
                 xq[b * QBLOCK + k] = T.Cast("int8", T.round(x[0, 0, b * QBLOCK + k] / T.Select(
                     xs[b] > T.float32(0), xs[b], T.float32(1))))
-            for lane in range(16):
-                xinit[b * 16 + lane] = T.int32(0)
-            for k in range(QBLOCK):
-                xinit[b * 16] = xinit[b * 16] + T.Cast("int32", xq[b * QBLOCK + k])
-            xhalf[b] = T.Cast("float32", xinit[b * 16]) * xs[b] * T.float32(0.5)
-            xinit[b * 16] = xinit[b * 16] * T.int32(-OFFSET)
-            for r in range(1, R):
-                xinit[b * 16 + 2 * r] = xinit[b * 16]
+            for lane in range(32):
+                xinit[b * 32 + lane] = T.int32(0)
+            for k in range(QBLOCK):  # the halves' sums in lanes 0 and 16
+                xinit[b * 32 + k // 16 * 16] = xinit[b * 32 + k // 16 * 16] + T.Cast("int32", xq[b * QBLOCK + k])
+            xhalf[b] = T.Cast("float32", xinit[b * 32] + xinit[b * 32 + 16]) * xs[b] * T.float32(0.5)
+            if fmt in _SPLIT:
+                for h in range(2):
+                    xinit[b * 32 + h * 16] = xinit[b * 32 + h * 16] * T.int32(-OFFSET)
+                    for r in range(1, R):
+                        xinit[b * 32 + h * 16 + 2 * r] = xinit[b * 32 + h * 16]
+            else:
+                xinit[b * 32] = (xinit[b * 32] + xinit[b * 32 + 16]) * T.int32(-OFFSET)
+                xinit[b * 32 + 16] = T.int32(0)
+                for r in range(1, R):
+                    xinit[b * 32 + 2 * r] = xinit[b * 32]
 
     @T.macro
     def group_dot8(xv, acc, w, g, last):
         xq, xs, xinit, xhalf = xv[0], xv[1], xv[2], xv[3]
         flat = T.decl_buffer((R * 8,), "float32", data=acc.data)
         flat[T.Ramp(0, 1, 16)] = T.Broadcast(T.float32(0), 16)
+        scm = T.alloc_buffer((128,), "uint8", scope="global")  # q4_k / q5_k: the 8 units' scales, then minimums
+        stream = T.decl_buffer((NG * NS * R * BB,), "uint8", data=w.data)
         for sb in range(NS):
-            for c in range((R * BB + 63) // 64):  # the same block of the group PREFETCH_GROUPS ahead
-                T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of(
-                    w[T.min(g + PREFETCH_GROUPS, last), sb, c * 64]), T.int32(0), T.int32(3), T.int32(1)))
-            dot = T.alloc_buffer((16,), "int32", scope="global")  # the block's int32 lanes (kept in a register)
-            dot[T.Ramp(0, 1, 16)] = xinit[T.Ramp(sb * 16, 1, 16)]
-            for i in T.unroll(4):
-                dot[T.Ramp(0, 1, 16)] = vnni(dot[T.Ramp(0, 1, 16)], _register(fmt, w, g, sb, i), x8(xq, sb, i))
-            if m_at is not None:
-                flat[T.Ramp(0, 1, 16)] = flat[T.Ramp(0, 1, 16)] + T.Cast("float32x16", dot[T.Ramp(0, 1, 16)]) * (
-                    _pairs(w, g, sb, 0) * T.Broadcast(xs[sb], 16)) + _pairs(w, g, sb, m_at) * T.Broadcast(
-                    xhalf[sb], 16)
-            else:
-                flat[T.Ramp(0, 1, 16)] = flat[T.Ramp(0, 1, 16)] + T.Cast("float32x16", dot[T.Ramp(0, 1, 16)]) * (
-                    _pairs(w, g, sb, 0) * T.Broadcast(xs[sb], 16))
+            ahead: T.let[T.int32] = T.min((g * NS + sb) * (R * BB) + PREFETCH_BYTES, (NG * NS - 1) * (R * BB))
+            for c in range((R * BB + 63) // 64):  # the chunk PREFETCH_BYTES ahead in the task's stream
+                T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of(stream[ahead + c * 64]),
+                                              T.int32(0), T.int32(3), T.int32(1)))
+            if fmt in _K_SCALES:  # 6-bit fields of the 12 scale bytes, for 8 units x 8 rows at once
+                sa = w[g, sb, T.Ramp(SC, 1, 32)]  # bytes 0..3 of the rows
+                sm = w[g, sb, T.Ramp(SC + 32, 1, 32)]  # 4..7
+                sh = w[g, sb, T.Ramp(SC + 64, 1, 32)]  # 8..11
+                scm[T.Ramp(0, 1, 32)] = _and(sa, 63, 32)
+                scm[T.Ramp(32, 1, 32)] = _and(sh, 15, 32) | T.shift_left(_shr(sa, 6, 32), _u8(4, 32))
+                scm[T.Ramp(64, 1, 32)] = _and(sm, 63, 32)
+                scm[T.Ramp(96, 1, 32)] = _shr(sh, 4, 32) | T.shift_left(_shr(sm, 6, 32), _u8(4, 32))
+            for j in T.unroll(SUB):
+                dot = T.alloc_buffer((2, 16), "int32", scope="global")  # the unit's int32 lanes (registers)
+                if fmt in _SPLIT:
+                    for h in T.unroll(2):
+                        dot[h, T.Ramp(0, 1, 16)] = xinit[T.Ramp((sb * SUB + j) * 32 + h * 16, 1, 16)]
+                        for i in T.unroll(2):
+                            dot[h, T.Ramp(0, 1, 16)] = vnni(dot[h, T.Ramp(0, 1, 16)],
+                                                            _register(fmt, w, g, sb, j, 2 * h + i),
+                                                            x8(xq, sb * SUB + j, 2 * h + i))
+                    flat[T.Ramp(0, 1, 16)] = flat[T.Ramp(0, 1, 16)] + (T.Cast(
+                        "float32x16", dot[0, T.Ramp(0, 1, 16)]) * _twice(scale8(w, g, sb, j, 0, scm)) + T.Cast(
+                        "float32x16", dot[1, T.Ramp(0, 1, 16)]) * _twice(scale8(w, g, sb, j, 1, scm))) * T.Broadcast(
+                        xs[sb * SUB + j], 16)
+                else:
+                    dot[0, T.Ramp(0, 1, 16)] = xinit[T.Ramp((sb * SUB + j) * 32, 1, 16)]
+                    for i in T.unroll(4):
+                        dot[0, T.Ramp(0, 1, 16)] = vnni(dot[0, T.Ramp(0, 1, 16)], _register(fmt, w, g, sb, j, i),
+                                                        x8(xq, sb * SUB + j, i))
+                    if MIN is not None:
+                        flat[T.Ramp(0, 1, 16)] = flat[T.Ramp(0, 1, 16)] + T.Cast(
+                            "float32x16", dot[0, T.Ramp(0, 1, 16)]) * _twice(scale8(w, g, sb, j, 0, scm)) * T.Broadcast(
+                            xs[sb * SUB + j], 16) + _twice(min8(w, g, sb, j, scm)) * T.Broadcast(
+                            xhalf[sb * SUB + j], 16)
+                    else:
+                        flat[T.Ramp(0, 1, 16)] = flat[T.Ramp(0, 1, 16)] + T.Cast(
+                            "float32x16", dot[0, T.Ramp(0, 1, 16)]) * _twice(scale8(w, g, sb, j, 0, scm)) * T.Broadcast(
+                            xs[sb * SUB + j], 16)
         for q in T.unroll(R):  # row r's sum lands on acc[r, 0] (flat lane >= 8 r): last row first, so no lane
             acc[R - 1 - q, 0] = flat[2 * (R - 1 - q)] + flat[2 * (R - 1 - q) + 1]  # still to be read is overwritten
 
     return quantize, group_dot8
 
 
-def lane_unit_parts(fmt: str):
-    """``(values, scale, corr)`` of :func:`xpuc.schedules.int8_gemv.unit_parts` over the lane layout's flat view
-    (``w[g, sb, byte]``; ``j`` is always 0): row ``r``'s 32 values as unsigned bytes in value order, its ``d``, and
-    q4_1's minimum (``None`` for the offset formats)."""
-    if fmt not in LANE_FORMATS:
-        raise ValueError(f"no lane layout for '{fmt}' (have: {', '.join(LANE_FORMATS)})")
-    m_at, qh_at, qs_at = _offsets(fmt)
+def _row_runs(fmt: str, w, g, sb, r, field: str, first: int, count: int):
+    """Row ``r``'s bytes ``8 first .. 8 (first + count) - 1`` of ``field`` (runs of 8), as uint8x(8 count)."""
+    at = field_offset(fmt, field) + 8 * r
+    return T.Shuffle([w[g, sb, T.Ramp(at + 64 * (first + q), 1, 8)] for q in range(count)], list(range(8 * count)))
 
-    def values(w, g, sb, j, r):
-        if fmt == "q8_0":
-            q = T.Shuffle([w[g, sb, T.Ramp(qs_at + 64 * i + 8 * r, 1, 8)] for i in range(4)], list(range(32)))
-            return T.bitwise_xor(q, _u8(128, 32))
-        q = T.Shuffle([w[g, sb, T.Ramp(qs_at + 64 * c + 8 * r, 1, 8)] for c in range(2)], list(range(16)))
-        v = T.Shuffle([T.bitwise_and(q, _u8(15, 16)), T.shift_right(q, _u8(4, 16))], list(range(32)))
+
+def _row_values(fmt: str, w, g, sb, j, r):
+    """Row ``r``'s 32 values of unit ``j`` in value order as unsigned bytes (uint8x32; offsets not applied)."""
+    if fmt == "q8_0":
+        return T.bitwise_xor(_row_runs(fmt, w, g, sb, r, "qs", 0, 4), _u8(128, 32))
+    if fmt in ("q4_0", "q4_1", "q5_0"):
+        q = _row_runs(fmt, w, g, sb, r, "qs", 0, 2)
+        v = T.Shuffle([_and(q, 15, 16), _shr(q, 4, 16)], list(range(32)))
         if fmt != "q5_0":
             return v
-        qh = T.Shuffle([T.Broadcast(w[g, sb, qh_at + 8 * i + r], 8) for i in range(4)], list(range(32)))
+        at = field_offset(fmt, "qh") + r
+        qh = T.Shuffle([T.Broadcast(w[g, sb, at + 8 * i], 8) for i in range(4)], list(range(32)))  # byte i // 8
         bit = T.shift_left(_u8(1, 32), T.bitwise_and(T.Ramp(T.uint8(0), T.uint8(1), 32), _u8(7, 32)))
         return T.bitwise_or(v, T.Select(T.bitwise_and(qh, bit) != _u8(0, 32), _u8(16, 32), _u8(0, 32)))
+    if fmt in _K_SCALES:
+        v = _and(_shr(_row_runs(fmt, w, g, sb, r, "qs", 4 * (j // 2), 4), (j % 2) * 4, 32), 15, 32)
+        if fmt == "q4_k":
+            return v
+        high = _bit_set(_row_runs(fmt, w, g, sb, r, "qh", 0, 4), j, 32)
+        return T.Select(high, T.bitwise_or(v, _u8(16, 32)), v)
+    a, t = j // 4, j % 4  # q6_k
+    low = _and(_shr(_row_runs(fmt, w, g, sb, r, "ql", 4 * (2 * a + t % 2), 4), (t // 2) * 4, 32), 15, 32)
+    high = _and(_shr(_row_runs(fmt, w, g, sb, r, "qh", 4 * a, 4), 2 * t, 32), 3, 32)
+    return T.bitwise_or(low, T.shift_left(high, _u8(4, 32)))
+
+
+def _row_scale_min(fmt: str, w, g, sb, j, r):
+    """Row ``r``'s ``(scale, weight of the values' sum)`` of unit ``j`` (float32; the second ``None`` where the
+    format's offset is applied instead)."""
+    d = _half(w, g, sb, field_offset(fmt, "d") + 2 * r)
+    if fmt in _K_SCALES:
+        sc, m = k_scale_min(lambda b: w[g, sb, field_offset(fmt, "scales") + 8 * b + r], j)
+        return d * sc, T.float32(0) - _half(w, g, sb, field_offset(fmt, "dmin") + 2 * r) * m
+    if fmt == "q4_1":
+        return d, _half(w, g, sb, field_offset(fmt, "m") + 2 * r)
+    return d, None
+
+
+def lane_unit_parts(fmt: str):
+    """``(values, scale, corr)`` of :func:`xpuc.schedules.int8_gemv.unit_parts` over the lane layout's flat view
+    (``w[g, sb, byte]``): row ``r``'s 32 values of unit ``j`` as unsigned bytes in value order, their scale, and
+    the weight of the activations' sum (``None`` for the offset formats). Not for q6_k (16-value scales)."""
+    if fmt not in LANE_FORMATS or fmt in _SPLIT:
+        raise ValueError(f"no lane unit parts for '{fmt}'")
+
+    def values(w, g, sb, j, r):
+        return _row_values(fmt, w, g, sb, j, r)
 
     def scale(w, g, sb, j, r):
-        return _half(w, g, sb, 2 * r)
+        return _row_scale_min(fmt, w, g, sb, j, r)[0]
 
     def corr(w, g, sb, j, r):
-        return _half(w, g, sb, m_at + 2 * r) if m_at is not None else None
+        return _row_scale_min(fmt, w, g, sb, j, r)[1]
 
     return values, scale, corr
 
 
-def lane_element(fmt: str):
-    """``elem(w, g, sb, j, r, half, l)`` of :func:`xpuc.schedules.quant_tir.element` over the flat view: value
-    ``16 half + l`` of row ``r``, dequantized (float32)."""
+def lane_values16(fmt: str):
+    """``vals(w, g, sb, j, r, half)``: row ``r``'s values ``16 half .. 16 half + 15`` of unit ``j``, dequantized
+    (float32x16), from the lane layout's flat view — the embedding's and the float32 prefill panel's access."""
     if fmt not in LANE_FORMATS:
         raise ValueError(f"no lane layout for '{fmt}' (have: {', '.join(LANE_FORMATS)})")
-    m_at, qh_at, qs_at = _offsets(fmt)
     offset = INT8_FORMATS[fmt]
 
-    def elem(w, g, sb, j, r, half, l):
-        if fmt == "q8_0":
-            v = 16 * half + l
-            q = T.Cast("float32", T.reinterpret("int8", w[g, sb, qs_at + 64 * (v // 8) + 8 * r + v % 8]))
-            return q * _half(w, g, sb, 2 * r)
-        byte = w[g, sb, qs_at + 64 * (l // 8) + 8 * r + l % 8]
-        q = T.Cast("int32", T.bitwise_and(T.shift_right(byte, T.Cast("uint8", 4 * half)), T.uint8(15)))
-        if fmt == "q5_0":
-            v = 16 * half + l
-            q = q | T.shift_left(T.Cast("int32", T.bitwise_and(T.shift_right(
-                w[g, sb, qh_at + 8 * (v // 8) + r], T.Cast("uint8", v % 8)), T.uint8(1))), 4)
-        value = (T.Cast("float32", q) - T.float32(offset)) * _half(w, g, sb, 2 * r)
-        return value + _half(w, g, sb, m_at + 2 * r) if m_at is not None else value
+    def vals(w, g, sb, j, r, half):
+        unit = _row_values(fmt, w, g, sb, j, r)
+        v = T.Select(half == 0, T.Shuffle([unit], list(range(16))), T.Shuffle([unit], list(range(16, 32))))
+        q = T.Cast("float32x16", v) - T.Broadcast(T.float32(offset), 16)
+        if fmt in _SPLIT:
+            at = field_offset(fmt, "scales") + 8 * (2 * j + half) + r
+            sc = T.Cast("float32", T.reinterpret("int8", w[g, sb, at]))
+            return q * T.Broadcast(_half(w, g, sb, field_offset(fmt, "d") + 2 * r) * sc, 16)
+        scale, corr = _row_scale_min(fmt, w, g, sb, j, r)
+        return q * T.Broadcast(scale, 16) + T.Broadcast(corr if corr is not None else T.float32(0), 16)
 
-    return elem
+    return vals

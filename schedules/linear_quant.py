@@ -32,7 +32,8 @@ from tvm.script import tirx as T
 
 from xpuc.schedules.int8_gemm import GEMM_FORMATS, GEMM_ROWS, int8_gemm
 from xpuc.schedules.int8_gemv import INT8_FORMATS, int8_buffers, int8_gemv, int8_parts
-from xpuc.schedules.int8_lanes import from_lanes, lane_buffers, lane_element, lane_parts, to_lanes, uses_lanes
+from xpuc.schedules.int8_lanes import lane_buffers, lane_parts, lane_values16
+from xpuc.schedules.lane_layout import from_lanes, to_lanes, uses_lanes
 from xpuc.schedules.linear import largest_divisor
 from xpuc.schedules.quant_formats import (
     BLOCKS,
@@ -192,6 +193,7 @@ def linear_quant(in_features: int, out_features: int, fmt: str, lanes: int = LAN
     SUB = BLOCKS[fmt][0] // QBLOCK
     elem = element(fmt)
     group_dot = _group_dot(elem, NS, SUB, R, BB)
+    vals16 = lane_values16(fmt) if uses_lanes(fmt, N, int8) else None
     M = _gemm_rows(N, lanes)
     P = M // R  # row groups per prefill task
     TT = TILE_TOKENS
@@ -223,14 +225,19 @@ def linear_quant(in_features: int, out_features: int, fmt: str, lanes: int = LAN
                 for ib in T.parallel(N // M):
                     panel = T.alloc_buffer((K, M), "float32", scope="global")
                     tile = T.alloc_buffer((TT, M), "float32", scope="global")
+                    pf = T.decl_buffer((K * M,), "float32", data=panel.data)
                     for p in range(P):
                         for r in range(R):
                             for sb in range(NS):
                                 for j in T.unroll(SUB):
                                     for half in T.unroll(2):
-                                        for l in T.vectorized(LANES):
-                                            panel[(sb * SUB + j) * QBLOCK + half * 16 + l, p * R + r] = elem(
-                                                w, ib * P + p, sb, j, r, half, l)
+                                        if lanes:  # 16 values of the row a vector
+                                            pf[T.Ramp(((sb * SUB + j) * QBLOCK + half * 16) * M + p * R + r, M,
+                                                      16)] = vals16(wf, ib * P + p, sb, j, r, half)
+                                        else:
+                                            for l in T.vectorized(LANES):
+                                                panel[(sb * SUB + j) * QBLOCK + half * 16 + l, p * R + r] = elem(
+                                                    w, ib * P + p, sb, j, r, half, l)
                     gemm(x, panel, tile, y, n, ib * M)
 
     return linear
@@ -244,7 +251,8 @@ def embedding_quant(vocab: int, d: int, fmt: str, int8: bool = False) -> tirx.Pr
     NR, NS, R, BB = WSHAPE
     SUB = BLOCKS[fmt][0] // QBLOCK
     lanes = uses_lanes(fmt, vocab, int8)
-    elem = lane_element(fmt) if lanes else element(fmt)
+    elem = element(fmt)
+    vals16 = lane_values16(fmt) if lanes else None
 
     @T.prim_func(private=True, s_tir=True)
     def embedding(var_ids: T.handle, w4: T.Buffer(WSHAPE, "uint8"), var_h: T.handle):
@@ -254,14 +262,17 @@ def embedding_quant(vocab: int, d: int, fmt: str, int8: bool = False) -> tirx.Pr
         h = T.match_buffer(var_h, (1, n, d), "float32")
         with T.sblock("root"):
             wf = T.decl_buffer((NR, NS, R * BB), "uint8", data=w4.data)  # the lane layout's flat view
-            w = wf if lanes else w4
             for t in range(n):
                 for sb in range(NS):
                     for j in T.unroll(SUB):
                         for half in T.unroll(2):
-                            for l in T.vectorized(LANES):
-                                h[0, t, (sb * SUB + j) * QBLOCK + half * 16 + l] = elem(
-                                    w, ids[0, t] // R, sb, j, ids[0, t] % R, half, l)
+                            if lanes:
+                                h[0, t, T.Ramp((sb * SUB + j) * QBLOCK + half * 16, 1, 16)] = vals16(
+                                    wf, ids[0, t] // R, sb, j, ids[0, t] % R, half)
+                            else:
+                                for l in T.vectorized(LANES):
+                                    h[0, t, (sb * SUB + j) * QBLOCK + half * 16 + l] = elem(
+                                        w4, ids[0, t] // R, sb, j, ids[0, t] % R, half, l)
 
     return embedding
 

@@ -22,14 +22,21 @@ def _bits(w, g, sb, r, at, shift, mask: int):
     return T.shift_right(w[g, sb, r, at], T.Cast("uint8", shift)) & T.uint8(mask)
 
 
-def _k_scale_min(w, g, sb, r, j):
-    """q4_k / q5_k: the 6-bit scale and minimum of unit ``j`` (a constant or a loop variable; the scales sit at
-    bytes 4..15), as float32."""
-    sc = T.if_then_else(j < 4, _bits(w, g, sb, r, 4 + j, 0, 63),
-                        _bits(w, g, sb, r, 8 + j, 0, 15) | T.shift_left(_bits(w, g, sb, r, j, 6, 3), T.uint8(4)))
-    m = T.if_then_else(j < 4, _bits(w, g, sb, r, 8 + j, 0, 63),
-                       _bits(w, g, sb, r, 8 + j, 4, 15) | T.shift_left(_bits(w, g, sb, r, 4 + j, 6, 3), T.uint8(4)))
+def k_scale_min(byte, j):
+    """q4_k / q5_k: the 6-bit scale and minimum of unit ``j`` (a constant or a loop variable) from the 12 scale
+    bytes, ``byte(b)`` being byte ``b`` (uint8), as float32."""
+
+    def bits(b, shift, mask: int):
+        return T.shift_right(byte(b), T.Cast("uint8", shift)) & T.uint8(mask)
+
+    sc = T.if_then_else(j < 4, bits(j, 0, 63), bits(j + 4, 0, 15) | T.shift_left(bits(j - 4, 6, 3), T.uint8(4)))
+    m = T.if_then_else(j < 4, bits(j + 4, 0, 63), bits(j + 4, 4, 15) | T.shift_left(bits(j, 6, 3), T.uint8(4)))
     return T.Cast("float32", sc), T.Cast("float32", m)
+
+
+def _k_scale_min(w, g, sb, r, j):
+    """:func:`k_scale_min` of a block in the row-interleaved storage (the scales at bytes 4..15)."""
+    return k_scale_min(lambda b: w[g, sb, r, 4 + b], j)
 
 
 def q5_value(w, g, sb, r, half, l):

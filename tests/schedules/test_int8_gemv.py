@@ -16,7 +16,7 @@ from xpuc.runtime.session import DecoderSession
 from xpuc.schedules.int8_dot import int8_dot_isa
 from xpuc.schedules.int8_gemm import GEMM_FORMATS
 from xpuc.schedules.int8_gemv import INT8_FORMATS
-from xpuc.schedules.int8_lanes import LANE_FORMATS
+from xpuc.schedules.lane_layout import LANE_FORMATS
 from xpuc.schedules.linear_quant import dequantize_matrix, gate_up_act_quant, interleave_rows, linear_quant
 from xpuc.targets.profile import load_profile
 
