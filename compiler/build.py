@@ -220,15 +220,15 @@ def compile_model(model: str | os.PathLike, output: str | os.PathLike, device: s
 
 
 def gemv_dot(target, dot: str = "auto") -> str:
-    """The decode GEMV's dot products: ``int8`` (activations quantized to int8 blocks, llama.cpp's way; x86 with
-    AVX-512 VNNI) where ``dot`` asks for it or, with ``auto``, where the target has the instructions; else
-    ``float32``."""
+    """The quantized matrices' dot products: ``int8`` (activations quantized to int8 blocks, llama.cpp's way; x86
+    with AVX-512 VNNI, aarch64 with the dot-product extension) where ``dot`` asks for it or, with ``auto``, where
+    the target has the instructions; else ``float32``."""
     from xpuc.schedules.int8_dot import int8_dot_isa
 
-    available = int8_dot_isa(target) == "avx512vnni"
+    available = bool(int8_dot_isa(target))
     if dot == "int8" and not available:
-        raise XpucError(f"--dot int8: the int8 GEMV needs AVX-512 VNNI (x86); target "
-                        f"{target.attrs.get('mcpu', '?')} has none (use --dot float32)")
+        raise XpucError(f"--dot int8: the int8 kernels need AVX-512 VNNI (x86) or the dot-product extension "
+                        f"(aarch64 +dotprod); target {target.attrs.get('mcpu', '?')} has neither (use --dot float32)")
     return "int8" if dot == "int8" or (dot == "auto" and available) else "float32"
 
 

@@ -24,6 +24,7 @@ from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedK
 from xpuc.compiler.pipeline import simd_lanes
 from xpuc.compiler.spec import ModelSpec
 from xpuc.runtime.formats.arch import ArchConfig
+from xpuc.schedules.int8_dot import int8_dot_isa
 from xpuc.schedules.linear import embedding_fp16, linear_fp16, pack_rows, packed_shape
 from xpuc.schedules.linear_quant import (
     embedding_quant,
@@ -48,7 +49,8 @@ QUANTIZATIONS = ("q4_0", "q4_1", "q8_0", "keep")  # keep: each matrix as the GGU
 EMBED_QUANT = "q8_0"
 _QUANT: dict[str, str | None] = {"linear": None, "embed": None}
 _FORMATS: dict[str, str | None] = {}  # ModelSpec matrix name -> format (None: fp16), with quant="keep"
-_KERNEL_CHOICE = {"lanes": 16, "int8": False}  # the target's fp32 SIMD lanes (GEMM tile); int8 dot products
+# the target's fp32 SIMD lanes (GEMM tile); int8 dot products, and their instructions (int8_dot_isa)
+_KERNEL_CHOICE: dict = {"lanes": 16, "int8": False, "isa": ""}
 
 
 def _fmt(name: str, default: str | None) -> str | None:
@@ -72,7 +74,7 @@ def _linear(x: nn.Tensor, weight: nn.Parameter, bias: nn.Tensor | None = None) -
     out_f, in_f = weight.logical_shape
     fmt = getattr(weight, "qfmt", None)
     if fmt is not None:
-        func = linear_quant(in_f, out_f, fmt, _KERNEL_CHOICE["lanes"], _KERNEL_CHOICE["int8"])
+        func = linear_quant(in_f, out_f, fmt, _KERNEL_CHOICE["lanes"], _KERNEL_CHOICE["int8"], _KERNEL_CHOICE["isa"])
         y = op.tensor_ir_op(func, f"linear_{fmt}_{in_f}x{out_f}", args=[x, weight],
                             out=nn.Tensor.placeholder([1, x.shape[1], out_f], ACT_DTYPE))
         return y + bias.astype(ACT_DTYPE) if bias is not None else y
@@ -151,7 +153,8 @@ class FFN(nn.Module):
             return _linear(self._act(_linear(x, self.gate_weight), _linear(x, self.up_weight)), self.down_weight)
         fmt = getattr(self.gate_up_weight, "qfmt", None)
         if fmt is not None and isinstance(x.shape[1], int) and x.shape[1] == 1:
-            h = op.tensor_ir_op(gate_up_act_quant(self.d, self.d_ff, fmt, self.kind, _KERNEL_CHOICE["int8"]),
+            h = op.tensor_ir_op(gate_up_act_quant(self.d, self.d_ff, fmt, self.kind, _KERNEL_CHOICE["int8"],
+                                                  _KERNEL_CHOICE["isa"]),
                                 f"gate_up_act_{fmt}_{self.d}x{self.d_ff}_{self.kind}",
                                 args=[x, self.gate_up_weight, self.threshold],
                                 out=nn.Tensor.placeholder([1, 1, self.d_ff], ACT_DTYPE))
@@ -277,7 +280,9 @@ def export_model(config: ArchConfig, target, kernels: str = "cpu",
     adds a per-layer FFN activation threshold parameter (``layers.i.ffn.threshold``) where gate and up share a
     quantized format. ``quant="keep"`` takes each matrix's format from ``formats`` (ModelSpec names, see
     :func:`xpuc.compiler.weight_formats.weight_formats`); Q/K/V, and gate/up, are fused where they agree.
-    ``int8`` gives the one-token GEMVs over q4_0 / q4_1 / q5_0 / q8_0 blocks int8 dot products (x86 VNNI).
+    ``int8`` gives the quantized matrices int8 dot products (x86 AVX-512 VNNI: decode GEMVs and prefill GEMMs;
+    aarch64 ``sdot``: decode GEMVs), over the lane layout where :func:`~xpuc.schedules.lane_layout.uses_lanes`
+    says so (``param_arrays(..., int8=True)`` stores the weights for it).
     """
     if kernels not in KERNELS:
         raise ValueError(f"kernels must be one of {KERNELS}")
@@ -288,7 +293,10 @@ def export_model(config: ArchConfig, target, kernels: str = "cpu",
     _FLAVOUR["value"] = kernels
     _QUANT.update(linear=None if quant == "keep" else quant, embed=EMBED_QUANT if quant else None)
     _FORMATS.update(formats or {})
-    _KERNEL_CHOICE.update(lanes=simd_lanes(target), int8=int8)
+    isa = int8_dot_isa(target) if int8 else ""
+    if int8 and not isa:
+        raise ValueError(f"int8 dot products: target {target} has neither AVX-512 VNNI nor the dot-product extension")
+    _KERNEL_CHOICE.update(lanes=simd_lanes(target), int8=int8, isa=isa)
     try:  # the kernels are chosen while the forward functions are traced, inside export_tvm
         model = DecoderModel(config, target)
         spec = {k: v for k, v in model.export_spec().items() if k in functions}
@@ -297,7 +305,7 @@ def export_model(config: ArchConfig, target, kernels: str = "cpu",
         _FLAVOUR["value"] = "cpu"
         _QUANT.update(linear=None, embed=None)
         _FORMATS.clear()
-        _KERNEL_CHOICE.update(lanes=16, int8=False)
+        _KERNEL_CHOICE.update(lanes=16, int8=False, isa="")
     params = [(name, tuple(int(d) for d in p.shape), p.dtype) for name, p in named_params]
     return mod, params
 

@@ -186,12 +186,15 @@ def int8_buffers(k: int):
             T.alloc_buffer((k // QBLOCK,), "float32", scope="global"))
 
 
-def int8_gemv(wshape: tuple[int, int, int, int], fmt: str, lanes: bool = False):
+def int8_gemv(wshape: tuple[int, int, int, int], fmt: str, lanes: bool = False, isa: str = "avx512vnni"):
     """The TIR macro ``gemv8(x, w, y)`` of the one-token ``y[0, 0] = W @ x[0, 0]`` with int8 dot products (module
     docstring): the activations quantized on the calling thread, then one parallel task per row group. With
-    ``lanes``, over the lane layout (:mod:`xpuc.schedules.int8_lanes`; ``w`` its flat view)."""
+    ``lanes``, over the lane layout (:mod:`xpuc.schedules.int8_lanes`; ``w`` its flat view) with ``isa``'s
+    instructions; without, x86 only."""
     NR, NS, R, _ = wshape
-    quantize, group_dot8 = lane_parts(wshape, fmt) if lanes else int8_parts(wshape, fmt)
+    if not lanes and isa != "avx512vnni":
+        raise ValueError(f"the per-row int8 GEMV is x86 only (isa '{isa}'); the lane layout has {isa}")
+    quantize, group_dot8 = lane_parts(wshape, fmt, isa) if lanes else int8_parts(wshape, fmt)
     buffers = lane_buffers if lanes else int8_buffers
 
     @T.macro

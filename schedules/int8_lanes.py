@@ -22,7 +22,7 @@ from xpuc.schedules.lane_layout import LANE_FORMATS, LANE_ROWS, field_offset
 from xpuc.schedules.quant_formats import BLOCKS, INT8_FORMATS, QBLOCK
 from xpuc.schedules.quant_tir import k_scale_min
 
-__all__ = ["lane_buffers", "lane_parts", "lane_unit_parts", "lane_values16"]
+__all__ = ["dot_ops", "lane_buffers", "lane_parts", "lane_unit_parts", "lane_values16"]
 
 # Software prefetch of the task's stream this far ahead (a few chunks; 2 row groups ahead, as the per-row kernels
 # do, is 44 KB for a 4864-wide q4_k row group: past L1).
@@ -63,15 +63,16 @@ def _bit_set(v, bit, lanes: int):
     return T.bitwise_and(v, T.shift_left(_u8(1, lanes), T.Broadcast(T.Cast("uint8", bit), lanes))) != _u8(0, lanes)
 
 
-def _register(fmt: str, w, g, sb, j, i):
+def _register(fmt: str, w, g, sb, j, i, isa: str):
     """Register ``i`` of unit ``j`` (unrolled loop variables): values ``8 i .. 8 i + 7`` of the unit for the 8 rows,
-    as the unsigned bytes of the dot products (uint8x64)."""
+    as the bytes of the dot products (uint8x64): unsigned, below 128 but for q8_0, whose signed bytes are flipped to
+    unsigned for ``vpdpbusd`` (unsigned x signed) and kept as they are for ``sdot`` (signed x signed)."""
 
     def load(field, run):  # 64 bytes: run ``run`` (8 bytes) of the field for the 8 rows
         return w[g, sb, T.Ramp(field_offset(fmt, field) + 64 * run, 1, 64)]
 
-    if fmt == "q8_0":  # signed bytes plus 128 (top bit flipped)
-        return T.bitwise_xor(load("qs", i), _u8(128, 64))
+    if fmt == "q8_0":  # x86: signed bytes plus 128 (top bit flipped)
+        return load("qs", i) if isa == "dotprod" else T.bitwise_xor(load("qs", i), _u8(128, 64))
     if fmt in ("q4_0", "q4_1", "q5_0"):
         v = _and(_shr(load("qs", i % 2), (i // 2) * 4, 64), 15, 64)
         if fmt != "q5_0":
@@ -97,27 +98,47 @@ def lane_buffers(k: int):
             T.alloc_buffer((k,), "int32", scope="global"), T.alloc_buffer((k // QBLOCK,), "float32", scope="global"))
 
 
-def lane_parts(wshape: tuple[int, int, int, int], fmt: str):
+def dot_ops(isa: str):
+    """``dot(acc, values, x)``: ``acc`` (int32x16) plus the 4-byte dot products of ``values`` (uint8x64, each below
+    128 where ``isa`` is ``dotprod``) and ``x`` (int8x64) — one 512-bit ``vpdpbusd`` (``avx512vnni``), or four
+    128-bit ``sdot`` of 2 rows each (``dotprod``, aarch64)."""
+    if isa == "avx512vnni":
+        def dot(acc, values, x):
+            return T.call_llvm_pure_intrin("int32x16", "llvm.x86.avx512.vpdpbusd.512", acc, values, x)
+    elif isa == "dotprod":
+        def dot(acc, values, x):
+            signed = T.reinterpret("int8x64", values)
+            quarters = [T.call_llvm_pure_intrin(
+                "int32x4", "llvm.aarch64.neon.sdot.v4i32.v16i8", T.Shuffle([acc], list(range(4 * q, 4 * q + 4))),
+                T.Shuffle([signed], list(range(16 * q, 16 * q + 16))), T.Shuffle([x], list(range(16 * q, 16 * q + 16))))
+                for q in range(4)]
+            return T.Shuffle(quarters, list(range(16)))
+    else:
+        raise ValueError(f"no int8 dot products for isa '{isa}' (have: avx512vnni, dotprod)")
+    return dot
+
+
+def lane_parts(wshape: tuple[int, int, int, int], fmt: str, isa: str = "avx512vnni"):
     """The TIR macros ``(quantize, group_dot8)`` of int8 dot products over lane-layout weights: the interface of
     :func:`xpuc.schedules.int8_gemv.int8_parts`, with ``xv`` from :func:`lane_buffers` and ``w`` the flat view.
 
     ``quantize(x, xv)`` quantizes ``x[0, 0]`` to int8 blocks of 32 (as ``int8_gemv``) and stores the initial
     accumulators (the format's offset times the activations' sum, in the even lanes; q6_k: one per 16 values) and
     half each block's scaled sum (the minimums', added to both lanes of a row). ``group_dot8(xv, acc, w, g, last)``
-    leaves the 8 rows' dot products in ``acc[r, 0]`` (``acc``: at least (8, 8) float32).
+    leaves the 8 rows' dot products in ``acc[r, 0]`` (``acc``: at least (8, 8) float32). ``isa``: the dot products'
+    instructions (:func:`dot_ops`).
     """
     if fmt not in LANE_FORMATS or wshape[2] != LANE_ROWS:
         raise ValueError(f"no lane layout for {fmt} storage of shape {wshape}")
     NG, NS, R, BB = wshape
     SUB = BLOCKS[fmt][0] // QBLOCK
     NB = NS * SUB
-    OFFSET = INT8_FORMATS[fmt]
+    OFFSET = 0 if fmt == "q8_0" and isa == "dotprod" else INT8_FORMATS[fmt]
     D = field_offset(fmt, "d")
     MIN = field_offset(fmt, "m") if fmt == "q4_1" else field_offset(fmt, "dmin") if fmt in _K_SCALES else None
     SC = field_offset(fmt, "scales") if fmt in _K_SCALES + _SPLIT else None
 
-    def vnni(acc, u8, s8):
-        return T.call_llvm_pure_intrin("int32x16", "llvm.x86.avx512.vpdpbusd.512", acc, u8, s8)
+    vnni = dot_ops(isa)
 
     def x8(xq, u, i):
         """Activations ``8 i .. 8 i + 7`` of unit ``u``, broadcast to the 8 rows' lanes."""
@@ -192,7 +213,7 @@ def lane_parts(wshape: tuple[int, int, int, int], fmt: str):
                         dot[h, T.Ramp(0, 1, 16)] = xinit[T.Ramp((sb * SUB + j) * 32 + h * 16, 1, 16)]
                         for i in T.unroll(2):
                             dot[h, T.Ramp(0, 1, 16)] = vnni(dot[h, T.Ramp(0, 1, 16)],
-                                                            _register(fmt, w, g, sb, j, 2 * h + i),
+                                                            _register(fmt, w, g, sb, j, 2 * h + i, isa),
                                                             x8(xq, sb * SUB + j, 2 * h + i))
                     flat[T.Ramp(0, 1, 16)] = flat[T.Ramp(0, 1, 16)] + (T.Cast(
                         "float32x16", dot[0, T.Ramp(0, 1, 16)]) * _twice(scale8(w, g, sb, j, 0, scm)) + T.Cast(
@@ -201,7 +222,7 @@ def lane_parts(wshape: tuple[int, int, int, int], fmt: str):
                 else:
                     dot[0, T.Ramp(0, 1, 16)] = xinit[T.Ramp((sb * SUB + j) * 32, 1, 16)]
                     for i in T.unroll(4):
-                        dot[0, T.Ramp(0, 1, 16)] = vnni(dot[0, T.Ramp(0, 1, 16)], _register(fmt, w, g, sb, j, i),
+                        dot[0, T.Ramp(0, 1, 16)] = vnni(dot[0, T.Ramp(0, 1, 16)], _register(fmt, w, g, sb, j, i, isa),
                                                         x8(xq, sb * SUB + j, i))
                     if MIN is not None:
                         flat[T.Ramp(0, 1, 16)] = flat[T.Ramp(0, 1, 16)] + T.Cast(

@@ -67,7 +67,7 @@ def quantized_shape(in_features: int, out_features: int, fmt: str) -> tuple[int,
 
 def interleave_rows(rows: np.ndarray, fmt: str, in_features: int, int8: bool = False) -> np.ndarray:
     """(out, in/values * bytes) uint8 blocks (a GGUF tensor's rows) -> the kernels' storage, rows interleaved; for
-    the int8 kernels, in the lane layout where :func:`~xpuc.schedules.int8_lanes.uses_lanes` says so."""
+    the int8 kernels, in the lane layout where :func:`~xpuc.schedules.lane_layout.uses_lanes` says so."""
     nr, nb, r, bb = quantized_shape(in_features, rows.shape[0], fmt)
     if rows.shape != (nr * r, nb * bb):
         raise ValueError(f"{fmt} rows of {in_features} values: expected {(nr * r, nb * bb)} bytes, got {rows.shape}")
@@ -163,7 +163,7 @@ def panel_gemm(K: int, M: int, TT: int):
 
 @cache
 def linear_quant(in_features: int, out_features: int, fmt: str, lanes: int = LANES,
-                 int8: bool = False) -> tirx.PrimFunc:
+                 int8: bool = False, isa: str = "avx512vnni") -> tirx.PrimFunc:
     """Return the TIR PrimFunc of ``y = x @ W.T`` with ``W`` in GGML format ``fmt``.
 
     Parameters
@@ -175,7 +175,12 @@ def linear_quant(in_features: int, out_features: int, fmt: str, lanes: int = LAN
     lanes:
         fp32 lanes of the target's SIMD registers (16 AVX-512, 8 AVX2, 4 NEON); sets the prefill tile.
     int8:
-        One token: int8 dot products (:mod:`xpuc.schedules.int8_gemv`, x86 AVX-512 VNNI) where ``fmt`` has them.
+        int8 dot products where ``fmt`` has them, with the weights in the lane layout where
+        :func:`~xpuc.schedules.lane_layout.uses_lanes` says so (:mod:`xpuc.schedules.int8_lanes`; otherwise
+        :mod:`xpuc.schedules.int8_gemv`): one token and, on x86, the prefill GEMM (:mod:`xpuc.schedules.int8_gemm`).
+    isa:
+        their instructions (:func:`~xpuc.schedules.int8_dot.int8_dot_isa`): ``avx512vnni`` or ``dotprod``
+        (aarch64: the lane GEMV with ``sdot``; prefill, and matrices outside the lane layout, in float32).
 
     Returns
     -------
@@ -193,14 +198,16 @@ def linear_quant(in_features: int, out_features: int, fmt: str, lanes: int = LAN
     SUB = BLOCKS[fmt][0] // QBLOCK
     elem = element(fmt)
     group_dot = _group_dot(elem, NS, SUB, R, BB)
-    vals16 = lane_values16(fmt) if uses_lanes(fmt, N, int8) else None
     M = _gemm_rows(N, lanes)
     P = M // R  # row groups per prefill task
     TT = TILE_TOKENS
     gemm = panel_gemm(K, M, TT)
-    lanes = uses_lanes(fmt, N, int8)
-    gemv8 = int8_gemv(WSHAPE, fmt, lanes) if int8 and fmt in INT8_FORMATS else None
-    gemm8 = int8_gemm(WSHAPE, fmt, N, lanes) if int8 and fmt in GEMM_FORMATS and N % GEMM_ROWS == 0 else None
+    in_lanes = uses_lanes(fmt, N, int8)
+    vals16 = lane_values16(fmt) if in_lanes else None
+    x86 = isa == "avx512vnni"
+    gemv8 = int8_gemv(WSHAPE, fmt, in_lanes, isa) if int8 and fmt in INT8_FORMATS and (x86 or in_lanes) else None
+    gemm8 = (int8_gemm(WSHAPE, fmt, N, in_lanes) if int8 and x86 and fmt in GEMM_FORMATS and N % GEMM_ROWS == 0
+             else None)
 
     @T.prim_func(private=True, s_tir=True)
     def linear(var_x: T.handle, w: T.Buffer(WSHAPE, "uint8"), var_y: T.handle):
@@ -212,7 +219,7 @@ def linear_quant(in_features: int, out_features: int, fmt: str, lanes: int = LAN
             wf = T.decl_buffer((NR, NS, R * BB), "uint8", data=w.data)  # the lane layout's flat view
             if n == T.int64(1):
                 if gemv8 is not None:
-                    gemv8(x, wf if lanes else w, y)
+                    gemv8(x, wf if in_lanes else w, y)
                 else:
                     for ib in T.parallel(NR):
                         acc = T.alloc_buffer((R, LANES), "float32", scope="global")
@@ -220,7 +227,7 @@ def linear_quant(in_features: int, out_features: int, fmt: str, lanes: int = LAN
                         for r in T.unroll(R):
                             y[0, 0, ib * R + r] = acc[r, 0]
             elif gemm8 is not None:
-                gemm8(x, wf if lanes else w, y, n)
+                gemm8(x, wf if in_lanes else w, y, n)
             else:
                 for ib in T.parallel(N // M):
                     panel = T.alloc_buffer((K, M), "float32", scope="global")
@@ -231,7 +238,7 @@ def linear_quant(in_features: int, out_features: int, fmt: str, lanes: int = LAN
                             for sb in range(NS):
                                 for j in T.unroll(SUB):
                                     for half in T.unroll(2):
-                                        if lanes:  # 16 values of the row a vector
+                                        if in_lanes:  # 16 values of the row a vector
                                             pf[T.Ramp(((sb * SUB + j) * QBLOCK + half * 16) * M + p * R + r, M,
                                                       16)] = vals16(wf, ib * P + p, sb, j, r, half)
                                         else:
@@ -278,7 +285,8 @@ def embedding_quant(vocab: int, d: int, fmt: str, int8: bool = False) -> tirx.Pr
 
 
 @cache
-def gate_up_act_quant(d: int, d_ff: int, fmt: str, kind: str, int8: bool = False) -> tirx.PrimFunc:
+def gate_up_act_quant(d: int, d_ff: int, fmt: str, kind: str, int8: bool = False,
+                      isa: str = "avx512vnni") -> tirx.PrimFunc:
     """The gate/up half of a gated FFN for one token, skipping the up row of neurons that do not fire.
 
     Parameters
@@ -289,8 +297,8 @@ def gate_up_act_quant(d: int, d_ff: int, fmt: str, kind: str, int8: bool = False
         a format of :data:`~xpuc.schedules.quant_formats.BLOCKS`.
     kind:
         ``swiglu`` (fires when ``|silu(g)| > thr``), ``reglu`` or ``drelu`` (fire when ``g > 0``).
-    int8:
-        int8 dot products (:mod:`xpuc.schedules.int8_gemv`, x86 AVX-512 VNNI) where ``fmt`` has them.
+    int8, isa:
+        int8 dot products where ``fmt`` has them and their instructions, as for :func:`linear_quant`.
 
     One parallel task per group of ``R`` neurons (the interleaved row group): their gate rows share every
     activation load; the group's up rows are read only when one of its neurons fires (they are interleaved,
@@ -331,9 +339,9 @@ def gate_up_act_quant(d: int, d_ff: int, fmt: str, kind: str, int8: bool = False
                 for r in range(G):
                     h[0, 0, grp * G + r] = T.float32(0)
 
-    if int8 and fmt in INT8_FORMATS:
-        lanes = uses_lanes(fmt, 2 * d_ff, int8)
-        quantize, group_dot8 = lane_parts(WSHAPE, fmt) if lanes else int8_parts(WSHAPE, fmt)
+    lanes = uses_lanes(fmt, 2 * d_ff, int8)
+    if int8 and fmt in INT8_FORMATS and (lanes or isa == "avx512vnni"):
+        quantize, group_dot8 = lane_parts(WSHAPE, fmt, isa) if lanes else int8_parts(WSHAPE, fmt)
         buffers = lane_buffers if lanes else int8_buffers
 
         @T.prim_func(private=True, s_tir=True)

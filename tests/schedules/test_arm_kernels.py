@@ -12,9 +12,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from support.gguf_blocks import random_rows
 
-from xpuc.runtime.formats.bundle import FFN_KINDS, WEIGHT_DTYPES, BundleLayout, bundle_ffn, sparse_ffn_reference
+from xpuc.runtime.formats.bundle import (
+    FFN_KINDS,
+    WEIGHT_DTYPES,
+    BundleLayout,
+    activation,
+    bundle_ffn,
+    int8_activations,
+    sparse_ffn_reference,
+)
+from xpuc.schedules.lane_layout import LANE_FORMATS
 from xpuc.schedules.linear import embedding_fp16, linear_fp16, pack_rows
+from xpuc.schedules.linear_quant import dequantize_matrix, gate_up_act_quant, interleave_rows, linear_quant
 from xpuc.schedules.sparse_ffn import sparse_ffn_kernel
 
 pytestmark = pytest.mark.arm
@@ -82,6 +93,34 @@ def emulated_results():
             cases.append({"name": tag, "func": f"fused_{tag}",
                           "args": [f"x_{tag}", f"idx_{tag}", "thr", f"w_{tag}", f"y_{tag}"], "outputs": [f"y_{tag}"]})
             expected[f"y_{tag}"] = sparse_ffn_reference(lay, w, xi, idx, 0.1, int8=True)
+    # int8 sdot over the lane layout: every format's GEMV (and the float32 prefill from the same storage), the
+    # thresholded gate/up, against numpy on the int8-rounded activations
+    for fmt in LANE_FORMATS:
+        K, N = (512 if fmt.endswith("_k") else 96), 32
+        storage = interleave_rows(random_rows(rng, fmt, N, K), fmt, K, int8=True)
+        wq = dequantize_matrix(storage, fmt, int8=True)
+        for n in (1, 3):
+            tag = f"lane_{fmt}_{n}"
+            xl = rng.standard_normal((1, n, K)).astype(np.float32)
+            arrays.update({f"x_{tag}": xl, f"w_{tag}": storage, f"y_{tag}": np.zeros((1, n, N), np.float32)})
+            funcs[tag] = linear_quant(K, N, fmt, 4, True, "dotprod")
+            cases.append({"name": tag, "func": tag, "args": [f"x_{tag}", f"w_{tag}", f"y_{tag}"],
+                          "outputs": [f"y_{tag}"]})
+            expected[f"y_{tag}"] = ((int8_activations(xl[0, 0])[None] if n == 1 else xl[0]) @ wq.T)[None]
+        if fmt in ("q4_1", "q6_k"):
+            tag = f"gate_up_{fmt}"
+            gw = interleave_rows(random_rows(rng, fmt, 2 * N, K, scale=0.05), fmt, K, int8=True)
+            gd = dequantize_matrix(gw, fmt, int8=True)
+            xg = rng.standard_normal((1, 1, K)).astype(np.float32)
+            xi = int8_activations(xg[0, 0])
+            a = np.sort(np.abs((gd[:N] @ xi) / (1 + np.exp(-(gd[:N] @ xi)))))
+            thr = np.array([a[N // 2 - 1: N // 2 + 1].mean()], np.float32)
+            arrays.update({f"x_{tag}": xg, f"w_{tag}": gw, f"t_{tag}": thr,
+                           f"y_{tag}": np.zeros((1, 1, N), np.float32)})
+            funcs[tag] = gate_up_act_quant(K, N, fmt, "swiglu", True, "dotprod")
+            cases.append({"name": tag, "func": tag, "args": [f"x_{tag}", f"w_{tag}", f"t_{tag}", f"y_{tag}"],
+                          "outputs": [f"y_{tag}"]})
+            expected[f"y_{tag}"] = activation("swiglu", gd[:N] @ xi, gd[N:] @ xi, float(thr[0]))[None, None]
     # dense fp16 linear (decode and prefill paths) and the embedding gather
     for K, N, bias, n in [(64, 96, False, 1), (64, 96, True, 3), (96, 40, False, 4)]:
         tag = f"lin_{K}_{N}_{int(bias)}_{n}"
@@ -128,6 +167,9 @@ def test_android_shared_object(tmp_path):
     int8 = build_library({"ffn_fused": sparse_ffn_kernel(lay, "fused", 4, int8="dotprod")}, android_target(profile),
                          tmp_path / "k8.so")
     assert inspect_elf(int8).sdot >= 4  # the int8 dot products are sdot instructions, not scalar code
+    lanes = build_library({"gemv": linear_quant(4864, 896, "q4_k", 4, True, "dotprod")}, android_target(profile),
+                          tmp_path / "lanes.so")
+    assert inspect_elf(lanes).sdot >= 32  # the lane GEMV: 4 sdot per register, 4 registers per unit, unrolled
     assert rep.glibc_versions == []
     assert "__tvm_ffi_ffn_fused" in rep.exported_ffi and "__tvm_ffi_linear" in rep.exported_ffi
     assert rep.neon_fp_ops > 50  # vectorized: NEON fmla/fmul/fadd/ld1 on v registers
@@ -135,8 +177,11 @@ def test_android_shared_object(tmp_path):
     assert all(s.startswith("TVM") or s in libc_like for s in rep.undefined), rep.undefined
 
 
-def test_whole_decoder_on_emulated_arm_matches_host(tmp_path):
-    """The same prefill+decode module built for aarch64 (linux twin) gives the host's logits under QEMU."""
+@pytest.mark.parametrize("quant", [None, "q4_0"])
+def test_whole_decoder_on_emulated_arm_matches_host(tmp_path, quant):
+    """The same prefill+decode module built for aarch64 (linux twin) gives the host's logits under QEMU. q4_0: the
+    arm64 build with int8 ``sdot`` GEMVs over the lane layout against the host's float32 build — prefill (float32
+    on both) to 1e-4, decode within int8 rounding of the activations."""
     _require("qemu-aarch64-static", "aarch64-linux-gnu-gcc")
     import tvm
     from support.models import random_weights, spec_from, tiny_config
@@ -149,20 +194,22 @@ def test_whole_decoder_on_emulated_arm_matches_host(tmp_path):
 
     cfg = tiny_config("qwen2", "swiglu", tie=False, bias=True)
     spec = spec_from(cfg, random_weights(cfg, 9))
-    arrays = param_arrays(spec)
     ids = np.array([3, 17, 99, 150, 7, 42, 250, 1, 64, 88, 200, 5], np.int32)
     # host
     host_t = load_profile("host").cpu_target()
-    mod, params = export_model(cfg, host_t)
+    mod, params = export_model(cfg, host_t, quant=quant)
+    arrays = param_arrays(spec, quant=quant)
     with host_t:
         host = DecoderSession(tvm.compile(mod, target=host_t), [tvm.runtime.tensor(arrays[n]) for n, _, _ in params],
                               256, 64)
-    want = [host.prefill(ids)]
+    want, tokens = [host.prefill(ids)], []
     for _ in range(4):
-        want.append(host.decode(int(np.argmax(want[-1]))))
+        tokens.append(int(np.argmax(want[-1])))
+        want.append(host.decode(tokens[-1]))
     # aarch64 twin under QEMU
     arm_t = linux_twin_target()
-    mod, params = export_model(cfg, arm_t)
+    mod, params = export_model(cfg, arm_t, quant=quant, int8=quant is not None)
+    arrays = param_arrays(spec, quant=quant, int8=quant is not None)
     with arm_t:
         ex = tvm.compile(mod, target=arm_t)
     ex.export_library(str(tmp_path / "model.so"), fcompile=toolchain_for("aarch64-linux-gnu").fcompile())
@@ -175,4 +222,12 @@ def test_whole_decoder_on_emulated_arm_matches_host(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     out = np.load(tmp_path / "out.npz")
     assert str(out["machine"]) == "aarch64"
-    np.testing.assert_allclose(out["logits"], np.stack(want), rtol=1e-4, atol=1e-4 * np.abs(want[0]).max())
+    if quant is None:
+        np.testing.assert_allclose(out["logits"], np.stack(want), rtol=1e-4, atol=1e-4 * np.abs(want[0]).max())
+        return
+    np.testing.assert_allclose(out["logits"][0], want[0], rtol=1e-4, atol=1e-4 * np.abs(want[0]).max())
+    same = 1 + next((i for i, (a, b) in enumerate(zip(out["tokens"], tokens, strict=True)) if a != b), len(tokens))
+    scale = np.abs(want[1]).max()
+    for got, ref in zip(out["logits"][1:same], want[1:same], strict=True):  # decode steps fed the same tokens on both
+        assert np.abs(got - ref).max() < 0.05 * scale
+    assert not np.allclose(out["logits"][1], want[1], rtol=1e-5, atol=1e-5 * scale)  # the int8 kernels ran
