@@ -5,11 +5,12 @@
 
 For each of ``--configs`` (``keep``: `xpuc compile --quantize keep`, every matrix as the file stores it;
 ``fp16``: the matrices dequantized to float16; ``q4_1`` / ``q4_0`` / ``q8_0``: re-quantized) the model is
-compiled once (cached under ``--work``), then ``--repeats`` interleaved rounds run, each engine in its own
-process: ``xpuc bench ART -p P -n N -r R`` and llama.cpp's ``llama-bench -p P -n N -r R -t THREADS`` (built natively
-from the llama-cpp-python sdist by ``benchmarks/llamacpp_build.py``; its ``system_info`` line is printed). With
-``--ppl``, ``xpuc perplexity`` and ``llama-perplexity`` score the same held-out text (``--ctx`` tokens a chunk,
-the second half scored). Writes ``benchmarks/results/gguf_formats_<model>.json`` and prints a table.
+compiled once (cached under ``--work``; rebuilt when xpuc's sources are newer), then ``--repeats`` interleaved
+rounds run, each engine in its own process: ``xpuc bench ART -p P -n N -r R`` and llama.cpp's
+``llama-bench -p P -n N -r R -t THREADS`` (built natively from the llama-cpp-python sdist by
+``benchmarks/llamacpp_build.py``; its ``system_info`` line is printed). With ``--ppl``, ``xpuc perplexity`` and
+``llama-perplexity`` score the same held-out text (``--ctx`` tokens a chunk, the second half scored).
+Writes ``benchmarks/results/gguf_formats_<model>.json`` and prints a table.
 """
 
 from __future__ import annotations
@@ -30,9 +31,15 @@ from offload import EVAL, ROOT  # noqa: E402
 XPUC = [sys.executable, "-m", "xpuc.compiler.cli"]
 
 
+def _stale(manifest: Path) -> bool:
+    """Whether xpuc's sources changed since the artifact was compiled (a cached artifact is rebuilt then)."""
+    sources = [f for d in ("compiler", "schedules", "runtime", "targets") for f in (ROOT / d).rglob("*.py")]
+    return not manifest.is_file() or max(f.stat().st_mtime for f in sources) > manifest.stat().st_mtime
+
+
 def compile_art(gguf: Path, config: str, work: Path) -> Path:
     art = work / f"{gguf.stem}-{config}"
-    if not (art / "manifest.json").is_file():
+    if _stale(art / "manifest.json"):
         q = [] if config == "fp16" else ["--quantize", config]
         subprocess.run([*XPUC, "compile", str(gguf), *q, "-o", str(art), "--force"], check=True)
     return art
