@@ -24,9 +24,11 @@ tune        ApplyTuningDatabase (only with a database:   (none)
             best tuned schedule of each covered kernel)
 schedule    ScheduleCPUMatmul (matmuls left naive by     ApplyGPUSchedules (dlight GPU rules)
             legalization: register tiles, padding of
-            symbolic columns), then ScheduleCPURows
-            (every other kernel in parallel rows);
-            hand-written kernels kept
+            symbolic columns), ScheduleCPUDepthwise
+            (grouped convolutions per channel, rows
+            vectorized, epilogue fused), then
+            ScheduleCPURows (every other kernel in
+            parallel rows); hand-written kernels kept
 build       tvm.compile: memory planning, VM lowering    same, plus device codegen (OpenCL / CUDA)
 ==========  ===========================================  ==========================================
 
@@ -49,19 +51,22 @@ from xpuc.compiler.passes.apply_gpu_schedules import ApplyGPUSchedules
 from xpuc.compiler.passes.conv_to_matmul import ConvToMatmul
 from xpuc.compiler.passes.cpu_attention import ReplaceCPUAttention
 from xpuc.compiler.passes.pack_matmul_weights import PackMatmulWeights
+from xpuc.compiler.passes.schedule_cpu_depthwise import ScheduleCPUDepthwise
 from xpuc.compiler.passes.schedule_cpu_matmul import ScheduleCPUMatmul
 from xpuc.compiler.passes.schedule_cpu_rows import ScheduleCPURows
 from xpuc.compiler.passes.specialize_buckets import SpecializeSequenceBuckets
 
-#: Version of the CPU default schedule (fastmath + packed weights + ScheduleCPUMatmul + ScheduleCPURows). A
-#: tuning database records it next to each default latency it measured; a change makes those latencies stale.
-DEFAULT_CPU_SCHEDULE = "4"
+#: Version of the CPU default schedule (fastmath + packed weights + ScheduleCPUMatmul + ScheduleCPUDepthwise +
+#: ScheduleCPURows). A tuning database records it next to each default latency it measured; a change makes those
+#: latencies stale.
+DEFAULT_CPU_SCHEDULE = "5"
 
 
 def default_cpu_schedule(target: tvm.target.Target) -> tvm.transform.Pass:
     """The schedule phase of CPU targets (what a kernel gets without a tuning database)."""
     return tvm.transform.Sequential([
         ScheduleCPUMatmul(lanes=simd_lanes(target), threads=int(target.attrs.get("num-cores", 1) or 1)),
+        ScheduleCPUDepthwise(lanes=simd_lanes(target)),
         ScheduleCPURows(lanes=simd_lanes(target))])
 
 
