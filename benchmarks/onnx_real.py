@@ -74,7 +74,12 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--work", default=".cache/xpuc/bench-onnx-real")
     ap.add_argument("--out", default="benchmarks/results/onnx_real.json")
+    ap.add_argument("--tuning-db", metavar="NAME=DIR", action="append", default=[],
+                    help="compile graph NAME with a database from `xpuc tune … --input-shape` (repeatable)")
     args = ap.parse_args()
+    dbs = dict(spec.split("=", 1) for spec in args.tuning_db)
+    if set(dbs) - set(GRAPHS):
+        ap.error(f"--tuning-db: unknown graph {sorted(set(dbs) - set(GRAPHS))} (have: {', '.join(GRAPHS)})")
 
     import onnx
     import onnxruntime as ort
@@ -94,10 +99,11 @@ def main() -> int:
         feeds = {i.name: _input(kind, shapes[i.name], helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type))
                  for i in model.graph.input if i.name in shapes}
         row = {"name": name, "description": entry.description, "package": entry.package,
-               "input_shape": {k: list(v) for k, v in shapes.items()}}
+               "input_shape": {k: list(v) for k, v in shapes.items()}, "tuning_db": dbs.get(name)}
         t0 = time.perf_counter()
         try:
-            runner = GraphRunner(compile_onnx(path, work / name, force=True, quiet=True, input_shapes=shapes))
+            runner = GraphRunner(compile_onnx(path, work / name, force=True, quiet=True, input_shapes=shapes,
+                                              tuning_db=dbs.get(name)))
         except XpucError as e:
             row["error"] = str(e)
             print(f"{name:10s} xpuc: error: {e}")

@@ -11,6 +11,7 @@ from pathlib import Path
 from xpuc.compiler.cli.args import POSITIVE, SECONDS, int_in
 from xpuc.compiler.frontend_onnx import import_onnx
 from xpuc.compiler.frontends import load_model
+from xpuc.compiler.onnx_prepare import parse_input_shapes, prepare_graph
 from xpuc.compiler.tuning.rpc import parse_address, run_tracker
 from xpuc.compiler.tuning.sparse_tuning import as_dicts, best_records, tune_sparse
 from xpuc.compiler.zoo import resolve_model
@@ -51,10 +52,15 @@ def cmd_tune(args: argparse.Namespace) -> int:
     if not profile.toolchain().available():
         raise XpucError(f"toolchain for {profile.mtriple} not found ({profile.toolchain().compiler})")
 
+    is_onnx = str(args.source[0]).endswith(".onnx")
+    if (args.input_shape or args.no_simplify) and not is_onnx:
+        raise XpucError("--input-shape and --no-simplify apply to ONNX graphs (xpuc tune model.onnx ...)")
     steps = Steps(3, args.quiet)
     steps.start(f"reading {args.source[0]}")
-    proto, what = graph_from_source(resolve_model(args.source[0]) if not str(args.source[0]).endswith(".onnx")
-                                    else args.source[0])
+    proto, what = graph_from_source(resolve_model(args.source[0]) if not is_onnx else args.source[0])
+    if is_onnx:  # prepared as `xpuc compile` prepares it, so that the tuned kernels are the compiled ones
+        proto, _ = prepare_graph(proto, parse_input_shapes(args.input_shape), str(args.source[0]),
+                                 not args.no_simplify)
     mod = import_onnx(proto, str(args.source[0]))
     steps.done(what)
     steps.start(f"extracting workloads at {','.join(map(str, buckets))} tokens")
@@ -191,6 +197,10 @@ def add_parsers(sub) -> None:
     p.add_argument("--trials-per-iter", type=POSITIVE, default=16, help="candidates per search round (default 16)")
     p.add_argument("--buckets", default="16,64,256,512", help="sequence lengths to tune for (default 16,64,256,512)")
     p.add_argument("--only", default=None, help="tune only workloads whose name contains this text")
+    p.add_argument("--input-shape", metavar="NAME=DIMS", action="append", default=None,
+                   help="ONNX: fix an input's dims as for `xpuc compile` (repeatable; give the same to both)")
+    p.add_argument("--no-simplify", action="store_true",
+                   help="ONNX: tune the graph as is (no onnxslim), as `xpuc compile --no-simplify` builds it")
     p.add_argument("--rpc-tracker", default=None, metavar="HOST:PORT", help="measure on devices of this tracker")
     p.add_argument("--rpc-key", default="xpuc", help="device key at the tracker (default xpuc)")
     p.add_argument("--rpc-timeout", type=SECONDS, default=60.0, help="seconds to wait for the tracker / a device")

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import tvm
+import tvm_ffi
 from tvm import relax
 
 from xpuc.compiler.frontend_onnx import read_onnx
@@ -122,10 +123,12 @@ def lower_for_tuning(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModu
 
 def extract_workloads(mod: tvm.IRModule, target: tvm.target.Target,
                       buckets: tuple[int, ...] = DEFAULT_BUCKETS) -> list[TuningWorkload]:
-    """The tunable kernels of ``mod``'s ``main`` at each bucket (hand-scheduled kernels excluded)."""
+    """The tunable kernels of ``mod``'s ``main`` at each bucket (hand-scheduled kernels excluded); a kernel the same
+    at every bucket (a graph without a sequence axis, such as an image model's) once, at the first."""
     from tvm.s_tir import meta_schedule as ms
 
     out: list[TuningWorkload] = []
+    seen: set = set()
     for bucket in buckets:
         lowered = lower_for_tuning(bind_bucket(mod, bucket), target)
         for task in ms.relax_integration.extract_tasks(lowered, target):
@@ -134,6 +137,10 @@ def extract_workloads(mod: tvm.IRModule, target: tvm.target.Target,
                 continue
             if has_symbolic_shape(func):
                 continue
+            key = tvm_ffi.StructuralKey(task.dispatched[0])
+            if key in seen:
+                continue
+            seen.add(key)
             out.append(TuningWorkload(task.task_name, bucket, int(task.weight), task.dispatched[0], _flop(func)))
     return out
 

@@ -345,3 +345,31 @@ def test_tune_sparse_measures_real_kernels_and_resumes(tmp_path, capsys):
     assert (plan["cluster"], plan["compute_threads"], plan["ffn_kernel"]) == (want, best["threads"], best["mode"])
     assert cli(["plan", str(model), "--stats", str(tmp_path / "stats.json"), "--device", "oneplus-12",
                 "--memory-budget", "64MiB", "--tuning-db", str(db), "-o", str(tmp_path / "p2.json")]) == 2
+
+
+def test_tune_an_image_graph_with_symbolic_dims_fixed_as_compile_fixes_them(tmp_path):
+    """`--input-shape` fixes the dims as for `xpuc compile`; a kernel without a sequence axis is tuned once, not once
+    per bucket."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array((rng.standard_normal((8, 3, 3, 3)) * 0.1).astype(np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["y"], ["z"])],
+        "img", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, "H", "W"])],
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, None)], [w])
+    path = tmp_path / "img.onnx"
+    import onnx
+
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    db = tmp_path / "db"
+    r = subprocess.run([*XPUC, "tune", str(path), "--input-shape", "x=1,3,16,32", "--db", str(db), "--trials", "2",
+                        "--trials-per-iter", "2", "--buckets", "16,64", "--json", "--quiet"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    names = [w["workload"] for w in json.loads(r.stdout)["workloads"]]
+    assert names and all(n.endswith("@16") for n in names), names  # the same kernels at 64: not tuned again
+    assert len(set(names)) == len(names)
+    r = subprocess.run([*XPUC, "tune", str(path), "--input-shape", "x=1,3,16", "--db", str(db)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and r.stderr.count("xpuc: error:") == 1 and "Traceback" not in r.stderr, r.stderr
