@@ -280,8 +280,8 @@ def export_model(config: ArchConfig, target, kernels: str = "cpu",
     adds a per-layer FFN activation threshold parameter (``layers.i.ffn.threshold``) where gate and up share a
     quantized format. ``quant="keep"`` takes each matrix's format from ``formats`` (ModelSpec names, see
     :func:`xpuc.compiler.weight_formats.weight_formats`); Q/K/V, and gate/up, are fused where they agree.
-    ``int8`` gives the quantized matrices int8 dot products (x86 AVX-512 VNNI: decode GEMVs and prefill GEMMs;
-    aarch64 ``sdot``: decode GEMVs), over the lane layout where :func:`~xpuc.schedules.lane_layout.uses_lanes`
+    ``int8`` gives the quantized matrices int8 dot products (x86 AVX-512 VNNI, aarch64 ``sdot``: decode GEMVs
+    and prefill GEMMs), over the lane layout where :func:`~xpuc.schedules.lane_layout.uses_lanes`
     says so (``param_arrays(..., int8=True)`` stores the weights for it).
     """
     if kernels not in KERNELS:

@@ -20,7 +20,7 @@ from __future__ import annotations
 from tvm.script import tirx as T
 
 from xpuc.schedules.int8_gemv import INT8_FORMATS, unit_parts
-from xpuc.schedules.int8_lanes import lane_unit_parts
+from xpuc.schedules.int8_lanes import dot_ops, lane_unit_parts
 from xpuc.schedules.quant_formats import BLOCKS, QBLOCK
 
 __all__ = ["GEMM_FORMATS", "GEMM_ROWS", "TILE_TOKENS", "int8_gemm"]
@@ -32,11 +32,13 @@ GEMM_ROWS = 16  # one 512-bit vector of int32 accumulators
 TILE_TOKENS = 6
 
 
-def int8_gemm(wshape: tuple[int, int, int, int], fmt: str, n_rows: int, lanes: bool = False):
+def int8_gemm(wshape: tuple[int, int, int, int], fmt: str, n_rows: int, lanes: bool = False,
+              isa: str = "avx512vnni"):
     """The TIR macro ``gemm8(x, w, y, n)`` of ``y[0, t] = W @ x[0, t]`` for ``n`` tokens with int8 dot products
     (module docstring); weights of storage shape ``wshape`` in ``fmt`` (one of :data:`INT8_FORMATS`), ``n_rows``
     output rows, a multiple of 16. With ``lanes``, the weights are in the lane layout
-    (:mod:`xpuc.schedules.int8_lanes`) and ``w`` is its flat view."""
+    (:mod:`xpuc.schedules.int8_lanes`) and ``w`` is its flat view. ``isa``: the dot products' instructions
+    (:func:`~xpuc.schedules.int8_lanes.dot_ops`; on aarch64 four ``sdot`` per 512-bit step, q8_0 kept signed)."""
     if fmt not in GEMM_FORMATS:
         raise ValueError(f"no int8 GEMM for '{fmt}' (have: {', '.join(GEMM_FORMATS)})")
     if n_rows % GEMM_ROWS:
@@ -48,11 +50,14 @@ def int8_gemm(wshape: tuple[int, int, int, int], fmt: str, n_rows: int, lanes: b
     M = GEMM_ROWS
     P = M // R
     TT = TILE_TOKENS
-    OFFSET = INT8_FORMATS[fmt]
-    values, scale, corr = lane_unit_parts(fmt) if lanes else unit_parts(fmt)
+    signed_q8 = fmt == "q8_0" and isa == "dotprod"  # sdot multiplies signed bytes: q8_0's need no flip
+    OFFSET = 0 if signed_q8 else INT8_FORMATS[fmt]
+    unit_values, scale, corr = lane_unit_parts(fmt) if lanes else unit_parts(fmt)
+    vnni = dot_ops(isa)
 
-    def vnni(acc, wv, xv):
-        return T.call_llvm_pure_intrin("int32x16", "llvm.x86.avx512.vpdpbusd.512", acc, wv, xv)
+    def values(w, g, sb, j, r):
+        v = unit_values(w, g, sb, j, r)
+        return T.bitwise_xor(v, T.Broadcast(T.uint8(128), QBLOCK)) if signed_q8 else v  # undo the flip
 
     def x4(xq, t, at):
         """The token's 4 int8 activations from ``at``, broadcast to the 64 byte lanes."""

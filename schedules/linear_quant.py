@@ -177,10 +177,11 @@ def linear_quant(in_features: int, out_features: int, fmt: str, lanes: int = LAN
     int8:
         int8 dot products where ``fmt`` has them, with the weights in the lane layout where
         :func:`~xpuc.schedules.lane_layout.uses_lanes` says so (:mod:`xpuc.schedules.int8_lanes`; otherwise
-        :mod:`xpuc.schedules.int8_gemv`): one token and, on x86, the prefill GEMM (:mod:`xpuc.schedules.int8_gemm`).
+        :mod:`xpuc.schedules.int8_gemv`): one token, and the prefill GEMM (:mod:`xpuc.schedules.int8_gemm`).
     isa:
         their instructions (:func:`~xpuc.schedules.int8_dot.int8_dot_isa`): ``avx512vnni`` or ``dotprod``
-        (aarch64: the lane GEMV with ``sdot``; prefill, and matrices outside the lane layout, in float32).
+        (aarch64 ``sdot``: the lane GEMV and the prefill GEMM; a one-token product outside the lane layout in
+        float32).
 
     Returns
     -------
@@ -206,7 +207,7 @@ def linear_quant(in_features: int, out_features: int, fmt: str, lanes: int = LAN
     vals16 = lane_values16(fmt) if in_lanes else None
     x86 = isa == "avx512vnni"
     gemv8 = int8_gemv(WSHAPE, fmt, in_lanes, isa) if int8 and fmt in INT8_FORMATS and (x86 or in_lanes) else None
-    gemm8 = (int8_gemm(WSHAPE, fmt, N, in_lanes) if int8 and x86 and fmt in GEMM_FORMATS and N % GEMM_ROWS == 0
+    gemm8 = (int8_gemm(WSHAPE, fmt, N, in_lanes, isa) if int8 and fmt in GEMM_FORMATS and N % GEMM_ROWS == 0
              else None)
 
     @T.prim_func(private=True, s_tir=True)

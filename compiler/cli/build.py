@@ -59,8 +59,7 @@ def add_parsers(sub) -> None:
                    help="ONNX: import the graph as is (no onnxslim shape inference / constant folding)")
     p.add_argument("--dot", default="auto", choices=["auto", "int8", "float32"],
                    help="dot products over GGML blocks: int8 (activations quantized to 8-bit blocks; x86 AVX-512 "
-                        "VNNI: decode and prefill, arm64 sdot: decode), float32, or auto (default: int8 where the "
-                        "device has it)")
+                        "VNNI, arm64 sdot), float32, or auto (default: int8 where the device has it)")
     p.add_argument("--quantize", default=None, choices=["keep", "fp16", "q4_0", "q4_1", "q8_0"],
                    help="weights of the CPU module. keep (the default for a GGUF): every matrix as the file "
                         "stores it (q4_0 q4_1 q5_0 q8_0 q4_k q5_k q6_k; others converted to q8_0, and said so); "
