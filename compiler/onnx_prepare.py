@@ -20,6 +20,7 @@ import contextlib
 import io
 from collections.abc import Mapping
 
+from xpuc.compiler.onnx_if import lower_if
 from xpuc.compiler.onnx_ml import lower_ml_ops
 from xpuc.compiler.onnx_recurrent import unroll_recurrent
 from xpuc.runtime.errors import XpucError
@@ -104,8 +105,9 @@ def fix_input_shapes(model, shapes: Mapping[str, tuple[int, ...]], where: str = 
 def prepare_graph(model, shapes: Mapping[str, tuple[int, ...]] | None = None, where: str = "model",
                   simplify: bool = True):
     """(prepared ModelProto, record for the manifest): input dims fixed / named, the numeric ``ai.onnx.ml``
-    operators rewritten (:mod:`xpuc.compiler.onnx_ml`), simplified, recurrent operators unrolled
-    (:mod:`xpuc.compiler.onnx_recurrent`) and simplified again.
+    operators rewritten (:mod:`xpuc.compiler.onnx_ml`), simplified, data-dependent ``If`` nodes selected
+    (:mod:`xpuc.compiler.onnx_if`), recurrent operators unrolled (:mod:`xpuc.compiler.onnx_recurrent`) and
+    simplified again.
 
     A graph onnxslim cannot simplify (or one with sequence / optional inputs or outputs, which it does not
     handle) is imported as it is; the record's ``not_simplified`` says why.
@@ -121,7 +123,12 @@ def prepare_graph(model, shapes: Mapping[str, tuple[int, ...]] | None = None, wh
         record["not_simplified"] = "sequence or optional inputs/outputs"  # onnxslim handles tensors only
         simplify = False
     if simplify:
-        fixed = _slim(fixed, record)
+        fixed = _slim(fixed, record)  # folds the Ifs whose condition is known now
+    fixed, selected = lower_if(fixed, where)
+    if selected:
+        record["if_as_select"] = selected
+        if simplify and "not_simplified" not in record:
+            fixed = _slim(fixed, record)
     # after folding, so that a recurrent node's input has the static shape its sequence length is read from
     fixed, unrolled = unroll_recurrent(fixed, where)
     if unrolled:

@@ -124,11 +124,15 @@ def test_if_with_a_condition_known_at_compile_time_is_folded(tmp_path):
     from xpuc.compiler.build import compile_onnx
     from xpuc.runtime.graph import GraphRunner
 
-    with pytest.raises(XpucError, match="unsupported ONNX operators: If"):
-        compile_onnx(_save(_if_on_rank("n"), tmp_path / "dyn.onnx"), tmp_path / "a", quiet=True)
     runner = GraphRunner(compile_onnx(_save(_if_on_rank("n"), tmp_path / "dyn.onnx"), tmp_path / "b", quiet=True,
                                       input_shapes={"x": (3, 4)}))
+    assert "if_as_select" not in runner.manifest.source["prepared"]  # folded, not selected
     x = np.random.default_rng(1).standard_normal((3, 4)).astype(np.float32)
+    np.testing.assert_array_equal(runner(x)[0], np.maximum(x, 0))
+    # the same If over a symbolic dim: not folded, run as a select between branches of one (named) shape
+    runner = GraphRunner(compile_onnx(_save(_if_on_rank("n"), tmp_path / "dyn.onnx"), tmp_path / "a", quiet=True))
+    assert runner.manifest.source["prepared"]["if_as_select"] == ["If_3"]
+    x = np.random.default_rng(2).standard_normal((5, 4)).astype(np.float32)
     np.testing.assert_array_equal(runner(x)[0], np.maximum(x, 0))
 
 
