@@ -22,7 +22,7 @@ from tvm.script import tirx as T
 
 from xpuc.schedules.int8_lanes import lane_buffers, lane_parts
 from xpuc.schedules.quant_formats import BLOCKS, INT8_FORMATS, QBLOCK
-from xpuc.schedules.quant_tir import PREFETCH_GROUPS, _k_scale_min, prefetch_block
+from xpuc.schedules.quant_tir import PREFETCH_GROUPS, _k_scale_min, int8_block, prefetch_block
 
 __all__ = ["INT8_FORMATS", "int8_buffers", "int8_gemv", "int8_parts"]
 
@@ -141,13 +141,7 @@ def int8_parts(wshape: tuple[int, int, int, int], fmt: str):
     def quantize(x, xv):
         xq, xs, xadj, xsum = xv[0], xv[1], xv[2], xv[3]
         for b in range(NB):
-            xs[b] = T.float32(0)
-            for l in range(QBLOCK):
-                xs[b] = T.max(xs[b], T.fabs(x[0, 0, b * QBLOCK + l]))
-            xs[b] = xs[b] / T.float32(127)
-            for l in T.vectorized(QBLOCK):
-                xq[b * QBLOCK + l] = T.Cast("int8", T.round(x[0, 0, b * QBLOCK + l] / T.Select(
-                    xs[b] > T.float32(0), xs[b], T.float32(1))))
+            int8_block(x, b, xq, xs)
             xsum[b] = T.float32(0)
             for k in range(8):
                 xadj[b * 8 + k] = T.int32(-OFFSET) * (

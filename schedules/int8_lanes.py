@@ -20,7 +20,7 @@ from tvm.script import tirx as T
 
 from xpuc.schedules.lane_layout import LANE_FORMATS, LANE_ROWS, field_offset
 from xpuc.schedules.quant_formats import BLOCKS, INT8_FORMATS, QBLOCK
-from xpuc.schedules.quant_tir import k_scale_min
+from xpuc.schedules.quant_tir import int8_block, k_scale_min
 
 __all__ = ["dot_ops", "lane_buffers", "lane_parts", "lane_unit_parts", "lane_values16"]
 
@@ -163,13 +163,7 @@ def lane_parts(wshape: tuple[int, int, int, int], fmt: str, isa: str = "avx512vn
     def quantize(x, xv):
         xq, xs, xinit, xhalf = xv[0], xv[1], xv[2], xv[3]
         for b in range(NB):
-            xs[b] = T.float32(0)
-            for k in range(QBLOCK):
-                xs[b] = T.max(xs[b], T.fabs(x[0, 0, b * QBLOCK + k]))
-            xs[b] = xs[b] / T.float32(127)
-            for k in T.vectorized(QBLOCK):
-                xq[b * QBLOCK + k] = T.Cast("int8", T.round(x[0, 0, b * QBLOCK + k] / T.Select(
-                    xs[b] > T.float32(0), xs[b], T.float32(1))))
+            int8_block(x, b, xq, xs)
             for lane in range(32):
                 xinit[b * 32 + lane] = T.int32(0)
             for k in range(QBLOCK):  # the halves' sums in lanes 0 and 16

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from tvm.script import tirx as T
 
-from xpuc.schedules.quant_formats import BLOCKS
+from xpuc.schedules.quant_formats import BLOCKS, QBLOCK
 
 
 def _half_float(w, g, sb, r, at):
@@ -107,3 +107,16 @@ def prefetch_block(w, g, b, last: int, R: int, bb: int) -> None:
         T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0",
                                       T.address_of(w[T.min(g, last), b, j * 64 // bb, j * 64 % bb]),
                                       T.int32(0), T.int32(3), T.int32(1)))
+
+
+@T.macro
+def int8_block(x, b, xq, xs):
+    """Block ``b`` of ``x[0, 0]`` (32 values) as the int8 dot products take it, llama.cpp's way: the scale
+    ``max|x| / 127`` in ``xs[b]``, the values rounded half away from zero in ``xq[32 b ..]``."""
+    xs[b] = T.float32(0)
+    for k in range(QBLOCK):
+        xs[b] = T.max(xs[b], T.fabs(x[0, 0, b * QBLOCK + k]))
+    xs[b] = xs[b] / T.float32(127)
+    for k in T.vectorized(QBLOCK):
+        xq[b * QBLOCK + k] = T.Cast("int8", T.round(x[0, 0, b * QBLOCK + k] / T.Select(
+            xs[b] > T.float32(0), xs[b], T.float32(1))))
