@@ -65,7 +65,7 @@ def tokenizer_json_from_gguf_vocab(tokens: list[str], merges: list[str], token_t
 class XpucTokenizer:
     """Encode/decode text and apply the model's chat template."""
 
-    tokenizer_json: str
+    tokenizer_json: str | None  # None once loaded to run (an artifact's): :meth:`save` needs it, encoding does not
     chat_template: str | None = None
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
@@ -74,6 +74,8 @@ class XpucTokenizer:
     def __post_init__(self) -> None:
         from tokenizers import Tokenizer
 
+        if self.tokenizer_json is None:
+            raise XpucError("a tokenizer needs its tokenizer.json")
         self._tok = Tokenizer.from_str(self.tokenizer_json)
         release_free_heap()  # the JSON parse's transient memory (~30 MiB for a 49k vocabulary)
 
@@ -84,11 +86,17 @@ class XpucTokenizer:
 
     @classmethod
     def from_artifact_dir(cls, path: Path) -> XpucTokenizer:
+        """An artifact's tokenizer, to run: the JSON text is not kept (13 MiB of Python string for Qwen2.5's)."""
         meta = json.loads((path / "tokenizer_config.json").read_text())
-        return cls((path / "tokenizer.json").read_text(), meta.get("chat_template"),
-                   meta.get("bos_token_id"), list(meta.get("eos_token_ids", [])), bool(meta.get("add_bos")))
+        tok = cls((path / "tokenizer.json").read_text(), meta.get("chat_template"),
+                  meta.get("bos_token_id"), list(meta.get("eos_token_ids", [])), bool(meta.get("add_bos")))
+        tok.tokenizer_json = None
+        release_free_heap()
+        return tok
 
     def save(self, path: Path) -> list[str]:
+        if self.tokenizer_json is None:
+            raise XpucError("this tokenizer was loaded to run, without its tokenizer.json text: nothing to save")
         (path / "tokenizer.json").write_text(self.tokenizer_json)
         (path / "tokenizer_config.json").write_text(json.dumps({
             "chat_template": self.chat_template, "bos_token_id": self.bos_token_id,
