@@ -59,7 +59,7 @@ from xpuc.compiler.passes.specialize_buckets import SpecializeSequenceBuckets
 #: Version of the CPU default schedule (fastmath + packed weights + ScheduleCPUMatmul + ScheduleCPUDepthwise +
 #: ScheduleCPURows). A tuning database records it next to each default latency it measured; a change makes those
 #: latencies stale.
-DEFAULT_CPU_SCHEDULE = "5"
+DEFAULT_CPU_SCHEDULE = "6"
 
 
 def default_cpu_schedule(target: tvm.target.Target) -> tvm.transform.Pass:

@@ -213,3 +213,14 @@ def test_wide_weights_run_column_panels_in_parallel():
         out = tvm.runtime.tensor(np.zeros((1, 1, n, 512), np.float32))
         lib["main"](tvm.runtime.tensor(a), tvm.runtime.tensor(w), out)
         np.testing.assert_allclose(out.numpy(), (a @ w) * 0.125, rtol=1e-5, atol=1e-4)
+
+
+def test_tile_rows_keep_the_accumulators_in_half_the_register_file():
+    from xpuc.compiler.passes.schedule_cpu_matmul import tile_rows
+
+    assert tile_rows(24, 4, 16) == 4  # AVX-512, 4 vectors: 16 accumulators
+    assert tile_rows(384, 2, 16) == 8 and tile_rows(96, 1, 16) == 8  # narrower tiles: 8 rows at most
+    assert tile_rows(6, 4, 16) == 3  # a divisor of the rows, no bounds check
+    assert tile_rows(5, 4, 16) == 4  # no divisor worth it: ragged rows
+    assert tile_rows(None, 4, 16) == 4  # symbolic rows
+    assert tile_rows(64, 4, 8) == 2 and tile_rows(64, 2, 8) == 4  # AVX2: 16 registers
