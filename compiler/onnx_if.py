@@ -111,7 +111,10 @@ def _check_shapes(model, where: str) -> None:
     output would be a broadcast."""
     import onnx
 
-    inferred = onnx.shape_inference.infer_shapes(model)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except (onnx.shape_inference.InferenceError, ValueError) as e:  # a malformed graph: one line, no traceback
+        raise XpucError(f"{where}: ONNX shape inference failed after selecting its Ifs ({e})") from None
     known: dict[str, tuple | None] = {}
     for v in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]:
         t = v.type.tensor_type
